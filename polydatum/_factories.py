@@ -1,0 +1,184 @@
+"""Normalise resource factories and context middleware, once, at registration.
+
+Everything polydatum accepts is reduced to a *generator factory*: a callable
+taking the context that returns a generator (sync) or an async generator
+(async) yielding exactly once. ``@contextmanager`` and ``@asynccontextmanager``
+functions are unwrapped to the generator function they decorate, so there is
+one teardown path for all of them.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from contextlib import asynccontextmanager, contextmanager
+from inspect import isasyncgenfunction, isgeneratorfunction
+from typing import Any, NamedTuple
+
+from polydatum.errors import MiddlewareSetupException, ResourceSetupException
+
+
+@contextmanager
+def _cm_probe() -> Any:
+    yield
+
+
+@asynccontextmanager
+async def _acm_probe() -> Any:
+    yield
+
+
+# Every @contextmanager function shares the code object of contextlib's inner
+# helper, which makes the check exact (other decorators with __wrapped__ are
+# not mistaken for it).
+_CM_CODE = getattr(_cm_probe, "__code__", None)
+_ACM_CODE = getattr(_acm_probe, "__code__", None)
+
+
+class Factory(NamedTuple):
+    """A registered resource or context middleware, normalised."""
+
+    original: Any
+    make: Callable[[Any], Any]
+    is_async: bool
+
+
+def _unwrap_decorated(obj: Any) -> Factory | None:
+    func = obj.__func__ if isinstance(obj, types.MethodType) else obj
+    code = getattr(func, "__code__", None)
+    if code is None or code not in (_CM_CODE, _ACM_CODE):
+        return None
+    make: Any = getattr(func, "__wrapped__")  # noqa: B009 - set by contextlib
+    if isinstance(obj, types.MethodType):
+        make = types.MethodType(make, obj.__self__)
+    return Factory(obj, make, code is _ACM_CODE)
+
+
+def as_factory(obj: Any) -> Factory | None:
+    """Return the normalised factory for ``obj``, or None if it is not one."""
+    if isgeneratorfunction(obj):
+        return Factory(obj, obj, False)
+    if isasyncgenfunction(obj):
+        return Factory(obj, obj, True)
+    decorated = _unwrap_decorated(obj)
+    if decorated is not None:
+        return decorated
+    if not isinstance(obj, type):
+        call = getattr(type(obj), "__call__", None)  # noqa: B004 - the type's __call__, not callable()
+        if call is not None:
+            if isgeneratorfunction(call):
+                return Factory(obj, obj, False)
+            if isasyncgenfunction(call):
+                return Factory(obj, obj, True)
+            inner = _unwrap_decorated(call)
+            if inner is not None:
+                return Factory(obj, types.MethodType(inner.make, obj), inner.is_async)
+    return None
+
+
+def describe(obj: Any) -> str:
+    """``42 (int)``: a value and its type, for error messages."""
+    text = repr(obj)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(obj).__name__})"
+
+
+ACCEPTED = (
+    "a generator function taking the context and yielding once, an object whose "
+    "__call__ is one, a @contextmanager function, or (for async contexts) the async "
+    "versions of these"
+)
+
+
+# -- driving the generators -------------------------------------------------
+
+
+_DONE: Any = object()
+
+
+def label(kind: str, obj: Any) -> str:
+    """``resource 'db'`` or ``context middleware <function tx>``, for messages."""
+    return f"{kind} {obj!r}"
+
+
+def start(gen: Any, what: str, exc_type: type[Exception]) -> Any:
+    """Run a generator to its single yield and return the yielded value."""
+    value = next(gen, _DONE)
+    if value is _DONE:
+        msg = f"{what} did not yield on setup; it must yield exactly once"
+        raise exc_type(msg)
+    return value
+
+
+async def astart(agen: Any, what: str, exc_type: type[Exception]) -> Any:
+    """Async twin of :func:`start`."""
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        msg = f"{what} did not yield on setup; it must yield exactly once"
+        raise exc_type(msg) from None
+
+
+def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseException | None:
+    """Resume a generator after its yield; return the exception now in flight.
+
+    ``None`` in means the body succeeded; ``None`` out means the generator
+    completed (or suppressed ``exc``). The same ``exc`` out means it let the
+    exception pass; any other exception replaces it.
+    """
+    if exc is None:
+        try:
+            if next(gen, _DONE) is _DONE:
+                return None
+        except BaseException as raised:
+            return raised
+        gen.close()
+        return RuntimeError(f"{label(kind, obj)} yielded more than once; it must yield exactly once")
+    try:
+        gen.throw(exc)
+    except StopIteration as stop:
+        # A StopIteration raised in the body and let through is not a suppression.
+        return exc if stop is exc else None
+    except BaseException as raised:
+        return raised
+    gen.close()
+    return RuntimeError(f"{label(kind, obj)} yielded again after an exception was thrown into it")
+
+
+async def afinish(
+    agen: Any, exc: BaseException | None, kind: str, obj: Any
+) -> BaseException | None:
+    """Async twin of :func:`finish` for async generators."""
+    if exc is None:
+        try:
+            await agen.__anext__()
+        except StopAsyncIteration:
+            return None
+        except BaseException as raised:
+            return raised
+        await agen.aclose()
+        return RuntimeError(f"{label(kind, obj)} yielded more than once; it must yield exactly once")
+    try:
+        await agen.athrow(exc)
+    except StopAsyncIteration:
+        return None
+    except BaseException as raised:
+        return raised
+    await agen.aclose()
+    return RuntimeError(f"{label(kind, obj)} yielded again after an exception was thrown into it")
+
+
+__all__ = [
+    "ACCEPTED",
+    "Factory",
+    "MiddlewareSetupException",
+    "ResourceSetupException",
+    "afinish",
+    "as_factory",
+    "astart",
+    "describe",
+    "finish",
+    "label",
+    "start",
+]

@@ -1,0 +1,43 @@
+"""The active-context stack of one DataManager.
+
+Each DataManager owns a ``ContextVar`` whose value is the innermost active
+context; the context keeps the token, and the token's ``old_value`` is the
+context it shadowed, so the stack is a linked list that is never mutated in
+place: push is ``var.set(ctx)``, pop is ``var.reset(token)``. Threads and
+asyncio tasks each see their own value, and two DataManagers never see each
+other's contexts because they never share a variable.
+
+A ``ContextVar`` made at run time (not at module scope) is kept alive by every
+``contextvars.Context`` that ever set it, so one is created per DataManager,
+never per context.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+# Context states. ``OPEN`` covers setup, the body, middleware teardown and the
+# commit/rollback hooks: resources may be used (and created) in all of them.
+CREATED = 0
+OPEN = 1
+CLOSING = 2
+EXITED = 3
+
+
+class _NoContext:
+    """The value of an empty stack: never open, so every use of it fails."""
+
+    _state = CREATED
+    _async = False
+
+    def __repr__(self) -> str:
+        return "<no active context>"
+
+
+NO_CONTEXT: Any = _NoContext()
+
+
+def new_stack_var(owner: object) -> ContextVar[Any]:
+    """A fresh stack variable for one DataManager."""
+    return ContextVar(f"polydatum.active_context.{id(owner):x}", default=NO_CONTEXT)
