@@ -1,0 +1,425 @@
+"""``cached``: cache a service method's result, as a decorator or as DAL method middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from polydatum.cache._cache import MISS, TTL, AsyncCache, Cache, _CacheBase
+from polydatum.cache._errors import CacheError, SerializationError
+
+if TYPE_CHECKING:
+    from polydatum.context import DataAccessContext
+    from polydatum.middleware import DalCommandRequest
+
+KeySpec = str | Callable[..., str] | None
+_MAX_KEY = 200
+
+
+def cached(
+    ttl: TTL,
+    *,
+    key: KeySpec = None,
+    using: str | Cache | AsyncCache = "cache",
+    stale: float = 0.0,
+    wait: float = 2.0,
+    lock_timeout: float = 10.0,
+) -> CachePolicy:
+    """Cache what a service method returns, for ``ttl`` seconds.
+
+    As a decorator::
+
+        class Users(Service):
+            @cached(ttl=60, key="user:{user_id}")
+            def get(self, user_id): ...
+
+    or, for services you do not want to touch, as DAL method middleware::
+
+        dm.register_method_middleware(cached(ttl=60, key="user:{user_id}").middleware("users.get"))
+
+    The method's arguments are bound to its signature, so ``key`` is a
+    :meth:`str.format` template over their names (``"{0}"`` also works for
+    the first one), or a callable taking the same arguments. Without ``key``
+    the method's qualified name and the ``repr`` of its arguments are used.
+    ``None`` results are cached too; exceptions never are.
+
+    Invalidate with ``self.get.invalidate(user_id)`` inside a service (or
+    ``ctx.cache.invalidate("user:1")``): the key is deleted once the context
+    commits, and until then that context computes the method itself.
+
+    Stampede protection: on a miss one caller computes while the others poll
+    for its result for up to ``wait`` seconds (then compute themselves). With
+    ``stale`` > 0 an entry is kept ``stale`` seconds past ``ttl``; in that
+    window one caller recomputes while the others get the previous value at
+    once.
+
+    Args:
+        ttl: seconds a result stays fresh.
+        key: the cache key, as a template or a callable (see above).
+        using: the cache resource name in the context, or a cache object.
+        stale: seconds an expired result may still be served during a refresh.
+        wait: seconds a caller waits for another one computing the same key.
+        lock_timeout: seconds after which a computing caller's claim lapses.
+
+    .. versionadded:: 2.0
+    """
+    return CachePolicy(ttl, key=key, using=using, stale=stale, wait=wait, lock_timeout=lock_timeout)
+
+
+class CachePolicy:
+    """What :func:`cached` returns: apply it to a function, or make middleware of it.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(
+        self, ttl: TTL, *, key: KeySpec, using: str | Cache | AsyncCache, stale: float,
+        wait: float, lock_timeout: float,
+    ) -> None:
+        seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
+        if seconds is None or not seconds > 0:
+            msg = f"cached(ttl=...) must be positive seconds, got {ttl!r}"
+            raise ValueError(msg)
+        if stale < 0 or wait < 0 or not lock_timeout > 0:
+            msg = (
+                f"cached() needs stale >= 0, wait >= 0 and lock_timeout > 0; got stale={stale!r}, "
+                f"wait={wait!r}, lock_timeout={lock_timeout!r}"
+            )
+            raise ValueError(msg)
+        if not (key is None or isinstance(key, str) or callable(key)):
+            msg = f"cached(key=...) must be a str template or a callable, got {key!r}"
+            raise TypeError(msg)
+        self.ttl = float(seconds)
+        self.key = key
+        self.using = using
+        self.stale = stale
+        self.wait = wait
+        self.lock_timeout = lock_timeout
+
+    def __call__(self, func: Callable[..., Any]) -> CachedFunction:
+        """Decorate ``func`` (a service method or a plain function)."""
+        return CachedFunction(self, func)
+
+    def middleware(self, *paths: str) -> CacheMiddleware:
+        """DAL method middleware caching the DAL methods at ``paths`` (``"users.get"``)."""
+        if not paths:
+            msg = (
+                "middleware() needs at least one DAL path, e.g. "
+                'cached(ttl=60).middleware("users.get")'
+            )
+            raise ValueError(msg)
+        return CacheMiddleware(self, paths)
+
+    # -- the shared algorithm -----------------------------------------------
+
+    def find_cache(self, ctx: DataAccessContext | None) -> Cache | AsyncCache:
+        using = self.using
+        if not isinstance(using, str):
+            return using
+        if ctx is None:
+            msg = (
+                f"cached(using={using!r}) looks the cache up in the active context, but there is "
+                "none; call the method through the DAL inside `with dm.context():`, or pass "
+                "using=<a Cache>"
+            )
+            raise CacheError(msg)
+        cache = getattr(ctx, using)
+        if not isinstance(cache, _CacheBase):
+            msg = (
+                f"ctx.{using} is {cache!r}, not a Cache; install one with "
+                f"Cache(...).install(dm, name={using!r})"
+            )
+            raise CacheError(msg)
+        return cache  # type: ignore[return-value]
+
+    def _entry(self, value: Any) -> list[Any]:
+        return [time.time() + self.ttl, value]
+
+    def _store(self, cache: Cache, key: str, value: Any, where: str) -> None:
+        try:
+            cache.set(key, self._entry(value), ttl=self.ttl + self.stale)
+        except SerializationError as exc:
+            msg = f"the result of {where} cannot be cached: {exc}"
+            raise SerializationError(msg) from None
+
+    async def _astore(self, cache: AsyncCache, key: str, value: Any, where: str) -> None:
+        try:
+            await cache.set(key, self._entry(value), ttl=self.ttl + self.stale)
+        except SerializationError as exc:
+            msg = f"the result of {where} cannot be cached: {exc}"
+            raise SerializationError(msg) from None
+
+    def run(
+        self, cache: Cache, ctx: Any, key: str, compute: Callable[[], Any], where: str
+    ) -> Any:
+        """Return the cached value of ``key``, or compute, store and return it."""
+        if cache.is_pending(ctx, key):
+            return compute()  # invalidated in this context: read our own writes
+        entry = _unpack(cache.get(key, MISS))
+        if entry is not None and entry[0] > time.time():
+            return entry[1]
+        claim = key + ":computing"
+        if cache.add(claim, 1, ttl=self.lock_timeout):
+            try:
+                value = compute()
+                self._store(cache, key, value, where)
+                return value
+            finally:
+                cache.delete(claim)
+        if entry is not None:
+            return entry[1]  # another caller refreshes; serve the previous value
+        if not cache.is_down():
+            deadline = time.monotonic() + self.wait
+            pause = 0.002
+            while time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                entry = _unpack(cache.get(key, MISS))
+                if entry is not None:
+                    return entry[1]
+                if cache.get(claim) is None:
+                    break  # the other caller failed or gave up: compute ourselves
+        value = compute()
+        self._store(cache, key, value, where)
+        return value
+
+    async def arun(
+        self, cache: Cache | AsyncCache, ctx: Any, key: str, compute: Callable[[], Any], where: str
+    ) -> Any:
+        """:meth:`run` for async methods; ``compute`` returns an awaitable."""
+        if isinstance(cache, Cache):
+            sync_cache = cache
+
+            async def call(name: str, *args: Any, **kwargs: Any) -> Any:
+                return getattr(sync_cache, name)(*args, **kwargs)
+        else:
+            async_cache = cache
+
+            async def call(name: str, *args: Any, **kwargs: Any) -> Any:
+                return await getattr(async_cache, name)(*args, **kwargs)
+
+        async def store(value: Any) -> None:
+            if isinstance(cache, Cache):
+                self._store(cache, key, value, where)
+            else:
+                await self._astore(cache, key, value, where)
+
+        if cache.is_pending(ctx, key):
+            return await compute()
+        entry = _unpack(await call("get", key, MISS))
+        if entry is not None and entry[0] > time.time():
+            return entry[1]
+        claim = key + ":computing"
+        if await call("add", claim, 1, ttl=self.lock_timeout):
+            try:
+                value = await compute()
+                await store(value)
+                return value
+            finally:
+                await call("delete", claim)
+        if entry is not None:
+            return entry[1]
+        if not cache.is_down():
+            deadline = time.monotonic() + self.wait
+            pause = 0.002
+            while time.monotonic() < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                entry = _unpack(await call("get", key, MISS))
+                if entry is not None:
+                    return entry[1]
+                if await call("get", claim) is None:
+                    break
+        value = await compute()
+        await store(value)
+        return value
+
+
+def _unpack(entry: Any) -> list[Any] | None:
+    """The ``[fresh_until, value]`` pair, or None for a miss or a foreign value."""
+    if type(entry) is list and len(entry) == 2 and isinstance(entry[0], (int, float)):
+        return entry
+    return None
+
+
+class _KeyMaker:
+    """Turns call arguments into a cache key for one function."""
+
+    def __init__(self, policy: CachePolicy, func: Callable[..., Any], drop_first: bool) -> None:
+        self.spec = policy.key
+        self.prefix = f"{func.__module__}.{func.__qualname__}"
+        self.signature = inspect.signature(func)
+        self.drop_first = drop_first
+        params = list(self.signature.parameters)
+        self.first = params[0] if drop_first and params else None
+
+    def __call__(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+        spec = self.spec
+        if callable(spec):
+            return spec(*args, **kwargs)
+        full = (None, *args) if self.drop_first else args
+        try:
+            bound = self.signature.bind(*full, **kwargs)
+        except TypeError as exc:
+            msg = f"{self.prefix}() called with arguments that do not fit its signature: {exc}"
+            raise TypeError(msg) from None
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        if self.first is not None:
+            named.pop(self.first, None)
+        if spec is None:
+            text = f"{self.prefix}:{tuple(named.values())!r}"
+            if len(text) > _MAX_KEY:
+                text = f"{self.prefix}:#{hashlib.sha256(text.encode()).hexdigest()}"
+            return text
+        try:
+            return spec.format(*named.values(), **named)
+        except (KeyError, IndexError) as exc:
+            msg = (
+                f"cached(key={spec!r}) on {self.prefix} names {exc}, which is not one of its "
+                f"arguments: {', '.join(named) or 'none'}"
+            )
+            raise CacheError(msg) from None
+
+
+class CachedFunction:
+    """A function wrapped by :func:`cached`; on a class it binds like a method.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(self, policy: CachePolicy, func: Callable[..., Any]) -> None:
+        self.policy = policy
+        self.func = func
+        self.is_async = inspect.iscoroutinefunction(func)
+        self._method_keys = _KeyMaker(policy, func, drop_first=True)
+        self._function_keys = _KeyMaker(policy, func, drop_first=False)
+        functools.update_wrapper(self, func)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        bound_cls = _AsyncBoundCached if self.is_async else _BoundCached
+        return bound_cls(self, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call a decorated plain function (``using`` must then be a cache object)."""
+        key = self._function_keys(args, kwargs)
+        where = f"{self.func.__qualname__}()"
+        cache = self.policy.find_cache(None)
+        compute = functools.partial(self.func, *args, **kwargs)
+        if self.is_async:
+            return self.policy.arun(cache, None, key, compute, where)
+        return self.policy.run(_sync(cache, where), None, key, compute, where)
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        """The cache key a method call with these arguments uses (without ``self``)."""
+        return self._method_keys(args, kwargs)
+
+
+def _sync(cache: Cache | AsyncCache, where: str) -> Cache:
+    if isinstance(cache, AsyncCache):
+        msg = (
+            f"{where} is not async, so it cannot use an AsyncCache; make it `async def` "
+            "or use a Cache"
+        )
+        raise CacheError(msg)
+    return cache
+
+
+class _BoundCached:
+    """A cached method bound to its service; ``.invalidate(...)`` schedules deletion."""
+
+    def __init__(self, cached: CachedFunction, instance: Any) -> None:
+        self._cached = cached
+        self._instance = instance
+        self.__name__ = cached.func.__name__
+        self.__qualname__ = cached.func.__qualname__
+        self.__doc__ = cached.func.__doc__
+        self.__wrapped__ = cached.func
+
+    def _ctx(self) -> Any:
+        return getattr(self._instance, "_ctx", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cached = self._cached
+        ctx = self._ctx()
+        cache = cached.policy.find_cache(ctx)
+        key = cached._method_keys(args, kwargs)
+        where = f"{cached.func.__qualname__}()"
+        compute = functools.partial(cached.func, self._instance, *args, **kwargs)
+        return cached.policy.run(_sync(cache, where), ctx, key, compute, where)
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        """The cache key used for a call with these arguments."""
+        return self._cached._method_keys(args, kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        """Delete the entry for these arguments once the context commits."""
+        ctx = self._ctx()
+        self._cached.policy.find_cache(ctx).invalidate(self.key(*args, **kwargs), ctx=ctx)
+
+    def __repr__(self) -> str:
+        return f"<cached method {self.__qualname__} of {self._instance!r}>"
+
+
+class _AsyncBoundCached(_BoundCached):
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cached = self._cached
+        ctx = self._ctx()
+        cache = cached.policy.find_cache(ctx)
+        key = cached._method_keys(args, kwargs)
+        compute = functools.partial(cached.func, self._instance, *args, **kwargs)
+        return await cached.policy.arun(cache, ctx, key, compute, f"{cached.func.__qualname__}()")
+
+
+class CacheMiddleware:
+    """DAL method middleware caching some DAL paths; made by :meth:`CachePolicy.middleware`.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(self, policy: CachePolicy, paths: Sequence[str]) -> None:
+        self.policy = policy
+        self.paths = frozenset(paths)
+        self._keys: dict[Any, _KeyMaker] = {}
+
+    def _key_maker(self, method: Any) -> _KeyMaker:
+        func = getattr(method, "__func__", method)
+        maker = self._keys.get(func)
+        if maker is None:
+            maker = _KeyMaker(self.policy, func, drop_first=hasattr(method, "__self__"))
+            self._keys[func] = maker
+        return maker
+
+    def __call__(
+        self, request: DalCommandRequest, handler: Callable[[DalCommandRequest], Any]
+    ) -> Any:
+        """Serve ``request`` from the cache when its path is one of ours."""
+        path = request.path_name
+        if path not in self.paths:
+            return handler(request)
+        from polydatum.middleware import dal_resolver
+
+        ctx = request.ctx
+        method = dal_resolver(ctx, request.path)
+        key = self._key_maker(method)(request.args, request.kwargs)
+        cache = self.policy.find_cache(ctx)
+        where = f"dal.{path}()"
+        if inspect.iscoroutinefunction(method):
+            return self.policy.arun(cache, ctx, key, lambda: handler(request), where)
+        return self.policy.run(_sync(cache, where), ctx, key, lambda: handler(request), where)
+
+    def invalidate(self, ctx: DataAccessContext, path: str, *args: Any, **kwargs: Any) -> None:
+        """Delete the entry of ``dal.<path>(*args, **kwargs)`` once ``ctx`` commits."""
+        from polydatum.middleware import PathSegment, dal_resolver
+
+        method = dal_resolver(ctx, tuple(PathSegment(n) for n in path.split(".")))
+        key = self._key_maker(method)(args, kwargs)
+        self.policy.find_cache(ctx).invalidate(key, ctx=ctx)

@@ -1,0 +1,538 @@
+"""polydatum.redis wired into a DataManager: resources, cached methods, faults and leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis as redis_py
+
+from polydatum import DataManager, Service
+from polydatum.cache import (
+    AsyncCache,
+    Cache,
+    CacheError,
+    CacheUnavailable,
+    SerializationError,
+    cached,
+)
+from polydatum.redis import AsyncRedis, Redis, RedisBackend
+from tests.support.servers import PrivateRedis
+
+
+class Users(Service):
+    """A service whose reads are slow enough to be worth caching."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.names = {1: "ada", 2: "bob"}
+
+    @cached(ttl=60, key="user:{user_id}")
+    def get(self, user_id: int) -> dict[str, Any] | None:
+        self.calls += 1
+        name = self.names.get(user_id)
+        return None if name is None else {"id": user_id, "name": name}
+
+    def rename(self, user_id: int, name: str) -> None:
+        self.names[user_id] = name
+        self.get.invalidate(user_id)
+
+    @cached(ttl=60)
+    def search(self, prefix: str, limit: int = 10) -> list[int]:
+        self.calls += 1
+        return [k for k, v in self.names.items() if v.startswith(prefix)][:limit]
+
+    def plain(self, user_id: int) -> str:
+        self.calls += 1
+        return self.names[user_id]
+
+    @cached(ttl=60)
+    def unstorable(self) -> object:
+        return object()
+
+    @cached(ttl=60, key="slow")
+    def slow(self) -> int:
+        self.calls += 1
+        time.sleep(0.2)
+        return self.calls
+
+    @cached(ttl=60, key="user:{user_id}")
+    async def aget(self, user_id: int) -> dict[str, Any] | None:
+        self.calls += 1
+        await asyncio.sleep(0)
+        return {"id": user_id, "name": self.names[user_id]}
+
+    async def arename(self, user_id: int, name: str) -> None:
+        self.names[user_id] = name
+        self.aget.invalidate(user_id)
+
+
+@pytest.fixture(name="namespace")
+def _namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(name="redis", scope="module")
+def _redis(redis_url: str) -> Iterator[Redis]:
+    redis = Redis(redis_url)
+    yield redis
+    redis.close()
+
+
+@pytest.fixture(name="cache", params=["memory", "redis"])
+def _cache(request: pytest.FixtureRequest, namespace: str) -> Iterator[Cache]:
+    if request.param == "redis":
+        cache = request.getfixturevalue("redis").cache(namespace=namespace)
+    else:
+        cache = Cache(namespace=namespace)
+    yield cache
+    cache.clear()
+
+
+_SERVICES: dict[int, Users] = {}
+
+
+@pytest.fixture(name="dm")
+def _dm(cache: Cache) -> DataManager:
+    dm = DataManager()
+    cache.install(dm, name="cache")
+    users = Users()
+    dm.register_services(users=users)
+    _SERVICES[id(dm)] = users
+    return dm
+
+
+def users_of(dm: DataManager) -> Users:
+    """The Users service registered on ``dm``, to count its calls."""
+    return _SERVICES[id(dm)]
+
+
+class TestResources:
+    def test_context_gets_a_client_on_the_shared_pool(self, redis: Redis, namespace: str) -> None:
+        """ctx.redis is a redis.Redis on the one pool, created on first use only."""
+        dm = DataManager()
+        redis.install(dm, name="redis")
+        with dm.context() as ctx:
+            assert "redis" not in ctx
+            ctx.redis.set(f"{namespace}:k", b"v")
+            assert "redis" in ctx
+            assert isinstance(ctx.redis, redis_py.Redis)
+            assert ctx.redis.connection_pool is redis.pool
+            assert ctx.redis.getdel(f"{namespace}:k") == b"v"
+
+    def test_context_that_never_uses_redis_makes_no_connection(self, redis_url: str) -> None:
+        """A context that does not touch Redis takes no connection from the pool."""
+        fresh = Redis(redis_url)
+        dm = DataManager()
+        fresh.install(dm)
+        with dm.context():
+            pass
+        assert fresh.pool._created_connections == 0
+        fresh.close()
+
+    def test_cache_resource_is_bound_to_its_context(self, dm: DataManager, cache: Cache) -> None:
+        """ctx.cache is the installed cache (same namespace and state) bound to that context."""
+        with dm.context() as ctx:
+            assert ctx.cache.namespace == cache.namespace
+            ctx.cache.set("k", 1)
+            assert cache.get("k") == 1
+
+    def test_ping(self, redis: Redis, redis_url: str) -> None:
+        """ping() is True for a live server and False, without raising, for a dead one."""
+        assert redis.ping()
+        dead = Redis("redis://127.0.0.1:1/0")
+        assert not dead.ping()
+        assert not dead.cache().ping()
+
+    def test_decode_responses_client_is_refused_for_a_cache(self, redis_url: str) -> None:
+        """A cache on a decode_responses client would corrupt values, so it is refused."""
+        client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+        with pytest.raises(ValueError, match="decode_responses"):
+            RedisBackend(client)
+        client.close()
+
+    def test_redis_lock_in_a_service(self, redis: Redis, namespace: str) -> None:
+        """Redis.lock works as a context manager and can be extended."""
+        with redis.lock(f"{namespace}:lock", timeout=1) as lock:
+            assert lock.locked()
+            lock.extend(5)
+            assert redis.client().pttl(f"{namespace}:lock") > 1000
+        assert not lock.locked()
+        with pytest.raises(ValueError, match="locks always expire"):
+            redis.lock("x", timeout=0)
+
+
+class TestCached:
+    def test_second_call_is_served_from_the_cache(self, dm: DataManager) -> None:
+        """The method runs once; later calls, in later contexts too, read the cache."""
+        users = users_of(dm)
+        with dm.dal() as dal:
+            assert dal.users.get(1) == {"id": 1, "name": "ada"}
+            assert dal.users.get(1) == {"id": 1, "name": "ada"}
+        with dm.dal() as dal:
+            assert dal.users.get(1) == {"id": 1, "name": "ada"}
+        assert users.calls == 1
+
+    def test_none_results_are_cached(self, dm: DataManager) -> None:
+        """A None result is cached like any other."""
+        users = users_of(dm)
+        with dm.dal() as dal:
+            assert dal.users.get(99) is None
+            assert dal.users.get(99) is None
+        assert users.calls == 1
+
+    def test_default_key_uses_name_and_bound_arguments(self, dm: DataManager) -> None:
+        """Without key=, calls that bind to the same arguments share an entry."""
+        users = users_of(dm)
+        with dm.dal() as dal:
+            assert dal.users.search("a") == [1]
+            assert dal.users.search("a", 10) == [1]
+            assert dal.users.search(prefix="a", limit=10) == [1]
+            assert dal.users.search("a", 1) == [1]
+        assert users.calls == 2
+        assert users.search.key("a").startswith("tests.integrations.test_redis.Users.search:")
+
+    def test_invalidation_in_a_committed_context_deletes(self, dm: DataManager) -> None:
+        """invalidate() inside a context that succeeds deletes the entry at commit."""
+        users = users_of(dm)
+        with dm.dal() as dal:
+            dal.users.get(1)
+        with dm.dal() as dal:
+            dal.users.rename(1, "ann")
+            # Until the commit this context reads its own write, not the cache.
+            assert dal.users.get(1) == {"id": 1, "name": "ann"}
+        with dm.dal() as dal:
+            assert dal.users.get(1) == {"id": 1, "name": "ann"}
+        assert users.calls == 3
+
+    def test_invalidation_in_a_failed_context_does_not_happen(self, dm: DataManager) -> None:
+        """invalidate() inside a context that raises leaves the cached entry alone."""
+        users = users_of(dm)
+        with dm.dal() as dal:
+            dal.users.get(1)
+        def failing_unit_of_work() -> None:
+            with dm.dal() as dal:
+                dal.users.rename(1, "ann")
+                raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            failing_unit_of_work()
+        users.names[1] = "ada"  # the "database" rolled back too
+        with dm.dal() as dal:
+            assert dal.users.get(1) == {"id": 1, "name": "ada"}
+        assert users.calls == 1
+
+    def test_invalidate_on_the_cache_resource(self, dm: DataManager, cache: Cache) -> None:
+        """ctx.cache.invalidate(key) waits for the commit."""
+        cache.set("k", 1)
+        with dm.context() as ctx:
+            ctx.cache.invalidate("k")
+            assert cache.get("k") == 1
+        assert cache.get("k") is None
+
+    def test_unstorable_result_names_the_method(self, dm: DataManager) -> None:
+        """A result the serializer cannot store raises naming the method and the type."""
+        with pytest.raises(SerializationError, match=r"Users\.unstorable.*object"), dm.dal() as dal:
+            dal.users.unstorable()
+
+    def test_bad_key_template_names_the_arguments(self, cache: Cache) -> None:
+        """A key template naming a missing argument says which arguments exist."""
+
+        class Bad(Service):
+            @cached(ttl=1, key="x:{nope}")
+            def get(self, user_id: int) -> int:
+                return user_id
+
+        dm = DataManager()
+        cache.install(dm)
+        dm.register_services(bad=Bad())
+        with pytest.raises(CacheError, match="user_id"), dm.dal() as dal:
+            dal.bad.get(1)
+
+    def test_missing_cache_resource_says_how_to_install(self, cache: Cache) -> None:
+        """Using a non-cache resource name explains how to install a cache."""
+
+        class Svc(Service):
+            @cached(ttl=1, using="db")
+            def get(self) -> int:
+                return 1
+
+        dm = DataManager()
+
+        def db(ctx: Any) -> Iterator[str]:
+            yield "not a cache"
+
+        dm.register_resources(db=db)
+        dm.register_services(svc=Svc())
+        with pytest.raises(CacheError, match=r"install\(dm, name='db'\)"), dm.dal() as dal:
+            dal.svc.get()
+
+    def test_cached_plain_function_with_a_cache_object(self, cache: Cache) -> None:
+        """cached(using=<Cache>) also works on a plain function outside any context."""
+        calls = []
+
+        @cached(ttl=30, using=cache)
+        def square(x: int) -> int:
+            calls.append(x)
+            return x * x
+
+        assert square(3) == 9
+        assert square(3) == 9
+        assert calls == [3]
+
+    def test_cached_plain_function_without_a_cache_explains(self) -> None:
+        """A plain function looking its cache up by name needs a context, and says so."""
+
+        @cached(ttl=30)
+        def square(x: int) -> int:
+            return x * x
+
+        with pytest.raises(CacheError, match="using=<a Cache>"):
+            square(3)
+
+    @pytest.mark.parametrize(
+        "kwargs", [{"ttl": 0}, {"ttl": 1, "stale": -1}, {"ttl": 1, "key": 42}]
+    )
+    def test_bad_arguments_are_refused(self, kwargs: dict[str, Any]) -> None:
+        """cached() rejects a non-positive ttl, a negative stale and a non-str key."""
+        with pytest.raises((ValueError, TypeError)):
+            cached(**kwargs)
+
+
+class TestMiddleware:
+    def test_middleware_caches_an_undecorated_method(self, cache: Cache) -> None:
+        """cached(...).middleware(path) caches a DAL method without touching the service."""
+        dm = DataManager()
+        cache.install(dm)
+        users = Users()
+        dm.register_services(users=users)
+        policy = cached(ttl=30, key="plain:{user_id}")
+        mw = policy.middleware("users.plain")
+        dm.register_method_middleware(mw)
+        with dm.dal() as dal:
+            assert dal.users.plain(1) == "ada"
+            assert dal.users.plain(user_id=1) == "ada"
+            dal.users.search("a")  # another path passes straight through
+        assert users.calls == 2
+        with dm.context() as ctx:
+            users.names[1] = "ann"
+            mw.invalidate(ctx, "users.plain", 1)
+        with dm.dal() as dal:
+            assert dal.users.plain(1) == "ann"
+        assert users.calls == 3
+
+    def test_middleware_needs_paths(self) -> None:
+        """middleware() without a path explains how to name one."""
+        with pytest.raises(ValueError, match=r"users\.get"):
+            cached(ttl=1).middleware()
+
+
+class TestStampede:
+    def test_concurrent_misses_compute_once(self, dm: DataManager) -> None:
+        """Threads missing the same key at once: one computes, the others wait for it."""
+        users = users_of(dm)
+        results: list[int] = []
+
+        def call() -> None:
+            with dm.dal() as dal:
+                results.append(dal.users.slow())
+
+        threads = [threading.Thread(target=call) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert results == [1] * 5
+        assert users.calls == 1
+
+    def test_stale_value_is_served_while_one_caller_refreshes(self, cache: Cache) -> None:
+        """Past ttl but within stale, a caller that cannot claim the refresh gets the old value."""
+        calls = []
+
+        @cached(ttl=0.05, stale=30, key="s", using=cache)
+        def compute() -> int:
+            calls.append(1)
+            return len(calls)
+
+        assert compute() == 1
+        time.sleep(0.1)
+        cache.add("s:computing", 1, ttl=5)  # someone else is refreshing
+        assert compute() == 1
+        cache.delete("s:computing")
+        assert compute() == 2
+
+    def test_waiter_computes_itself_when_the_claimer_vanishes(self, cache: Cache) -> None:
+        """A waiter whose claimer's claim disappears without a value computes by itself."""
+
+        @cached(ttl=30, key="w", using=cache, wait=5)
+        def compute() -> str:
+            return "mine"
+
+        cache.add("w:computing", 1, ttl=0.05)  # a claimer that dies
+        started = time.monotonic()
+        assert compute() == "mine"
+        assert time.monotonic() - started < 5
+
+
+class TestAsync:
+    async def test_async_cached_method_and_invalidation(
+        self, namespace: str, redis_url: str
+    ) -> None:
+        """An async cached method on an AsyncCache hits, and invalidates at commit."""
+        aredis = AsyncRedis(redis_url)
+        acache = aredis.cache(namespace=namespace)
+        dm = DataManager()
+        acache.install(dm)
+        aredis.install(dm, name="redis")
+        users = Users()
+        dm.register_services(users=users)
+        async with dm.dal() as dal:
+            assert await dal.users.aget(1) == {"id": 1, "name": "ada"}
+            assert await dal.users.aget(1) == {"id": 1, "name": "ada"}
+        assert users.calls == 1
+        async with dm.dal() as dal:
+            await dal.users.arename(1, "ann")
+        async with dm.context() as ctx:
+            assert await ctx.dal.users.aget(1) == {"id": 1, "name": "ann"}
+            assert await ctx.redis.ping()
+        assert users.calls == 2
+        assert await aredis.aping()
+        assert await acache.clear() >= 1
+        await aredis.aclose()
+
+    async def test_async_method_on_a_sync_cache(self, dm: DataManager) -> None:
+        """An async cached method may use a sync (memory or Redis) Cache."""
+        users = users_of(dm)
+        async with dm.dal() as dal:
+            await dal.users.aget(2)
+            await dal.users.aget(2)
+        assert users.calls == 1
+
+    async def test_async_stampede_computes_once(self, namespace: str) -> None:
+        """Concurrent tasks missing the same key compute it once."""
+        acache = AsyncCache(namespace=namespace)
+        calls = []
+
+        @cached(ttl=30, key="k", using=acache)
+        async def compute() -> int:
+            calls.append(1)
+            await asyncio.sleep(0.1)
+            return 7
+
+        assert await asyncio.gather(*(compute() for _ in range(5))) == [7] * 5
+        assert calls == [1]
+
+    def test_sync_method_cannot_use_an_async_cache(self) -> None:
+        """A sync function given an AsyncCache is told to become async."""
+
+        @cached(ttl=1, using=AsyncCache())
+        def f() -> int:
+            return 1
+
+        with pytest.raises(CacheError, match="async def"):
+            f()
+
+
+class TestRedisDown:
+    def test_stopped_mid_run_then_restarted(
+        self, private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Redis stopped: requests succeed with a warning; restarted: the cache is used again."""
+        redis = Redis(private_redis.url)
+        cache = redis.cache(namespace="fault", retry_interval=0.05)
+        dm = DataManager()
+        cache.install(dm)
+        users = Users()
+        dm.register_services(users=users)
+        with dm.dal() as dal:
+            dal.users.get(1)
+            dal.users.get(1)
+        assert users.calls == 1
+
+        private_redis.stop()
+        with caplog.at_level(logging.WARNING, logger="polydatum.cache"):
+            for _ in range(3):
+                with dm.dal() as dal:
+                    assert dal.users.get(1) == {"id": 1, "name": "ada"}
+                    dal.users.rename(1, "ada")
+            assert cache.get("x", "default") == "default"
+            assert not cache.set("x", 1)
+            assert cache.get_many(["x"]) == {}
+            assert cache.incr("n") is None
+            assert cache.ttl("x") is None
+            assert cache.delete_many(["x"]) == 0
+            assert cache.clear() == 0
+        assert users.calls == 4
+        assert "backend is unavailable" in caplog.text
+        # One warning per outage, not one per request.
+        assert caplog.text.count("backend is unavailable") == 1
+        assert not cache.ping()
+        with pytest.raises(CacheUnavailable):
+            cache.lock("l", timeout=1).acquire()
+
+        private_redis.start()
+        time.sleep(0.06)  # past retry_interval
+        with caplog.at_level(logging.WARNING, logger="polydatum.cache"), dm.dal() as dal:
+            dal.users.get(1)
+            dal.users.get(1)
+        assert users.calls == 5
+        assert "reachable again" in caplog.text
+        redis.close()
+
+    def test_on_unavailable_raise(self, private_redis: PrivateRedis) -> None:
+        """With on_unavailable="raise" a down backend raises CacheUnavailable, also later."""
+        redis = Redis(private_redis.url)
+        cache = redis.cache(namespace="fault", on_unavailable="raise", retry_interval=30)
+        private_redis.stop()
+        with pytest.raises(CacheUnavailable, match="unavailable"):
+            cache.get("k")
+        with pytest.raises(CacheUnavailable, match="retry_interval"):
+            cache.set("k", 1)
+        redis.close()
+
+    async def test_async_cache_down(
+        self, private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The async cache also degrades to misses and recovers."""
+        aredis = AsyncRedis(private_redis.url)
+        acache = aredis.cache(namespace="fault", retry_interval=0.05)
+        await acache.set("k", 1)
+        private_redis.stop()
+        with caplog.at_level(logging.WARNING, logger="polydatum.cache"):
+            assert await acache.get("k") is None
+            assert not await acache.set("k", 2)
+            assert await acache.get_many(["k"]) == {}
+        assert not await acache.aping()
+        assert not await aredis.aping()
+        private_redis.start()
+        await asyncio.sleep(0.06)
+        assert await acache.set("k", 3)
+        assert await acache.get("k") == 3
+        await aredis.aclose()
+
+    def test_no_connection_leak_after_many_contexts(self, private_redis: PrivateRedis) -> None:
+        """1,000 contexts using the client and the cache leave CLIENT LIST within the pool size."""
+        redis = Redis(private_redis.url, max_connections=10)
+        cache = redis.cache(namespace="leak")
+        dm = DataManager()
+        redis.install(dm, name="redis")
+        cache.install(dm, name="cache")
+        for i in range(1000):
+            with dm.context() as ctx:
+                ctx.redis.set("k", i)
+                ctx.cache.set("c", i)
+                ctx.cache.get("c")
+        observer = redis_py.Redis.from_url(private_redis.url)
+        clients = observer.client_list()
+        observer.close()
+        # Our pool's connections plus the observer itself.
+        assert len(clients) <= 10 + 1
+        assert redis.pool._created_connections <= 10
+        redis.close()
