@@ -1,0 +1,455 @@
+"""One suite for every BlobStore: memory, the filesystem and S3 (moto's server, over HTTP)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import itertools
+import os
+import tracemalloc
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from polydatum.blob import (
+    BlobNotFound,
+    BlobStore,
+    FileSystemBlobStore,
+    InvalidKey,
+    InvalidMetadata,
+    MemoryBlobStore,
+    UrlNotSupported,
+)
+from polydatum.errors import NotFound
+from tests.support.s3 import BACKENDS, make_store
+from tests.support.s3 import moto_server_fixture as moto_server_fixture
+from tests.support.s3 import store_fixture as store_fixture
+
+MiB = 1024 * 1024
+THRESHOLD = 8 * MiB  # S3BlobStore's default multipart_threshold
+def reserved_keys(store: BlobStore) -> list[str]:
+    """What a store keeps under the reserved '.polydatum/' prefix (undo copies)."""
+    return list(store._list(".polydatum/", None, 1000))
+
+
+def chunks(total: int, size: int = MiB) -> Iterator[bytes]:
+    """A generator of ``total`` bytes in distinct chunks (catches reordering)."""
+    pattern = [bytes([i]) * size for i in range(7)]
+    for i, start in enumerate(range(0, total, size)):
+        yield pattern[i % 7][: min(size, total - start)]
+
+
+def payload(size: int) -> bytes:
+    """Deterministic, non-repeating-looking bytes of the given size."""
+    block = os.urandom(min(size, MiB)) if size else b""
+    return (block * (size // MiB + 1))[:size] if size else b""
+
+
+# -- round trips ---------------------------------------------------------------
+
+SIZES = {"empty": 0, "small": 11, "over-threshold": THRESHOLD + 1, "64MiB": 64 * MiB}
+
+
+# Every size from every kind of source, except 64 MiB from a file object:
+# bytes and a generator already cover the large multipart path.
+ROUND_TRIPS = [
+    pytest.param(size, source, id=f"{source}-{name}")
+    for source in ("bytes", "file", "generator")
+    for name, size in SIZES.items()
+    if not (source == "file" and name == "64MiB")
+]
+
+
+class TestRoundTrip:
+    @pytest.mark.parametrize(("size", "source"), ROUND_TRIPS)
+    def test_put_get_stat(self, store: BlobStore, size: int, source: str) -> None:
+        """Blobs of every size come back byte for byte with their content type and metadata."""
+        data = payload(size)
+        body: Any = {
+            "bytes": data,
+            "file": io.BytesIO(data),
+            "generator": (data[i:i + MiB] for i in range(0, size, MiB)),
+        }[source]
+        written = store.put("rt/blob.bin", body, content_type="application/x-test",
+                            metadata={"Origin": "test", "size": str(size)})
+        assert written == size
+        assert store.get("rt/blob.bin") == data
+        info = store.stat("rt/blob.bin")
+        assert info.key == "rt/blob.bin"
+        assert info.size == size
+        assert info.content_type == "application/x-test"
+        assert info.metadata == {"origin": "test", "size": str(size)}
+        assert info.etag
+        assert info.modified.tzinfo is not None
+
+    def test_open_streams_in_pieces(self, store: BlobStore) -> None:
+        """open() returns a binary stream that reads the blob piece by piece."""
+        data = payload(3 * MiB + 5)
+        store.put("s/x", data)
+        with store.open("s/x") as stream:
+            pieces = list(iter(lambda: stream.read(MiB), b""))
+        assert [len(p) for p in pieces] == [MiB, MiB, MiB, 5]
+        assert b"".join(pieces) == data
+
+    def test_download_into_file(self, store: BlobStore, tmp_path: Path) -> None:
+        """download() writes the whole blob into a file and returns its size."""
+        data = payload(THRESHOLD + 3)
+        store.put("d/x", data)
+        with open(tmp_path / "out", "wb") as target:
+            assert store.download("d/x", target) == len(data)
+        assert (tmp_path / "out").read_bytes() == data
+
+    def test_download_into_unseekable_target(self, store: BlobStore) -> None:
+        """download() also works into a target that cannot seek and counts what it wrote."""
+        data = payload(100)
+        store.put("d/y", data)
+        received: list[bytes] = []
+
+        class Sink:
+            def write(self, chunk: bytes) -> int:
+                received.append(bytes(chunk))
+                return len(chunk)
+
+        assert store.download("d/y", Sink()) == 100  # type: ignore[arg-type]
+        assert b"".join(received) == data
+
+    def test_put_replaces_content_and_metadata(self, store: BlobStore) -> None:
+        """A second put replaces content, metadata and etag; old metadata does not linger."""
+        store.put("r/x.txt", b"one", metadata={"a": "1"}, content_type="text/csv")
+        first = store.stat("r/x.txt")
+        store.put("r/x.txt", b"second")
+        second = store.stat("r/x.txt")
+        assert store.get("r/x.txt") == b"second"
+        assert second.metadata == {}
+        assert second.content_type == "text/plain"
+        assert second.etag != first.etag
+
+    def test_content_type_is_guessed_from_the_key(self, store: BlobStore) -> None:
+        """Without content_type, the extension decides, else application/octet-stream."""
+        store.put("img/a.png", b"\x89PNG")
+        store.put("img/raw", b"?")
+        assert store.stat("img/a.png").content_type == "image/png"
+        assert store.stat("img/raw").content_type == "application/octet-stream"
+
+    def test_bytearray_and_memoryview(self, store: BlobStore) -> None:
+        """bytearray and memoryview are accepted like bytes."""
+        store.put("b/1", bytearray(b"abc"))
+        store.put("b/2", memoryview(b"defg"))
+        assert store.get("b/1") == b"abc"
+        assert store.get("b/2") == b"defg"
+
+    def test_copy_keeps_content_type_and_metadata(self, store: BlobStore) -> None:
+        """copy() duplicates the blob with its content type and metadata."""
+        store.put("c/src", b"data", content_type="text/csv", metadata={"k": "v"})
+        store.put("c/dst", b"old")
+        store.copy("c/src", "c/dst")
+        info = store.stat("c/dst")
+        assert store.get("c/dst") == b"data"
+        assert (info.content_type, dict(info.metadata)) == ("text/csv", {"k": "v"})
+        assert store.get("c/src") == b"data"
+
+    def test_delete(self, store: BlobStore) -> None:
+        """delete() returns True once, then False, and the blob is gone."""
+        store.put("del/x", b"1")
+        assert store.exists("del/x")
+        assert store.delete("del/x") is True
+        assert store.delete("del/x") is False
+        assert not store.exists("del/x")
+
+    def test_ping(self, store: BlobStore) -> None:
+        """ping() succeeds on a healthy store."""
+        assert store.ping() is None
+
+
+class TestMissing:
+    @pytest.mark.parametrize("operation", ["get", "open", "stat"])
+    def test_reading_a_missing_key_raises_not_found(self, store: BlobStore,
+                                                    operation: str) -> None:
+        """get/open/stat of a missing key raise BlobNotFound, a 404 NotFound naming the key."""
+        with pytest.raises(BlobNotFound, match="'no/such-key'") as info:
+            getattr(store, operation)("no/such-key")
+        assert isinstance(info.value, NotFound)
+        assert info.value.code == 404
+        assert info.value.key == "no/such-key"
+
+    def test_download_of_a_missing_key_raises_not_found(self, store: BlobStore) -> None:
+        """download() of a missing key raises BlobNotFound and writes nothing."""
+        target = io.BytesIO()
+        with pytest.raises(BlobNotFound):
+            store.download("nothing", target)
+        assert target.getvalue() == b""
+
+    def test_exists_and_delete_answer_false(self, store: BlobStore) -> None:
+        """exists() and delete() of a missing key return False instead of raising."""
+        assert store.exists("nothing") is False
+        assert store.delete("nothing") is False
+
+    def test_copy_of_a_missing_source(self, store: BlobStore) -> None:
+        """copy() from a missing key raises BlobNotFound and creates nothing."""
+        with pytest.raises(BlobNotFound, match="'ghost'"):
+            store.copy("ghost", "copy")
+        assert not store.exists("copy")
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        "data",
+        [lambda: "text", lambda: io.StringIO("text"), lambda: 42, lambda: None,
+         lambda: (c for c in ["a", "b"]), lambda: [b"ok", 3]],
+        ids=["str", "text-stream", "int", "none", "generator-of-str", "list-with-int"],
+    )
+    def test_non_bytes_data_is_refused(self, store: BlobStore, data: Any) -> None:
+        """Text and non-bytes data raise TypeError saying to encode, and store nothing."""
+        with pytest.raises(TypeError, match=r"bytes|binary"):
+            store.put("bad/data", data())
+        assert not store.exists("bad/data")
+
+    @pytest.mark.parametrize(
+        ("metadata", "problem"),
+        [
+            ({"n": 1}, "str to str"),
+            ({"bad name": "x"}, "not portable"),
+            ({"x": "caf\u00e9"}, "printable ASCII"),
+            ({"x": "line\nbreak"}, "printable ASCII"),
+            ({"A": "1", "a": "2"}, "only in case"),
+            ({"big": "x" * 3000}, "at most 2048"),
+        ],
+    )
+    def test_bad_metadata_is_refused(self, store: BlobStore, metadata: Any,
+                                     problem: str) -> None:
+        """Metadata S3 could not keep raises InvalidMetadata (a ValueError) and stores nothing."""
+        with pytest.raises(InvalidMetadata, match=problem) as info:
+            store.put("bad/meta", b"x", metadata=metadata)
+        assert isinstance(info.value, ValueError)
+        assert not store.exists("bad/meta")
+
+    @pytest.mark.parametrize("content_type", ["png", "text/plain\r\nX-Evil: 1", "", 5])
+    def test_bad_content_type_is_refused(self, store: BlobStore, content_type: Any) -> None:
+        """A content type that is not a one-line media type raises InvalidMetadata."""
+        with pytest.raises(InvalidMetadata, match="media type"):
+            store.put("bad/ct", b"x", content_type=content_type)
+
+    def test_a_failing_stream_stores_nothing(self, store: BlobStore) -> None:
+        """When the data stream raises halfway, its own error propagates and no blob appears."""
+        def broken() -> Iterator[bytes]:
+            yield b"x" * MiB
+            raise OSError("client went away")
+
+        with pytest.raises(OSError, match="client went away"):
+            store.put("bad/half", broken())
+        assert not store.exists("bad/half")
+
+    def test_a_failing_stream_keeps_the_previous_blob(self, store: BlobStore) -> None:
+        """A replacement that fails halfway leaves the previous blob intact."""
+        store.put("bad/keep", b"previous")
+
+        def broken() -> Iterator[bytes]:
+            yield b"new"
+            raise OSError("client went away")
+
+        with pytest.raises(OSError, match="client went away"):
+            store.put("bad/keep", broken())
+        assert store.get("bad/keep") == b"previous"
+
+    @pytest.mark.parametrize(
+        ("kwargs", "error"),
+        [({"limit": -1}, ValueError), ({"limit": "3"}, ValueError), ({"after": 5}, TypeError),
+         ({"prefix": "../"}, InvalidKey), ({"prefix": "a//"}, InvalidKey)],
+    )
+    def test_bad_list_arguments(self, store: BlobStore, kwargs: Any,
+                                error: type[Exception]) -> None:
+        """list() refuses bad prefixes, limits and 'after' values with clear errors."""
+        with pytest.raises(error):
+            list(store.list(**kwargs))
+
+
+# -- keys ------------------------------------------------------------------------
+
+BAD_KEYS = {
+    "empty": ("", "empty"),
+    "dotdot": ("../escape", "'..' segment"),
+    "inner-dotdot": ("a/../../escape", "'..' segment"),
+    "dot": ("a/./b", "'.' segment"),
+    "absolute": ("/etc/passwd", "absolute"),
+    "backslash": ("a\\..\\..\\escape", "backslash"),
+    "nul": ("a\x00b", "NUL"),
+    "newline": ("a\nb", "control character U\\+000A"),
+    "empty-segment": ("a//b", "empty segment"),
+    "trailing-slash": ("a/", "empty segment"),
+    "drive": ("C:/Windows", "drive letter"),
+    "reserved": (".polydatum/undo/x", "reserved"),
+    "too-long": ("k" * 1025, "limit is 1024"),
+    "surrogate": ("a\udcff", "surrogate"),
+}
+
+
+class TestKeys:
+    @pytest.mark.parametrize(("key", "problem"), BAD_KEYS.values(), ids=BAD_KEYS.keys())
+    def test_bad_keys_are_refused_everywhere(self, store: BlobStore, key: str,
+                                             problem: str) -> None:
+        """Every operation refuses the key with InvalidKey saying why, and writes nothing."""
+        operations = [
+            lambda: store.put(key, b"x"),
+            lambda: store.get(key),
+            lambda: store.open(key),
+            lambda: store.stat(key),
+            lambda: store.exists(key),
+            lambda: store.delete(key),
+            lambda: store.copy(key, "fine"),
+            lambda: store.copy("fine", key),
+            lambda: store.url(key),
+            lambda: store.download(key, io.BytesIO()),
+        ]
+        store.put("fine", b"ok")
+        for operation in operations:
+            with pytest.raises(InvalidKey, match=problem) as info:
+                operation()
+            assert isinstance(info.value, ValueError)
+            assert info.value.code == 400
+        assert list(store.list()) == ["fine"]
+
+    def test_non_str_keys_are_refused(self, store: BlobStore) -> None:
+        """A key that is not a str raises InvalidKey naming its type."""
+        with pytest.raises(InvalidKey, match="bytes"):
+            store.put(b"key", b"x")  # type: ignore[arg-type]
+
+    def test_unusual_but_valid_keys_round_trip(self, store: BlobStore) -> None:
+        """Spaces, unicode, dots inside names and colons are fine."""
+        keys = ["with space/ü ñ.txt", "a..b/c", ".hidden/x", "2024-01-01T10:00:00Z", "~user"]
+        for key in keys:
+            store.put(key, key.encode())
+        for key in keys:
+            assert store.get(key) == key.encode()
+        assert sorted(store.list()) == sorted(keys)
+
+
+# -- listing -----------------------------------------------------------------------
+
+LISTED = [f"page/{i:05d}" for i in range(2500)] + ["pa", "page-x", "pagez/1", "other/1"]
+
+
+@pytest.fixture(name="listed", scope="module", params=BACKENDS)
+def listed_fixture(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> BlobStore:
+    """A store holding 2,504 keys, filled once per backend (in parallel threads)."""
+    store = make_store(request.param, tmp_path_factory.mktemp("listed"), request)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: store.put(key, b""), LISTED))
+    return store
+
+
+class TestListing:
+    def test_lists_everything_in_order(self, listed: BlobStore) -> None:
+        """Without arguments list() yields every key once, in ascending order."""
+        keys = list(listed.list())
+        assert keys == sorted(LISTED)
+
+    def test_list_is_lazy(self, listed: BlobStore) -> None:
+        """list() returns an iterator, not a list: pages are fetched as it is read."""
+        keys = listed.list("page/")
+        assert isinstance(keys, Iterator)
+        assert next(keys) == "page/00000"
+
+    def test_paginates_with_after_and_limit(self, listed: BlobStore) -> None:
+        """Pages of 1,000 resumed with 'after' cover all 2,500 keys exactly once."""
+        pages: list[list[str]] = []
+        after = None
+        while True:
+            page = list(listed.list("page/", after=after, limit=1000))
+            if not page:
+                break
+            pages.append(page)
+            after = page[-1]
+        assert [len(p) for p in pages] == [1000, 1000, 500]
+        assert list(itertools.chain(*pages)) == [f"page/{i:05d}" for i in range(2500)]
+
+    @pytest.mark.parametrize(
+        ("prefix", "expected"),
+        [("page/000", 100), ("page/0249", 10), ("page/", 2500), ("pag", 2502),
+         ("page", 2502), ("other/", 1), ("nothing", 0)],
+    )
+    def test_prefixes(self, listed: BlobStore, prefix: str, expected: int) -> None:
+        """A prefix selects keys starting with it, even in the middle of a segment."""
+        keys = list(listed.list(prefix))
+        assert len(keys) == expected
+        assert all(k.startswith(prefix) for k in keys)
+
+    def test_after_and_prefix_combined(self, listed: BlobStore) -> None:
+        """'after' before the prefix lists the whole prefix; past it, nothing."""
+        assert len(list(listed.list("page/", after="a"))) == 2500
+        assert list(listed.list("page/", after="page/02498")) == ["page/02499"]
+        assert list(listed.list("page/", after="zzz")) == []
+
+    def test_limit(self, listed: BlobStore) -> None:
+        """limit stops the listing early; 0 yields nothing."""
+        assert list(listed.list(limit=3)) == sorted(LISTED)[:3]
+        assert list(listed.list(limit=0)) == []
+
+
+# -- memory while streaming --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_streaming_256_mib_stays_under_64_mib(store: BlobStore) -> None:
+    """Putting 256 MiB from a generator and reading it back with open() peaks under 64 MiB."""
+    size = 256 * MiB
+    pattern = [bytes([i]) * MiB for i in range(5)]
+
+    def source() -> Iterator[bytes]:
+        for i in range(256):
+            yield pattern[i % 5]
+
+    # The memory store keeps the blob in memory by design: only its extra counts.
+    retained = size if isinstance(store, MemoryBlobStore) else 0
+    tracemalloc.start()
+    try:
+        assert store.put("huge/blob", source()) == size
+        put_peak = tracemalloc.get_traced_memory()[1] - retained
+        tracemalloc.reset_peak()
+        seen = 0
+        with store.open("huge/blob") as stream:
+            while chunk := stream.read(MiB):
+                assert chunk == pattern[(seen // MiB) % 5]
+                seen += len(chunk)
+        read_peak = tracemalloc.get_traced_memory()[1] - retained
+    finally:
+        tracemalloc.stop()
+    assert seen == size
+    assert put_peak < 64 * MiB, f"put peaked at {put_peak / MiB:.1f} MiB"
+    assert read_peak < 64 * MiB, f"open() peaked at {read_peak / MiB:.1f} MiB"
+
+
+# -- urls --------------------------------------------------------------------------
+
+
+def test_url(store: BlobStore) -> None:
+    """S3 presigns a working GET URL; the other stores raise UrlNotSupported without base_url."""
+    store.put("u/hello world.txt", b"hello")
+    if isinstance(store, (MemoryBlobStore, FileSystemBlobStore)):
+        with pytest.raises(UrlNotSupported, match="base_url") as info:
+            store.url("u/hello world.txt")
+        assert isinstance(info.value, NotImplementedError)
+        return
+    url = store.url("u/hello world.txt", expires=datetime.timedelta(minutes=5))
+    assert "X-Amz-Signature=" in url
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"hello"
+
+
+@pytest.mark.parametrize("expires", [0, -5, "soon"])
+def test_url_expiry_must_be_positive(store: BlobStore, expires: Any) -> None:
+    """url() refuses an expiry that is not a positive duration."""
+    with pytest.raises(ValueError, match="expires"):
+        store.url("u/x", expires=expires)
+
+
+@pytest.mark.parametrize("kind", ["memory", "fs"])
+def test_base_url(kind: str, tmp_path: Path) -> None:
+    """With base_url, memory and filesystem stores return base_url plus the quoted key."""
+    store: BlobStore = (MemoryBlobStore(base_url="https://cdn.example/b/") if kind == "memory"
+                        else FileSystemBlobStore(tmp_path, base_url="https://cdn.example/b"))
+    assert store.url("a b/ü.png") == "https://cdn.example/b/a%20b/%C3%BC.png"
