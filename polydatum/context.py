@@ -274,7 +274,9 @@ class DataAccessContext:
             self._dirty = True
         created[name] = (gen, False, value)
         # From now on the instance attribute shadows the class-level accessor.
-        self.__dict__[name] = value
+        # (setattr, not __dict__: touching __dict__ would materialise it and
+        # slow every later attribute access of this context.)
+        setattr(self, name, value)
         return value
 
     async def aget(self, name: str) -> Any:
@@ -307,7 +309,7 @@ class DataAccessContext:
             self._dirty = True
         self._created[name] = (gen, is_async, value)
         # Later reads become plain attribute lookups; removed at teardown.
-        self.__dict__[name] = value
+        setattr(self, name, value)
 
     def get_resource_exit_errors(self) -> list[ExcInfo]:
         """Errors raised by resources while they were torn down.
@@ -461,6 +463,40 @@ class DataAccessContext:
             return False
         if exc_type is not None and exc is None:
             exc = exc_type()
+        if self._plain and self._hooks is None and self._state == OPEN:
+            # Only resources to close (no middleware, hooks or legacy hooks):
+            # the common case of a request that used a session, kept inline.
+            self._state = CLOSING
+            created = self._created
+            if created is not None:
+                self._created = None
+                pop = self.__dict__.pop
+                while created:
+                    name, (gen, is_async, _) = created.popitem()  # newest first
+                    pop(name, None)
+                    if exc is not None or is_async:
+                        self._close_resource(name, gen, is_async, exc)
+                        continue
+                    try:
+                        if next(gen, _DONE) is _DONE:
+                            continue
+                    except BaseException as err:
+                        self._resource_failed(name, err)
+                        continue
+                    gen.close()
+                    what = _factories.label(_RES, name)
+                    msg = f"{what} yielded more than once; it must yield exactly once"
+                    self._resource_failed(name, RuntimeError(msg))
+            self._state = EXITED
+            try:
+                self.data_manager._ctx_var.reset(self._token)
+            except ValueError:
+                self._state = CLOSING
+                self._finish(exc)
+            interrupt = self._interrupt
+            if interrupt is not None and (exc is None or isinstance(exc, Exception)):
+                raise interrupt
+            return False
         final = self._close(exc)
         if final is exc:
             return False
@@ -519,8 +555,9 @@ class DataAccessContext:
             self._finish(exc)
         interrupt = self._interrupt
         # A KeyboardInterrupt/SystemExit/cancellation from a hook or resource
-        # teardown is not an error to collect: it propagates once all is closed.
-        return interrupt if interrupt is not None and exc is None else exc
+        # teardown is not an error to collect: it propagates once all is closed,
+        # over an ordinary exception of the body (which becomes its __context__).
+        return interrupt if interrupt is not None and (exc is None or isinstance(exc, Exception)) else exc
 
     async def _aclose(self, exc: BaseException | None) -> BaseException | None:
         self._begin_close()
@@ -544,31 +581,34 @@ class DataAccessContext:
                 await self._ateardown_resources(exc)
             self._finish(exc)
         interrupt = self._interrupt
-        return interrupt if interrupt is not None and exc is None else exc
+        return interrupt if interrupt is not None and (exc is None or isinstance(exc, Exception)) else exc
 
     def _take_created(self) -> list[tuple[str, tuple[Any, bool, Any]]]:
         created = self._created
         assert created is not None
         self._created = None
-        pop = self.__dict__.pop
         for name in created:
-            pop(name, None)
+            delattr(self, name)
         return list(reversed(created.items()))
 
     def _teardown_resources(self, exc: BaseException | None) -> None:
         created = self._created
-        assert created is not None
+        if created is None:
+            return
         self._created = None
         pop = self.__dict__.pop
-        finish = _factories.finish
-        for name, (gen, is_async, _) in reversed(created.items()):
+        while created:
+            name, (gen, is_async, _) = created.popitem()  # newest first
             pop(name, None)
-            if is_async:  # unreachable through aget(); kept as a guard
-                self._resource_failed(name, RuntimeError(f"async resource {name!r} left open"))
-                continue
-            err = finish(gen, exc, _RES, name)
-            if err is not None and err is not exc:
-                self._resource_failed(name, err)
+            self._close_resource(name, gen, is_async, exc)
+
+    def _close_resource(self, name: str, gen: Any, is_async: bool, exc: BaseException | None) -> None:
+        if is_async:  # unreachable through aget(); kept as a guard
+            self._resource_failed(name, RuntimeError(f"async resource {name!r} left open"))
+            return
+        err = _factories.finish(gen, exc, _RES, name)
+        if err is not None and err is not exc:
+            self._resource_failed(name, err)
 
     async def _ateardown_resources(self, exc: BaseException | None) -> None:
         for name, (gen, is_async, _) in self._take_created():

@@ -216,7 +216,8 @@ def resolve_owner(
     for location, target in _walk(services, path):
         if target is None:
             raise _unknown_path_error(path, location, owner)
-        if not (callable(target) or isinstance(target, Service)):
+        # A service is anything registrable: a Service or an object with setup().
+        if not (callable(target) or isinstance(target, Service) or callable(getattr(target, "setup", None))):
             msg = f"dal.{path_name(location)} is {describe(target)}, not a service or method"
             raise DalMethodError(path, msg)
         if len(location) < len(path):

@@ -70,6 +70,12 @@ class _SubServices(dict[str, Any]):
 
 def check_service(name: str, service: Any) -> None:
     """Refuse anything that cannot be set up as a service."""
+    if isinstance(service, type):
+        msg = (
+            f"service {name!r} must be a polydatum.Service instance, got the class {service.__qualname__}; "
+            f"register {service.__qualname__}() instead"
+        )
+        raise TypeError(msg)
     if not callable(getattr(service, "setup", None)):
         msg = (
             f"service {name!r} must be a polydatum.Service (or have a setup(data_manager) "
