@@ -192,6 +192,7 @@ class DataAccessContext:
     _resource_exit_errors: list[ExcInfo] | None = None
     _hook_errors: list[ExcInfo] | None = None
     _interrupt: BaseException | None = None
+    _async_resources = False
     _has_legacy_hooks = False
     # ``_plain`` (class level): the manager has no context middleware and the
     # class no legacy hooks, so entering is just a push. ``_dirty`` (instance):
@@ -304,6 +305,8 @@ class DataAccessContext:
         return value
 
     def _remember(self, name: str, gen: Any, is_async: bool, value: Any) -> None:
+        if is_async:
+            self._async_resources = True
         if self._created is None:
             self._created = {}
             self._dirty = True
@@ -464,38 +467,7 @@ class DataAccessContext:
         if exc_type is not None and exc is None:
             exc = exc_type()
         if self._plain and self._hooks is None and self._state == OPEN:
-            # Only resources to close (no middleware, hooks or legacy hooks):
-            # the common case of a request that used a session, kept inline.
-            self._state = CLOSING
-            created = self._created
-            if created is not None:
-                self._created = None
-                pop = self.__dict__.pop
-                while created:
-                    name, (gen, is_async, _) = created.popitem()  # newest first
-                    pop(name, None)
-                    if exc is not None or is_async:
-                        self._close_resource(name, gen, is_async, exc)
-                        continue
-                    try:
-                        if next(gen, _DONE) is _DONE:
-                            continue
-                    except BaseException as err:
-                        self._resource_failed(name, err)
-                        continue
-                    gen.close()
-                    what = _factories.label(_RES, name)
-                    msg = f"{what} yielded more than once; it must yield exactly once"
-                    self._resource_failed(name, RuntimeError(msg))
-            self._state = EXITED
-            try:
-                self.data_manager._ctx_var.reset(self._token)
-            except ValueError:
-                self._state = CLOSING
-                self._finish(exc)
-            interrupt = self._interrupt
-            if interrupt is not None and (exc is None or isinstance(exc, Exception)):
-                raise interrupt
+            self._exit_plain(exc)
             return False
         final = self._close(exc)
         if final is exc:
@@ -503,6 +475,24 @@ class DataAccessContext:
         if final is None:
             return True
         raise final
+
+    def _exit_plain(self, exc: BaseException | None) -> None:
+        """Exit when only sync resources need closing: no middleware, hooks or legacy hooks.
+
+        The common case of a request that used a session, kept lean.
+        """
+        self._state = CLOSING
+        if self._created is not None:
+            self._teardown_resources(exc)
+        self._state = EXITED
+        try:
+            self.data_manager._ctx_var.reset(self._token)
+        except ValueError:
+            self._state = CLOSING
+            self._finish(exc)
+        interrupt = self._interrupt
+        if interrupt is not None and (exc is None or isinstance(exc, Exception)):
+            raise interrupt
 
     async def __aexit__(
         self,
@@ -520,6 +510,9 @@ class DataAccessContext:
             return False
         if exc_type is not None and exc is None:
             exc = exc_type()
+        if self._plain and self._hooks is None and self._state == OPEN and not self._async_resources:
+            self._exit_plain(exc)
+            return False
         final = await self._aclose(exc)
         if final is exc:
             return False
@@ -600,7 +593,20 @@ class DataAccessContext:
         while created:
             name, (gen, is_async, _) = created.popitem()  # newest first
             pop(name, None)
-            self._close_resource(name, gen, is_async, exc)
+            if exc is not None or is_async:
+                self._close_resource(name, gen, is_async, exc)
+                continue
+            # The common case inline: a sync resource closing after success.
+            try:
+                if next(gen, _DONE) is _DONE:
+                    continue
+            except BaseException as err:
+                self._resource_failed(name, err)
+                continue
+            gen.close()
+            what = _factories.label(_RES, name)
+            msg = f"{what} yielded more than once; it must yield exactly once"
+            self._resource_failed(name, RuntimeError(msg))
 
     def _close_resource(self, name: str, gen: Any, is_async: bool, exc: BaseException | None) -> None:
         if is_async:  # unreachable through aget(); kept as a guard
