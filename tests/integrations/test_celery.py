@@ -1,0 +1,602 @@
+"""polydatum.celery with a real worker, RabbitMQ as broker, Redis for results, PostgreSQL for data.
+
+One in-thread worker (solo pool, so messages run one at a time in the order
+RabbitMQ delivers them) consumes a queue of this session's own. "Never ran"
+is proven by sending a control task afterwards and waiting for it: by then
+anything sent earlier has run.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from celery.exceptions import Ignore
+from kombu.exceptions import EncodeError
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from polydatum import DataManager
+from polydatum.celery import (
+    PendingResult,
+    PolydatumTask,
+    TaskNotSent,
+    install,
+    send_immediately,
+)
+from polydatum.errors import AlreadyExistsException
+from polydatum.sqlalchemy import Database
+from tests.support.sql import fresh_postgres_database
+
+# Celery's Redis result backend still calls redis-py's deprecated setex().
+pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")
+
+T = TypeVar("T")
+
+WAIT = 20  # seconds; a ceiling for result.get(), never a pass/fail timing
+
+# What task runs saw, by test token. The worker runs in this process, so a
+# plain dict survives the rollback of the run that wrote to it.
+RUNS: dict[str, list[dict[str, Any]]] = defaultdict(list)
+RUNS_LOCK = threading.Lock()
+
+
+def remember(token: str, **what: Any) -> None:
+    with RUNS_LOCK:
+        RUNS[token].append(what)
+
+
+def runs(token: str) -> list[dict[str, Any]]:
+    with RUNS_LOCK:
+        return list(RUNS[token])
+
+
+SCHEMA = [
+    "CREATE TABLE notes (id serial PRIMARY KEY, body text UNIQUE NOT NULL)",
+    "CREATE TABLE counters (id int PRIMARY KEY, value int NOT NULL)",
+]
+
+
+def build(database_url: str, broker: str, backend: str, queue: str, prefix: str) -> SimpleNamespace:
+    """The app under test: a DataManager with PostgreSQL, a Celery app, its tasks."""
+    dm = DataManager()
+    db = Database(database_url).install(dm)
+    # A connection of its own, outside every context: the "other transaction".
+    other = create_engine(database_url, poolclass=NullPool)
+
+    app = Celery("polydatum_celery_tests", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        result_backend_transport_options={"global_keyprefix": prefix},
+        result_expires=600,
+        # One backend for the test and worker threads, so teardown can close its connections.
+        result_backend_thread_safe=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        result_serializer="json",
+    )
+    install(app, dm, meta=lambda task: {"hostname": task.request.hostname}, headers=("tenant",))
+
+    def ctx() -> Any:
+        return dm.require_active_context()
+
+    def add_note(body: str) -> int:
+        return int(ctx().db.execute(
+            text("INSERT INTO notes (body) VALUES (:b) RETURNING id"), {"b": body}
+        ).scalar_one())
+
+    @app.task(name="pdtest.write_note")
+    def write_note(body: str) -> int:
+        return add_note(body)
+
+    @app.task(name="pdtest.write_then_fail")
+    def write_then_fail(body: str) -> None:
+        add_note(body)
+        raise ValueError(f"failing after writing {body}")
+
+    @app.task(name="pdtest.read_note")
+    def read_note(body: str) -> str | None:
+        found = ctx().db.execute(text("SELECT body FROM notes WHERE body = :b"), {"b": body})
+        return found.scalar_one_or_none()  # type: ignore[no-any-return]
+
+    @app.task(name="pdtest.record", bind=True)
+    def record(self: Any, token: str, label: str) -> dict[str, Any]:
+        meta = dict(ctx().meta)
+        remember(token, label=label, meta=meta)
+        return meta
+
+    @app.task(name="pdtest.retry_once", bind=True)
+    def retry_once(self: Any, token: str) -> int:
+        meta = dict(ctx().meta)
+        add_note(f"{token}-attempt-{meta['retries']}")
+        remember(token, meta=meta, ctx=id(ctx()))
+        if meta["retries"] == 0:
+            raise self.retry(countdown=0)
+        return int(meta["retries"])
+
+    def bump_counter(token: str, row: int, conflicts: int) -> int:
+        """Read, let another transaction update the row, then write: SQLSTATE 40001."""
+        session = ctx().db
+        session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        retries = ctx().meta.retries
+        remember(token, retries=retries)
+        add_note(f"{token}-attempt-{retries}")
+        value = session.execute(text("SELECT value FROM counters WHERE id = :i"), {"i": row}).scalar_one()
+        if retries < conflicts:
+            with other.begin() as conn:
+                conn.execute(text("UPDATE counters SET value = value + 100 WHERE id = :i"), {"i": row})
+        session.execute(text("UPDATE counters SET value = :v WHERE id = :i"), {"v": value + 1, "i": row})
+        return int(retries)
+
+    @app.task(name="pdtest.conflict", retry_transient=2, retry_transient_backoff=0.01)
+    def conflict(token: str, row: int, conflicts: int) -> int:
+        return bump_counter(token, row, conflicts)
+
+    @app.task(name="pdtest.conflict_no_retry")
+    def conflict_no_retry(token: str, row: int, conflicts: int) -> int:
+        return bump_counter(token, row, conflicts)
+
+    @app.task(name="pdtest.divide_by_zero", retry_transient=3)
+    def divide_by_zero(token: str) -> None:
+        remember(token, retries=ctx().meta.retries)
+        ctx().db.execute(text("SELECT 1 / 0"))
+
+    @app.task(name="pdtest.spawn", bind=True)
+    def spawn(self: Any, token: str, fail: bool) -> str:
+        child = record.delay(token, "child")
+        remember(token, label="parent", child_id=child.id, pending=isinstance(child, PendingResult))
+        if fail:
+            raise RuntimeError("parent fails after sending a child")
+        return str(child.id)
+
+    @app.task(name="pdtest.ignore")
+    def ignore(body: str) -> None:
+        add_note(body)
+        raise Ignore()
+
+    @app.task(name="pdtest.typed")
+    def typed(a: int, b: int) -> int:
+        return a + b
+
+    return SimpleNamespace(
+        dm=dm, db=db, app=app, other=other, write_note=write_note, write_then_fail=write_then_fail,
+        read_note=read_note, record=record, retry_once=retry_once, conflict=conflict,
+        conflict_no_retry=conflict_no_retry, divide_by_zero=divide_by_zero, spawn=spawn,
+        ignore=ignore, typed=typed,
+    )
+
+
+@pytest.fixture(scope="module")
+def env(postgres_url: str, rabbitmq_url: str, redis_url: str) -> Iterator[SimpleNamespace]:
+    run = uuid.uuid4().hex[:10]
+    queue = f"polydatum-test-celery-{run}"
+    with fresh_postgres_database(postgres_url) as url:
+        setup = create_engine(url, poolclass=NullPool)
+        with setup.begin() as conn:
+            for statement in SCHEMA:
+                conn.execute(text(statement))
+        setup.dispose()
+        ns = build(url, rabbitmq_url, redis_url, queue, f"polydatum-test-celery-{run}:")
+        try:
+            with start_worker(ns.app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+                yield ns
+        finally:
+            with ns.app.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+            backend = ns.app.backend
+            backend.result_consumer.stop()
+            backend.client.connection_pool.disconnect()
+            ns.app.close()
+            ns.db.dispose()
+            ns.other.dispose()
+
+
+class Rollback(Exception):
+    """Raised to make a context roll back."""
+
+
+def rolled_back(dm: DataManager, body: Callable[[Any], T]) -> T:
+    """``body(ctx)`` in a context that then rolls back; what it returned."""
+    try:
+        with dm.context() as ctx:
+            result = body(ctx)
+            raise Rollback
+    except Rollback:
+        return result
+
+
+def token() -> str:
+    return uuid.uuid4().hex
+
+
+def note_exists(env: SimpleNamespace, body: str) -> bool:
+    with env.other.connect() as conn:
+        found = conn.execute(text("SELECT count(*) FROM notes WHERE body = :b"), {"b": body})
+        return bool(found.scalar_one())
+
+
+def drain(env: SimpleNamespace) -> None:
+    """Wait until everything sent before now has run (one solo worker, one queue)."""
+    env.record.delay("drain", "control").get(timeout=WAIT)
+
+
+# -- tasks run in contexts ---------------------------------------------------
+
+
+def test_a_task_that_writes_commits(env: SimpleNamespace) -> None:
+    body = token()
+    result = env.write_note.delay(body)
+    assert not isinstance(result, PendingResult)  # no context: sent at once
+    assert result.get(timeout=WAIT) > 0
+    assert note_exists(env, body)
+
+
+def test_a_task_that_raises_leaves_nothing(env: SimpleNamespace) -> None:
+    body = token()
+    result = env.write_then_fail.delay(body)
+    with pytest.raises(ValueError, match="failing after writing"):
+        result.get(timeout=WAIT)
+    assert result.state == "FAILURE"
+    assert not note_exists(env, body)
+
+
+def test_meta_inside_the_task(env: SimpleNamespace) -> None:
+    result = env.record.delay(token(), "meta")
+    meta = result.get(timeout=WAIT)
+    assert meta["task_id"] == result.id
+    assert meta["task_name"] == "pdtest.record"
+    assert meta["retries"] == 0
+    assert meta["parent_id"] is None
+    assert meta["root_id"] == result.id
+    assert meta["eager"] is False
+    assert meta["tenant"] is None  # a chosen header that was not sent
+    assert meta["hostname"]  # added by the user's meta function
+
+
+def test_ignore_is_not_a_failure_and_commits(env: SimpleNamespace) -> None:
+    body = token()
+    env.ignore.delay(body)
+    drain(env)
+    assert note_exists(env, body)
+
+
+# -- send on commit ----------------------------------------------------------
+
+
+def test_a_task_sent_in_a_context_that_rolls_back_never_runs(env: SimpleNamespace) -> None:
+    tok = token()
+
+    def body(ctx: Any) -> Any:
+        ctx.db.execute(text("SELECT 1"))
+        return env.record.delay(tok, "rolled back")
+
+    result = rolled_back(env.dm, body)
+    assert isinstance(result, PendingResult)
+    drain(env)
+    assert runs(tok) == []
+    assert result.outcome == "discarded"
+    with pytest.raises(TaskNotSent, match="never sent: the context that sent it rolled back"):
+        result.get(timeout=WAIT)
+    assert result.state == "PENDING"
+    assert result.ready() is False
+    assert result.result is None
+
+
+def test_a_task_sent_in_a_context_runs_after_the_commit_is_visible(env: SimpleNamespace) -> None:
+    body = token()
+    with env.dm.context() as ctx:
+        ctx.db.execute(text("INSERT INTO notes (body) VALUES (:b)"), {"b": body})
+        result = env.read_note.delay(body)
+        assert isinstance(result, PendingResult)
+        assert result.outcome == "waiting for commit"
+        # Had it been sent already, the solo worker would run it before this
+        # control task, and it would not see the uncommitted row.
+        env.record.apply_async((token(), "control"), polydatum_immediate=True).get(timeout=WAIT)
+        with pytest.raises(TaskNotSent, match="is sent when the context that sent it commits"):
+            result.get(timeout=WAIT)
+        assert result.ready() is False
+        assert result.state == "PENDING"
+    assert result.outcome == "sent"
+    assert result.get(timeout=WAIT) == body
+    assert result.ready() is True
+    assert result.state == "SUCCESS"
+    assert result.result == body
+
+
+def test_the_id_is_fixed_up_front(env: SimpleNamespace) -> None:
+    chosen = str(uuid.uuid4())
+    with env.dm.context():
+        early = env.record.delay(token(), "early")
+        given = env.record.apply_async((token(), "given"), task_id=chosen)
+        stored_id = early.id
+    assert given.id == chosen
+    assert env.app.AsyncResult(stored_id).get(timeout=WAIT)["task_id"] == stored_id
+    assert given.get(timeout=WAIT)["task_id"] == chosen
+
+
+def test_immediate_send_inside_a_context_that_rolls_back(env: SimpleNamespace) -> None:
+    tok = token()
+
+    def body(ctx: Any) -> tuple[Any, Any, Any]:
+        now = env.record.apply_async((tok, "option"), polydatum_immediate=True)
+        with send_immediately():
+            block = env.record.delay(tok, "block")
+        later = env.record.delay(tok, "deferred")
+        # Both already ran while the context is still open.
+        now.get(timeout=WAIT)
+        block.get(timeout=WAIT)
+        return now, block, later
+
+    now, block, later = rolled_back(env.dm, body)
+    assert not isinstance(now, PendingResult)
+    assert not isinstance(block, PendingResult)
+    drain(env)
+    assert sorted(r["label"] for r in runs(tok)) == ["block", "option"]
+    assert later.outcome == "discarded"
+
+
+def test_headers_follow_the_context_meta(env: SimpleNamespace) -> None:
+    with env.dm.context({"tenant": "acme"}):
+        inherited = env.record.delay(token(), "inherited")
+        explicit = env.record.apply_async((token(), "explicit"), headers={"tenant": "other"})
+    assert inherited.get(timeout=WAIT)["tenant"] == "acme"
+    assert explicit.get(timeout=WAIT)["tenant"] == "other"
+
+
+def test_a_child_sent_by_a_task_waits_for_the_task_to_commit(env: SimpleNamespace) -> None:
+    tok = token()
+    parent = env.spawn.delay(tok, False)
+    child_id = parent.get(timeout=WAIT)
+    child = env.app.AsyncResult(child_id).get(timeout=WAIT)
+    assert child["parent_id"] == parent.id
+    assert child["root_id"] == parent.id
+    assert runs(tok)[0] == {"label": "parent", "child_id": child_id, "pending": True}
+
+
+def test_a_child_sent_by_a_failing_task_is_never_sent(env: SimpleNamespace) -> None:
+    tok = token()
+    parent = env.spawn.delay(tok, True)
+    with pytest.raises(RuntimeError, match="parent fails"):
+        parent.get(timeout=WAIT)
+    drain(env)
+    assert [r["label"] for r in runs(tok)] == ["parent"]
+
+
+# -- retries -----------------------------------------------------------------
+
+
+def test_a_retry_gets_a_fresh_context(env: SimpleNamespace) -> None:
+    tok = token()
+    with env.dm.context({"tenant": "acme"}):
+        result = env.retry_once.delay(tok)
+    assert result.get(timeout=WAIT) == 1
+    first, second = runs(tok)
+    assert [first["meta"]["retries"], second["meta"]["retries"]] == [0, 1]
+    assert first["meta"]["task_id"] == second["meta"]["task_id"] == result.id
+    assert first["meta"]["tenant"] == second["meta"]["tenant"] == "acme"  # the header survives a retry
+    assert not note_exists(env, f"{tok}-attempt-0")  # the first run rolled back
+    assert note_exists(env, f"{tok}-attempt-1")
+
+
+def counter(env: SimpleNamespace) -> int:
+    row = uuid.uuid4().int % 2_000_000_000
+    with env.other.begin() as conn:
+        conn.execute(text("INSERT INTO counters (id, value) VALUES (:i, 0)"), {"i": row})
+    return row
+
+
+def counter_value(env: SimpleNamespace, row: int) -> int:
+    with env.other.connect() as conn:
+        return int(conn.execute(text("SELECT value FROM counters WHERE id = :i"), {"i": row}).scalar_one())
+
+
+def test_a_transient_error_is_retried_in_a_fresh_context(env: SimpleNamespace) -> None:
+    tok, row = token(), counter(env)
+    result = env.conflict.delay(tok, row, 1)  # the first run hits a real SQLSTATE 40001
+    assert result.get(timeout=WAIT) == 1
+    assert [r["retries"] for r in runs(tok)] == [0, 1]
+    assert counter_value(env, row) == 101  # the other transaction's +100, then the retry's +1
+    assert not note_exists(env, f"{tok}-attempt-0")
+    assert note_exists(env, f"{tok}-attempt-1")
+
+
+def test_transient_retries_run_out(env: SimpleNamespace) -> None:
+    tok, row = token(), counter(env)
+    result = env.conflict.delay(tok, row, 10)  # retry_transient=2: three runs in all
+    result.get(timeout=WAIT, propagate=False)
+    assert result.state == "FAILURE"
+    assert "could not serialize access" in str(result.result)
+    assert [r["retries"] for r in runs(tok)] == [0, 1, 2]
+    assert counter_value(env, row) == 300
+    assert not any(note_exists(env, f"{tok}-attempt-{n}") for n in range(3))
+
+
+def test_no_transient_retry_unless_asked(env: SimpleNamespace) -> None:
+    tok, row = token(), counter(env)
+    result = env.conflict_no_retry.delay(tok, row, 1)
+    result.get(timeout=WAIT, propagate=False)
+    assert result.state == "FAILURE"
+    assert "could not serialize access" in str(result.result)
+    assert [r["retries"] for r in runs(tok)] == [0]
+
+
+def test_other_database_errors_are_not_retried(env: SimpleNamespace) -> None:
+    tok = token()
+    result = env.divide_by_zero.delay(tok)
+    result.get(timeout=WAIT, propagate=False)
+    assert result.state == "FAILURE"
+    assert "division by zero" in str(result.result)
+    assert [r["retries"] for r in runs(tok)] == [0]
+
+
+# -- errors at the call site -------------------------------------------------
+
+
+def test_bad_arguments_fail_at_the_call_not_at_commit(env: SimpleNamespace) -> None:
+    with env.dm.context() as ctx:
+        with pytest.raises(TypeError):
+            env.typed.delay(1)
+        with pytest.raises(EncodeError):
+            env.typed.delay(1, object())
+        with pytest.raises(TypeError, match="polydatum_immediate must be True or False"):
+            env.typed.apply_async((1, 2), polydatum_immediate="yes")
+        sent = env.typed.delay(1, 2)
+    assert ctx.get_hook_errors() == []
+    assert sent.get(timeout=WAIT) == 3
+
+
+def test_a_send_that_fails_at_commit_is_reported(env: SimpleNamespace) -> None:
+    dm = DataManager()
+    app = Celery("polydatum_celery_dead_broker", broker="amqp://guest:guest@127.0.0.1:1//",
+                 set_as_current=False)
+    app.conf.update(task_publish_retry=False, broker_connection_timeout=1, broker_connection_retry=False,
+                    broker_connection_max_retries=0)
+    install(app, dm)
+
+    @app.task(name="pdtest.nowhere")
+    def nowhere() -> None:  # pragma: no cover - never runs
+        pass
+
+    with dm.context() as ctx:
+        result = nowhere.delay()
+    assert result.outcome == "send failed"
+    assert result.send_error is not None
+    assert len(ctx.get_hook_errors()) == 1
+    with pytest.raises(TaskNotSent, match="could not be sent when its context committed"):
+        result.get()
+
+
+# -- eager mode and direct calls (no worker) ---------------------------------
+
+
+@pytest.fixture
+def eager() -> SimpleNamespace:
+    dm = DataManager()
+    app = Celery("polydatum_celery_eager", broker="memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_store_eager_result=False)
+    seen: list[dict[str, Any]] = []
+
+    def meta(task: Any) -> Any:
+        # A direct call has no request yet: no kwargs.
+        if (task.request.kwargs or {}).get("bad_meta"):
+            return ["not", "a", "mapping"]
+        return {"who": "eager"}
+
+    install(app, dm, meta=meta)
+
+    @app.task(name="pdtest.eager.note")
+    def note(label: str, bad_meta: bool = False) -> str:
+        ctx = dm.require_active_context()
+        seen.append({"label": label, "ctx": ctx, "meta": dict(ctx.meta)})
+        return label.upper()
+
+    return SimpleNamespace(dm=dm, app=app, note=note, seen=seen)
+
+
+def test_eager_mode_runs_on_commit(eager: SimpleNamespace) -> None:
+    with eager.dm.context():
+        result = eager.note.delay("a")
+        assert eager.seen == []
+    assert result.get() == "A"
+    assert result.state == "SUCCESS"
+    assert eager.seen[0]["meta"]["eager"] is True
+    assert eager.seen[0]["meta"]["who"] == "eager"
+
+    dropped = rolled_back(eager.dm, lambda ctx: eager.note.delay("b"))
+    assert [s["label"] for s in eager.seen] == ["a"]
+    assert dropped.outcome == "discarded"
+
+
+def test_direct_calls_join_the_open_context(eager: SimpleNamespace) -> None:
+    with eager.dm.context() as ctx:
+        assert eager.note("inside") == "INSIDE"
+    assert eager.seen[0]["ctx"] is ctx
+    assert eager.note("outside") == "OUTSIDE"  # no context open: the call opens one
+    assert eager.seen[1]["ctx"] is not ctx
+    assert eager.seen[1]["meta"]["task_id"] is None
+
+
+def test_a_meta_function_must_return_a_mapping(eager: SimpleNamespace) -> None:
+    with pytest.raises(TypeError, match="meta\\(task\\) must return a mapping, got list"):
+        eager.note.apply(("x",), {"bad_meta": True}).get()
+    assert eager.seen == []  # the body never ran
+
+
+# -- install -----------------------------------------------------------------
+
+
+def test_install_refuses_bad_input() -> None:
+    dm = DataManager()
+    app = Celery("polydatum_celery_bad", broker="memory://", set_as_current=False)
+    with pytest.raises(TypeError, match=re.escape("needs a celery.Celery app, got object")):
+        install(object(), dm)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs a polydatum DataManager, got dict"):
+        install(app, {})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="meta must be a callable or None"):
+        install(app, dm, meta=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retry_if must be a callable or None"):
+        install(app, dm, retry_if="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="headers must be a sequence of header names"):
+        install(app, dm, headers="tenant")
+    with pytest.raises(TypeError, match="headers must be non-empty strings"):
+        install(app, dm, headers=("",))
+    with pytest.raises(ValueError, match="header 'retries' is one Celery uses itself"):
+        install(app, dm, headers=("retries",))
+    with pytest.raises(ValueError, match="retry_transient must be an int of at least 0"):
+        install(app, dm, retry_transient=-1)
+    with pytest.raises(ValueError, match="retry_transient must be an int of at least 0"):
+        install(app, dm, retry_transient=True)
+    with pytest.raises(ValueError, match="retry_transient_backoff must be a number of seconds"):
+        install(app, dm, retry_transient_backoff=-0.5)
+    assert not issubclass(app.Task, PolydatumTask)  # nothing was installed
+
+
+def test_install_twice() -> None:
+    app = Celery("polydatum_celery_twice", broker="memory://", set_as_current=False)
+    base = install(app, DataManager())
+    assert app.Task is base
+    with pytest.raises(AlreadyExistsException, match="already installed"):
+        install(app, DataManager())
+
+
+def test_install_after_tasks_were_made() -> None:
+    app = Celery("polydatum_celery_late", broker="memory://", set_as_current=False)
+
+    @app.task(name="pdtest.late.early_bird", lazy=False)
+    def early_bird() -> None:  # pragma: no cover - never runs
+        pass
+
+    with pytest.raises(RuntimeError, match=re.escape("made tasks pdtest.late.early_bird; call polydatum")):
+        install(app, DataManager())
+
+
+def test_a_bad_task_option_fails_when_the_task_is_made() -> None:
+    app = Celery("polydatum_celery_option", broker="memory://", set_as_current=False)
+    install(app, DataManager())
+    with pytest.raises(ValueError, match=re.escape("task pdtest.opt.bad: retry_transient must be an int")):
+
+        @app.task(name="pdtest.opt.bad", retry_transient=-2, lazy=False)
+        def bad() -> None:  # pragma: no cover - never made
+            pass
+
+
+def test_a_polydatum_task_without_install() -> None:
+    app = Celery("polydatum_celery_bare", broker="memory://", set_as_current=False)
+
+    @app.task(name="pdtest.bare.lonely", base=PolydatumTask, lazy=False)
+    def lonely() -> None:  # pragma: no cover - never runs
+        pass
+
+    with pytest.raises(RuntimeError, match=re.escape("no DataManager; wire the app with polydatum.celery")):
+        lonely()
+    with pytest.raises(RuntimeError, match="no DataManager"):
+        lonely.delay()
