@@ -7,7 +7,7 @@ import json
 import pickle
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from decimal import Decimal
 from typing import Any, Protocol, cast, runtime_checkable
@@ -85,10 +85,40 @@ def _to_json(value: Any) -> Any:
 
 
 
+def _exact_offset(text: str) -> timezone | None:
+    """The UTC offset at the end of an ISO string, when it has a fraction of a second.
+
+    ``fromisoformat`` before Python 3.12 drops the microseconds of an offset
+    such as ``+00:00:00.000001``; parse such offsets here instead.
+    """
+    cut = max(text.rfind("+"), text.rfind("-"))
+    offset = text[cut:] if cut > 0 and text.find(":", cut) > 0 else ""
+    if "." not in offset:
+        return None
+    hours, minutes, seconds = offset[1:].split(":")
+    whole, _, fraction = seconds.partition(".")
+    delta = timedelta(
+        hours=int(hours), minutes=int(minutes), seconds=int(whole), microseconds=int(fraction.ljust(6, "0"))
+    )
+    return timezone(-delta if offset[0] == "-" else delta)
+
+
+def _datetime_from_iso(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    tz = _exact_offset(text) if value.tzinfo is not None else None
+    return value if tz is None else value.replace(tzinfo=tz)
+
+
+def _time_from_iso(text: str) -> dt_time:
+    value = dt_time.fromisoformat(text)
+    tz = _exact_offset(text) if value.tzinfo is not None else None
+    return value if tz is None else value.replace(tzinfo=tz)
+
+
 _JSON_DECODERS: dict[str, Callable[[Any], Any]] = {
-    "$dt": datetime.fromisoformat,
+    "$dt": _datetime_from_iso,
     "$date": date.fromisoformat,
-    "$time": dt_time.fromisoformat,
+    "$time": _time_from_iso,
     "$dec": Decimal,
     "$uuid": uuid.UUID,
     "$b64": lambda s: base64.b64decode(s, validate=True),
@@ -176,7 +206,7 @@ _EXT_CODES: dict[type, int] = {
 
 
 _EXT_PARSERS: dict[int, Callable[[str], Any]] = {
-    1: datetime.fromisoformat, 2: date.fromisoformat, 3: dt_time.fromisoformat,
+    1: _datetime_from_iso, 2: date.fromisoformat, 3: _time_from_iso,
     4: Decimal, 9: int,
 }
 

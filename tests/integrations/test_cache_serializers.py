@@ -6,7 +6,7 @@ import enum
 import logging
 import string
 from collections import OrderedDict
-from datetime import timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -75,6 +75,22 @@ def assert_same(a: Any, b: Any) -> None:
             assert_same(a[key], b[key])
     else:
         assert a == b
+
+
+@pytest.mark.parametrize("name", SERIALIZERS)
+@pytest.mark.parametrize(
+    "offset",
+    [timedelta(microseconds=1), -timedelta(hours=5, seconds=3, microseconds=120), timedelta(0)],
+    ids=["plus-1us", "minus-5h3s120us", "utc"],
+)
+def test_offsets_with_fractions_of_a_second_survive(name: str, offset: timedelta) -> None:
+    """datetime.fromisoformat before 3.12 drops an offset's microseconds; ours keep them."""
+    serializer = get_serializer(name)
+    tz = timezone(offset)
+    for value in (datetime(2000, 1, 1, 3, 4, 5, 600, tzinfo=tz), time(3, 4, 5, 7, tzinfo=tz)):
+        back = serializer.loads(serializer.dumps(value))
+        assert back == value
+        assert back.utcoffset() == offset
 
 
 @pytest.mark.parametrize("name", SERIALIZERS)
