@@ -36,7 +36,8 @@ How it talks to S3:
   by botocore's ``standard`` retry mode, ``max_attempts`` in total.
 - botocore errors become polydatum errors naming the bucket and key:
   a missing key is :class:`~polydatum.blob.BlobNotFound` (a
-  :class:`~polydatum.errors.NotFound`), an unreachable endpoint or timeout is
+  :class:`~polydatum.errors.NotFound`), an unreachable endpoint, a timeout or a
+  connection that broke mid-transfer is
   :class:`~polydatum.blob.BlobStoreUnavailable`, anything else
   :class:`~polydatum.blob.BlobError`; the botocore exception is the ``__cause__``.
 
@@ -59,6 +60,7 @@ try:
         BotoCoreError,
         ClientError,
         HTTPClientError,
+        IncompleteReadError,
         NoCredentialsError,
     )
     from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -245,6 +247,12 @@ class S3BlobStore(BlobStore):
                 return BlobStoreUnavailable(msg, key=key)
             msg = f"S3 refused to {action} {where}: {code}: {detail}"
             return BlobError(msg, key=key)
+        if isinstance(cause, IncompleteReadError):
+            msg = (
+                f"could not {action} {where}: the connection to S3 at {endpoint} broke "
+                f"mid-transfer ({cause}); nothing is wrong with the blob, read it again"
+            )
+            return BlobStoreUnavailable(msg, key=key)
         if isinstance(cause, _UNAVAILABLE):
             msg = (
                 f"could not {action} {where}: S3 at {endpoint} did not answer ({cause}); "

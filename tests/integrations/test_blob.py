@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
+from polydatum import DataManager
 from polydatum.blob import (
+    BlobInfo,
     BlobNotFound,
     BlobStore,
     FileSystemBlobStore,
@@ -31,6 +33,8 @@ from tests.support.s3 import store_fixture as store_fixture
 
 MiB = 1024 * 1024
 THRESHOLD = 8 * MiB  # S3BlobStore's default multipart_threshold
+
+
 def reserved_keys(store: BlobStore) -> list[str]:
     """What a store keeps under the reserved '.polydatum/' prefix (undo copies)."""
     return list(store._list(".polydatum/", None, 1000))
@@ -94,6 +98,32 @@ class TestRoundTrip:
             pieces = list(iter(lambda: stream.read(MiB), b""))
         assert [len(p) for p in pieces] == [MiB, MiB, MiB, 5]
         assert b"".join(pieces) == data
+
+    def test_unseekable_stream_with_short_reads(self, store: BlobStore) -> None:
+        """A socket-like stream (no seek, reads shorter than asked) is stored whole, in order."""
+        data = payload(THRESHOLD + 1)
+
+        class ShortReads:
+            """Like a WSGI input or a pipe: read(n) returns at most 100,003 bytes."""
+
+            def __init__(self) -> None:
+                self.position = 0
+
+            def read(self, size: int = -1) -> bytes:
+                size = 100_003 if size < 0 else min(size, 100_003)
+                chunk = data[self.position:self.position + size]
+                self.position += len(chunk)
+                return chunk
+
+        assert store.put("rt/stream", ShortReads()) == len(data)  # type: ignore[arg-type]
+        assert store.get("rt/stream") == data
+
+    def test_a_new_store_is_empty(self, store: BlobStore) -> None:
+        """A store nothing was written to lists nothing and sweeps nothing."""
+        assert list(store.list()) == []
+        assert list(store.list("a/", after="a/b", limit=5)) == []
+        assert store.exists("a") is False
+        assert store.sweep_orphans(lambda keys: keys) == []
 
     def test_download_into_file(self, store: BlobStore, tmp_path: Path) -> None:
         """download() writes the whole blob into a file and returns its size."""
@@ -217,6 +247,7 @@ class TestBadInput:
             ({"x": "line\nbreak"}, "printable ASCII"),
             ({"A": "1", "a": "2"}, "only in case"),
             ({"big": "x" * 3000}, "at most 2048"),
+            (["a", "b"], "mapping of str to str"),
         ],
     )
     def test_bad_metadata_is_refused(self, store: BlobStore, metadata: Any,
@@ -255,10 +286,21 @@ class TestBadInput:
             store.put("bad/keep", broken())
         assert store.get("bad/keep") == b"previous"
 
+    def test_a_stream_returning_text_is_refused(self, store: BlobStore) -> None:
+        """A file-like object whose read() returns str raises TypeError and stores nothing."""
+        class TextReader:
+            def read(self, size: int = -1) -> str:
+                return "text"
+
+        with pytest.raises(TypeError, match="binary mode"):
+            store.put("bad/text", TextReader())  # type: ignore[arg-type]
+        assert not store.exists("bad/text")
+
     @pytest.mark.parametrize(
         ("kwargs", "error"),
         [({"limit": -1}, ValueError), ({"limit": "3"}, ValueError), ({"after": 5}, TypeError),
-         ({"prefix": "../"}, InvalidKey), ({"prefix": "a//"}, InvalidKey)],
+         ({"prefix": "../"}, InvalidKey), ({"prefix": "a//"}, InvalidKey),
+         ({"prefix": 5}, InvalidKey)],
     )
     def test_bad_list_arguments(self, store: BlobStore, kwargs: Any,
                                 error: type[Exception]) -> None:
@@ -453,3 +495,108 @@ def test_base_url(kind: str, tmp_path: Path) -> None:
     store: BlobStore = (MemoryBlobStore(base_url="https://cdn.example/b/") if kind == "memory"
                         else FileSystemBlobStore(tmp_path, base_url="https://cdn.example/b"))
     assert store.url("a b/ü.png") == "https://cdn.example/b/a%20b/%C3%BC.png"
+
+
+# -- sweeping --------------------------------------------------------------------
+
+
+def test_sweep_skips_keys_deleted_meanwhile(store: BlobStore) -> None:
+    """A key deleted by someone else between listing and checking is skipped quietly."""
+    for key in ("sw/a", "sw/b", "sw/c"):
+        store.put(key, b"x")
+
+    def referenced(keys: list[str]) -> list[str]:
+        store.delete("sw/b")  # another process cleaned it up meanwhile
+        return []
+
+    removed = store.sweep_orphans(referenced, older_than=datetime.timedelta(seconds=-60))
+    assert removed == ["sw/a", "sw/c"]
+    assert list(store.list()) == []
+
+
+def test_sweep_leaves_undo_copies_it_cannot_date(store: BlobStore) -> None:
+    """Under .polydatum/undo/, only names starting with polydatum's timestamp are swept."""
+    store._put(".polydatum/undo/not-a-stamp", b"u", "text/plain", {})
+    store._put(".polydatum/undo/00000000000000000001-old", b"u", "text/plain", {})
+    assert store.sweep_orphans(lambda keys: keys) == [".polydatum/undo/00000000000000000001-old"]
+    assert reserved_keys(store) == [".polydatum/undo/not-a-stamp"]
+
+
+# -- the interface itself ----------------------------------------------------------
+
+
+class DictStore(BlobStore):
+    """The smallest store: only the abstract primitives, everything else inherited."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, tuple[bytes, str, dict[str, str]]] = {}
+
+    def _put(self, key: str, body: Any, content_type: str, metadata: dict[str, str]) -> int:
+        data = body if isinstance(body, bytes) else b"".join(iter(lambda: body.read(MiB), b""))
+        self.blobs[key] = (data, content_type, metadata)
+        return len(data)
+
+    def _open(self, key: str) -> Any:
+        if key not in self.blobs:
+            raise self._missing(key, "a dict")
+        return io.BytesIO(self.blobs[key][0])
+
+    def _stat(self, key: str) -> Any:
+        if key not in self.blobs:
+            raise self._missing(key, "a dict")
+        data, content_type, metadata = self.blobs[key]
+        return BlobInfo(key, len(data), content_type, str(hash(data)),
+                        datetime.datetime.now(datetime.timezone.utc), metadata)
+
+    def _delete(self, key: str) -> bool:
+        return self.blobs.pop(key, None) is not None
+
+    def _list(self, prefix: str, after: str | None, page_size: int) -> Iterator[str]:
+        return iter(sorted(k for k in self.blobs if k.startswith(prefix) and (not after or k > after)))
+
+    def _copy(self, source: str, target: str) -> None:
+        data, content_type, metadata = self._stat(source) and self.blobs[source]
+        self.blobs[target] = (data, content_type, dict(metadata))
+
+
+def test_a_store_needs_only_the_primitives() -> None:
+    """A subclass with the six abstract primitives gets get, exists, download, url, ping."""
+    store = DictStore()
+    store.put("k/a.txt", b"hello", metadata={"m": "1"})
+    assert store.get("k/a.txt") == b"hello"
+    assert store.exists("k/a.txt") is True
+    assert store.exists("k/b.txt") is False
+    target = io.BytesIO()
+    assert store.download("k/a.txt", target) == 5
+    assert target.getvalue() == b"hello"
+    with pytest.raises(BlobNotFound, match=r"'k/b\.txt'"):
+        store.get("k/b.txt")
+    with pytest.raises(UrlNotSupported, match="DictStore cannot serve URLs"):
+        store.url("k/a.txt")
+    assert store.ping() is None
+    dm = DataManager()
+    store.install(dm)
+
+    def failing_unit_of_work() -> None:
+        with dm.context() as ctx:
+            ctx.blobs.put("k/c.txt", b"new")
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError, match="rolled back"):
+        failing_unit_of_work()
+    assert sorted(store.blobs) == ["k/a.txt"]
+
+
+def test_abstract_store_cannot_be_built() -> None:
+    """BlobStore itself is abstract: instantiating it names the missing primitives."""
+    with pytest.raises(TypeError, match="abstract"):
+        BlobStore()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_repr_names_the_place(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Each store's repr says where its blobs live."""
+    store = make_store(kind, tmp_path, request)
+    expected = {"memory": "<MemoryBlobStore 0 blobs>", "fs": f"<FileSystemBlobStore '{tmp_path}/root'>",
+                "s3": "<S3BlobStore s3://test-"}[kind]
+    assert repr(store).startswith(expected)

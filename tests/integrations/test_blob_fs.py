@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from polydatum import DataManager
 from polydatum.blob import (
     BlobError,
+    BlobNotFound,
     BlobStoreUnavailable,
     FileSystemBlobStore,
     InvalidKey,
@@ -68,7 +73,12 @@ class TestLayout:
             fs.put("a/b", b"under a blob")
         fs.put("c/d", b"in a folder")
         with pytest.raises(BlobError, match="cannot hold both"):
-            fs.put("c", b"over a folder")
+            fs.put("c", b"over a folder", metadata={"m": "1"})
+        fs.put("src", b"with metadata", metadata={"m": "1"})
+        with pytest.raises(BlobError, match="cannot hold both"):
+            fs.copy("src", "c")
+        with pytest.raises(BlobError, match="cannot hold both"):
+            fs.copy("src", "a/b")
         assert fs.get("a") == b"blob"
         assert fs.get("c/d") == b"in a folder"
         assert os.listdir(Path(fs.root) / ".polydatum" / "tmp") == []
@@ -78,8 +88,10 @@ class TestLayout:
         fs.put("dir/file", b"1")
         assert fs.exists("dir") is False
         assert fs.delete("dir") is False
-        with pytest.raises(BlobError):
-            fs.get("dir")
+        for read in (fs.get, fs.open, fs.stat):
+            with pytest.raises(BlobNotFound, match="'dir'"):
+                read("dir")
+        assert fs.get("dir/file") == b"1"
 
     def test_overlong_segment_is_refused(self, fs: FileSystemBlobStore) -> None:
         """A segment longer than filesystems allow is refused as an InvalidKey."""
@@ -243,3 +255,76 @@ class TestHealthAndSweep:
         """batch_size must be positive."""
         with pytest.raises(ValueError, match="batch_size"):
             fs.sweep_orphans(lambda keys: keys, batch_size=0)
+
+
+class TestDiskFaults:
+    def test_a_symlink_loop_is_reported_as_unavailable(self, fs: FileSystemBlobStore) -> None:
+        """An OS error other than 'missing' (here ELOOP) is BlobStoreUnavailable naming the key."""
+        fs.put("ok", b"fine")
+        os.symlink("loop", Path(fs.root) / "loop")
+        operations = {
+            "read": lambda: fs.get("loop"),
+            "open": lambda: fs.open("loop"),
+            "stat": lambda: fs.stat("loop"),
+            "delete": lambda: fs.delete("loop/inner"),
+            "copy": lambda: fs.copy("loop", "copy"),
+        }
+        for verb, operation in operations.items():
+            with pytest.raises(BlobStoreUnavailable, match=rf"could not {verb} blob 'loop.*'") as info:
+                operation()
+            assert info.value.code == 503
+            assert isinstance(info.value.__cause__, OSError)
+        assert not fs.exists("copy")
+        assert os.listdir(Path(fs.root) / ".polydatum" / "tmp") == []
+
+    def test_a_full_disk_fails_the_write_and_keeps_the_old_blob(self, tmp_path: Path) -> None:
+        """When the disk refuses data (EFBIG here), put raises BlobStoreUnavailable, leaves no temp file."""
+        # In a child process: RLIMIT_FSIZE makes every write past 1 MiB fail, like a full disk.
+        script = textwrap.dedent(f"""
+            import os, resource, signal
+            from polydatum.blob import BlobStoreUnavailable, FileSystemBlobStore
+            store = FileSystemBlobStore({str(tmp_path / "root")!r})
+            store.put("big", b"old")
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+            try:
+                store.put("big", b"x" * (3 * 1024 * 1024))
+            except BlobStoreUnavailable as exc:
+                print(exc)
+            assert store.get("big") == b"old"
+            assert os.listdir(os.path.join(store.root, ".polydatum", "tmp")) == []
+        """)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        assert "could not write blob 'big'" in result.stdout
+        assert "File too large" in result.stdout
+
+    def test_rollback_restores_a_symlinked_blob(self, fs: FileSystemBlobStore,
+                                                tmp_path: Path) -> None:
+        """A blob that is a symlink placed by hand: put replaces the link (never writes
+        through it), and rollback puts the link back; the target is never touched."""
+        outside = tmp_path / "shared.bin"
+        outside.write_bytes(b"original")
+        fs.ping()
+        link = Path(fs.root) / "linked.bin"
+        os.symlink(outside, link)
+        dm = DataManager()
+        fs.install(dm)
+
+        def overwrite(fail: bool) -> None:
+            with dm.context() as ctx:
+                ctx.blobs.put("linked.bin", b"replacement")
+                assert outside.read_bytes() == b"original"
+                if fail:
+                    raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError, match="rolled back"):
+            overwrite(fail=True)
+        assert link.is_symlink()
+        assert fs.get("linked.bin") == b"original"
+        assert list(fs.list()) == ["linked.bin"]
+        overwrite(fail=False)
+        assert not link.is_symlink()
+        assert fs.get("linked.bin") == b"replacement"
+        assert outside.read_bytes() == b"original"

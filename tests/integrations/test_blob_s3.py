@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import (
@@ -24,6 +27,7 @@ from botocore.exceptions import (
 )
 from s3transfer.exceptions import RetriesExceededError
 
+from polydatum import DataManager
 from polydatum.blob import (
     BlobError,
     BlobNotFound,
@@ -109,6 +113,138 @@ class TestUnreachable:
         with pytest.raises(BlobStoreUnavailable, match=r"blob 'docs/a\.txt'") as info:
             stopped.get("docs/a.txt")
         assert info.value.key == "docs/a.txt"
+
+
+class TestServerGoesAway:
+    """A private moto server, stopped in the middle of the work."""
+
+    def test_stopped_mid_stream(self) -> None:
+        """A download cut off halfway raises BlobStoreUnavailable naming the key, not a botocore error."""
+        server = MotoServer().start()
+        try:
+            store = fast_failing(server.create_bucket("cut"), server)
+            store.put("big", b"x" * (64 * MiB))
+            stream = store.open("big")
+            assert stream.read(MiB) == b"x" * MiB
+        finally:
+            server.stop()  # kills the process: the rest of the response never comes
+
+        def drain() -> None:
+            while stream.read(MiB):
+                pass
+
+        with stream, pytest.raises(BlobStoreUnavailable,
+                                   match=r"could not read blob 'big' in bucket 'cut'.*broke mid-transfer"):
+            drain()
+
+    def test_rollback_compensation_fails_when_s3_is_gone(self) -> None:
+        """The undo of a put that cannot reach S3 is a collected hook error naming the key."""
+        server = MotoServer().start()
+        try:
+            store = fast_failing(server.create_bucket("gone"), server)
+            dm = DataManager()
+            store.install(dm, name="blobs")
+            contexts = []
+
+            def unit_of_work() -> None:
+                with dm.context() as ctx:
+                    contexts.append(ctx)
+                    ctx.blobs.put("uploads/a", b"data")
+                    server.stop()
+                    raise RuntimeError("request failed")
+
+            with pytest.raises(RuntimeError, match="request failed"):
+                unit_of_work()
+        finally:
+            server.stop()
+        errors = contexts[0].get_hook_errors()
+        assert len(errors) == 1
+        error = errors[0][1]
+        assert isinstance(error, BlobError)
+        assert "compensation after rollback failed" in str(error)
+        assert "'uploads/a'" in str(error)
+        assert "sweep_orphans" in str(error)
+        assert isinstance(error.__cause__, BlobStoreUnavailable)
+
+
+class TestCredentialsAndConfiguration:
+    def test_no_credentials(self, moto_server: MotoServer, bucket: str,
+                            monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+        """Without any AWS credentials, uploads and URLs raise BlobError saying how to provide them."""
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                     "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                     "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        store = S3BlobStore(bucket, endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
+        for operation in (lambda: store.put("k", b"v"), lambda: store.url("k")):
+            with pytest.raises(BlobError, match=r"'k' in bucket .*no AWS credentials found"):
+                operation()
+
+    def test_denied_by_credentials_or_policy(self) -> None:
+        """Unknown keys, or a policy forbidding one action, raise BlobError: denied, check credentials."""
+        server = MotoServer().start()
+        try:
+            bucket = server.create_bucket("locked")
+            admin = server.client()
+            admin.put_object(Bucket=bucket, Key="a", Body=b"a")
+            iam = boto3.session.Session().client("iam", **server.client_options())
+            iam.create_user(UserName="app")
+            iam.put_user_policy(UserName="app", PolicyName="no-deletes", PolicyDocument=json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": "s3:*",
+                     "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
+                    {"Effect": "Deny", "Action": "s3:DeleteObject", "Resource": f"arn:aws:s3:::{bucket}/*"},
+                    {"Effect": "Deny", "Action": "s3:PutObject",
+                     "Resource": f"arn:aws:s3:::{bucket}/protected/*"},
+                ],
+            }))
+            key = iam.create_access_key(UserName="app")["AccessKey"]
+            # From now on moto checks every request's credentials against IAM.
+            request = urllib.request.Request(f"{server.endpoint_url}/moto-api/reset-auth", data=b"0",
+                                             headers={"Content-Type": "text/plain"})
+            urllib.request.urlopen(request, timeout=10).close()
+
+            stranger = S3BlobStore(bucket, **server.client_options())  # keys IAM never issued
+            with pytest.raises(BlobError, match=r"denied access to upload blob 'k'.*credentials"):
+                stranger.put("k", b"v")
+            with pytest.raises(BlobError, match=r"denied access to reach bucket 'locked'"):
+                stranger.ping()
+
+            app = S3BlobStore(bucket, **server.client_options(
+                aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"]))
+            app.ping()
+            assert app.get("a") == b"a"
+            with pytest.raises(BlobError, match=r"denied access to delete blob 'a'.*bucket policy"):
+                app.delete("a")
+            with pytest.raises(BlobError, match=r"denied access to copy 'a' to blob 'protected/b'"):
+                app.copy("a", "protected/b")
+            assert app.exists("a")
+            assert not app.exists("protected/b")
+        finally:
+            server.stop()
+
+    def test_invalid_client_options(self, moto_server: MotoServer) -> None:
+        """A client boto3 cannot build fails the first operation with a BlobError naming the key."""
+        store = S3BlobStore("b", endpoint_url=moto_server.endpoint_url, region_name="not a region")
+        with pytest.raises(BlobError, match=r"could not upload blob 'k' in bucket 'b': .*region"):
+            store.put("k", b"v")
+
+    def test_copy_above_the_single_request_limit(self, moto_server: MotoServer, bucket: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """Copies over CopyObject's 5 GiB limit go multipart and keep content type and metadata."""
+        import polydatum.s3
+
+        monkeypatch.setattr(polydatum.s3, "MAX_COPY_SIZE", 1024)  # our limit, not boto3's
+        store = S3BlobStore(bucket, **moto_server.client_options())
+        store.put("src", b"y" * 4096, content_type="text/csv", metadata={"k": "v"})
+        store.copy("src", "dst")
+        info = store.stat("dst")
+        assert store.get("dst") == b"y" * 4096
+        assert (info.content_type, dict(info.metadata)) == ("text/csv", {"k": "v"})
 
 
 @pytest.fixture(name="black_hole")

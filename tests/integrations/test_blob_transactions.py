@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -15,8 +16,10 @@ from polydatum.blob import (
     BlobError,
     BlobNotFound,
     BlobStore,
+    FileSystemBlobStore,
     MemoryBlobStore,
     TransactionalBlobStore,
+    UrlNotSupported,
 )
 from polydatum.errors import ContextStateError
 from tests.support.s3 import moto_server_fixture as moto_server_fixture
@@ -186,6 +189,28 @@ class TestUnitOfWork:
             in_failing_context(dm, lambda inner: inner.blobs.put("tx/inner", b"i"))
             assert not store.exists("tx/inner")
         assert store.exists("tx/outer")
+
+    def test_reads_and_health_pass_through_the_view(self, dm: DataManager,
+                                                    store: BlobStore) -> None:
+        """download, url, ping and sweep_orphans work through ctx.blobs like on the store."""
+        store.put("tx/r.txt", b"read me")
+        with dm.context() as ctx:
+            target = io.BytesIO()
+            assert ctx.blobs.download("tx/r.txt", target) == 7
+            assert target.getvalue() == b"read me"
+            assert ctx.blobs.ping() is None
+            assert ctx.blobs.sweep_orphans(lambda keys: keys) == []
+            if isinstance(store, (MemoryBlobStore, FileSystemBlobStore)):
+                with pytest.raises(UrlNotSupported):
+                    ctx.blobs.url("tx/r.txt")
+            else:
+                assert "X-Amz-Signature=" in ctx.blobs.url("tx/r.txt")
+            ctx.blobs.delete("tx/r.txt")
+            for read in (lambda: ctx.blobs.url("tx/r.txt"),
+                         lambda: ctx.blobs.download("tx/r.txt", io.BytesIO())):
+                with pytest.raises(BlobNotFound, match="deleted in this context"):
+                    read()
+        assert not store.exists("tx/r.txt")
 
     def test_the_view_refuses_use_after_its_context(self, dm: DataManager) -> None:
         """Keeping ctx.blobs past the context and writing to it raises ContextStateError."""

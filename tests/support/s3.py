@@ -48,10 +48,14 @@ class MotoServer:
         """The HTTP URL boto3 clients should use as ``endpoint_url``."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> MotoServer:
-        """Start the child process and wait until it accepts connections."""
+    def start(self, **environ: str) -> MotoServer:
+        """Start the child process and wait until it accepts connections.
+
+        ``environ`` is added to the child's environment, e.g. moto's
+        ``INITIAL_NO_AUTH_ACTION_COUNT="1"`` to check credentials after the first request.
+        """
         credentials = {name.upper(): value for name, value in CREDENTIALS.items()}
-        env = dict(os.environ, PYTHONPATH=str(REPO), **credentials)
+        env = dict(os.environ, PYTHONPATH=str(REPO), **credentials, **environ)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.s3"],
             cwd=REPO,
