@@ -2,6 +2,9 @@
 
 Run: .venv/bin/python benchmarks/blob.py [--quick]
 
+Prints, per variant, µs per put+get, MB/s (the blob's size moved up and down)
+and the ratio to the plain baseline measured in the same run.
+
 One put followed by one get of the same key, for 1 KiB and 8 MiB blobs:
 
 1. ``S3BlobStore`` against moto's server (a child process, real HTTP) vs plain
@@ -16,14 +19,16 @@ One put followed by one get of the same key, for 1 KiB and 8 MiB blobs:
    (``ctx.blobs``): it adds one HEAD per put, to know whether there is
    something to restore (an overwrite also copies the old blob aside).
 
-Variants are interleaved in rounds and the best round counts, so the noise of
-a shared machine hits them alike.
+Variants are interleaved in short rounds; the overhead is the median of the
+per-round ratios to the baseline, so the noise of a shared machine hits every
+variant alike and a disturbed round does not decide the result.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -39,29 +44,53 @@ from tests.support.s3 import MotoServer
 
 QUICK = "--quick" in sys.argv
 KiB, MiB = 1024, 1024 * 1024
-ROUNDS = 3 if QUICK else 5
+ROUNDS = 5 if QUICK else 15
 
 
-def best(variants: dict[str, Callable[[], None]], loops: int) -> dict[str, float]:
-    """Best-of-ROUNDS µs per call for each variant, interleaved round by round."""
+class Result:
+    """Timings of one variant: µs per op in each round, and its ratio to the baseline per round."""
+
+    def __init__(self) -> None:
+        self.micros: list[float] = []
+        self.ratios: list[float] = []
+
+
+def measure(variants: dict[str, Callable[[], None]], loops: int, baseline: str) -> dict[str, Result]:
+    """Short rounds, every variant once per round (in a rotating order), ratios taken per round.
+
+    On a shared machine the load changes from second to second; a ratio taken
+    within one round compares variants under the same load, and the median of
+    the per-round ratios ignores the rounds a neighbour disturbed.
+    """
     for fn in variants.values():
         fn()  # warm up: connections, caches
-    results = dict.fromkeys(variants, float("inf"))
-    for _ in range(ROUNDS):
-        for name, fn in variants.items():
+    results = {name: Result() for name in variants}
+    names = list(variants)
+    for round_number in range(ROUNDS):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = variants[name]
             start = time.perf_counter()
             for _ in range(loops):
                 fn()
-            results[name] = min(results[name], (time.perf_counter() - start) / loops * 1e6)
+            results[name].micros.append((time.perf_counter() - start) / loops * 1e6)
+        base = results[baseline].micros[-1]
+        for result in results.values():
+            result.ratios.append(result.micros[-1] / base)
     return results
 
 
-def report(title: str, results: dict[str, float], baseline: str) -> None:
-    base = results[baseline]
-    print(f"\n{title}")
-    for name, micros in results.items():
-        overhead = "baseline" if name == baseline else f"{(micros / base - 1) * 100:+.1f}%"
-        print(f"  {name:<44} {micros:>10.1f} µs/op   {overhead}")
+def report(title: str, results: dict[str, Result], baseline: str, size: int) -> None:
+    """One line per variant: best and median µs per put+get, MB/s, median ratio to the baseline."""
+    print(f"\n{title}  ({ROUNDS} rounds; MB/s = size up + size down per median op)")
+    print(f"  {'variant':<44} {'best µs/op':>11} {'median':>10} {'MB/s':>8} {'ratio':>7}  overhead")
+    for name, result in results.items():
+        median = statistics.median(result.micros)
+        ratio = statistics.median(result.ratios)
+        overhead = "baseline" if name == baseline else f"{(ratio - 1) * 100:+.1f}%"
+        mb_per_s = 2 * size / median  # bytes per µs == MB/s
+        print(f"  {name:<44} {min(result.micros):>11.1f} {median:>10.1f} {mb_per_s:>8.1f} "
+              f"{ratio:>6.3f}x  {overhead}")
 
 
 def s3(server: MotoServer) -> None:
@@ -69,8 +98,8 @@ def s3(server: MotoServer) -> None:
     store = S3BlobStore(bucket, **server.client_options())
     dm = DataManager()
     store.install(dm, name="blobs")
-    s3_round(store, dm, KiB, 40 if QUICK else 100)
-    s3_round(store, dm, 8 * MiB, 3 if QUICK else 8)
+    s3_round(store, dm, KiB, 20 if QUICK else 30)
+    s3_round(store, dm, 8 * MiB, 2 if QUICK else 3)
 
 
 def s3_round(store: S3BlobStore, dm: DataManager, size: int, loops: int) -> None:
@@ -98,20 +127,20 @@ def s3_round(store: S3BlobStore, dm: DataManager, size: int, loops: int) -> None
                               Config=store.transfer_config)
         client.get_object(Bucket=bucket, Key="k")["Body"].read()
 
-    results = best({
+    results = measure({
         "boto3 put_object + get_object": put_object,
         "boto3 upload_fileobj + get_object": upload_fileobj,
         "S3BlobStore.put + get": polydatum,
         "ctx.blobs.put + get, new key (unit of work)": in_context,
-    }, loops)
+    }, loops, "boto3 put_object + get_object")
     report(f"S3 (moto over HTTP), {size // KiB} KiB, put+get", results,
-           "boto3 put_object + get_object")
+           "boto3 put_object + get_object", size)
 
 
 def filesystem() -> None:
     root = tempfile.mkdtemp(prefix="polydatum-bench-")
-    fs_round(root, KiB, 200 if QUICK else 1000)
-    fs_round(root, 8 * MiB, 5 if QUICK else 20)
+    fs_round(root, KiB, 100 if QUICK else 300)
+    fs_round(root, 8 * MiB, 3 if QUICK else 8)
 
 
 def fs_round(root: str, size: int, loops: int) -> None:
@@ -150,14 +179,14 @@ def fs_round(root: str, size: int, loops: int) -> None:
         with open(target, "rb") as handle:
             handle.read()
 
-    results = best({
+    results = measure({
         "atomic write by hand (fsync, rename)": atomic_by_hand,
         "FileSystemBlobStore.put + get": polydatum,
         "plain open().write(), no fsync": plain_write,
         "FileSystemBlobStore(fsync=False)": polydatum_nofsync,
-    }, loops)
+    }, loops, "atomic write by hand (fsync, rename)")
     report(f"Filesystem, {size // KiB} KiB, put+get", results,
-           "atomic write by hand (fsync, rename)")
+           "atomic write by hand (fsync, rename)", size)
 
 
 def main() -> None:
