@@ -752,11 +752,6 @@ class TestInterrupts:
         assert events[3:] == ["close c", "close b", "close a"]
         assert dm.get_active_context() is None
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: a KeyboardInterrupt raised by a resource teardown is swallowed when the body "
-        "raised an ordinary exception",
-    )
     def test_interrupt_in_resource_teardown_after_body_error(self, events: list[str]) -> None:
         """A Ctrl-C during teardown is not lost because the body failed: it propagates after all closed."""
         dm = DataManager()

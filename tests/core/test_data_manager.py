@@ -109,16 +109,12 @@ class TestRegisterServices:
         with pytest.raises(TypeError, match=r"service 'bad' must be a polydatum\.Service"):
             dm.register_services(bad=bad)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: a Service class (not an instance) passes check_service and fails with "
-        "\"Service.setup() missing 1 required positional argument\"",
-    )
     def test_service_class_instead_of_instance_refused(self) -> None:
-        """Registering the class instead of an instance raises a TypeError that says so."""
+        """Registering the class instead of an instance raises a TypeError saying to instantiate it."""
         dm = DataManager()
-        with pytest.raises(TypeError, match=r"service 'greeter' must be a polydatum\.Service"):
+        with pytest.raises(TypeError, match=r"service 'greeter' must be a polydatum\.Service") as info:
             dm.register_services(greeter=Greeter)
+        assert "Greeter()" in str(info.value)
 
     def test_non_service_refused_by_replace(self) -> None:
         """replace_service refuses a non-service too, keeping the old one."""
@@ -129,11 +125,6 @@ class TestRegisterServices:
         with dm.dal() as dal:
             assert dal.greeter.hello("x") == "hello x"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: an object with setup() is accepted at registration (as the error message "
-        "promises) but the DAL refuses to resolve it: 'not a service or method'",
-    )
     def test_duck_typed_service_accepted(self) -> None:
         """A plain object with setup(data_manager) is a service."""
 
