@@ -1,0 +1,176 @@
+"""What the WSGI and ASGI middleware share: signals, the veto and error responses.
+
+Neither this module nor its users import a web framework, so both
+:mod:`polydatum.werkzeug` and :mod:`polydatum.asgi` build on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Protocol
+
+from polydatum.errors import NoActiveContextError, ServiceError
+
+if TYPE_CHECKING:
+    from polydatum.context import DataAccessContext
+
+__all__ = [
+    "ResponseIncomplete",
+    "RollbackResponse",
+    "Veto",
+    "current_context",
+    "default_veto",
+    "error_body",
+    "error_status",
+]
+
+#: ``veto(status, headers) -> bool``: True rolls the context back.
+Veto = Callable[[int, Sequence[tuple[str, str]]], bool]
+
+JSON_HEADERS = (("content-type", "application/json"),)
+
+
+class Exchange(Protocol):
+    """What the middleware keeps per request: the context and whether it ended."""
+
+    ctx: DataAccessContext
+    exited: bool
+
+
+# The request (or WebSocket) being served in this thread or task. Module level
+# on purpose: a ContextVar made at run time is kept alive by every
+# contextvars.Context that ever set it.
+current_exchange: ContextVar[Exchange | None] = ContextVar("polydatum.web.exchange", default=None)
+
+
+def current_context() -> DataAccessContext:
+    """The context the polydatum web middleware opened for the request being served.
+
+    It stays the request's context even while a view opens nested contexts
+    (``dm.get_active_context()`` returns the innermost one). Its ``dal`` is
+    how a view calls services: ``current_context().dal.users.get(1)``.
+
+    Raises:
+        NoActiveContextError: outside a request served through the middleware
+            (in a thread the view started, or after the response ended).
+
+    .. versionadded:: 2.0
+    """
+    exchange = current_exchange.get()
+    if exchange is None or exchange.exited:
+        msg = (
+            "no polydatum request context here; wrap the app with "
+            "polydatum.werkzeug.PolydatumMiddleware(app, dm) (Flask: init_app(app, dm)) or "
+            "polydatum.asgi.PolydatumASGIMiddleware(app, dm), "
+            'or open one yourself with "with dm.context():"'
+        )
+        raise NoActiveContextError(msg)
+    return exchange.ctx
+
+
+class RollbackResponse(Exception):
+    """Thrown into a request's context so it rolls back although nothing raised.
+
+    The middleware uses it when the response status was vetoed (by default:
+    status >= 400). Context middleware sees it like any exception (a
+    transaction middleware rolls back) and ``on_rollback`` hooks run. The
+    middleware swallows it afterwards: it never reaches the server.
+
+    Attributes:
+        status: the HTTP status of the response.
+        headers: the response headers, as ``(name, value)`` strings.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(self, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(f"response status {status} rolls the request's context back")
+        self.status = status
+        self.headers = list(headers)
+
+
+class ResponseIncomplete(Exception):
+    """Thrown into a request's context when its response was never sent to the end.
+
+    The client went away mid-stream, or the server or the application
+    stopped before the last body chunk. The unit of work rolls back, the
+    middleware swallows the signal.
+
+    .. versionadded:: 2.0
+    """
+
+
+def default_veto(status: int, headers: Sequence[tuple[str, str]]) -> bool:
+    """Roll back every response with a status of 400 or more.
+
+    Args:
+        status: the response's HTTP status.
+        headers: the response headers (unused here; a custom veto may read them).
+
+    Returns:
+        True if the request's context should roll back.
+
+    .. versionadded:: 2.0
+    """
+    return status >= 400
+
+
+def error_status(exc: BaseException) -> int | None:
+    """The HTTP status an exception maps to, or None when it is not mapped.
+
+    :class:`~polydatum.errors.ServiceError` and its subclasses map to their
+    ``code`` (``NotFound`` 404, ``ConcurrencyConflict`` 409, a plain
+    ``ServiceError`` 500); a code outside 400-599 maps to 500.
+    """
+    if not isinstance(exc, ServiceError):
+        return None
+    code = getattr(exc, "code", 500)
+    return code if isinstance(code, int) and 400 <= code <= 599 else 500
+
+
+def reason(status: int) -> str:
+    """The reason phrase of ``status`` ("Error" for codes HTTP does not name)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_body(status: int, exc: BaseException) -> bytes:
+    """The JSON body of a mapped error: ``{"status", "error", "message"}``."""
+    payload = {"status": status, "error": reason(status), "message": str(exc) or reason(status)}
+    return json.dumps(payload).encode("utf-8")
+
+
+def check_arguments(
+    app: object, data_manager: object, meta: object, veto: object, *, kind: str, meta_takes: str
+) -> None:
+    """Refuse wrong constructor arguments of the web middleware with a clear TypeError."""
+    from polydatum.dal import DataManager
+
+    if not callable(app):
+        msg = f"app must be a {kind} application (a callable), got {app!r}"
+        raise TypeError(msg)
+    if not isinstance(data_manager, DataManager):
+        msg = (
+            f"data_manager must be a polydatum DataManager, got {data_manager!r}; "
+            f"pass the one your services are registered on"
+        )
+        raise TypeError(msg)
+    if meta is not None and not callable(meta):
+        msg = f"meta must be a callable taking {meta_takes} and returning a mapping, got {meta!r}"
+        raise TypeError(msg)
+    if veto is not None and not callable(veto):
+        msg = f"veto must be a callable (status, headers) -> bool, got {veto!r}"
+        raise TypeError(msg)
+
+
+def merge_meta(meta: dict[str, Any], extra: object, fn: object) -> None:
+    """Merge what the user's meta function returned over the defaults."""
+    if not isinstance(extra, Mapping):
+        msg = f"the meta function {fn!r} returned {extra!r}; it must return a mapping (a dict)"
+        raise TypeError(msg)
+    meta.update(extra)

@@ -1,0 +1,382 @@
+"""ASGI: one async context per request or WebSocket
+=================================================
+
+:class:`PolydatumASGIMiddleware` is a pure ASGI middleware: it works with
+Starlette, FastAPI or a bare ASGI callable, and imports none of them. Each
+``http`` and ``websocket`` scope runs inside ``async with dm.context(meta)``;
+``lifespan`` and any other scope type pass through untouched::
+
+    from fastapi import Depends, FastAPI
+
+    from polydatum import DataAccessLayer, DataManager, Service
+    from polydatum.asgi import PolydatumASGIMiddleware, dal_dependency
+
+    class Users(Service):
+        async def get(self, user_id):
+            return {"id": user_id, "asked_by": self._ctx.meta.request_id}
+
+    dm = DataManager()
+    dm.register_services(users=Users())
+
+    app = FastAPI()
+    app.add_middleware(PolydatumASGIMiddleware, data_manager=dm)
+
+    @app.get("/users/{user_id}")
+    async def get_user(user_id: int, dal: DataAccessLayer = Depends(dal_dependency(dm))):
+        return await dal.users.get(user_id)
+
+What it guarantees:
+
+- **Meta** comes from the scope: ``request_id`` (the ``x-request-id``
+  header, or a new uuid4 hex), ``remote_addr``, ``method`` and ``path``,
+  with whatever your ``meta(scope)`` function (sync or async) returns merged
+  over them.
+- **Streaming-safe.** An HTTP context stays open while the app streams its
+  body and ends when the app sends the last body message
+  (``more_body`` false), *before* that message is passed to the server: if
+  the commit fails, the response is never completed and the client sees a
+  broken response, never a false success. A WebSocket's context ends when
+  the app returns (the socket closed).
+- **Errors.** A :class:`~polydatum.errors.ServiceError` (``NotFound`` →
+  404, ``ConcurrencyConflict`` → 409, any other ``code``) raised before the
+  response started becomes a JSON response ``{"status", "error",
+  "message"}`` after the rollback. Anything else rolls back and propagates
+  to the server. Add the middleware *inside* Starlette's error handling
+  (``app.add_middleware``) so unhandled exceptions reach it before
+  Starlette turns them into 500s.
+- **Status rollback.** A response with status >= 400 rolls back although
+  nothing raised (:class:`~polydatum.werkzeug.RollbackResponse` is thrown
+  in; ``veto(status, headers) -> bool`` decides otherwise); a response the
+  app never finished (the client went away) rolls back with
+  ``ResponseIncomplete``. Neither signal reaches the server.
+
+.. versionadded:: 2.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from inspect import isawaitable
+from typing import Any
+from uuid import uuid4
+
+from polydatum._web import (
+    JSON_HEADERS,
+    ResponseIncomplete,
+    RollbackResponse,
+    Veto,
+    check_arguments,
+    current_context,
+    current_exchange,
+    default_veto,
+    error_body,
+    error_status,
+    merge_meta,
+)
+from polydatum.context import DataAccessContext
+from polydatum.dal import DataAccessLayer, DataManager
+from polydatum.errors import NoActiveContextError, ServiceError
+
+__all__ = [
+    "SCOPE_KEY",
+    "ASGIApp",
+    "Message",
+    "MetaFactory",
+    "PolydatumASGIMiddleware",
+    "Receive",
+    "ResponseIncomplete",
+    "RollbackResponse",
+    "Scope",
+    "Send",
+    "Veto",
+    "current_context",
+    "dal_dependency",
+    "default_meta",
+    "default_veto",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: ``meta(scope) -> mapping`` (or an awaitable of one), merged over :func:`default_meta`.
+MetaFactory = Callable[[Scope], "Mapping[str, Any] | Awaitable[Mapping[str, Any]]"]
+
+#: The scope key under which the request's context is stored.
+SCOPE_KEY = "polydatum.context"
+
+# The messages that end an HTTP response (trailers and pathsend are ASGI extensions).
+_BODY = "http.response.body"
+_TRAILERS = "http.response.trailers"
+_PATHSEND = "http.response.pathsend"
+
+
+def default_meta(scope: Scope) -> dict[str, Any]:
+    """The meta every request's or WebSocket's context gets.
+
+    Args:
+        scope: the ASGI ``http`` or ``websocket`` scope.
+
+    Returns:
+        ``request_id`` (``x-request-id`` or a new uuid4 hex), ``remote_addr``,
+        ``method`` (``GET`` for a WebSocket handshake) and ``path``.
+
+    .. versionadded:: 2.0
+    """
+    request_id = None
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            request_id = value.decode("latin-1")
+            break
+    client = scope.get("client")
+    return {
+        "request_id": request_id or uuid4().hex,
+        "remote_addr": client[0] if client else None,
+        "method": scope.get("method", "GET"),
+        "path": scope.get("path"),
+    }
+
+
+class PolydatumASGIMiddleware:
+    """ASGI middleware: one async polydatum context per HTTP request or WebSocket.
+
+    Args:
+        app: the ASGI application to wrap.
+        data_manager: the DataManager whose contexts the requests get.
+        meta: ``meta(scope) -> mapping`` (sync or async) for each request's
+            meta, merged over :func:`default_meta`; it may raise a
+            :class:`~polydatum.errors.ServiceError` (say, 401) to refuse the
+            request before any context opens (a WebSocket handshake is then
+            refused: the server answers 403).
+        veto: ``veto(status, headers) -> bool`` with headers as ``str``
+            pairs; True rolls the context back. Defaults to
+            :func:`default_veto` (status >= 400).
+
+    Raises:
+        TypeError: ``app``, ``meta`` or ``veto`` is not callable, or
+            ``data_manager`` is not a DataManager.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        data_manager: DataManager,
+        meta: MetaFactory | None = None,
+        veto: Veto | None = None,
+    ) -> None:
+        check_arguments(app, data_manager, meta, veto, kind="ASGI", meta_takes="the ASGI scope")
+        self.app = app
+        self.data_manager = data_manager
+        self.meta = meta
+        self.veto: Veto = veto if veto is not None else default_veto
+
+    def __repr__(self) -> str:
+        return f"<PolydatumASGIMiddleware {self.app!r}>"
+
+    async def build_meta(self, scope: Scope) -> dict[str, Any]:
+        """The meta of the request in ``scope`` (defaults, then the user's function).
+
+        Raises:
+            TypeError: the meta function returned something that is not a mapping.
+        """
+        meta = default_meta(scope)
+        if self.meta is not None:
+            extra = self.meta(scope)
+            if isawaitable(extra):
+                extra = await extra
+            merge_meta(meta, extra, self.meta)
+        return meta
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)  # lifespan and unknown scopes pass through
+            return
+        try:
+            ctx = self.data_manager.context(await self.build_meta(scope))
+            await ctx.__aenter__()
+        except ServiceError as exc:
+            # Refused by the meta function or a context middleware's setup: no
+            # context is open (the core closed it), only the answer is left.
+            if kind == "http":
+                await _send_error(send, exc)
+            else:
+                # Closing before accepting refuses the handshake (HTTP 403).
+                await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
+            return
+        exchange = _Exchange(self, ctx, send)
+        token = current_exchange.set(exchange)
+        scope = {**scope, SCOPE_KEY: ctx}
+        try:
+            if kind == "http":
+                await self.app(scope, receive, exchange.send)
+            else:
+                await self.app(scope, receive, send)
+        except BaseException as exc:
+            if exchange.exited:
+                raise  # the context ended already (this may be its commit failing)
+            final = await exchange.exit(exc)
+            target = final if final is not None else exc
+            if kind == "http" and not exchange.headers_sent and error_status(target) is not None:
+                await _send_error(send, target)
+                return
+            raise target
+        else:
+            if not exchange.exited:
+                # An HTTP app that returned before its last body message did not
+                # finish the response; a WebSocket that returned has closed.
+                incomplete = None if kind == "websocket" else ResponseIncomplete(
+                    "the response was not sent to its end; rolling back"
+                )
+                final = await exchange.exit(incomplete)
+                await exchange.flush()
+                if final is not None:
+                    raise final
+        finally:
+            current_exchange.reset(token)
+
+
+class _Exchange:
+    """One request's state: its context, the response status, whether it ended.
+
+    The ``http.response.start`` message is held back until the first body
+    message: when that is also the last one, the context ends before the
+    server sees anything, so a failed commit still becomes an error response.
+    """
+
+    __slots__ = (
+        "_send",
+        "ctx",
+        "exited",
+        "headers",
+        "headers_sent",
+        "held",
+        "middleware",
+        "replaced",
+        "status",
+        "trailers",
+    )
+
+    def __init__(self, middleware: PolydatumASGIMiddleware, ctx: DataAccessContext, send: Send) -> None:
+        self.middleware = middleware
+        self.ctx = ctx
+        self._send = send
+        self.exited = False
+        self.headers_sent = False
+        self.replaced = False  # an error response replaced the app's
+        self.held: Message | None = None
+        self.trailers = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            self.headers = message.get("headers", [])
+            self.trailers = message.get("trailers", False)
+            self.held = message
+            return
+        if self.replaced:
+            return  # the client already has the error response
+        if not self.exited and (
+            (kind == _BODY and not message.get("more_body", False) and not self.trailers)
+            or (kind == _TRAILERS and not message.get("more_trailers", False))
+            or kind == _PATHSEND
+        ):
+            # The app is done with the body: end the unit of work before the
+            # server completes the response, so a failed commit is never
+            # reported to the client as a success.
+            final = await self.exit(None)
+            if final is not None:
+                if self.held is not None and error_status(final) is not None:
+                    self.held = None
+                    self.replaced = True
+                    self.headers_sent = True
+                    await _send_error(self._send, final)
+                    return
+                raise final
+        await self.flush()
+        await self._send(message)
+
+    async def flush(self) -> None:
+        """Send the held ``http.response.start`` message, if any."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.headers_sent = True
+            await self._send(held)
+
+    def _str_headers(self) -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers]
+
+    async def exit(self, exc: BaseException | None) -> BaseException | None:
+        """Exit the context with ``exc`` (or the veto's signal); return what escapes it."""
+        self.exited = True
+        if exc is None and self.status:
+            veto = self.middleware.veto
+            headers = self._str_headers() if veto is not default_veto else []
+            try:
+                if veto(self.status, headers):
+                    exc = RollbackResponse(self.status, headers or self._str_headers())
+            except Exception as err:  # a broken veto rolls back and is reported
+                exc = err
+        try:
+            if exc is None:
+                await self.ctx.__aexit__(None, None, None)
+                return None
+            suppressed = await self.ctx.__aexit__(type(exc), exc, exc.__traceback__)
+            final: BaseException | None = None if suppressed else exc
+        except BaseException as err:
+            final = err
+        if isinstance(final, (RollbackResponse, ResponseIncomplete)):
+            return None
+        return final
+
+
+async def _send_error(send: Send, exc: BaseException) -> None:
+    status = error_status(exc) or 500
+    body = error_body(status, exc)
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in JSON_HEADERS]
+    headers.append((b"content-length", str(len(body)).encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def dal_dependency(data_manager: DataManager) -> Callable[[], Awaitable[DataAccessLayer]]:
+    """A FastAPI dependency giving the DAL of the request's context.
+
+    Use it as ``dal: DataAccessLayer = Depends(dal_dependency(dm))``; the
+    request must be served through :class:`PolydatumASGIMiddleware` for
+    ``data_manager``. It imports nothing from FastAPI.
+
+    Args:
+        data_manager: the DataManager the middleware was given.
+
+    Returns:
+        An ``async`` dependency callable.
+
+    Raises:
+        TypeError: ``data_manager`` is not a DataManager (say, the DAL was
+            passed instead).
+
+    .. versionadded:: 2.0
+    """
+    if not isinstance(data_manager, DataManager):
+        msg = f"dal_dependency() needs the DataManager, got {data_manager!r}; use Depends(dal_dependency(dm))"
+        raise TypeError(msg)
+
+    async def polydatum_dal() -> DataAccessLayer:
+        if data_manager.get_active_context() is None:
+            msg = (
+                "no polydatum context is open for this request; add the middleware: "
+                "app.add_middleware(PolydatumASGIMiddleware, data_manager=dm)"
+            )
+            raise NoActiveContextError(msg)
+        return data_manager.get_dal()
+
+    return polydatum_dal
