@@ -934,3 +934,54 @@ async def test_a_kept_dal_command_works_in_a_later_context(dm: DataManager) -> N
         assert await get(1) == {"id": 1, "user": "ann"}
     async with dm.dal({"user": "bob"}):
         assert await get(2) == {"id": 2, "user": "bob"}
+
+
+async def test_a_plain_async_context_lets_the_body_exception_through_and_pops(dm: DataManager) -> None:
+    # No middleware, resources or hooks: the cheap exit path.
+    outer = dm.context()
+
+    async def body() -> None:
+        async with outer, dm.context() as inner:
+            assert dm.get_active_context() is inner
+            raise Boom("body")
+
+    with pytest.raises(Boom, match="body"):
+        await body()
+    assert dm.get_active_context() is None
+    with pytest.raises(ContextStateError):
+        await outer.__aenter__()
+
+
+async def test_dal_scope_suppression_by_async_middleware(dm: DataManager) -> None:
+    async def suppress(ctx: DataAccessContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except Boom:
+            pass
+
+    dm.register_context_middleware(suppress)
+    reached = []
+    async with dm.dal() as dal:
+        await dal.users.fail()
+    reached.append("after")
+    assert reached == ["after"]
+    assert dm.get_active_context() is None
+
+
+async def test_per_context_async_middleware_from_get_middleware() -> None:
+    log: Log = []
+
+    class PerTenant(DataManager):
+        def get_middleware(self, context: DataAccessContext) -> list[Any]:
+            # Chosen per context, from its meta.
+            if context.meta.tenant == "audited":
+                return [async_middleware(log, "audit")]
+            return []
+
+    dm = PerTenant()
+    dm.register_services(users=Users())
+    async with dm.dal({"tenant": "audited", "user": "ann"}) as dal:
+        assert await dal.users.get(1) == {"id": 1, "user": "ann"}
+    async with dm.dal({"tenant": "other"}):
+        log.append("plain body")
+    assert log == ["audit setup", "audit teardown", "plain body"]

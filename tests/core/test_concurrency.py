@@ -260,6 +260,54 @@ async def test_a_thousand_tasks_each_see_only_their_own_context(dm: DataManager)
     assert dm.get_active_context() is None
 
 
+@pytest.mark.usefixtures("fast_switching")
+def test_threads_each_running_an_event_loop_of_tasks(dm: DataManager) -> None:
+    threads_n, tasks_n = 8, 100
+    closed: Log = []
+    dm.register_resources(aconn=aconn_resource(closed), conn=conn_resource(closed))
+    every_loop_ready = threading.Barrier(threads_n)
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    async def loop_main(t: int) -> list[Any]:
+        all_open = asyncio.Barrier(tasks_n + 1)
+        release = asyncio.Event()
+
+        async def task(i: int) -> list[Any]:
+            async with dm.dal({"worker": (t, i)}) as dal:
+                await all_open.wait()
+                await release.wait()
+                return await dal.probe.acheck()
+
+        tasks = [asyncio.create_task(task(i)) for i in range(tasks_n)]
+        await all_open.wait()
+        # Every loop has all its contexts open before any task reads.
+        await asyncio.to_thread(every_loop_ready.wait, WAIT)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    def thread_main(t: int) -> None:
+        try:
+            results[t] = asyncio.run(loop_main(t))
+        except BaseException as exc:
+            errors.append(exc)
+            every_loop_ready.abort()
+            raise
+
+    threads = [threading.Thread(target=thread_main, args=(t,)) for t in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert errors == []
+    for t in range(threads_n):
+        for i, seen in enumerate(results[t]):
+            assert [(w, c, s) for w, c, s, _ in seen] == [((t, i), (t, i), (t, i))] * READS
+            assert len({ctx_id for *_, ctx_id in seen}) == 1
+    assert len(closed) == 2 * threads_n * tasks_n
+    assert all(owner == value for _, owner, value in closed)
+
+
 async def test_a_task_that_outlives_its_context_gets_a_clear_error(dm: DataManager) -> None:
     log: Log = []
     dm.register_resources(conn=conn_resource(log), aconn=aconn_resource(log))
