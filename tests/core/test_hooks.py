@@ -238,6 +238,21 @@ class TestWhenHooksRun:
             body(dm, register, None)
         assert events == ["rb"]
 
+    def test_middleware_may_register_hooks_in_teardown(self) -> None:
+        """A middleware may register on_commit while it is torn down (after committing); it runs."""
+        events: list[str] = []
+
+        def tx(ctx: DataAccessContext) -> Iterator[None]:
+            yield
+            events.append("committed")
+            ctx.on_commit(events.append, "registered by middleware")
+
+        dm = DataManager()
+        dm.register_context_middleware(tx)
+        with dm.context():
+            pass
+        assert events == ["committed", "registered by middleware"]
+
     def test_nested_context_hooks_are_its_own(self) -> None:
         """Hooks registered in an inner context run when the inner one ends, not the outer."""
         events: list[str] = []
