@@ -1,5 +1,4 @@
-"""Celery: every task in a context, tasks sent on commit
-=======================================================
+"""Celery: every task runs in a context; tasks sent in a context go out on commit.
 
 :func:`install` wires a Celery app to a DataManager::
 

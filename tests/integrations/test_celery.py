@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
-from celery import Celery
+from celery import Celery, group
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore
 from kombu.exceptions import EncodeError
@@ -369,6 +369,27 @@ def test_a_child_sent_by_a_failing_task_is_never_sent(env: SimpleNamespace) -> N
         parent.get(timeout=WAIT)
     drain(env)
     assert [r["label"] for r in runs(tok)] == ["parent"]
+
+
+def test_a_canvas_sent_in_a_context_waits_for_the_commit(env: SimpleNamespace) -> None:
+    kept, dropped = token(), token()
+    with env.dm.context():
+        flow = (env.write_note.si(f"{kept}-a") | env.write_note.si(f"{kept}-b")).apply_async()
+        fan = group(env.record.si(kept, "g1"), env.record.si(kept, "g2")).apply_async()
+    flow.get(timeout=WAIT)
+    fan.get(timeout=WAIT)
+    assert note_exists(env, f"{kept}-a")
+    assert note_exists(env, f"{kept}-b")
+    assert sorted(r["label"] for r in runs(kept)) == ["g1", "g2"]
+
+    def body(ctx: Any) -> None:
+        (env.write_note.si(f"{dropped}-a") | env.write_note.si(f"{dropped}-b")).apply_async()
+        group(env.record.si(dropped, "g1"), env.record.si(dropped, "g2")).apply_async()
+
+    rolled_back(env.dm, body)
+    drain(env)
+    assert not note_exists(env, f"{dropped}-a")
+    assert runs(dropped) == []
 
 
 # -- retries -----------------------------------------------------------------
