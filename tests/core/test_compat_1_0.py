@@ -376,6 +376,52 @@ class TestLegacyContextHooks:
         assert "resource closed" in events
         assert events[-1] == "final hook NoneType"
 
+    @pytest.mark.xfail(
+        strict=True,
+        reason="core bug: an exception in a legacy _setup_hook leaves the context pushed and open",
+    )
+    def test_setup_hook_error_leaves_nothing_open(self) -> None:
+        """If _setup_hook raises, the error propagates, the body never runs and the stack is clean."""
+
+        class FailingContext(DataAccessContext):
+            def _setup_hook(self) -> None:
+                raise KeyError("setup hook failed")
+
+        class Manager(DataManager):
+            def context(self, meta: Any = None) -> DataAccessContext:
+                return FailingContext(self, meta=meta)
+
+        dm = Manager()
+
+        def run() -> None:
+            with dm.context():
+                pytest.fail("body ran")  # pragma: no cover
+
+        with pytest.raises(KeyError, match="setup hook failed"):
+            run()
+        assert dm.get_active_context() is None
+
+    def test_final_hook_error_propagates_after_pop(self) -> None:
+        """If _final_hook raises, the error propagates and the context is popped anyway."""
+
+        class FailingContext(DataAccessContext):
+            def _final_hook(self, exception: BaseException | None) -> None:
+                raise KeyError("final hook failed")
+
+        class Manager(DataManager):
+            def context(self, meta: Any = None) -> DataAccessContext:
+                return FailingContext(self, meta=meta)
+
+        dm = Manager()
+
+        def run() -> None:
+            with dm.context():
+                pass
+
+        with pytest.raises(KeyError, match="final hook failed"):
+            run()
+        assert dm.get_active_context() is None
+
     def test_dal_context_uses_the_subclass(self) -> None:
         """dm.dal() goes through the overridden context() too."""
         events: list[str] = []

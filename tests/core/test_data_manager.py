@@ -186,6 +186,15 @@ class TestRegisterResources:
         with dm.context() as ctx:
             assert ctx.late == "late"
 
+    def test_resource_registered_while_a_context_is_open(self) -> None:
+        """A resource registered during an open context can be used in that context."""
+        dm = DataManager()
+        dm.register_resources(counter=counter_resource)
+        with dm.context() as ctx:
+            ctx.counter
+            dm.register_resources(late=ValueResource("late"))
+            assert ctx.late == "late"
+
     @pytest.mark.parametrize(
         "bad",
         [
