@@ -334,7 +334,7 @@ SCENARIOS = [
 
 
 def main() -> None:
-    supports_async = hasattr(polydatum.DataManager().context(), "__aenter__")
+    supports_async = hasattr(type(polydatum.DataManager().context()), "__aenter__")
     dm = make_dm()
     dm_mw = make_dm(middleware=2)
     bench = Bench()
