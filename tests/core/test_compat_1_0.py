@@ -9,6 +9,7 @@ points, and a hand-built ``DataAccessLayer`` with method middleware.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -393,13 +394,13 @@ class TestLegacyContextHooks:
 
         dm = Manager()
 
-        def run() -> None:
-            with dm.context():
+        def run() -> Any:
+            with pytest.raises(KeyError, match="setup hook failed"), dm.context():
                 pytest.fail("body ran")  # pragma: no cover
+            return dm.get_active_context()
 
-        with pytest.raises(KeyError, match="setup hook failed"):
-            run()
-        assert dm.get_active_context() is None
+        # In a copy of the contextvars context, so a leaked context cannot leak into other tests.
+        assert contextvars.copy_context().run(run) is None
 
     def test_final_hook_error_propagates_after_pop(self) -> None:
         """If _final_hook raises, the error propagates and the context is popped anyway."""
@@ -518,6 +519,25 @@ class TestHandBuiltDal:
             request.dal_method = lambda *a, **k: called.append((a, k))
         handle_dal_method(request)
         assert called == [(("foo",), {"test": "bar"})]
+
+    def test_dal_subclass_overriding_call(self) -> None:
+        """A DAL subclass overriding _call(path, *args, **kwargs) sees every call, by attribute or string."""
+        calls: list[str] = []
+
+        class LoggingDal(DataAccessLayer):
+            def _call(self, path: tuple[PathSegment, ...], *args: Any, **kwargs: Any) -> Any:
+                calls.append(".".join(p.name for p in path))
+                return super()._call(path, *args, **kwargs)
+
+        class Manager(DataManager):
+            DataAccessLayer = LoggingDal
+
+        dm = Manager()
+        dm.register_services(test=StateTestService())
+        with dm.dal() as dal:
+            assert dal.test.ping() == "PONG"
+            assert dal["test.ping"]() == "PONG"
+        assert calls == ["test.ping", "test.ping"]
 
     def test_data_manager_subclass_dal_class(self) -> None:
         """class MyDM(DataManager): DataAccessLayer = MyDAL (1.0 extension point)."""

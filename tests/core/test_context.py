@@ -795,6 +795,15 @@ class TestSingleUseAndNesting:
         with pytest.raises(ContextStateError), ctx:
             pass  # pragma: no cover
 
+    def test_dal_scope_is_single_use(self) -> None:
+        """The object dm.dal() returns wraps one context, so it cannot be entered twice either."""
+        dm = DataManager()
+        scope = dm.dal()
+        with scope:
+            pass
+        with pytest.raises(ContextStateError), scope:
+            pass  # pragma: no cover
+
     def test_exit_without_enter(self) -> None:
         """Exiting a context that was never entered raises ContextStateError."""
         dm = DataManager()

@@ -684,6 +684,26 @@ class TestPatching:
             monkeypatch.undo()
             assert dal.users.get(1) == "user 1"
 
+    @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+    def test_patch_a_service_name_on_the_dal(self, warm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        """monkeypatch/mock on the DAL attribute itself (dal.users = fake) works and is undone."""
+
+        class FakeUsers:
+            def get(self, user_id: int) -> str:
+                return "fake"
+
+        dm, _ = make()
+        with dm.dal() as dal:
+            if warm:
+                assert dal.users.get(1) == "user 1"
+            monkeypatch.setattr(dal, "users", FakeUsers(), raising=False)
+            assert dal.users.get(1) == "fake"
+            monkeypatch.undo()
+            assert dal.users.get(2) == "user 2"
+            with mock.patch.object(dal, "users", FakeUsers()):
+                assert dal.users.get(1) == "fake"
+            assert dal.users.get(3) == "user 3"
+
     def test_1_0_style_patch_through_dal_resolver(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """The 1.0 idiom: find the service with dal_resolver, monkeypatch its method."""
         dm, _ = make()
