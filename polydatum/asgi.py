@@ -232,8 +232,8 @@ class PolydatumASGIMiddleware:
                 incomplete = None if kind == "websocket" else ResponseIncomplete(
                     "the response was not sent to its end; rolling back"
                 )
+                # A start message still held is dropped: the server answers 500.
                 final = await exchange.exit(incomplete)
-                await exchange.flush()
                 if final is not None:
                     raise final
         finally:
