@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -730,3 +731,32 @@ def test_interrupt_out_of_asyncio_run(interrupt: type[BaseException]) -> None:
         "mw setup", "a setup", "b setup", f"mw saw {name}",
         f"b saw {name}", "b closed", f"a saw {name}", "a closed",
     ]
+
+
+def test_ctrl_c_in_asyncio_run_tears_everything_down() -> None:
+    """A real SIGINT: asyncio.run cancels the main task, then raises KeyboardInterrupt."""
+    # asyncio only turns SIGINT into a cancellation from the main thread with
+    # Python's default handler in place, as under pytest.
+    assert threading.current_thread() is threading.main_thread()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    dm = DataManager()
+    log: Log = []
+    dm.register_resources(**{n: recording_async_resource(log, n) for n in ("a", "b", "c")})
+    dm.register_context_middleware(recording_async_middleware(log, "mw"))
+
+    async def main() -> None:
+        async with dm.context() as ctx:
+            ctx.on_rollback(log.append, "rollback")
+            for name in ("a", "b", "c"):
+                await ctx.aget(name)
+            signal.raise_signal(signal.SIGINT)
+            await asyncio.Event().wait()  # cancelled here
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    assert log == [
+        "mw setup", "a setup", "b setup", "c setup", "mw saw CancelledError", "rollback",
+        "c saw CancelledError", "c closed", "b saw CancelledError", "b closed", "a saw CancelledError",
+        "a closed",
+    ]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
