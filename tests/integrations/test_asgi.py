@@ -152,15 +152,33 @@ async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20
 
     try:
         await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         raise AssertionError(f"still not true after {timeout}s: {what}") from None
 
 
 # -- meta and concurrency ----------------------------------------------------------
 
 
+class Rendezvous:
+    """Groups of ``parties`` tasks wait for each other (asyncio.Barrier needs Python 3.11)."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self.count = 0
+        self.event = asyncio.Event()
+
+    async def wait(self) -> None:
+        event = self.event
+        self.count += 1
+        if self.count == self.parties:
+            self.count, self.event = 0, asyncio.Event()
+            event.set()
+        else:
+            await asyncio.wait_for(event.wait(), 30)
+
+
 async def test_concurrent_requests_never_mix_meta(env: Env) -> None:
-    barrier = asyncio.Barrier(10)
+    barrier = Rendezvous(10)
 
     async def who(request: Request) -> JSONResponse:
         ctx = current_context()
