@@ -265,15 +265,42 @@ class TestRegisterResources:
         assert resource._data_manager is dm
 
     def test_custom_resource_manager(self) -> None:
-        """DataManager(resource_manager=...) uses the given manager."""
-        dm = DataManager.__new__(DataManager)
-        manager = ResourceManager(dm)
-        DataManager.__init__(dm, resource_manager=manager)
+        """DataManager(resource_manager=...) registers into and reads from the given manager."""
+        manager = ResourceManager(None)
+        dm = DataManager(resource_manager=manager)
         dm.register_resources(one=ValueResource(1))
         assert "one" in manager
         assert manager["one"] is dm.get_resource("one")
         with dm.context() as ctx:
             assert ctx.one == 1
+
+    def test_duck_typed_resource_manager(self) -> None:
+        """Any object with the ResourceManager protocol (register, replace, [], in) works."""
+
+        class DictResources:
+            def __init__(self) -> None:
+                self.factories: dict[str, Any] = {}
+
+            def register_resources(self, **resources: Any) -> None:
+                self.factories.update(resources)
+
+            def replace_resource(self, key: str, resource: Any) -> None:
+                self.factories[key] = resource
+
+            def __getitem__(self, name: str) -> Any:
+                return self.factories[name]
+
+            def __contains__(self, name: object) -> bool:
+                return name in self.factories
+
+        manager = DictResources()
+        dm = DataManager(resource_manager=manager)  # type: ignore[arg-type]
+        dm.register_resources(counter=counter_resource)
+        assert manager.factories == {"counter": counter_resource}
+        assert dm.get_resource("counter") is counter_resource
+        with dm.context() as ctx:
+            assert ctx.counter == {"n": 0}
+            assert "counter" in ctx
 
 
 class TestRegisterContextMiddleware:
