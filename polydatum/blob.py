@@ -503,7 +503,6 @@ class BlobStore(abc.ABC):
         self,
         key: str,
         data: BlobData,
-        *,
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> int:
@@ -579,7 +578,7 @@ class BlobStore(abc.ABC):
         return self._delete(check_key(key))
 
     def list(
-        self, prefix: str = "", *, after: str | None = None, limit: int | None = None
+        self, prefix: str = "", after: str | None = None, limit: int | None = None
     ) -> Iterator[str]:
         """Yield keys starting with ``prefix`` in ascending (code point) order, lazily.
 

@@ -158,6 +158,15 @@ class TestRoundTrip:
         assert second.content_type == "text/plain"
         assert second.etag != first.etag
 
+    def test_positional_arguments(self, store: BlobStore) -> None:
+        """put(key, data, content_type, metadata) and list(prefix, after, limit) take positions too."""
+        store.put("pos/a.bin", b"1", "text/csv", {"k": "v"})
+        store.put("pos/b.bin", b"2")
+        info = store.stat("pos/a.bin")
+        assert (info.content_type, dict(info.metadata)) == ("text/csv", {"k": "v"})
+        assert list(store.list("pos/", "pos/a.bin", 5)) == ["pos/b.bin"]
+        assert list(store.list("pos/", None, 1)) == ["pos/a.bin"]
+
     def test_content_type_is_guessed_from_the_key(self, store: BlobStore) -> None:
         """Without content_type, the extension decides, else application/octet-stream."""
         store.put("img/a.png", b"\x89PNG")
