@@ -153,6 +153,41 @@ class TestCommands:
             dm.get_dal().users.__wrapped__
 
 
+class TestDalCommandClass:
+    def test_plain_dal_command(self) -> None:
+        """DalCommand(handler, path): attributes extend the path; a call runs handler(path, *args)."""
+        calls: list[Any] = []
+        root = DalCommand(lambda path, *a, **k: calls.append((path, a, k)) or "done", (PathSegment("a"),))
+        child = root.b.c
+        assert isinstance(child, DalCommand)
+        assert child.path == (PathSegment("a"), PathSegment("b"), PathSegment("c"))
+        assert root.path == (PathSegment("a"),)
+        assert child(1, x=2) == "done"
+        assert calls == [(child.path, (1,), {"x": 2})]
+        assert str(child) == "a.b.c"
+
+    def test_subclass_brings_its_own_segment_type(self) -> None:
+        """A DalCommand subclass may set PathSegment to its own segment class."""
+
+        class VersionedSegment(PathSegment):
+            def __init__(self, name: str) -> None:
+                super().__init__(name, version=2)
+
+        class VersionedCommand(DalCommand):
+            PathSegment = VersionedSegment
+
+        command = VersionedCommand(lambda path: path, ()).users.get
+        assert isinstance(command, VersionedCommand)
+        assert command() == (VersionedSegment("users"), VersionedSegment("get"))
+        assert command.path[0].meta == {"version": 2}
+
+    def test_dal_without_manager_cannot_call(self) -> None:
+        """A DataAccessLayer built without a DataManager has no context to run in."""
+        dal = DataAccessLayer(None)
+        with pytest.raises(NoActiveContextError):
+            dal.users.get(1)
+
+
 class TestUnknownPaths:
     @CHAIN
     @pytest.mark.parametrize(
