@@ -212,6 +212,18 @@ class TestUnitOfWork:
                     read()
         assert not store.exists("tx/r.txt")
 
+    def test_an_inner_commit_survives_an_outer_failure(self, dm: DataManager,
+                                                       store: BlobStore) -> None:
+        """A nested context that committed keeps its blob even when the outer one fails."""
+        def body(outer: Any) -> None:
+            outer.blobs.put("tx/outer", b"o")
+            with dm.context() as inner:
+                inner.blobs.put("tx/inner", b"i")
+
+        in_failing_context(dm, body)
+        assert store.get("tx/inner") == b"i"
+        assert not store.exists("tx/outer")
+
     def test_the_view_refuses_use_after_its_context(self, dm: DataManager) -> None:
         """Keeping ctx.blobs past the context and writing to it raises ContextStateError."""
         with dm.context() as ctx:
