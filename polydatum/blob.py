@@ -1278,8 +1278,12 @@ class FileSystemBlobStore(BlobStore):
         directory = os.path.dirname(path)
         with self._locked():
             try:
-                os.makedirs(directory, exist_ok=True)
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except FileNotFoundError:
+                    # The folder does not exist yet (trying first saves a mkdir per put).
+                    os.makedirs(directory, exist_ok=True)
+                    os.replace(tmp, path)
             except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
                 msg = (
                     f"cannot store blob {key!r} under {self.root!r}: part of the key is "

@@ -191,6 +191,34 @@ class TestConcurrency:
         assert fs.stat("hot/key").metadata == {"writer": str(final[0])}
         assert os.listdir(Path(fs.root) / ".polydatum" / "tmp") == []
 
+    def test_concurrent_processes_never_tear_a_blob(self, fs: FileSystemBlobStore) -> None:
+        """Three processes rewrite one key (with metadata) while this one reads: never torn."""
+        script = textwrap.dedent(f"""
+            import sys
+            from polydatum.blob import FileSystemBlobStore
+            store = FileSystemBlobStore({fs.root!r})
+            writer = int(sys.argv[1])
+            for _ in range(15):
+                store.put("shared/key", bytes([writer]) * (512 * 1024 + writer),
+                          metadata={{"writer": str(writer)}})
+        """)
+        fs.put("shared/key", bytes([0]) * (512 * 1024), metadata={"writer": "0"})
+        writers = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in (1, 2, 3)]
+        torn: list[str] = []
+        try:
+            while any(w.poll() is None for w in writers):
+                data = fs.get("shared/key")
+                if data != bytes([data[0]]) * (512 * 1024 + data[0]):
+                    torn.append(f"{len(data)} bytes starting with {data[0]}")
+        finally:
+            for writer in writers:
+                writer.wait(timeout=60)
+        assert [w.returncode for w in writers] == [0, 0, 0]
+        assert torn == []
+        final = fs.get("shared/key")
+        assert fs.stat("shared/key").metadata == {"writer": str(final[0])}
+        assert os.listdir(Path(fs.root) / ".polydatum" / "tmp") == []
+
     def test_an_interrupted_write_leaves_no_temp_file(self, fs: FileSystemBlobStore) -> None:
         """A stream that fails mid-write leaves neither the blob nor a temporary file."""
         def broken() -> Iterator[bytes]:
