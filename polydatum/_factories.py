@@ -120,6 +120,22 @@ async def astart(agen: Any, what: str, exc_type: type[Exception]) -> Any:
         raise exc_type(msg) from None
 
 
+def _unwrap_pep479(exc: BaseException, raised: BaseException) -> BaseException:
+    """The body's StopIteration, when a generator merely let it pass.
+
+    PEP 479 turns a StopIteration (StopAsyncIteration in async generators)
+    leaving a generator into a RuntimeError caused by it; that is the
+    generator not handling the exception, not a new error.
+    """
+    if (
+        isinstance(raised, RuntimeError)
+        and raised.__cause__ is exc
+        and isinstance(exc, (StopIteration, StopAsyncIteration))
+    ):
+        return exc
+    return raised
+
+
 def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseException | None:
     """Resume a generator after its yield; return the exception now in flight.
 
@@ -141,7 +157,7 @@ def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseExce
         # A StopIteration raised in the body and let through is not a suppression.
         return exc if stop is exc else None
     except BaseException as raised:
-        return raised
+        return _unwrap_pep479(exc, raised)
     gen.close()
     return RuntimeError(f"{label(kind, obj)} yielded again after an exception was thrown into it")
 
@@ -161,10 +177,10 @@ async def afinish(
         return RuntimeError(f"{label(kind, obj)} yielded more than once; it must yield exactly once")
     try:
         await agen.athrow(exc)
-    except StopAsyncIteration:
-        return None
+    except StopAsyncIteration as stop:
+        return exc if stop is exc else None
     except BaseException as raised:
-        return raised
+        return _unwrap_pep479(exc, raised)
     await agen.aclose()
     return RuntimeError(f"{label(kind, obj)} yielded again after an exception was thrown into it")
 

@@ -158,6 +158,12 @@ def _no_context_error(ctx: Any, what: str = "the DAL") -> NoActiveContextError |
     if ctx._state == CREATED:
         msg = f'{ctx!r} was never entered; use it as "with dm.context() as ctx:"'
         return ContextStateError(msg)
+    if ctx._state == CLOSING:
+        msg = (
+            f"{ctx!r} is closing: its middleware has finished, so {what} cannot be used from "
+            "a hook or a resource's teardown; do that work in the context's body"
+        )
+        return ContextStateError(msg)
     msg = (
         f"{ctx!r} has already exited (was it used from a task or thread that outlived it?); "
         f'open a new one with "with dm.context():"'
@@ -270,6 +276,8 @@ class DataAccessContext:
         if value is _DONE:
             msg = f"resource {name!r} did not yield on setup; it must yield exactly once"
             raise ResourceSetupException(msg)
+        # Read again: the factory may have created resources it depends on.
+        created = self._created
         if created is None:
             created = self._created = {}
             self._dirty = True
@@ -378,8 +386,6 @@ class DataAccessContext:
         self._state = OPEN
         if is_async:
             self._async = True
-        if self._has_legacy_hooks:
-            self._setup_hook()
 
     def __enter__(self) -> DataAccessContext:
         if self._plain and not self._state:
@@ -388,14 +394,18 @@ class DataAccessContext:
             return self
         self._push(False)
         self._dirty = True
-        dm = self.data_manager
-        specs = dm._middleware_specs if dm._static_middleware else dm._dynamic_middleware(self)
-        if specs:
-            try:
+        try:
+            if self._has_legacy_hooks:
+                self._setup_hook()
+            dm = self.data_manager
+            specs = dm._middleware_specs if dm._static_middleware else dm._dynamic_middleware(self)
+            if specs:
                 self._setup_middleware(specs)
-            except BaseException as exc:
-                self._close(exc)
-                raise
+        except BaseException as exc:
+            # Whatever failed, what was set up is torn down and the context popped;
+            # the error escapes even if a middleware swallowed it, so hooks roll back.
+            self._close(exc, failed=True)
+            raise
         return self
 
     def _push_ctx(self, ctx: DataAccessContext) -> Any:
@@ -425,14 +435,16 @@ class DataAccessContext:
             return self
         self._push(True)
         self._dirty = True
-        dm = self.data_manager
-        specs = dm._middleware_specs if dm._static_middleware else dm._dynamic_middleware(self)
-        if specs:
-            try:
+        try:
+            if self._has_legacy_hooks:
+                self._setup_hook()
+            dm = self.data_manager
+            specs = dm._middleware_specs if dm._static_middleware else dm._dynamic_middleware(self)
+            if specs:
                 await self._asetup_middleware(specs)
-            except BaseException as exc:
-                await self._aclose(exc)
-                raise
+        except BaseException as exc:
+            await self._aclose(exc, failed=True)
+            raise
         return self
 
     async def _asetup_middleware(self, specs: tuple[_factories.Factory, ...]) -> None:
@@ -525,7 +537,7 @@ class DataAccessContext:
             msg = f"{self!r} is not open; it cannot be exited"
             raise ContextStateError(msg)
 
-    def _close(self, exc: BaseException | None) -> BaseException | None:
+    def _close(self, exc: BaseException | None, failed: bool = False) -> BaseException | None:
         """Steps 4-7 of the lifecycle; returns the exception that escapes."""
         if self._state != OPEN:
             self._begin_close()
@@ -540,7 +552,7 @@ class DataAccessContext:
             if self._has_legacy_hooks:
                 self._legacy_teardown(exc)
             if self._hooks:
-                self._run_hooks(exc is None)
+                self._run_hooks(exc is None and not failed)
         finally:
             self._state = CLOSING
             if self._created:
@@ -552,7 +564,7 @@ class DataAccessContext:
         # over an ordinary exception of the body (which becomes its __context__).
         return interrupt if interrupt is not None and (exc is None or isinstance(exc, Exception)) else exc
 
-    async def _aclose(self, exc: BaseException | None) -> BaseException | None:
+    async def _aclose(self, exc: BaseException | None, failed: bool = False) -> BaseException | None:
         self._begin_close()
         try:
             middleware = self._middleware
@@ -567,7 +579,7 @@ class DataAccessContext:
             if self._has_legacy_hooks:
                 self._legacy_teardown(exc)
             if self._hooks:
-                await self._arun_hooks(exc is None)
+                await self._arun_hooks(exc is None and not failed)
         finally:
             self._state = CLOSING
             if self._created:

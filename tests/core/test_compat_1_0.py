@@ -377,10 +377,6 @@ class TestLegacyContextHooks:
         assert "resource closed" in events
         assert events[-1] == "final hook NoneType"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: an exception in a legacy _setup_hook leaves the context pushed and open",
-    )
     def test_setup_hook_error_leaves_nothing_open(self) -> None:
         """If _setup_hook raises, the error propagates, the body never runs and the stack is clean."""
 

@@ -307,11 +307,6 @@ class TestExceptionsAndMiddleware:
         assert "outer got Boom" in events
         assert dm.get_active_context() is None
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: PEP 479 turns a StopIteration thrown into a middleware generator into "
-        "RuntimeError('generator raised StopIteration'), which replaces the body's exception",
-    )
     def test_stop_iteration_from_body_passes_middleware_unchanged(self) -> None:
         """A StopIteration raised in the body (e.g. next() on an empty iterator) propagates as is."""
         dm = DataManager()
@@ -321,11 +316,6 @@ class TestExceptionsAndMiddleware:
             Body(dm)(error=error)
         assert info.value is error
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: PEP 479 turns a StopIteration thrown into a resource generator into a "
-        "RuntimeError that is collected and logged as a resource exit error",
-    )
     def test_stop_iteration_from_body_is_not_a_resource_exit_error(self) -> None:
         """A resource letting the body's StopIteration through has not failed to close."""
         dm = DataManager()
@@ -579,11 +569,6 @@ class TestResources:
         )
         return dm
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: a resource created inside the setup of the context's first resource is "
-        "dropped from the created list (its generator is garbage-collected at once)",
-    )
     def test_dependency_of_first_resource_stays_open(self, events: list[str]) -> None:
         """A resource created from the first resource's setup stays open and closes after it."""
         dm = self.dependent(events)

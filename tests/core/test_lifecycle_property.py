@@ -53,7 +53,7 @@ BEHAVIOURS = ("ok", "raise_setup", "raise_teardown", "suppress", "replace", "no_
 # failed middleware setup"): cases in that region are checked by the xfail
 # tests at the end. Once the core is fixed they XPASS (strict, so they fail):
 # remove their xfail marks and set this to False.
-SKIP_KNOWN_BUG_REGION = True
+SKIP_KNOWN_BUG_REGION = False
 
 
 class Boom(Exception):
@@ -493,7 +493,6 @@ def test_every_small_sync_scenario_matches_the_model() -> None:
 # -- known core bugs (logged in /work/brief/core_bugs.md) -----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: commit hooks run after a failed middleware setup")
 def test_known_bug_region_sync_matches_the_model() -> None:
     cases = [s for s in small_scenarios() if model(s)[1]]
     assert cases
@@ -501,7 +500,6 @@ def test_known_bug_region_sync_matches_the_model() -> None:
     assert mismatches == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: commit hooks run after a failed middleware setup")
 def test_setup_failure_after_a_suppressing_middleware_runs_rollback_hooks() -> None:
     # Minimal repro: the setup error escapes, so the context ended with an
     # exception and DESIGN §1.6 says on_rollback hooks run, not on_commit.
@@ -526,7 +524,6 @@ def test_setup_failure_after_a_suppressing_middleware_runs_rollback_hooks() -> N
     assert ran == ["rollback"]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: commit hooks run after a failed middleware setup")
 async def test_async_setup_failure_after_a_suppressing_middleware_runs_rollback_hooks() -> None:
     dm = DataManager()
     ran: list[str] = []
@@ -570,7 +567,6 @@ async def _apassthrough_resource(ctx: DataAccessContext) -> AsyncIterator[str]:
     yield "value"
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: StopIteration from the body is turned into RuntimeError")
 def test_stop_iteration_from_the_body_passes_through_unchanged() -> None:
     # A middleware or resource that lets the exception through neither
     # suppresses nor replaces it (§1.3); contextlib.contextmanager keeps a
@@ -593,7 +589,6 @@ def test_stop_iteration_from_the_body_passes_through_unchanged() -> None:
     assert ctx.get_resource_exit_errors() == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: StopIteration from the body is turned into RuntimeError")
 @pytest.mark.parametrize("stop_type", [StopIteration, StopAsyncIteration])
 async def test_async_stop_iteration_from_the_body_passes_through_unchanged(
     stop_type: type[Exception],
@@ -616,7 +611,6 @@ async def test_async_stop_iteration_from_the_body_passes_through_unchanged(
     assert ctx.get_resource_exit_errors() == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: StopIteration from the body is turned into RuntimeError")
 def test_stop_iteration_through_a_resource_alone_is_not_an_exit_error() -> None:
     dm = DataManager()
     dm.register_resources(r=_passthrough_resource)
