@@ -151,7 +151,7 @@ class PendingResult(AsyncResult):  # type: ignore[misc]  # celery is untyped
     .. versionadded:: 2.0
     """
 
-    def __init__(self, task_id: str, task_name: str, **kwargs: Any) -> None:
+    def __init__(self, task_id: str, task_name: str | None = None, **kwargs: Any) -> None:
         super().__init__(task_id, **kwargs)
         self.task_name = task_name
         self.outcome = "waiting for commit"
@@ -227,6 +227,10 @@ class PendingResult(AsyncResult):  # type: ignore[misc]  # celery is untyped
 
     def __repr__(self) -> str:
         return f"<PendingResult: {self.id} ({self.outcome})>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Elsewhere (another process, later) it is just the result of that task id.
+        return (AsyncResult, (self.id, None, None, self.app))
 
 
 def default_meta(task: Any) -> dict[str, Any]:

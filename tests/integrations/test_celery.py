@@ -8,6 +8,7 @@ anything sent earlier has run.
 
 from __future__ import annotations
 
+import pickle
 import re
 import threading
 import uuid
@@ -20,6 +21,7 @@ import pytest
 from celery import Celery, group
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore
+from celery.result import AsyncResult
 from kombu.exceptions import EncodeError
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
@@ -550,6 +552,42 @@ def test_a_meta_function_must_return_a_mapping(eager: SimpleNamespace) -> None:
     with pytest.raises(TypeError, match="meta\\(task\\) must return a mapping, got list"):
         eager.note.apply(("x",), {"bad_meta": True}).get()
     assert eager.seen == []  # the body never ran
+
+
+def test_retry_if_chooses_what_is_transient() -> None:
+    dm = DataManager()
+    app = Celery("polydatum_celery_retry_if", broker="memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_store_eager_result=False)
+    install(app, dm, retry_transient=2, retry_transient_backoff=0,
+            retry_if=lambda exc: isinstance(exc, ConnectionError))
+    contexts: list[Any] = []
+
+    @app.task(name="pdtest.flaky", bind=True)
+    def flaky(self: Any, failures: int, error: str) -> int:
+        contexts.append(dm.require_active_context())
+        if self.request.retries < failures:
+            raise ConnectionError("gone") if error == "connection" else LookupError("not transient")
+        return int(self.request.retries)
+
+    assert flaky.apply((2, "connection")).get() == 2
+    assert len({id(c) for c in contexts}) == 3  # a context per run
+    assert [c.meta.retries for c in contexts] == [0, 1, 2]
+    contexts.clear()
+    with pytest.raises(ConnectionError, match="gone"):
+        flaky.apply((3, "connection")).get()  # three runs in all, then the error
+    assert len(contexts) == 3
+    contexts.clear()
+    with pytest.raises(LookupError):
+        flaky.apply((1, "lookup")).get()
+    assert len(contexts) == 1
+
+
+def test_a_pending_result_pickles_as_a_plain_result(eager: SimpleNamespace) -> None:
+    with eager.dm.context():
+        pending = eager.note.delay("p")
+        copy = pickle.loads(pickle.dumps(pending))
+    assert type(copy) is AsyncResult
+    assert copy.id == pending.id
 
 
 # -- install -----------------------------------------------------------------
