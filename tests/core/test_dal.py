@@ -165,6 +165,8 @@ class TestDalCommandClass:
         assert child(1, x=2) == "done"
         assert calls == [(child.path, (1,), {"x": 2})]
         assert str(child) == "a.b.c"
+        with pytest.raises(AttributeError):
+            child.__wrapped__
 
     def test_subclass_brings_its_own_segment_type(self) -> None:
         """A DalCommand subclass may set PathSegment to its own segment class."""
@@ -185,6 +187,56 @@ class TestDalCommandClass:
         """A DataAccessLayer built without a DataManager has no context to run in."""
         dal = DataAccessLayer(None)
         with pytest.raises(NoActiveContextError):
+            dal.users.get(1)
+
+
+class TestMoreResolution:
+    @CHAIN
+    def test_sub_service_attribute_removed(self, chain: bool) -> None:
+        """A sub-service set as a plain attribute and later deleted fails cleanly on the next call."""
+        dm, users = make(chain)
+        helper = Profiles()
+        helper.setup(dm)
+        users.helper = helper
+        with dm.dal() as dal:
+            assert dal.users.helper.get(1) == "profile 1"
+            del users.helper
+            with pytest.raises(DalMethodError, match=r"no 'helper' under 'dal\.users'"):
+                dal.users.helper.get(1)
+
+    def test_hand_built_dal_resolves_the_managers_services(self) -> None:
+        """A hand-built DataAccessLayer with the default resolver finds the services of the context's DAL."""
+        seen: list[str] = []
+
+        def spy(request: DalCommandRequest, handler: Callable[[DalCommandRequest], Any]) -> Any:
+            seen.append(request.path_name)
+            return handler(request)
+
+        dm, _ = make()
+        dal = DataAccessLayer(dm, middleware=[spy])
+        with dm.context():
+            assert dal.users.profile.get(1) == "profile 1"
+        assert seen == ["users.profile.get"]
+
+    def test_many_string_paths(self) -> None:
+        """Thousands of distinct string paths stay correct (the string cache is bounded)."""
+        dm, _ = make()
+        dal = dm.get_dal()
+        commands = [dal[f"users.method_{i}"] for i in range(1500)]
+        assert [str(c) for c in commands[:2]] == ["users.method_0", "users.method_1"]
+        with dm.context():
+            assert dal["users.get"](1) == "user 1"
+            assert commands[-1].path[-1] == PathSegment("method_1499")
+
+    def test_async_method_middleware_refuses_sync_calls(self) -> None:
+        """With async method middleware, a call in a sync context says it must be awaited in async with."""
+
+        async def audit(request: DalCommandRequest, handler: Callable[[DalCommandRequest], Any]) -> Any:
+            return await handler(request)  # pragma: no cover - never reached from sync code
+
+        dm, _ = make()
+        dm.register_method_middleware(audit)
+        with dm.dal() as dal, pytest.raises(NoActiveContextError, match="must be awaited"):
             dal.users.get(1)
 
 
@@ -665,21 +717,7 @@ class TestPatching:
                 assert dal.users.profile.get(2) == "nested class 2"
             assert dal.users.profile.get(3) == "profile 3"
 
-    @pytest.mark.parametrize(
-        "chain",
-        [
-            False,
-            pytest.param(
-                True,
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="core bug: with method middleware the resolver caches the nested owner, "
-                    "so a sub-service swapped on its parent instance is not seen",
-                ),
-            ),
-        ],
-        ids=["direct", "middleware"],
-    )
+    @CHAIN
     def test_nested_service_swapped_on_parent(
         self, chain: bool, monkeypatch: pytest.MonkeyPatch
     ) -> None:

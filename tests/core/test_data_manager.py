@@ -270,6 +270,7 @@ class TestRegisterResources:
         dm = DataManager(resource_manager=manager)
         dm.register_resources(one=ValueResource(1))
         assert "one" in manager
+        assert list(manager) == ["one"]
         assert manager["one"] is dm.get_resource("one")
         with dm.context() as ctx:
             assert ctx.one == 1
@@ -406,6 +407,19 @@ class TestDal:
         with pytest.raises(KeyError), dm.dal():
             raise KeyError("boom")
         assert dm.get_active_context() is None
+
+    def test_subclass_overriding_get_dal(self) -> None:
+        """A subclass overriding get_dal() gives its contexts that DAL."""
+
+        class Manager(DataManager):
+            def get_dal(self) -> DataAccessLayer:
+                return self._dal
+
+        dm = Manager()
+        dm.register_services(greeter=Greeter())
+        with dm.context() as ctx:
+            assert ctx.dal is dm.get_dal()
+            assert ctx.dal.greeter.hello("x") == "hello x"
 
     def test_subclass_dal_class(self) -> None:
         """A DataManager subclass may set its own DataAccessLayer class; it is built with the manager."""
