@@ -121,7 +121,7 @@ class _Command(DalCommand):
     """
 
     _st = _STALE
-    _resolved: tuple[int, Any, str] | None = None
+    _resolved: tuple[int, tuple[str, ...]] | None = None
 
     def __init__(self, dal: DataAccessLayer, path: tuple[_Segment, ...]) -> None:
         self._handler = dal._call
@@ -173,20 +173,32 @@ class _Command(DalCommand):
         self._resolved = None
 
     def _target_for(self, ctx: DataAccessContext) -> Any:
-        """The callable this command names now (used by the resolver middleware)."""
+        """The callable this command names now (used by the resolver middleware).
+
+        Only the validation is cached; the names are looked up again on every
+        call, like the direct path does, so a patched method or sub-service
+        is seen at once.
+        """
         if ctx.dal is not self._dal:
             return dal_resolver(ctx, self.path)
         resolved = self._resolved
+        services = self._dal._services
         if resolved is None or resolved[0] != _registry.version:
-            owner, target = resolve_owner(self._dal._services, self.path)
-            resolved = self._resolved = (_registry.version, owner, str(self).rsplit(".", 1)[-1])
+            _, target = resolve_owner(services, self.path)  # raises DalMethodError naming the bad step
+            self._resolved = (_registry.version, tuple(path_name(self.path).split(".")))
             _registry.track(self)
-            if isinstance(owner, dict):
-                return target
-        _, owner, name = resolved
-        if isinstance(owner, dict):
-            return owner[name]
-        return getattr(owner, name)
+            return target
+        names = resolved[1]
+        obj = services[names[0]]
+        try:
+            for step in names[1:]:
+                obj = getattr(obj, step)
+        except AttributeError:
+            # Gone since validated (a patch undone badly, a deleted attribute):
+            # validate again, which names the missing step.
+            self._resolved = None
+            return self._target_for(ctx)
+        return obj
 
 
 class DataAccessLayer:
