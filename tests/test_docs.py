@@ -58,6 +58,11 @@ def _redis(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
 
 
 @contextlib.contextmanager
+def _rabbitmq(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    yield {"RABBITMQ_URL": request.getfixturevalue("rabbitmq_url")}
+
+
+@contextlib.contextmanager
 def _s3(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     server = request.getfixturevalue("moto_server")
     bucket = server.create_bucket(f"docs-{uuid.uuid4().hex[:12]}")
@@ -74,6 +79,7 @@ def _s3(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
 NEEDS: dict[str, Callable[[pytest.FixtureRequest], contextlib.AbstractContextManager[dict[str, str]]]] = {
     "postgres": _postgres,  # POSTGRES_URL: a fresh, empty database (SQLAlchemy URL)
     "redis": _redis,  # REDIS_URL
+    "rabbitmq": _rabbitmq,  # RABBITMQ_URL (amqp://...)
     "s3": _s3,  # S3_ENDPOINT_URL, S3_BUCKET (empty, new), AWS_* credentials and region
 }
 
