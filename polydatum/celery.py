@@ -90,6 +90,9 @@ _RESERVED_HEADERS = frozenset({
     "chord", "callbacks", "errbacks", "chain", "reply_to", "correlation_id",
 })
 
+# Meta values that may be copied into message headers.
+_HEADER_TYPES = (str, int, float, bool)
+
 # The longest wait before a transient retry, in seconds.
 _MAX_TRANSIENT_BACKOFF = 60.0
 
@@ -436,8 +439,18 @@ class PolydatumTask(Task):  # type: ignore[misc]  # celery is untyped
     def _propagated_headers(wiring: _Wiring, meta: Mapping[str, Any], given: Any) -> dict[str, Any]:
         headers = dict(given or {})
         for name in wiring.headers:
-            if name not in headers and meta.get(name) is not None:
-                headers[name] = meta[name]
+            value = meta.get(name)
+            if name in headers or value is None:
+                continue
+            if not isinstance(value, _HEADER_TYPES):
+                # Found now rather than as a failed send after the commit.
+                msg = (
+                    f"meta {name!r} is a {type(value).__name__}; only str, int, float and bool values "
+                    f"travel as message headers: put an id in the meta, "
+                    f"or drop {name!r} from install(headers=...)"
+                )
+                raise TypeError(msg)
+            headers[name] = value
         return headers
 
     def _check_call(self, args: Any, kwargs: Any, options: Mapping[str, Any]) -> None:

@@ -465,6 +465,10 @@ def test_other_database_errors_are_not_retried(env: SimpleNamespace) -> None:
 
 
 def test_bad_arguments_fail_at_the_call_not_at_commit(env: SimpleNamespace) -> None:
+    with env.dm.context({"tenant": object()}) as ctx:
+        with pytest.raises(TypeError, match="meta 'tenant' is a object; only str, int, float and bool"):
+            env.typed.delay(1, 2)
+        sent_anyway = env.typed.apply_async((2, 2), headers={"tenant": "given"})
     with env.dm.context() as ctx:
         with pytest.raises(TypeError):
             env.typed.delay(1)
@@ -475,6 +479,7 @@ def test_bad_arguments_fail_at_the_call_not_at_commit(env: SimpleNamespace) -> N
         sent = env.typed.delay(1, 2)
     assert ctx.get_hook_errors() == []
     assert sent.get(timeout=WAIT) == 3
+    assert sent_anyway.get(timeout=WAIT) == 4
 
 
 def test_a_send_that_fails_at_commit_is_reported(env: SimpleNamespace) -> None:
@@ -546,6 +551,13 @@ def test_direct_calls_join_the_open_context(eager: SimpleNamespace) -> None:
     assert eager.note("outside") == "OUTSIDE"  # no context open: the call opens one
     assert eager.seen[1]["ctx"] is not ctx
     assert eager.seen[1]["meta"]["task_id"] is None
+
+
+async def test_a_task_sent_from_an_async_context_waits_for_its_commit(eager: SimpleNamespace) -> None:
+    async with eager.dm.context():
+        pending = eager.note.delay("async")
+        assert eager.seen == []
+    assert pending.get() == "ASYNC"
 
 
 def test_a_meta_function_must_return_a_mapping(eager: SimpleNamespace) -> None:
