@@ -436,7 +436,9 @@ class TestHandBuiltDal:
     """1.0 built a DataAccessLayer by hand to test method middleware."""
 
     def test_method_middleware_order(self) -> None:
-        def test_method() -> list[str]:
+        """Instance middleware runs outermost first, a custom default middleware innermost."""
+
+        def fake_method() -> list[str]:
             return ["default-handler-call"]
 
         class OuterMiddleware:
@@ -449,7 +451,7 @@ class TestHandBuiltDal:
 
         class DefaultMiddleware:
             def __call__(self, request: DalCommandRequest, handler: Any) -> list[str]:
-                request.dal_method = test_method
+                request.dal_method = fake_method
                 return ["default-in", *handler(request), "default-out"]
 
         dm = DataManager()
