@@ -434,6 +434,27 @@ class TestExceptionsAndMiddleware:
         assert events == ["setup first", "first got Boom", "teardown first"]
         assert dm.get_active_context() is None
 
+    def test_setup_error_escapes_even_if_earlier_middleware_swallows(self, events: list[str]) -> None:
+        """A set-up failure always propagates: the body never ran, whatever teardown does with it."""
+        ran: list[str] = []
+
+        def broken(ctx: DataAccessContext) -> Iterator[None]:
+            raise Boom("setup failed")
+            yield  # pragma: no cover
+
+        dm = DataManager()
+        dm.register_context_middleware(middleware(events, "swallower", suppress=True), broken)
+
+        def run() -> None:
+            with dm.context():
+                ran.append("body")  # pragma: no cover
+
+        with pytest.raises(Boom, match="setup failed"):
+            run()
+        assert ran == []
+        assert events == ["setup swallower", "swallower got Boom", "teardown swallower"]
+        assert dm.get_active_context() is None
+
     def test_async_middleware_in_sync_context(self) -> None:
         """An async middleware refuses a sync context with a message pointing to "async with"."""
 

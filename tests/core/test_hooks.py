@@ -253,6 +253,31 @@ class TestWhenHooksRun:
             pass
         assert events == ["committed", "registered by middleware"]
 
+    def test_failed_setup_runs_rollback_hooks(self) -> None:
+        """Hooks registered by a middleware before a later one failed to set up roll back."""
+        events: list[str] = []
+
+        def registers(ctx: DataAccessContext) -> Iterator[None]:
+            ctx.on_commit(events.append, "commit")
+            ctx.on_rollback(events.append, "rollback")
+            yield
+
+        def swallowing(ctx: DataAccessContext) -> Iterator[None]:
+            try:
+                yield
+            except Boom:
+                events.append("swallowed")
+
+        def broken(ctx: DataAccessContext) -> Iterator[None]:
+            raise Boom
+            yield  # pragma: no cover
+
+        dm = DataManager()
+        dm.register_context_middleware(registers, swallowing, broken)
+        with pytest.raises(Boom):
+            body(dm, lambda ctx: None, None)
+        assert events == ["swallowed", "rollback"]
+
     def test_nested_context_hooks_are_its_own(self) -> None:
         """Hooks registered in an inner context run when the inner one ends, not the outer."""
         events: list[str] = []
