@@ -90,6 +90,8 @@ _RESERVED_HEADERS = frozenset({
     "chord", "callbacks", "errbacks", "chain", "reply_to", "correlation_id",
 })
 
+_MISSING = object()
+
 # Meta values that may be copied into message headers.
 _HEADER_TYPES = (str, int, float, bool)
 
@@ -347,11 +349,7 @@ class PolydatumTask(Task):  # type: ignore[misc]  # celery is untyped
         except Exception as exc:
             if request.called_directly or isinstance(exc, Retry) or not self._retryable(wiring, exc):
                 raise
-            retries = request.retries or 0
-            wait = min(_MAX_TRANSIENT_BACKOFF, self.retry_transient_backoff * 2.0**retries)
-            raise self.retry(
-                exc=exc, countdown=wait * random.uniform(0.5, 1.0), max_retries=self.retry_transient
-            ) from exc
+            self._retry_transient(exc, request.retries or 0)
         if ignored is not None:
             raise ignored
         return None
@@ -373,6 +371,20 @@ class PolydatumTask(Task):  # type: ignore[misc]  # celery is untyped
             return False
         check = wiring.retry_if or _is_transient
         return bool(check(exc))
+
+    def _retry_transient(self, exc: Exception, retries: int) -> None:
+        wait = min(_MAX_TRANSIENT_BACKOFF, self.retry_transient_backoff * 2.0**retries)
+        # retry(max_retries=...) leaves override_max_retries on the shared task
+        # object, where autoretry_for would read it later: put it back.
+        saved = self.__dict__.get("override_max_retries", _MISSING)
+        try:
+            countdown = wait * random.uniform(0.5, 1.0)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=self.retry_transient)
+        finally:
+            if saved is _MISSING:
+                self.__dict__.pop("override_max_retries", None)
+            else:
+                self.__dict__["override_max_retries"] = saved
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's :meth:`~celery.app.task.Task.retry`; the retry is sent at once.
@@ -503,7 +515,7 @@ def install(
             ``task.request`` is the Celery request (args, headers, hostname…).
         headers: message header names copied into the task's meta; sending
             from a context adds the context's meta values of these names as
-            headers (JSON-serializable values only).
+            headers (str, int, float and bool values only).
         retry_transient: default for the ``retry_transient`` task option:
             how many times to retry a run that failed with a transient
             database error.

@@ -592,6 +592,8 @@ def test_retry_if_chooses_what_is_transient() -> None:
     with pytest.raises(LookupError):
         flaky.apply((1, "lookup")).get()
     assert len(contexts) == 1
+    # Celery's autoretry_for still uses its own limit afterwards (max_retries=3 by default).
+    assert "override_max_retries" not in vars(flaky)
 
 
 def test_a_pending_result_pickles_as_a_plain_result(eager: SimpleNamespace) -> None:
