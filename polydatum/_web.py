@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from http import HTTPStatus
+from random import getrandbits
 from typing import TYPE_CHECKING, Any, Protocol
 
 from polydatum.errors import NoActiveContextError, ServiceError
@@ -44,6 +45,16 @@ class Exchange(Protocol):
 # on purpose: a ContextVar made at run time is kept alive by every
 # contextvars.Context that ever set it.
 current_exchange: ContextVar[Exchange | None] = ContextVar("polydatum.web.exchange", default=None)
+
+
+def new_request_id() -> str:
+    """A new request id: 32 random hex digits, the shape of ``uuid4().hex``.
+
+    ``random`` rather than ``uuid4()``: ids must be unique, not secret, and
+    ``os.urandom`` is a system call on every request. ``random`` is reseeded
+    in forked worker processes.
+    """
+    return f"{getrandbits(128):032x}"
 
 
 def current_context() -> DataAccessContext:

@@ -28,7 +28,7 @@ Starlette, FastAPI or a bare ASGI callable, and imports none of them. Each
 What it guarantees:
 
 - **Meta** comes from the scope: ``request_id`` (the ``x-request-id``
-  header, or a new uuid4 hex), ``remote_addr``, ``method`` and ``path``,
+  header, or a new random 32-hex-digit id), ``remote_addr``, ``method`` and ``path``,
   with whatever your ``meta(scope)`` function (sync or async) returns merged
   over them.
 - **Streaming-safe.** An HTTP context stays open while the app streams its
@@ -58,7 +58,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from inspect import isawaitable
 from typing import Any
-from uuid import uuid4
 
 from polydatum._web import (
     JSON_HEADERS,
@@ -72,6 +71,7 @@ from polydatum._web import (
     error_body,
     error_status,
     merge_meta,
+    new_request_id,
 )
 from polydatum.context import DataAccessContext
 from polydatum.dal import DataAccessLayer, DataManager
@@ -120,7 +120,7 @@ def default_meta(scope: Scope) -> dict[str, Any]:
         scope: the ASGI ``http`` or ``websocket`` scope.
 
     Returns:
-        ``request_id`` (``x-request-id`` or a new uuid4 hex), ``remote_addr``,
+        ``request_id`` (``x-request-id`` or a new random 32-hex-digit id), ``remote_addr``,
         ``method`` (``GET`` for a WebSocket handshake) and ``path``.
 
     .. versionadded:: 2.0
@@ -132,7 +132,7 @@ def default_meta(scope: Scope) -> dict[str, Any]:
             break
     client = scope.get("client")
     return {
-        "request_id": request_id or uuid4().hex,
+        "request_id": request_id or new_request_id(),
         "remote_addr": client[0] if client else None,
         "method": scope.get("method", "GET"),
         "path": scope.get("path"),

@@ -31,7 +31,7 @@ or ``dm.get_dal()``::
 What it guarantees:
 
 - **Meta** comes from the request: ``request_id`` (the ``X-Request-ID``
-  header, or a new uuid4 hex), ``remote_addr``, ``method`` and ``path``,
+  header, or a new random 32-hex-digit id), ``remote_addr``, ``method`` and ``path``,
   with whatever your ``meta(request)`` function returns merged over them.
 - **Streaming-safe.** The context stays open while the server iterates the
   response body and is exited, exactly once, when the server calls
@@ -64,7 +64,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, cast
-from uuid import uuid4
 
 try:
     from werkzeug.wrappers import Request
@@ -85,6 +84,7 @@ from polydatum._web import (
     error_body,
     error_status,
     merge_meta,
+    new_request_id,
     reason,
 )
 from polydatum.context import DataAccessContext
@@ -125,13 +125,13 @@ def default_meta(request: Request) -> dict[str, Any]:
         request: the Werkzeug request.
 
     Returns:
-        ``request_id`` (``X-Request-ID`` or a new uuid4 hex), ``remote_addr``,
+        ``request_id`` (``X-Request-ID`` or a new random 32-hex-digit id), ``remote_addr``,
         ``method`` and ``path``.
 
     .. versionadded:: 2.0
     """
     return {
-        "request_id": request.headers.get("X-Request-ID") or uuid4().hex,
+        "request_id": request.headers.get("X-Request-ID") or new_request_id(),
         "remote_addr": request.remote_addr,
         "method": request.method,
         "path": request.path,
@@ -146,7 +146,7 @@ def _environ_meta(environ: WSGIEnvironment) -> dict[str, Any]:
     if not path.isascii():
         path = path.encode("latin-1").decode("utf-8", "replace")
     return {
-        "request_id": environ.get("HTTP_X_REQUEST_ID") or uuid4().hex,
+        "request_id": environ.get("HTTP_X_REQUEST_ID") or new_request_id(),
         "remote_addr": environ.get("REMOTE_ADDR"),
         "method": environ.get("REQUEST_METHOD", "GET").upper(),
         "path": "/" + path.lstrip("/"),
