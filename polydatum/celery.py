@@ -338,11 +338,14 @@ class PolydatumTask(Task):  # type: ignore[misc]  # celery is untyped
             # A plain function call from code already in a context joins it.
             return super().__call__(*args, **kwargs)
         meta = self._context_meta(wiring, request)
+        # Celery's worker (and apply()) pushed the request and the task already;
+        # Task.__call__ would push copies of both again.
+        body = super().__call__ if request.called_directly else self.run
         ignored: BaseException | None = None
         try:
             with dm.context(meta):
                 try:
-                    return super().__call__(*args, **kwargs)
+                    return body(*args, **kwargs)
                 except Ignore as exc:
                     # Not a failure (self.replace() raises it): commit, then re-raise.
                     ignored = exc

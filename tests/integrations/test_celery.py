@@ -596,6 +596,26 @@ def test_retry_if_chooses_what_is_transient() -> None:
     assert "override_max_retries" not in vars(flaky)
 
 
+def test_celery_autoretry_for_gets_a_fresh_context_per_run() -> None:
+    dm = DataManager()
+    app = Celery("polydatum_celery_autoretry", broker="memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_store_eager_result=False)
+    install(app, dm)
+    contexts: list[Any] = []
+
+    @app.task(name="pdtest.auto", bind=True, autoretry_for=(ConnectionError,), max_retries=2,
+              default_retry_delay=0)
+    def auto(self: Any) -> int:
+        contexts.append(dm.require_active_context())
+        if self.request.retries < 2:
+            raise ConnectionError("gone")
+        return int(self.request.retries)
+
+    assert auto.apply().get() == 2
+    assert [c.meta.retries for c in contexts] == [0, 1, 2]
+    assert len({id(c) for c in contexts}) == 3
+
+
 def test_a_pending_result_pickles_as_a_plain_result(eager: SimpleNamespace) -> None:
     with eager.dm.context():
         pending = eager.note.delay("p")
