@@ -544,6 +544,19 @@ def test_eager_mode_runs_on_commit(eager: SimpleNamespace) -> None:
     assert dropped.outcome == "discarded"
 
 
+def test_the_send_waits_for_the_innermost_context(eager: SimpleNamespace) -> None:
+    def body(ctx: Any) -> tuple[Any, Any]:
+        with eager.dm.context():
+            inner = eager.note.delay("inner")
+        assert [s["label"] for s in eager.seen] == ["inner"]  # ran when the inner context committed
+        return inner, eager.note.delay("outer")
+
+    inner, outer = rolled_back(eager.dm, body)
+    assert inner.outcome == "sent"
+    assert outer.outcome == "discarded"
+    assert [s["label"] for s in eager.seen] == ["inner"]
+
+
 def test_direct_calls_join_the_open_context(eager: SimpleNamespace) -> None:
     with eager.dm.context() as ctx:
         assert eager.note("inside") == "INSIDE"
