@@ -25,6 +25,7 @@ from polydatum.blob import (
     InvalidMetadata,
     MemoryBlobStore,
     UrlNotSupported,
+    from_url,
 )
 from polydatum.errors import NotFound
 from tests.support.s3 import BACKENDS, make_store
@@ -609,3 +610,56 @@ def test_repr_names_the_place(kind: str, tmp_path: Path, request: pytest.Fixture
     expected = {"memory": "<MemoryBlobStore 0 blobs>", "fs": f"<FileSystemBlobStore '{tmp_path}/root'>",
                 "s3": "<S3BlobStore s3://test-"}[kind]
     assert repr(store).startswith(expected)
+
+
+# -- from_url ----------------------------------------------------------------------
+
+
+class TestFromUrl:
+    def test_file_urls_and_plain_paths(self, tmp_path: Path) -> None:
+        """file:// URLs (percent-decoded) and plain paths give a FileSystemBlobStore there."""
+        for url in (f"file://{tmp_path}/a%20b", f"file://localhost{tmp_path}/a%20b", f"{tmp_path}/a b"):
+            store = from_url(url, fsync=False)
+            assert isinstance(store, FileSystemBlobStore)
+            assert store.root == f"{tmp_path}/a b"
+            assert store.fsync is False
+        store.put("k", b"v")
+        assert (tmp_path / "a b" / "k").read_bytes() == b"v"
+
+    def test_relative_path(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A relative path is resolved against the working directory, once."""
+        monkeypatch.chdir(tmp_path)
+        store = from_url("blobs")
+        assert isinstance(store, FileSystemBlobStore)
+        assert store.root == str(tmp_path / "blobs")
+
+    def test_memory(self) -> None:
+        """memory:// gives a new, empty MemoryBlobStore each time."""
+        first, second = from_url("memory://"), from_url("memory:")
+        assert isinstance(first, MemoryBlobStore)
+        first.put("k", b"v")
+        assert not second.exists("k")
+
+    @pytest.mark.parametrize(
+        ("url", "error", "match"),
+        [
+            ("ftp://host/x", ValueError, "unsupported blob store URL 'ftp://host/x'; use file:///"),
+            ("s3://", ValueError, "names no bucket"),
+            ("s3:///prefix", ValueError, "names no bucket"),
+            ("file://server/share", ValueError, "names the host 'server'.*three slashes"),
+            ("file://", ValueError, "has no path"),
+            ("", ValueError, "unsupported blob store URL ''"),
+            ("memory://somewhere", ValueError, "has no location"),
+            ("s3://bucket/p?endpoint_url=http://x", ValueError, "keyword arguments"),
+            (b"s3://bucket", TypeError, "is a str"),
+        ],
+    )
+    def test_bad_urls(self, url: Any, error: type[Exception], match: str) -> None:
+        """A URL that names no usable store fails at once, saying what a good one looks like."""
+        with pytest.raises(error, match=match):
+            from_url(url)
+
+    def test_options_the_store_does_not_take(self) -> None:
+        """Options go to the constructor: one it does not know is a TypeError."""
+        with pytest.raises(TypeError, match="fsync"):
+            from_url("memory://", fsync=False)

@@ -33,6 +33,7 @@ from polydatum.blob import (
     BlobNotFound,
     BlobStoreUnavailable,
     InvalidKey,
+    from_url,
 )
 from polydatum.s3 import S3BlobStore
 from tests.support.s3 import MotoServer
@@ -314,6 +315,14 @@ class TestTransfers:
         assert store.stat("big").etag.endswith("-2")  # S3's multipart ETag
         assert "-" not in store.stat("small").etag
         assert store.get("big") == b"x" * (5 * MiB + 1)
+
+    def test_from_url(self, moto_server: MotoServer, bucket: str) -> None:
+        """from_url('s3://bucket/prefix', **options) builds an S3BlobStore confined to the prefix."""
+        store = from_url(f"s3://{bucket}/up%20loads/", **moto_server.client_options(read_timeout=9))
+        assert isinstance(store, S3BlobStore)
+        assert (store.bucket, store.prefix, store.read_timeout) == (bucket, "up loads/", 9)
+        store.put("k", b"v")
+        assert moto_server.client().get_object(Bucket=bucket, Key="up loads/k")["Body"].read() == b"v"
 
     def test_seekable_file_uploads_from_its_position(self, moto_server: MotoServer,
                                                      bucket: str, tmp_path: Any) -> None:
