@@ -1,0 +1,214 @@
+"""Wiring: one DataManager with SQL, a cache, blobs, jobs, the services and the auth middleware.
+
+:func:`build` makes the whole application from :class:`~notes.config.Settings`;
+each integration is installed the same way (``thing.install(dm, name=...)``)
+and only this module knows which implementation was configured. Services
+only ever see ``ctx.db``, ``ctx.cache``, ``ctx.blobs`` and ``ctx.jobs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
+
+from polydatum import DataManager
+from polydatum.blob import BlobError, BlobStore, FileSystemBlobStore
+from polydatum.cache import Cache, MemoryBackend
+from polydatum.resources import ValueResource
+from polydatum.sqlalchemy import Database
+
+from notes.auth import AuthMiddleware
+from notes.config import ConfigError, Settings
+from notes.jobs import make_celery
+from notes.models import Base
+from notes.services import Notebooks, Notes, Users
+
+logger = logging.getLogger("notes")
+
+
+@dataclass
+class NotesApp:
+    """The built application: its DataManager and the parts installed in it."""
+
+    settings: Settings
+    dm: DataManager
+    db: Database
+    cache: Cache
+    blobs: BlobStore
+    celery: Celery
+    tasks: SimpleNamespace
+    redis: Any = None
+    _closers: list[Callable[[], object]] = field(default_factory=list)
+
+    def wsgi(self) -> Any:
+        """The WSGI application (each request in a context of ``dm``)."""
+        from notes.web import make_wsgi_app
+
+        return make_wsgi_app(self)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Ping every configured part; never raises.
+
+        Returns:
+            ``{part: {"ok": bool, "using": description, "ms": latency, "error": ...}}``.
+        """
+        using = self.settings.describe()
+        report: dict[str, dict[str, Any]] = {}
+        for part, ping in (("database", self._ping_database), ("cache", self._ping_cache),
+                           ("blobs", self._ping_blobs), ("jobs", self._ping_jobs)):
+            start = time.perf_counter()
+            try:
+                ping()
+            except ConfigError as exc:
+                report[part] = {"ok": False, "using": using[part], "error": str(exc)}
+                continue
+            report[part] = {"ok": True, "using": using[part],
+                            "ms": round((time.perf_counter() - start) * 1000, 1)}
+        return report
+
+    def check(self) -> None:
+        """Ping every part and raise the first failure.
+
+        Raises:
+            ConfigError: one line saying which part failed and what to fix.
+        """
+        for part in self.health().values():
+            if not part["ok"]:
+                raise ConfigError(part["error"])
+
+    def create_tables(self) -> None:
+        """Create the tables that do not exist yet (an example's stand-in for migrations)."""
+        try:
+            Base.metadata.create_all(self.db.engine)
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"cannot create the tables in {self.settings.describe()['database']}: "
+                              f"{_first_line(exc)}; check DATABASE_URL and its permissions") from None
+
+    def close(self) -> None:
+        """Release pools and connections (tests build many apps in one process)."""
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception:  # closing is best effort
+                logger.warning("closing %r failed", close, exc_info=True)
+        self._closers.clear()
+
+    # -- pings -------------------------------------------------------------
+
+    def _ping_database(self) -> None:
+        try:
+            self.db.ping()
+        except SQLAlchemyError as exc:
+            msg = (f"cannot use the database at {self.settings.describe()['database']}: {_first_line(exc)}; "
+                   "start it or fix DATABASE_URL")
+            raise ConfigError(msg) from None
+
+    def _ping_cache(self) -> None:
+        if not self.cache.ping():
+            msg = (f"cannot reach Redis at {self.settings.describe()['cache']}; start it or fix REDIS_URL "
+                   "(unset REDIS_URL for the in-process cache)")
+            raise ConfigError(msg)
+
+    def _ping_blobs(self) -> None:
+        try:
+            self.blobs.ping()
+        except BlobError as exc:
+            msg = f"BLOB_URL={self.settings.blob_url}: {_first_line(exc)}"
+            raise ConfigError(msg) from None
+
+    def _ping_jobs(self) -> None:
+        if self.settings.celery_broker_url is None:
+            return  # eager mode: jobs run in-process
+        try:
+            with self.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5, timeout=3)
+        except Exception as exc:
+            broker = self.settings.describe()["jobs"].removeprefix("celery via ")
+            msg = (f"cannot reach the Celery broker at {broker}: {_first_line(exc)}; "
+                   "start it or fix CELERY_BROKER_URL (unset it to run jobs in-process)")
+            raise ConfigError(msg) from None
+
+
+def build(settings: Settings) -> NotesApp:
+    """Make the application from ``settings``; nothing is contacted yet (see :meth:`NotesApp.check`).
+
+    Raises:
+        ConfigError: a setting cannot be used (a missing database driver, a bad Redis URL…).
+    """
+    dm = DataManager()
+    closers: list[Callable[[], object]] = []
+
+    db = _database(settings)
+    db.install(dm, name="db")  # ctx.db: a Session per context, committed by middleware
+    closers.append(db.dispose)
+
+    redis = None
+    if settings.redis_url is None:
+        cache = Cache(MemoryBackend(), namespace=settings.cache_namespace)
+    else:
+        from polydatum.redis import Redis
+
+        try:
+            redis = Redis(settings.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_URL={settings.redis_url!r} is not usable: {exc}") from None
+        cache = redis.cache(namespace=settings.cache_namespace)
+        closers.append(redis.close)
+    cache.install(dm, name="cache")  # ctx.cache: invalidations wait for the commit
+
+    blobs = _blob_store(settings)
+    blobs.install(dm, name="blobs")  # ctx.blobs: puts undone on rollback, deletes on commit
+
+    celery, tasks = make_celery(settings, dm)
+    closers.append(celery.close)
+    dm.register_resources(jobs=ValueResource(tasks))  # ctx.jobs.index_note.delay(...)
+
+    dm.register_services(users=Users(settings.secret_key), notebooks=Notebooks(), notes=Notes())
+    dm.register_method_middleware(AuthMiddleware())  # around every DAL call
+    return NotesApp(settings, dm, db, cache, blobs, celery, tasks, redis, closers)
+
+
+def _database(settings: Settings) -> Database:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        folder = Path(url.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            msg = f"cannot create {str(folder)!r} for the SQLite database: {exc.strerror}; fix DATABASE_URL"
+            raise ConfigError(msg) from None
+    try:
+        return Database(url)
+    except (SQLAlchemyError, ImportError) as exc:
+        msg = f"DATABASE_URL cannot be used: {_first_line(exc)}; install its driver or fix the URL"
+        raise ConfigError(msg) from None
+
+
+def _blob_store(settings: Settings) -> BlobStore:
+    parts = urllib.parse.urlsplit(settings.blob_url)
+    if parts.scheme == "file":
+        return FileSystemBlobStore(urllib.parse.unquote(parts.path))
+    from polydatum.s3 import S3BlobStore
+
+    options: dict[str, Any] = {}
+    if settings.aws_endpoint_url:
+        options["endpoint_url"] = settings.aws_endpoint_url
+    # Fail fast at start-up and in /health rather than retrying for half a minute.
+    return S3BlobStore(parts.netloc, prefix=parts.path.strip("/"), connect_timeout=3, max_attempts=2,
+                       **options)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

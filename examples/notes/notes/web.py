@@ -1,0 +1,200 @@
+"""The JSON HTTP API: Werkzeug routing, one polydatum context per request.
+
+:class:`~polydatum.werkzeug.PolydatumMiddleware` opens the request's context
+(meta: the user from the ``Authorization`` header, a request id…), commits
+it when the response ended, rolls it back on a status >= 400, and turns
+``ServiceError`` s into JSON errors (``NotFound`` 404, ``ConcurrencyConflict``
+409…). The views below only translate HTTP to DAL calls and back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+from werkzeug.wsgi import wrap_file
+
+from polydatum.werkzeug import PolydatumMiddleware, current_context
+
+from notes.auth import BadRequest, Unauthorized, user_from_token
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from notes.app import NotesApp
+
+MAX_JSON = 1024 * 1024
+MAX_UPLOAD = 64 * 1024 * 1024
+
+URLS = Map([
+    Rule("/", endpoint="index", methods=["GET"]),
+    Rule("/health", endpoint="health", methods=["GET"]),
+    Rule("/users", endpoint="sign_up", methods=["POST"]),
+    Rule("/users/<int:user_id>", endpoint="profile", methods=["GET"]),
+    Rule("/me", endpoint="me", methods=["GET"]),
+    Rule("/notebooks", endpoint="notebooks", methods=["GET", "POST"]),
+    Rule("/notebooks/<int:notebook_id>/notes", endpoint="notebook_notes", methods=["GET", "POST"]),
+    Rule("/notes/<int:note_id>", endpoint="note", methods=["GET", "PUT", "DELETE"]),
+    Rule("/notes/<int:note_id>/words", endpoint="words", methods=["GET"]),
+    Rule("/notes/<int:note_id>/attachments", endpoint="attach", methods=["POST"]),
+    Rule("/attachments/<int:attachment_id>", endpoint="attachment", methods=["GET", "DELETE"]),
+    Rule("/search", endpoint="search", methods=["GET"]),
+])
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json")
+
+
+def _body(request: Request) -> dict[str, Any]:
+    if (request.content_length or 0) > MAX_JSON:
+        msg = f"the JSON body is larger than {MAX_JSON} bytes"
+        raise BadRequest(msg)
+    try:
+        data = json.loads(request.get_data(cache=False) or b"{}")
+    except ValueError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        msg = "the body must be a JSON object"
+        raise BadRequest(msg)
+    return data
+
+
+def _int_arg(request: Request, name: str, default: int | None) -> int | None:
+    value = request.args.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be an integer, got {value!r}") from None
+
+
+class Views:
+    """The endpoints; each returns a Werkzeug Response."""
+
+    def __init__(self, app: NotesApp) -> None:
+        self.app = app
+
+    def index(self, request: Request) -> Response:
+        return _json({
+            "name": "polydatum notes",
+            "health": "/health",
+            "endpoints": sorted({f"{' '.join(sorted(r.methods or ()))} {r.rule}" for r in URLS.iter_rules()}),
+            "start": 'curl -X POST -d \'{"name": "ada"}\' ' + request.host_url + "users",
+        })
+
+    def health(self, request: Request) -> Response:
+        report = self.app.health()
+        ok = all(part["ok"] for part in report.values())
+        return _json({"ok": ok, "parts": report}, 200 if ok else 503)
+
+    def sign_up(self, request: Request) -> Response:
+        return _json(_dal().users.sign_up(_body(request).get("name")), 201)
+
+    def profile(self, request: Request, user_id: int) -> Response:
+        return _json(_dal().users.profile(user_id))
+
+    def me(self, request: Request) -> Response:
+        return _json(_dal().users.profile(current_context().meta.user))
+
+    def notebooks(self, request: Request) -> Response:
+        if request.method == "POST":
+            return _json(_dal().notebooks.add(_body(request).get("name")), 201)
+        return _json({"notebooks": _dal().notebooks.mine()})
+
+    def notebook_notes(self, request: Request, notebook_id: int) -> Response:
+        if request.method == "POST":
+            body = _body(request)
+            return _json(_dal().notes.add(notebook_id, body.get("title"), body.get("text", "")), 201)
+        limit = _int_arg(request, "limit", 50)
+        return _json(_dal().notebooks.notes(notebook_id, limit=limit, after=request.args.get("after")))
+
+    def note(self, request: Request, note_id: int) -> Response:
+        if request.method == "PUT":
+            body = _body(request)
+            return _json(_dal().notes.edit(note_id, version=body.get("version"), title=body.get("title"),
+                                           text=body.get("text")))
+        if request.method == "DELETE":
+            _dal().notes.remove(note_id, version=_int_arg(request, "version", None))
+            return Response(status=204)
+        return _json(_dal().notes.read(note_id))
+
+    def words(self, request: Request, note_id: int) -> Response:
+        return _json(_dal().notes.words(note_id))
+
+    def attach(self, request: Request, note_id: int) -> Response:
+        if (request.content_length or 0) > MAX_UPLOAD:
+            msg = f"attachments are limited to {MAX_UPLOAD} bytes"
+            raise BadRequest(msg)
+        name = request.args.get("name")
+        if not name:
+            msg = "name the attachment: POST /notes/<id>/attachments?name=photo.jpg"
+            raise BadRequest(msg)
+        # The body is streamed into the blob store, never read into memory whole.
+        attachment = _dal().notes.attach(note_id, name, request.stream, request.mimetype or None)
+        return _json(attachment, 201)
+
+    def attachment(self, request: Request, attachment_id: int) -> Response:
+        if request.method == "DELETE":
+            _dal().notes.detach(attachment_id)
+            return Response(status=204)
+        info, stream = _dal().notes.open_attachment(attachment_id)
+        # Streamed: the context (and the blob stream) stays open until the body is sent.
+        response = Response(wrap_file(request.environ, stream), mimetype=info["content_type"],
+                            direct_passthrough=True)
+        response.content_length = info["size"]
+        response.headers["Content-Disposition"] = _disposition(info["name"])
+        return response
+
+    def search(self, request: Request) -> Response:
+        limit = _int_arg(request, "limit", 50)
+        assert limit is not None
+        return _json({"notes": _dal().notes.find(request.args.get("word"), limit=limit)})
+
+
+def _dal() -> Any:
+    return current_context().dal
+
+
+def _disposition(name: str) -> str:
+    from urllib.parse import quote
+
+    return f"attachment; filename*=UTF-8''{quote(name)}"
+
+
+def make_wsgi_app(app: NotesApp) -> PolydatumMiddleware:
+    """The API as a WSGI application, wrapped in polydatum's middleware."""
+    views = Views(app)
+    secret = app.settings.secret_key
+
+    def dispatch(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = Request(environ)
+        request.max_content_length = MAX_UPLOAD
+        adapter = URLS.bind_to_environ(environ)
+        try:
+            endpoint, args = adapter.match()
+            view: Callable[..., Response] = getattr(views, str(endpoint))
+            response = view(request, **args)
+        except HTTPException as exc:
+            code = exc.code or 500
+            response = _json({"status": code, "error": exc.name, "message": exc.description}, code)
+        return response(environ, start_response)
+
+    def meta(request: Request) -> dict[str, Any]:
+        # Verified without the database: the token is signed. A bad token is a 401
+        # before any context opens.
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            return {"user": None}
+        if scheme.lower() != "bearer" or not token:
+            msg = "send the token as Authorization: Bearer <token>"
+            raise Unauthorized(msg)
+        return {"user": user_from_token(secret, token.strip())}
+
+    return PolydatumMiddleware(dispatch, app.dm, meta=meta)
