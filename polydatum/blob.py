@@ -1304,7 +1304,12 @@ class FileSystemBlobStore(BlobStore):
                 else:
                     _unlink(meta_path)
             except OSError as exc:
-                raise self._unavailable("write metadata of", key, exc) from exc
+                msg = (
+                    f"could not write metadata of blob {key!r} under {self.root!r}: "
+                    f"{exc.strerror or exc}; its content was replaced but its content type "
+                    "and metadata were not: put it again once the disk is writable"
+                )
+                raise BlobStoreUnavailable(msg, key=key) from exc
         self._fsync_dir(directory)
 
     def _get(self, key: str) -> bytes:

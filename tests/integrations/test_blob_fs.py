@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -27,6 +28,30 @@ from polydatum.blob import (
 )
 
 MiB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make a folder refuse new and removed entries for this process, even as root.
+
+    As root permissions do not apply, so the folder is made immutable (chattr +i).
+    """
+    if os.geteuid() != 0:
+        mode = directory.stat().st_mode
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(mode)
+        return
+    try:
+        subprocess.run(["chattr", "+i", str(directory)], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make {directory} read-only as root (chattr +i): {exc}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -356,3 +381,35 @@ class TestDiskFaults:
         assert not link.is_symlink()
         assert fs.get("linked.bin") == b"replacement"
         assert outside.read_bytes() == b"original"
+
+    def test_a_read_only_folder_refuses_writes_and_deletes(self, fs: FileSystemBlobStore) -> None:
+        """A folder this process cannot write: put and delete raise BlobStoreUnavailable, nothing changes."""
+        fs.put("a/k", b"old")
+        with read_only(Path(fs.root) / "a"):
+            with pytest.raises(BlobStoreUnavailable, match=r"could not write blob 'a/k' under .*"):
+                fs.put("a/k", b"new")
+            with pytest.raises(BlobStoreUnavailable, match=r"could not delete blob 'a/k'"):
+                fs.delete("a/k")
+        assert fs.get("a/k") == b"old"
+        assert os.listdir(Path(fs.root) / ".polydatum" / "tmp") == []
+
+    def test_a_read_only_metadata_folder(self, fs: FileSystemBlobStore) -> None:
+        """When only the metadata cannot be written, the error says the content was replaced."""
+        fs.put("a/k", b"old", metadata={"v": "1"})
+        with read_only(Path(fs.root) / ".polydatum" / "meta" / "a"), pytest.raises(
+            BlobStoreUnavailable, match=r"metadata of blob 'a/k'.*content was replaced.*put it again"
+        ):
+            fs.put("a/k", b"new", metadata={"v": "2"})
+        assert fs.get("a/k") == b"new"
+        assert fs.stat("a/k").metadata == {"v": "1"}
+        assert os.listdir(Path(fs.root) / ".polydatum" / "tmp") == []
+        fs.put("a/k", b"new", metadata={"v": "2"})
+        assert fs.stat("a/k").metadata == {"v": "2"}
+
+    def test_ping_on_a_read_only_root(self, fs: FileSystemBlobStore) -> None:
+        """ping() raises BlobStoreUnavailable when the root exists but cannot be written."""
+        fs.ping()
+        with read_only(Path(fs.root)), pytest.raises(BlobStoreUnavailable,
+                                                     match="is not writable by this process"):
+            fs.ping()
+        fs.ping()
