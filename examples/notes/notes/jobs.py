@@ -43,7 +43,9 @@ def make_celery(settings: Settings, dm: DataManager) -> tuple[Celery, SimpleName
     # Database deadlocks and serialization failures are retried in a fresh context.
     install(app, dm, retry_transient=3)
 
-    @app.task(name="notes.index_note")  # type: ignore[untyped-decorator]  # celery is untyped
+    # shared=False: the task belongs to this app (and so to this DataManager) only;
+    # a shared task would be added to every Celery app made later in the process.
+    @app.task(name="notes.index_note", shared=False)  # type: ignore[untyped-decorator]  # celery is untyped
     def index_note(note_id: int) -> Any:
         """Build the word index of a note (runs in a context of its own)."""
         return dm.require_active_context().dal.notes.build_index(note_id)
