@@ -25,7 +25,10 @@ client (threads, raw sockets, keep-alive where the server allows it: the
 werkzeug development server closes every connection) drives one server at a
 time. Rounds are short and interleaved, the order flipping every round; the
 ratio is the median over rounds of polydatum's req/s over the hand-written
-app's in the same round, which keeps the machine's drift out of it.
+app's in the same round, which keeps the machine's drift out of it. The
+server process's CPU time per request (from /proc) is printed too: on a
+shared machine it is steadier than req/s, which also measures whoever
+else is using the cores.
 """
 
 from __future__ import annotations
@@ -272,8 +275,8 @@ def one_request(sock: socket.socket) -> bool:
     return b"connection: close" not in lines
 
 
-def load(port: int, seconds: float) -> float:
-    """Requests/s of ``CONCURRENCY`` client threads hammering ``port`` for ``seconds``."""
+def load(port: int, seconds: float) -> tuple[float, int]:
+    """Requests/s and requests done by ``CONCURRENCY`` client threads hammering ``port``."""
     counts = [0] * CONCURRENCY
     errors: list[BaseException] = []
     start = threading.Barrier(CONCURRENCY + 1)
@@ -308,7 +311,7 @@ def load(port: int, seconds: float) -> float:
     elapsed = time.monotonic() - began
     if errors:
         raise errors[0]
-    return sum(counts) / elapsed
+    return sum(counts) / elapsed, sum(counts)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -339,20 +342,34 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def compare(kind: str, ports: dict[str, int]) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def compare(kind: str, ports: dict[str, int], pids: dict[str, int]) -> dict[str, float]:
     for variant in VARIANTS:
         load(ports[f"{kind}-{variant}"], 0.5)  # warm-up: pools filled, code paths hot
     rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     vs_hand, vs_in_view = [], []
     for round_ in range(ROUNDS):
         # Rotate the order, so no variant always runs first or last.
         order = VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]
-        got = {variant: load(ports[f"{kind}-{variant}"], SECONDS) for variant in order}
+        got = {}
+        for variant in order:
+            name = f"{kind}-{variant}"
+            before = cpu_seconds(pids[name])
+            got[variant], done = load(ports[name], SECONDS)
+            cpu[variant].append((cpu_seconds(pids[name]) - before) / done * 1e6)
         for variant, rate in got.items():
             rates[variant].append(rate)
         vs_hand.append(got["polydatum"] / got["by-hand"])
         vs_in_view.append(got["polydatum"] / got["dal-in-view"])
     result = {variant: median(values) for variant, values in rates.items()}
+    result.update({f"cpu-{variant}": median(values) for variant, values in cpu.items()})
     result.update(ratio=median(vs_hand), middleware_ratio=median(vs_in_view))
     return result
 
@@ -369,15 +386,19 @@ def main() -> None:
             procs.append(subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port)]))
         for proc, port in zip(procs, ports.values(), strict=True):
             wait_ready(port, proc)
+        pids = {kind: proc.pid for kind, proc in zip(ports, procs, strict=True)}
         print(f"{ROUNDS} interleaved rounds of {SECONDS:.0f} s each, {CONCURRENCY} client threads, "
-              f"one PostgreSQL primary-key read per request (requests/s, medians)")
-        print(f"{'server':<24} {'polydatum':>10} {'dm.dal() in view':>17} {'by hand':>10} "
+              f"one PostgreSQL primary-key read per request; medians")
+        print(f"{'':<24} {'polydatum':>10} {'dm.dal() in view':>17} {'by hand':>10} "
               f"{'polydatum/by hand':>18} {'middleware alone':>17}")
         results = {}
-        for kind, label in (("wsgi", "werkzeug.serving (WSGI)"), ("asgi", "uvicorn (ASGI)")):
-            r = results[kind] = compare(kind, ports)
-            print(f"{label:<24} {r['polydatum']:>10.0f} {r['dal-in-view']:>17.0f} {r['by-hand']:>10.0f} "
-                  f"{r['ratio']:>18.1%} {r['middleware_ratio']:>17.1%}")
+        for kind, label in (("wsgi", "WSGI (werkzeug.serving)"), ("asgi", "ASGI (uvicorn)")):
+            r = results[kind] = compare(kind, ports, pids)
+            print(f"{label + ' req/s':<24} {r['polydatum']:>10.0f} {r['dal-in-view']:>17.0f} "
+                  f"{r['by-hand']:>10.0f} {r['ratio']:>18.1%} {r['middleware_ratio']:>17.1%}")
+            ours, in_view, hand = r["cpu-polydatum"], r["cpu-dal-in-view"], r["cpu-by-hand"]
+            print(f"{'  server CPU µs/request':<24} {ours:>10.0f} {in_view:>17.0f} {hand:>10.0f} "
+                  f"{hand / ours:>18.1%} {in_view / ours:>17.1%}")
         if "--json" in sys.argv:
             print(json.dumps(results))
     finally:
