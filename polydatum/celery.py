@@ -248,10 +248,13 @@ def default_meta(task: Any) -> dict[str, Any]:
 
     .. versionadded:: 2.0
     """
-    request = task.request
+    return _meta_from(task.name, task.request)
+
+
+def _meta_from(name: str, request: Any) -> dict[str, Any]:
     return {
         "task_id": request.id,
-        "task_name": task.name,
+        "task_name": name,
         "retries": request.retries or 0,
         "parent_id": request.parent_id,
         "root_id": request.root_id,
@@ -358,7 +361,7 @@ class PolydatumTask(Task):  # type: ignore[misc]  # celery is untyped
         return None
 
     def _context_meta(self, wiring: _Wiring, request: Any) -> dict[str, Any]:
-        meta = default_meta(self)
+        meta = _meta_from(self.name, request)
         for header in wiring.headers:
             meta[header] = _header(request, header)
         if wiring.meta is not None:
