@@ -64,6 +64,8 @@ def runs(token: str) -> list[dict[str, Any]]:
 SCHEMA = [
     "CREATE TABLE notes (id serial PRIMARY KEY, body text UNIQUE NOT NULL)",
     "CREATE TABLE counters (id int PRIMARY KEY, value int NOT NULL)",
+    # Checked at COMMIT, so the body returns fine and the commit fails.
+    "CREATE TABLE late_checks (k text, CONSTRAINT late_unique UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)",
 ]
 
 
@@ -165,6 +167,12 @@ def build(database_url: str, broker: str, backend: str, queue: str, prefix: str)
         add_note(body)
         raise Ignore()
 
+    @app.task(name="pdtest.commit_fails")
+    def commit_fails(key: str) -> str:
+        for _ in range(2):
+            ctx().db.execute(text("INSERT INTO late_checks (k) VALUES (:k)"), {"k": key})
+        return "the body returned"
+
     @app.task(name="pdtest.typed")
     def typed(a: int, b: int) -> int:
         return a + b
@@ -173,7 +181,7 @@ def build(database_url: str, broker: str, backend: str, queue: str, prefix: str)
         dm=dm, db=db, app=app, other=other, write_note=write_note, write_then_fail=write_then_fail,
         read_note=read_note, record=record, retry_once=retry_once, conflict=conflict,
         conflict_no_retry=conflict_no_retry, divide_by_zero=divide_by_zero, spawn=spawn,
-        ignore=ignore, typed=typed,
+        ignore=ignore, typed=typed, commit_fails=commit_fails,
     )
 
 
@@ -249,6 +257,17 @@ def test_a_task_that_raises_leaves_nothing(env: SimpleNamespace) -> None:
         result.get(timeout=WAIT)
     assert result.state == "FAILURE"
     assert not note_exists(env, body)
+
+
+def test_a_task_whose_commit_fails_is_a_failed_task(env: SimpleNamespace) -> None:
+    key = token()
+    result = env.commit_fails.delay(key)
+    result.get(timeout=WAIT, propagate=False)
+    assert result.state == "FAILURE"
+    assert "late_unique" in str(result.result)
+    with env.other.connect() as conn:
+        left = conn.execute(text("SELECT count(*) FROM late_checks WHERE k = :k"), {"k": key})
+        assert left.scalar_one() == 0
 
 
 def test_meta_inside_the_task(env: SimpleNamespace) -> None:
