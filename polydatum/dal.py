@@ -159,7 +159,8 @@ class _Command(DalCommand):
         if dm is None:
             return dal._dispatch(ctx, self, args, kwargs)
         if dal._direct and len(self.path) > 1:
-            resolve_owner(dal._services, self.path)  # raises DalMethodError naming the bad step
+            # Raises DalMethodError naming the bad step.
+            resolve_owner(dal._services, self.path, callable_only=True)
             names = tuple(path_name(self.path).split("."))
             self._st = (dal._services[names[0]], names[1:-1], names[-1], dm._ctx_var.get)
         else:
@@ -184,7 +185,7 @@ class _Command(DalCommand):
         resolved = self._resolved
         services = self._dal._services
         if resolved is None or resolved[0] != _registry.version:
-            _, target = resolve_owner(services, self.path)  # raises DalMethodError naming the bad step
+            _, target = resolve_owner(services, self.path, callable_only=True)
             self._resolved = (_registry.version, tuple(path_name(self.path).split(".")))
             _registry.track(self)
             return target
@@ -287,6 +288,7 @@ class DataAccessLayer:
             if key in self._services:
                 msg = f"a service named {key!r} is already registered; use replace_service() to swap it"
                 raise AlreadyExistsException(msg)
+            self._check_name(key)
             check_service(key, service)
         for key, service in services.items():
             self._init_service(key, service)
@@ -294,8 +296,19 @@ class DataAccessLayer:
 
     def replace_service(self, key: str, service: Any) -> Any:
         """Register ``service`` under ``key``, replacing any previous one (tests)."""
+        self._check_name(key)
         check_service(key, service)
         return self._init_service(key, service)
+
+    @classmethod
+    def _check_name(cls, key: str) -> None:
+        if key[:1] == "_" or hasattr(cls, key):
+            msg = (
+                f"cannot register a service named {key!r}: names starting with '_' and the "
+                "DataAccessLayer's own attributes (register_services, add_middleware...) "
+                "would not be reachable as dal.<name>; pick another name"
+            )
+            raise ValueError(msg)
 
     def _init_service(self, key: str, service: Any) -> Any:
         service.setup(self._data_manager)

@@ -199,18 +199,33 @@ def _unknown_path_error(
 
 
 def resolve_owner(
-    services: dict[str, Any], path: tuple[PathSegment, ...]
+    services: dict[str, Any], path: tuple[PathSegment, ...], *, callable_only: bool = False
 ) -> tuple[Any, Any]:
     """Resolve ``path`` to ``(owner, target)``, validating every step.
 
     ``owner`` is the object holding the last name (the services dict for a
     one-name path), ``target`` what that name refers to now.
 
+    Args:
+        services: the DAL's top-level services.
+        path: the path to resolve.
+        callable_only: refuse a path ending at a service (it is about to be called).
+
     Raises:
         DalMethodError: naming the first unknown step and the nearest known names.
     """
     if not path:
         raise DalMethodError(path, "an empty DAL path cannot be called; name a service method")
+    for index, segment in enumerate(path):
+        name = segment.name
+        # Paths may come from strings (routing tables, task names): private
+        # names and the framework's setup() are never reachable through them.
+        if name[:1] == "_" or (name == "setup" and index == len(path) - 1):
+            msg = (
+                f"dal.{path_name(path)}: {name!r} is not a service method; names starting with "
+                "'_' and setup() belong to the framework and cannot be called through the DAL"
+            )
+            raise DalMethodError(path, msg)
     owner: Any = services
     target: Any = None
     for location, target in _walk(services, path):
@@ -222,6 +237,14 @@ def resolve_owner(
             raise DalMethodError(path, msg)
         if len(location) < len(path):
             owner = target
+    if callable_only and not callable(target):
+        methods = sorted(
+            name for name in dir(target)
+            if not name.startswith("_") and name != "setup" and callable(getattr(target, name, None))
+        )
+        shown = ", ".join(methods[:8]) or "none"
+        msg = f"dal.{path_name(path)} is a service, not a method; call one of its methods ({shown})"
+        raise DalMethodError(path, msg)
     return owner, target
 
 
@@ -254,5 +277,8 @@ def handle_dal_method(request: DalCommandRequest) -> Any:
             f"DAL method {request.path_name!r} was not resolved; the middleware chain must "
             "include dal_method_resolver_middleware or set request.dal_method"
         )
+        raise DalMethodError(request.path, msg)
+    if not callable(method):
+        msg = f"dal.{request.path_name} is {describe(method)}, not a method; call one of its methods"
         raise DalMethodError(request.path, msg)
     return method(*request.args, **request.kwargs)

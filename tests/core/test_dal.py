@@ -329,11 +329,17 @@ class TestResolution:
             steps = list(resolve(ctx, path))
         assert steps == [(path[:1], users), (path[:2], None), (path, None)]
 
-    def test_calling_a_service_itself(self) -> None:
-        """Calling a path that ends at a service (not a method) raises TypeError."""
-        dm, _ = make()
-        with dm.dal() as dal, pytest.raises(TypeError):
-            dal.users.profile()
+    @CHAIN
+    def test_calling_a_service_itself(self, chain: bool) -> None:
+        """Calling a path that ends at a service (not a method) says so and lists its methods."""
+        dm, _ = make(chain)
+        with dm.dal() as dal:
+            with pytest.raises(DalMethodError, match=r"dal.users.profile is a service, not a method.*get"):
+                dal.users.profile()
+            with pytest.raises(DalMethodError, match=r"dal.users is a service, not a method"):
+                dal.users()
+            with pytest.raises(DalMethodError, match=r"dal.users is a service"):
+                dal["users"]()
 
 
 class TestPathSegment:
