@@ -122,7 +122,7 @@ class NotesApp:
         try:
             self.blobs.ping()
         except BlobError as exc:
-            msg = f"BLOB_URL={self.settings.blob_url}: {_first_line(exc)}"
+            msg = f"BLOB_URL={self.settings.blob_url}: {_first_line(exc)}; fix BLOB_URL or the storage"
             raise ConfigError(msg) from None
 
     def _ping_jobs(self) -> None:
@@ -152,17 +152,21 @@ def build(settings: Settings) -> NotesApp:
     closers.append(db.dispose)
 
     redis = None
-    if settings.redis_url is None:
-        cache = Cache(MemoryBackend(), namespace=settings.cache_namespace)
-    else:
+    if settings.redis_url is not None:
         from polydatum.redis import Redis
 
         try:
             redis = Redis(settings.redis_url)
         except ValueError as exc:
-            raise ConfigError(f"REDIS_URL={settings.redis_url!r} is not usable: {exc}") from None
-        cache = redis.cache(namespace=settings.cache_namespace)
+            raise ConfigError(f"REDIS_URL={settings.redis_url!r} is not usable: {exc}; fix it") from None
         closers.append(redis.close)
+    try:
+        if redis is None:
+            cache = Cache(MemoryBackend(), namespace=settings.cache_namespace)
+        else:
+            cache = redis.cache(namespace=settings.cache_namespace)
+    except ValueError as exc:
+        raise ConfigError(f"CACHE_NAMESPACE is not usable: {exc}") from None
     cache.install(dm, name="cache")  # ctx.cache: invalidations wait for the commit
 
     blobs = _blob_store(settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -102,22 +103,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app = start()
     try:
+        # Our own socket: Werkzeug would print its own advice and sys.exit() on a taken port.
         try:
-            server = make_server(args.host, args.port, app.wsgi(), threaded=True)
+            family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as listener:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((args.host, args.port))
+                listener.listen(128)
+                server = make_server(args.host, args.port, app.wsgi(), threaded=True, fd=listener.fileno())
         except OSError as exc:
-            msg = f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port"
+            msg = f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; choose another --port"
             raise ConfigError(msg) from None
         host = args.host if ":" not in args.host else f"[{args.host}]"
-        url = f"http://{host}:{server.server_port}/"
+        url = f"http://{host}:{server.socket.getsockname()[1]}/"
         for part, using in app.settings.describe().items():
             print(f"  {part:9} {using}")
         print(f"polydatum notes is running: open {url}  (Ctrl-C stops it)", flush=True)
         try:
-            server.serve_forever()
+            server.serve_forever()  # Werkzeug's returns on Ctrl-C
         except KeyboardInterrupt:
-            print("stopped")
+            pass
         finally:
             server.server_close()
+        print("stopped")
     finally:
         app.close()
     return 0
