@@ -28,18 +28,20 @@ Starlette, FastAPI or a bare ASGI callable, and imports none of them. Each
 What it guarantees:
 
 - **Meta** comes from the scope: ``request_id`` (the ``x-request-id``
-  header, or a new random 32-hex-digit id), ``remote_addr``, ``method`` and ``path``,
-  with whatever your ``meta(scope)`` function (sync or async) returns merged
-  over them.
+  header, or 32 new random hex digits), ``remote_addr``, ``method`` and
+  ``path``, with whatever your ``meta(scope)`` function (sync or async)
+  returns merged over them.
 - **Streaming-safe.** An HTTP context stays open while the app streams its
   body and ends when the app sends the last body message
-  (``more_body`` false), *before* that message is passed to the server: if
-  the commit fails, the response is never completed and the client sees a
-  broken response, never a false success. A WebSocket's context ends when
-  the app returns (the socket closed).
+  (``more_body`` false), *before* that message is passed to the server.
+  The ``http.response.start`` message is held back until the first body
+  message, so when a failed commit ends a response whose body is one
+  message, the client gets the mapped error response; later, it gets a
+  broken response. Never a false success. A WebSocket's context ends when
+  the app returns.
 - **Errors.** A :class:`~polydatum.errors.ServiceError` (``NotFound`` →
   404, ``ConcurrencyConflict`` → 409, any other ``code``) raised before the
-  response started becomes a JSON response ``{"status", "error",
+  response went out becomes a JSON response ``{"status", "error",
   "message"}`` after the rollback. Anything else rolls back and propagates
   to the server. Add the middleware *inside* Starlette's error handling
   (``app.add_middleware``) so unhandled exceptions reach it before
@@ -49,6 +51,8 @@ What it guarantees:
   in; ``veto(status, headers) -> bool`` decides otherwise); a response the
   app never finished (the client went away) rolls back with
   ``ResponseIncomplete``. Neither signal reaches the server.
+
+The guide is ``docs/integrations/asgi.md``.
 
 .. versionadded:: 2.0
 """

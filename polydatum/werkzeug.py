@@ -31,30 +31,32 @@ or ``dm.get_dal()``::
 What it guarantees:
 
 - **Meta** comes from the request: ``request_id`` (the ``X-Request-ID``
-  header, or a new random 32-hex-digit id), ``remote_addr``, ``method`` and ``path``,
-  with whatever your ``meta(request)`` function returns merged over them.
+  header, or 32 new random hex digits), ``remote_addr``, ``method`` and
+  ``path``, with whatever your ``meta(request)`` function returns merged
+  over them.
 - **Streaming-safe.** The context stays open while the server iterates the
-  response body and is exited, exactly once, when the server calls
-  ``close()`` on it (after the wrapped iterable's own ``close()``). A body
-  the app returns as a ``list`` or ``tuple`` is complete already: then the
-  context ends before the server sends a byte, so a failed commit still
-  becomes an error response instead of a false ``200``.
+  response body, and ends exactly once: when the body is exhausted (after
+  closing the app's iterable, before the server learns the body ended), or
+  when the server calls ``close()`` before that (the client went away).
+- **No false success.** A body that is complete before it is sent (a
+  ``list``, or a response with a ``Content-Length``, read one chunk ahead)
+  ends its context before its last chunk goes out: a failed commit becomes
+  the mapped error response, or a broken one, never a ``200``.
 - **Errors.** :class:`~polydatum.errors.ServiceError` (and so ``NotFound``
-  → 404, ``ConcurrencyConflict`` → 409, any other ``code``) raised by the
-  app becomes a JSON response ``{"status", "error", "message"}`` after the
-  context rolled back. Every other exception rolls back and propagates to
-  the server.
+  → 404, ``ConcurrencyConflict`` → 409, any other ``code``) raised before
+  the first byte of the body was sent becomes a JSON response ``{"status",
+  "error", "message"}`` after the context rolled back. Every other
+  exception rolls back and propagates to the server.
 - **Status rollback.** A response with status >= 400 rolls the context back
   although nothing raised: :class:`RollbackResponse` is thrown into it, so
   transaction middleware rolls back and ``on_rollback`` hooks run. Pass
   ``veto(status, headers) -> bool`` to decide otherwise. A body that was
-  not sent to its end (the client went away) rolls back with
-  :class:`ResponseIncomplete`. Neither signal ever reaches the server.
+  not sent to its end rolls back with :class:`ResponseIncomplete`. Neither
+  signal ever reaches the server.
 
 Flask apps use :func:`init_app`, which also maps ``ServiceError`` raised in
-views (Flask would otherwise turn them into 500s).
-
-.. autoclass:: PolydatumMiddleware
+views (Flask would otherwise turn them into 500s). The guide is
+``docs/integrations/werkzeug.md``.
 
 .. versionadded:: 2.0
 """
@@ -319,7 +321,7 @@ class _Response:
         if self.sent or error_status(final) is None:
             raise final
         # Nothing was sent yet: the mapped error replaces the response.
-        return _error_response(self._server_start, final, final)[0]
+        return _error_response(self._server_start, final, self._replaces(final))[0]
 
     def close(self) -> None:
         """Called by the server: ends the context if the body was not sent to its end."""
@@ -346,7 +348,12 @@ class _Response:
     def _map(self, exc: BaseException) -> Iterable[bytes]:
         if error_status(exc) is None:
             raise exc
-        return _error_response(self._server_start, exc, exc)
+        return _error_response(self._server_start, exc, self._replaces(exc))
+
+    def _replaces(self, exc: BaseException) -> BaseException | None:
+        # exc_info only when the app set a status already: some servers (and
+        # werkzeug's test client) re-raise any exc_info they are given.
+        return exc if self.status is not None else None
 
     # -- the one exit --------------------------------------------------------
 

@@ -788,3 +788,16 @@ def test_rollback_signals_never_reach_the_server(env: Env) -> None:
     with serve(app) as port:
         assert request(port, "/").status == 400
     assert seen == [ResponseIncomplete, RollbackResponse]
+
+
+def test_mapped_errors_under_a_client_that_reraises_any_exc_info(env: Env) -> None:
+    # werkzeug's test client re-raises whatever exc_info start_response gets:
+    # the middleware passes one only to replace a status the app had set.
+    from werkzeug.test import Client
+
+    name = unique("client")
+    reply = Client(PolydatumMiddleware(routes({"/w": writer(env)}), env.dm)).get(
+        f"/w?name={name}&raise=notfound"
+    )
+    assert reply.status_code == 404
+    assert name not in env.names()
