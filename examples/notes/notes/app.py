@@ -187,6 +187,7 @@ def _database(settings: Settings) -> Database:
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         folder = Path(url.database).parent
+        _ignore_in_git(settings, folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -202,7 +203,9 @@ def _database(settings: Settings) -> Database:
 def _blob_store(settings: Settings) -> BlobStore:
     parts = urllib.parse.urlsplit(settings.blob_url)
     if parts.scheme == "file":
-        return FileSystemBlobStore(urllib.parse.unquote(parts.path))
+        root = urllib.parse.unquote(parts.path)
+        _ignore_in_git(settings, Path(root))
+        return FileSystemBlobStore(root)
     from polydatum.s3 import S3BlobStore
 
     options: dict[str, Any] = {}
@@ -211,6 +214,20 @@ def _blob_store(settings: Settings) -> BlobStore:
     # Fail fast at start-up and in /health rather than retrying for half a minute.
     return S3BlobStore(parts.netloc, prefix=parts.path.strip("/"), connect_timeout=3, max_attempts=2,
                        **options)
+
+
+def _ignore_in_git(settings: Settings, path: Path) -> None:
+    """Keep the embedded defaults' data out of version control, as virtualenvs do."""
+    data = settings.data_dir
+    if not path.resolve().is_relative_to(data):
+        return
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        marker = data / ".gitignore"
+        if not marker.exists():
+            marker.write_text("# made by polydatum-notes: local data, never committed\n*\n")
+    except OSError:
+        pass  # the part that needs the folder reports the problem with its own message
 
 
 def _first_line(exc: BaseException) -> str:
