@@ -744,3 +744,18 @@ async def test_rollback_signals_never_reach_the_server(env: Env) -> None:
     assert (await raw_get(env, bad_request)).status_code == 400
     assert (await raw_get(env, unfinished)).status_code == 500  # uvicorn: incomplete response
     assert seen == [RollbackResponse, ResponseIncomplete]
+
+
+async def test_an_error_after_the_response_ended_still_reaches_the_server(env: Env) -> None:
+    name = unique("after")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await env.create(name)
+        await ok_app(scope, receive, send)  # the context commits here
+        raise RuntimeError("a background job failed")
+
+    reply = await raw_get(env, app)
+    assert reply.status_code == 200
+    assert reply.text == "ok"
+    assert name in env.names()
+    assert env.events == [("commit", name)]

@@ -801,3 +801,41 @@ def test_mapped_errors_under_a_client_that_reraises_any_exc_info(env: Env) -> No
     )
     assert reply.status_code == 404
     assert name not in env.names()
+
+
+def test_an_app_returning_no_iterable_rolls_back(env: Env) -> None:
+    name = unique("noiter")
+
+    def app(environ: Any, start_response: Any) -> Any:
+        env.create(name)
+        start_response("200 OK", [])
+        return None  # not a WSGI body
+
+    with serve(PolydatumMiddleware(app, env.dm)) as port:
+        assert request(port, "/").status == 500
+    assert name not in env.names()
+    assert env.events == [("rollback", name)]
+
+
+def test_a_body_closed_from_another_thread(env: Env) -> None:
+    # Some servers iterate or close the body in another thread than the one
+    # that called the app: the context still ends once, and commits. (The
+    # DAL itself is only there in the thread that called the app.)
+    name = unique("other-thread")
+
+    def app(environ: Any, start_response: Any) -> Iterator[bytes]:
+        env.create(name)
+        start_response("200 OK", [])
+        return iter([b"done"])
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http",
+               "SERVER_NAME": "x", "SERVER_PORT": "80"}
+    body = PolydatumMiddleware(app, env.dm)(environ, lambda *a: None)  # type: ignore[arg-type]
+    chunks: list[bytes] = []
+    thread = threading.Thread(target=lambda: (chunks.extend(body), body.close()))  # type: ignore[attr-defined]
+    thread.start()
+    thread.join()
+    assert chunks == [b"done"]
+    assert env.events == [("commit", name)]
+    with pytest.raises(NoActiveContextError):
+        current_context()  # this thread's view of the request ended too
