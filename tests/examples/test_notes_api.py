@@ -11,6 +11,7 @@ check what the API cannot show.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -214,6 +215,28 @@ def test_an_edit_based_on_a_stale_version_is_a_conflict(notes: SimpleNamespace) 
     assert stale.json()["error"] == "Conflict"
     assert ann.ok("GET", f"/notes/{note['id']}")["text"] == "two"
     assert ann.request("PUT", f"/notes/{note['id']}", json={"text": "no version"}).status_code == 400
+
+
+def test_two_simultaneous_edits_of_one_version_one_wins(notes: SimpleNamespace) -> None:
+    ann = User(notes)
+    note = ann.note(ann.notebook(), "raced", "start")
+    barrier = threading.Barrier(2)
+    statuses: list[int] = []
+
+    def edit(text: str) -> None:
+        barrier.wait(timeout=WAIT)
+        response = ann.request("PUT", f"/notes/{note['id']}", json={"version": 1, "text": text})
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=edit, args=(t,)) for t in ("left", "right")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=WAIT)
+    assert sorted(statuses) == [200, 409]
+    final = ann.ok("GET", f"/notes/{note['id']}")
+    assert final["version"] == 2
+    assert final["text"] in ("left", "right")
 
 
 # -- other users -------------------------------------------------------------------
