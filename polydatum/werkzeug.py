@@ -245,6 +245,7 @@ class _Response:
     __slots__ = (
         "_server_start",
         "_token",
+        "_write",
         "ctx",
         "exited",
         "headers",
@@ -280,7 +281,14 @@ class _Response:
         # last call is the one the veto judges.
         self.status = status
         self.headers = headers
-        return self._server_start(status, headers, exc_info)
+        self._write = self._server_start(status, headers, exc_info)
+        return self.write
+
+    def write(self, data: bytes) -> object:
+        """The legacy ``write()`` callable: body bytes the app sends itself."""
+        if data:
+            self.sent = True
+        return self._write(data)
 
     # -- iteration, driven by the server -------------------------------------
 

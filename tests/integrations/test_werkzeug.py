@@ -839,3 +839,18 @@ def test_a_body_closed_from_another_thread(env: Env) -> None:
     assert env.events == [("commit", name)]
     with pytest.raises(NoActiveContextError):
         current_context()  # this thread's view of the request ended too
+
+
+def test_an_app_using_the_write_callable(env: Env) -> None:
+    name = unique("write")
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        env.create(name)
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written, ")
+        return [b"returned"]
+
+    with serve(PolydatumMiddleware(app, env.dm)) as port:
+        reply = request(port, "/")
+    assert reply.body == b"written, returned"
+    assert name in env.names()
