@@ -92,7 +92,8 @@ def test_the_progress_bar_redraws_one_line_on_a_terminal() -> None:
     assert text.count("\n") == 1
 
 
-def test_serve_prints_the_url_and_answers_there(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_prints_the_url_and_answers_there(tmp_path: Path, stop: signal.Signals) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(EXAMPLE), "NOTES_DATA": str(tmp_path)}
     process = subprocess.Popen([sys.executable, "-m", "notes", "serve", "--port", "0"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -110,7 +111,7 @@ def test_serve_prints_the_url_and_answers_there(tmp_path: Path) -> None:
         health = httpx.get(url + "health", timeout=10)
         assert health.status_code == 200
         assert health.json()["ok"] is True
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         out, err = process.communicate(timeout=20)
     finally:
         if process.poll() is None:

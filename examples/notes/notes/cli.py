@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import socket
 import sys
 import time
@@ -119,6 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for part, using in app.settings.describe().items():
             print(f"  {part:9} {using}")
         print(f"polydatum notes is running: open {url}  (Ctrl-C stops it)", flush=True)
+        # SIGTERM (docker stop, systemd) stops it as cleanly as Ctrl-C.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             server.serve_forever()  # Werkzeug's returns on Ctrl-C
         except KeyboardInterrupt:
@@ -129,6 +132,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         app.close()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_check(args: argparse.Namespace) -> int:
