@@ -389,15 +389,15 @@ def main() -> None:
         pids = {kind: proc.pid for kind, proc in zip(ports, procs, strict=True)}
         print(f"{ROUNDS} interleaved rounds of {SECONDS:.0f} s each, {CONCURRENCY} client threads, "
               f"one PostgreSQL primary-key read per request; medians")
-        print(f"{'':<24} {'polydatum':>10} {'dm.dal() in view':>17} {'by hand':>10} "
+        print(f"{'':<30} {'polydatum':>10} {'dm.dal() in view':>17} {'by hand':>10} "
               f"{'polydatum/by hand':>18} {'middleware alone':>17}")
         results = {}
         for kind, label in (("wsgi", "WSGI (werkzeug.serving)"), ("asgi", "ASGI (uvicorn)")):
             r = results[kind] = compare(kind, ports, pids)
-            print(f"{label + ' req/s':<24} {r['polydatum']:>10.0f} {r['dal-in-view']:>17.0f} "
+            print(f"{label + ' req/s':<30} {r['polydatum']:>10.0f} {r['dal-in-view']:>17.0f} "
                   f"{r['by-hand']:>10.0f} {r['ratio']:>18.1%} {r['middleware_ratio']:>17.1%}")
             ours, in_view, hand = r["cpu-polydatum"], r["cpu-dal-in-view"], r["cpu-by-hand"]
-            print(f"{'  server CPU µs/request':<24} {ours:>10.0f} {in_view:>17.0f} {hand:>10.0f} "
+            print(f"{'  server CPU µs/request':<30} {ours:>10.0f} {in_view:>17.0f} {hand:>10.0f} "
                   f"{hand / ours:>18.1%} {in_view / ours:>17.1%}")
         if "--json" in sys.argv:
             print(json.dumps(results))
