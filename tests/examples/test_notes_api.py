@@ -24,6 +24,7 @@ import httpx
 import pytest
 from notes import Settings, build
 from notes.app import NotesApp
+from notes.web import make_wsgi_app
 from sqlalchemy import text
 
 from tests.examples.conftest import serving
@@ -289,6 +290,31 @@ def test_deleting_a_note_removes_its_attachment_after_commit(notes: SimpleNamesp
     assert not notes.app.blobs.exists(key)
     assert ann.request("GET", f"/notes/{note['id']}").status_code == 404
     assert ann.request("GET", attachment["url"]).status_code == 404
+
+
+def test_oversized_bodies_are_refused_and_leave_nothing(notes: SimpleNamespace) -> None:
+    ann = User(notes)
+    note = ann.note(ann.notebook())
+    path = f"/notes/{note['id']}/attachments"
+
+    def chunked(size: int) -> Iterator[bytes]:
+        for _ in range(size // 100):
+            yield b"x" * 100
+
+    small = make_wsgi_app(notes.app, max_upload=1000)
+    with serving(small) as url, httpx.Client(base_url=url, headers=ann.headers, timeout=30) as client:
+        declared = client.post(path, params={"name": "big"}, content=b"x" * 1001)
+        assert declared.status_code == 413
+        assert "limited to 1000 bytes" in declared.json()["message"]
+        # No Content-Length: the limit is found while the body streams into the store.
+        streamed = client.post(path, params={"name": "big"}, content=chunked(5000))
+        assert streamed.status_code == 413
+        fits = client.post(path, params={"name": "fits"}, content=chunked(900))
+        assert fits.status_code == 201
+    assert list(notes.app.blobs.list(f"notes/{note['id']}/")) == [blob_key(notes, fits.json()["id"])]
+    assert [a["name"] for a in ann.ok("GET", f"/notes/{note['id']}")["attachments"]] == ["fits"]
+    huge_json = notes.http.post("/users", content=b'{"name": "' + b"x" * (1024 * 1024) + b'"}')
+    assert huge_json.status_code == 413
 
 
 def test_detaching_removes_the_blob(notes: SimpleNamespace) -> None:

@@ -57,6 +57,12 @@ class Forbidden(ServiceError):
     code = 403
 
 
+class PayloadTooLarge(ServiceError):
+    """The request body is larger than allowed (HTTP 413)."""
+
+    code = 413
+
+
 class Conflict(ServiceError):
     """The request conflicts with existing data, e.g. a taken user name (HTTP 409)."""
 

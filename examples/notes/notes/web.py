@@ -20,7 +20,7 @@ from werkzeug.wsgi import wrap_file
 
 from polydatum.werkzeug import PolydatumMiddleware, current_context
 
-from notes.auth import BadRequest, Unauthorized, user_from_token
+from notes.auth import BadRequest, PayloadTooLarge, Unauthorized, user_from_token
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -53,7 +53,7 @@ def _json(data: Any, status: int = 200) -> Response:
 def _body(request: Request) -> dict[str, Any]:
     if (request.content_length or 0) > MAX_JSON:
         msg = f"the JSON body is larger than {MAX_JSON} bytes"
-        raise BadRequest(msg)
+        raise PayloadTooLarge(msg)
     try:
         data = json.loads(request.get_data(cache=False) or b"{}")
     except ValueError as exc:
@@ -77,8 +77,9 @@ def _int_arg(request: Request, name: str, default: int | None) -> int | None:
 class Views:
     """The endpoints; each returns a Werkzeug Response."""
 
-    def __init__(self, app: NotesApp) -> None:
+    def __init__(self, app: NotesApp, max_upload: int) -> None:
         self.app = app
+        self.max_upload = max_upload
 
     def index(self, request: Request) -> Response:
         return _json({
@@ -128,14 +129,15 @@ class Views:
         return _json(_dal().notes.words(note_id))
 
     def attach(self, request: Request, note_id: int) -> Response:
-        if (request.content_length or 0) > MAX_UPLOAD:
-            msg = f"attachments are limited to {MAX_UPLOAD} bytes"
-            raise BadRequest(msg)
+        if (request.content_length or 0) > self.max_upload:
+            msg = f"attachments are limited to {self.max_upload} bytes"
+            raise PayloadTooLarge(msg)
         name = request.args.get("name")
         if not name:
             msg = "name the attachment: POST /notes/<id>/attachments?name=photo.jpg"
             raise BadRequest(msg)
-        # The body is streamed into the blob store, never read into memory whole.
+        # The body is streamed into the blob store, never read into memory whole. A chunked
+        # body that outgrows max_upload raises a 413 mid-way; the rollback removes the blob.
         attachment = _dal().notes.attach(note_id, name, request.stream, request.mimetype or None)
         return _json(attachment, 201)
 
@@ -167,14 +169,19 @@ def _disposition(name: str) -> str:
     return f"attachment; filename*=UTF-8''{quote(name)}"
 
 
-def make_wsgi_app(app: NotesApp) -> PolydatumMiddleware:
-    """The API as a WSGI application, wrapped in polydatum's middleware."""
-    views = Views(app)
+def make_wsgi_app(app: NotesApp, *, max_upload: int = MAX_UPLOAD) -> PolydatumMiddleware:
+    """The API as a WSGI application, wrapped in polydatum's middleware.
+
+    Args:
+        app: the built application.
+        max_upload: the largest attachment accepted, in bytes (413 beyond).
+    """
+    views = Views(app, max_upload)
     secret = app.settings.secret_key
 
     def dispatch(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
-        request.max_content_length = MAX_UPLOAD
+        request.max_content_length = max_upload if request.path.endswith("/attachments") else MAX_JSON
         adapter = URLS.bind_to_environ(environ)
         try:
             endpoint, args = adapter.match()
