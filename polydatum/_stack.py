@@ -17,6 +17,8 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any
 
+from polydatum.errors import ContextStateError, NoActiveContextError
+
 # Context states. ``OPEN`` covers setup, the body, middleware teardown and the
 # commit/rollback hooks: resources may be used (and created) in all of them.
 CREATED = 0
@@ -41,3 +43,24 @@ NO_CONTEXT: Any = _NoContext()
 def new_stack_var(owner: object) -> ContextVar[Any]:
     """A fresh stack variable for one DataManager."""
     return ContextVar(f"polydatum.active_context.{id(owner):x}", default=NO_CONTEXT)
+
+
+def no_context_error(ctx: Any, what: str = "the DAL") -> NoActiveContextError | ContextStateError:
+    """The error for using ``what`` when ``ctx`` (the top of a stack) is not open."""
+    if ctx is NO_CONTEXT or ctx is None:
+        msg = f'no active polydatum context for {what}; open one with "with dm.context():"'
+        return NoActiveContextError(msg)
+    if ctx._state == CREATED:
+        msg = f'{ctx!r} was never entered; use it as "with dm.context() as ctx:"'
+        return ContextStateError(msg)
+    if ctx._state == CLOSING:
+        msg = (
+            f"{ctx!r} is closing: its middleware has finished, so {what} cannot be used from "
+            "a hook or a resource's teardown; do that work in the context's body"
+        )
+        return ContextStateError(msg)
+    msg = (
+        f"{ctx!r} has already exited (was it used from a task or thread that outlived it?); "
+        f'open a new one with "with dm.context():"'
+    )
+    return ContextStateError(msg)

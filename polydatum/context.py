@@ -17,24 +17,26 @@ A :class:`DataAccessContext` is opened by ``with dm.context(meta):`` (or
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from inspect import isawaitable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from polydatum import _factories
-from polydatum._stack import CLOSING, CREATED, EXITED, NO_CONTEXT, OPEN
+
+# current_context, get_active_context and Meta live in their own modules and
+# are importable from here, as in polydatum 1.0.
+from polydatum._legacy import current_context, get_active_context
+from polydatum._stack import CLOSING, CREATED, EXITED, NO_CONTEXT, OPEN, no_context_error
 from polydatum.errors import (
     ContextStateError,
     MiddlewareSetupException,
-    NoActiveContextError,
     ResourceException,
     ResourceSetupException,
 )
+from polydatum.meta import EMPTY_META, Meta
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -57,77 +59,6 @@ __all__ = [
 ]
 
 
-class Meta(Mapping[str, Any]):
-    """Read-only meta data of a context (current user, request id...).
-
-    Keys read as attributes, and an absent key reads as ``None``::
-
-        meta = Meta({"user": "ann"})
-        meta.user, meta["user"], meta.get("tz", "UTC"), meta.request_id
-        # ('ann', 'ann', 'UTC', None)
-
-    Setting or deleting anything raises ``AttributeError`` (attributes) or
-    ``TypeError`` (items).
-    """
-
-    __slots__ = ("_values",)
-    _values: dict[str, Any]
-
-    def __init__(self, opts: Mapping[str, Any] | None = None) -> None:
-        object.__setattr__(self, "_values", dict(opts) if opts else {})
-
-    def __getattr__(self, key: str) -> Any:
-        if key[:2] == "__":
-            raise AttributeError(key)
-        return self._values.get(key)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._values
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value for ``key``, or ``default``."""
-        return self._values.get(key, default)
-
-    def require(self, key: str) -> Any:
-        """The value for ``key``.
-
-        Raises:
-            ValueError: if the value is absent or empty.
-        """
-        value = self._values.get(key)
-        if not value:
-            msg = f"meta {key!r} is empty; pass it when opening the context: dm.context(meta={{{key!r}: …}})"
-            raise ValueError(msg)
-        return value
-
-    def __setattr__(self, key: str, value: Any) -> NoReturn:
-        msg = f"Meta is read-only; cannot set {key!r}. Pass meta when opening the context."
-        raise AttributeError(msg)
-
-    def __delattr__(self, key: str) -> NoReturn:
-        msg = f"Meta is read-only; cannot delete {key!r}."
-        raise AttributeError(msg)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Meta, (self._values,))
-
-    def __str__(self) -> str:
-        return json.dumps(self._values, indent=2, default=str)
-
-    def __repr__(self) -> str:
-        return f"<Meta {self._values!r}>"
-
-
-EMPTY_META = Meta()
 
 
 class ResourceAttribute:
@@ -149,26 +80,6 @@ class ResourceAttribute:
 
     def __repr__(self) -> str:
         return f"<resource {self.name!r}>"
-
-
-def _no_context_error(ctx: Any, what: str = "the DAL") -> NoActiveContextError | ContextStateError:
-    if ctx is NO_CONTEXT or ctx is None:
-        msg = f'no active polydatum context for {what}; open one with "with dm.context():"'
-        return NoActiveContextError(msg)
-    if ctx._state == CREATED:
-        msg = f'{ctx!r} was never entered; use it as "with dm.context() as ctx:"'
-        return ContextStateError(msg)
-    if ctx._state == CLOSING:
-        msg = (
-            f"{ctx!r} is closing: its middleware has finished, so {what} cannot be used from "
-            "a hook or a resource's teardown; do that work in the context's body"
-        )
-        return ContextStateError(msg)
-    msg = (
-        f"{ctx!r} has already exited (was it used from a task or thread that outlived it?); "
-        f'open a new one with "with dm.context():"'
-    )
-    return ContextStateError(msg)
 
 
 class DataAccessContext:
@@ -263,7 +174,7 @@ class DataAccessContext:
         if created is not None and name in created:
             return created[name][2]
         if self._state != OPEN:
-            raise _no_context_error(self, f"resource {name!r}")
+            raise no_context_error(self, f"resource {name!r}")
         specs = self._specs
         factory = specs.get(name) if specs is not None else None
         if factory is None:
@@ -300,7 +211,7 @@ class DataAccessContext:
         if created is not None and name in created:
             return created[name][2]
         if self._state != OPEN:
-            raise _no_context_error(self, f"resource {name!r}")
+            raise no_context_error(self, f"resource {name!r}")
         factory = self._factory(name)
         if not factory.is_async:
             return self._get_resource(name)
@@ -759,81 +670,3 @@ def resource_warnings_shown() -> bool:
         if issubclass(ResourceWarning, category) and message is None and module is None:
             return action != "ignore"
     return True
-
-
-# -- polydatum 1.0 module-level API (deprecated) --------------------------------
-
-_managers: list[weakref.ref[DataManager]] = []
-
-
-def _track(dm: DataManager) -> None:
-    _managers[:] = [ref for ref in _managers if ref() is not None]
-    _managers.append(weakref.ref(dm))
-
-
-def _global_active_context() -> DataAccessContext | None:
-    # The most recently created DataManager with an open context wins; with one
-    # DataManager per process (the 1.0 norm) that is simply its active context.
-    for ref in reversed(_managers):
-        dm = ref()
-        if dm is not None:
-            ctx = dm.get_active_context()
-            if ctx is not None:
-                return ctx
-    return None
-
-
-def get_active_context() -> DataAccessContext | None:
-    """Deprecated since 0.8.4: use ``DataManager.get_active_context()``.
-
-    Returns the active context of this thread or task, or ``None``.
-    """
-    warnings.warn(
-        "polydatum.context.get_active_context() is deprecated; use dm.get_active_context()",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return _global_active_context()
-
-
-class _ContextProxy:
-    """Deprecated 1.0 ``current_context``: forwards to the active context."""
-
-    __slots__ = ()
-
-    def _get_current_object(self) -> DataAccessContext:
-        warnings.warn(
-            "polydatum.context.current_context is deprecated; use self._ctx in services "
-            "or dm.require_active_context()",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        ctx = _global_active_context()
-        if ctx is None:
-            raise _no_context_error(None, "current_context")
-        return ctx
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._get_current_object(), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._get_current_object(), name, value)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._get_current_object()
-
-    def __bool__(self) -> bool:
-        return _global_active_context() is not None
-
-    def __eq__(self, other: object) -> bool:
-        return _global_active_context() is other
-
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __repr__(self) -> str:
-        ctx = _global_active_context()
-        return f"<current_context proxy to {ctx!r}>"
-
-
-current_context: Any = _ContextProxy()

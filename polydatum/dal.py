@@ -19,15 +19,12 @@ from types import TracebackType
 from typing import Any
 
 from polydatum import _factories, _registry
-from polydatum._stack import NO_CONTEXT, OPEN, new_stack_var
+from polydatum._legacy import track
+from polydatum._stack import NO_CONTEXT, OPEN, new_stack_var, no_context_error
 from polydatum.context import (
-    EMPTY_META,
     DataAccessContext,
-    Meta,
     ResourceAttribute,
     WarnIfCollectedOpen,
-    _no_context_error,
-    _track,
     resource_warnings_shown,
 )
 from polydatum.errors import (
@@ -36,6 +33,7 @@ from polydatum.errors import (
     InvalidMiddleware,
     NoActiveContextError,
 )
+from polydatum.meta import EMPTY_META, Meta
 from polydatum.middleware import (
     DalCommand,
     DalCommandRequest,
@@ -155,7 +153,7 @@ class _Command(DalCommand):
         dm = dal._data_manager
         ctx = dm._ctx_var.get() if dm is not None else NO_CONTEXT
         if ctx._state != OPEN:
-            raise _no_context_error(ctx, f"dal.{self}")
+            raise no_context_error(ctx, f"dal.{self}")
         if dm is None:
             return dal._dispatch(ctx, self, args, kwargs)
         if dal._direct and len(self.path) > 1:
@@ -460,7 +458,7 @@ class DataManager:
             # so ``dm.context()`` is an allocation plus a two-line __init__:
             # every request creates one.
             self.__dict__["context"] = self._bind_context_class(DataAccessContext)
-        _track(self)
+        track(self)
 
     def _bind_context_class(self, cls: type[DataAccessContext]) -> type[DataAccessContext]:
         """The subclass of ``cls`` this manager's contexts use (with resource accessors)."""
@@ -598,7 +596,7 @@ class DataManager:
         """
         ctx = self._ctx_var.get()
         if ctx._state != OPEN:
-            raise _no_context_error(ctx)
+            raise no_context_error(ctx)
         return ctx  # type: ignore[no-any-return]
 
     @property
