@@ -15,11 +15,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from notes import ConfigError, Settings, build
 from notes.cli import EXIT_CONFIG, main
 
-from tests.examples.conftest import EXAMPLE
+from tests.examples.conftest import EXAMPLE, serving
 from tests.support.s3 import REGION, MotoServer
 from tests.support.s3 import moto_server_fixture as moto_server_fixture
 
@@ -180,3 +181,24 @@ def test_the_console_entry_point_prints_one_line(tmp_path: Path) -> None:
         "error: cannot reach Redis at redis://127.0.0.1:1/0; start it or fix REDIS_URL "
         "(unset REDIS_URL for the in-process cache)\n"
     )
+
+
+def test_health_is_503_while_a_part_is_down_and_the_api_keeps_working(tmp_path: Path) -> None:
+    """Redis down after start-up: /health names it, and the cache degrades to misses."""
+    app = build(Settings.from_env({"NOTES_DATA": str(tmp_path), "REDIS_URL": "redis://127.0.0.1:1/0"}))
+    try:
+        app.create_tables()
+        with serving(app.wsgi()) as url:
+            health = httpx.get(f"{url}/health", timeout=30)
+            assert health.status_code == 503
+            parts = health.json()["parts"]
+            assert parts["cache"]["ok"] is False
+            assert "cannot reach Redis at redis://127.0.0.1:1/0" in parts["cache"]["error"]
+            assert parts["database"]["ok"] is True
+            user = httpx.post(f"{url}/users", json={"name": "still works"}, timeout=30)
+            assert user.status_code == 201
+            token = user.json()["token"]
+            me = httpx.get(f"{url}/me", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert me.json()["note_count"] == 0
+    finally:
+        app.close()

@@ -85,7 +85,8 @@ class Views:
         return _json({
             "name": "polydatum notes",
             "health": "/health",
-            "endpoints": sorted({f"{' '.join(sorted(r.methods or ()))} {r.rule}" for r in URLS.iter_rules()}),
+            "endpoints": sorted({f"{' '.join(sorted(set(r.methods or ()) - {'HEAD', 'OPTIONS'}))} {r.rule}"
+                                 for r in URLS.iter_rules()}),
             "start": 'curl -X POST -d \'{"name": "ada"}\' ' + request.host_url + "users",
         })
 
