@@ -116,6 +116,22 @@ def _check_bytes(client: _redis.Redis | _aredis.Redis) -> None:
         raise ValueError(msg)
 
 
+# KEYS[1] value key, KEYS[2] guard; ARGV value, token, ttl in ms ("" for none).
+# A compare-and-set: a cached() result is stored only while its computing
+# claim is intact, so an invalidation (which deletes the claim) voids it.
+_SET_GUARDED = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[1])
+else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def _glob_escape(prefix: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
 
@@ -173,11 +189,13 @@ class Redis:
         serializer: str | Serializer = "json",
         on_unavailable: Literal["warn", "raise"] = "warn",
         retry_interval: float = 1.0,
+        max_undelivered: int = 10_000,
     ) -> Cache:
         """A :class:`~polydatum.cache.Cache` stored in this Redis (arguments as for ``Cache``)."""
         return Cache(
             RedisBackend(self), namespace=namespace, version=version, serializer=serializer,
             on_unavailable=on_unavailable, retry_interval=retry_interval,
+            max_undelivered=max_undelivered,
         )
 
     def lock(
@@ -216,6 +234,9 @@ class RedisBackend:
     def __init__(self, redis: Redis | _redis.Redis) -> None:
         self.client = redis._client if isinstance(redis, Redis) else redis
         _check_bytes(self.client)
+        # Script objects reload themselves after a restart empties the script cache.
+        self._set_guarded = self.client.register_script(_SET_GUARDED)
+        self._delete_if = self.client.register_script(_DELETE_IF)
 
     def get(self, key: str) -> bytes | None:
         """GET."""
@@ -293,6 +314,23 @@ class RedisBackend:
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
         return deleted
+
+    def set_guarded(
+        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
+    ) -> bool:
+        """One Lua script: SET ``key`` and DEL ``guard`` only if ``guard`` holds ``token``."""
+        try:
+            ttl = b"" if ttl_ms is None else ttl_ms
+            return bool(self._set_guarded(keys=[key, guard], args=[value, token, ttl]))
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    def delete_if(self, key: str, token: bytes) -> bool:
+        """One Lua script: DEL ``key`` only if it holds ``token``."""
+        try:
+            return bool(self._delete_if(keys=[key], args=[token]))
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
 
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> RedisLock:
         """A :class:`RedisLock` on ``key``."""
@@ -419,11 +457,13 @@ class AsyncRedis:
         serializer: str | Serializer = "json",
         on_unavailable: Literal["warn", "raise"] = "warn",
         retry_interval: float = 1.0,
+        max_undelivered: int = 10_000,
     ) -> AsyncCache:
         """An :class:`~polydatum.cache.AsyncCache` stored in this Redis."""
         return AsyncCache(
             AsyncRedisBackend(self), namespace=namespace, version=version,
             serializer=serializer, on_unavailable=on_unavailable, retry_interval=retry_interval,
+            max_undelivered=max_undelivered,
         )
 
     def lock(
@@ -456,6 +496,8 @@ class AsyncRedisBackend:
     def __init__(self, redis: AsyncRedis | _aredis.Redis) -> None:
         self.client = redis._client if isinstance(redis, AsyncRedis) else redis
         _check_bytes(self.client)
+        self._set_guarded = self.client.register_script(_SET_GUARDED)
+        self._delete_if = self.client.register_script(_DELETE_IF)
 
     async def get(self, key: str) -> bytes | None:
         """GET."""
@@ -533,6 +575,23 @@ class AsyncRedisBackend:
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
         return deleted
+
+    async def set_guarded(
+        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
+    ) -> bool:
+        """See :meth:`RedisBackend.set_guarded`."""
+        try:
+            ttl = b"" if ttl_ms is None else ttl_ms
+            return bool(await self._set_guarded(keys=[key, guard], args=[value, token, ttl]))
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def delete_if(self, key: str, token: bytes) -> bool:
+        """See :meth:`RedisBackend.delete_if`."""
+        try:
+            return bool(await self._delete_if(keys=[key], args=[token]))
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
 
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> AsyncRedisLock:
         """An :class:`AsyncRedisLock` on ``key``."""

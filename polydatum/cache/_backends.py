@@ -64,6 +64,12 @@ class CacheBackend(Protocol):
     def pttl(self, key: str) -> int | None:
         """Milliseconds left, -1 when the key never expires, None when it is missing."""
     def clear(self, prefix: str) -> int: ...
+    def set_guarded(
+        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
+    ) -> bool:
+        """Atomically: if ``guard`` holds ``token``, store ``value`` and delete ``guard``."""
+    def delete_if(self, key: str, token: bytes) -> bool:
+        """Atomically delete ``key`` if it holds ``token``; True when deleted."""
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> CacheLock: ...
     def ping(self) -> bool: ...
 
@@ -82,6 +88,10 @@ class AsyncCacheBackend(Protocol):
     async def incr(self, key: str, delta: int) -> int: ...
     async def pttl(self, key: str) -> int | None: ...
     async def clear(self, prefix: str) -> int: ...
+    async def set_guarded(
+        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
+    ) -> bool: ...
+    async def delete_if(self, key: str, token: bytes) -> bool: ...
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> Any: ...
     async def ping(self) -> bool: ...
 
@@ -208,6 +218,23 @@ class MemoryBackend:
             for key in doomed:
                 del self._data[key]
             return len(doomed)
+
+    def set_guarded(
+        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
+    ) -> bool:
+        """If ``guard`` holds ``token``: store ``value`` at ``key``, delete ``guard``, True."""
+        with self._lock:
+            now = self._clock()
+            entry = self._live(guard, now)
+            if entry is None or entry[0] != token:
+                return False
+            del self._data[guard]
+            self._store(key, value, self._expiry(ttl_ms))
+            return True
+
+    def delete_if(self, key: str, token: bytes) -> bool:
+        """Delete ``key`` if it holds ``token``; True when deleted."""
+        return self._release_if(key, token)
 
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> MemoryLock:
         """An in-process lock stored in this backend (see :class:`MemoryLock`)."""
@@ -341,6 +368,16 @@ class AsyncMemoryBackend:
     async def clear(self, prefix: str) -> int:
         """See :meth:`MemoryBackend.clear`."""
         return self.sync.clear(prefix)
+
+    async def set_guarded(
+        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
+    ) -> bool:
+        """See :meth:`MemoryBackend.set_guarded`."""
+        return self.sync.set_guarded(key, value, ttl_ms, guard, token)
+
+    async def delete_if(self, key: str, token: bytes) -> bool:
+        """See :meth:`MemoryBackend.delete_if`."""
+        return self.sync.delete_if(key, token)
 
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> AsyncMemoryLock:
         """An awaitable in-process lock (``async with``)."""

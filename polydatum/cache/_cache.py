@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import threading
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -32,6 +35,8 @@ T = TypeVar("T")
 C = TypeVar("C", bound="_CacheBase")
 
 MISS: Any = object()
+# Suffix of the key a cached() caller claims while it computes an entry.
+CLAIM = ":computing"
 
 
 def _ttl_ms(ttl: TTL) -> int | None:
@@ -51,8 +56,17 @@ class _Health:
         self.down_until = 0.0
         self.down_since: float | None = None
         self.last_warning = 0.0
+        # True while the backend failed lately or invalidations wait for it: the
+        # one flag the fast path of every operation checks.
+        self.degraded = False
         # context -> keys whose deletion waits for that context's commit.
         self.pending: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        # Deletes and clears the backend missed while down (full keys and
+        # prefixes), replayed before anything else once it answers again.
+        self.undelivered: set[str] = set()
+        self.undelivered_prefixes: set[str] = set()
+        self.mutex = threading.Lock()
+        self.retry: Any = None  # the scheduled background replay, if any
 
 
 class _CacheBase:
@@ -66,6 +80,7 @@ class _CacheBase:
         serializer: str | Serializer,
         on_unavailable: Literal["warn", "raise"],
         retry_interval: float,
+        max_undelivered: int = 10_000,
     ) -> None:
         if not namespace or ":" in namespace[:1] + namespace[-1:]:
             msg = f"namespace must be non-empty and not start or end with ':', got {namespace!r}"
@@ -76,8 +91,12 @@ class _CacheBase:
         self.namespace = namespace
         self.version = version
         self.serializer = get_serializer(serializer) if isinstance(serializer, str) else serializer
+        if max_undelivered < 0:
+            msg = f"max_undelivered must be 0 or more keys, got {max_undelivered!r}"
+            raise ValueError(msg)
         self.on_unavailable = on_unavailable
         self.retry_interval = retry_interval
+        self.max_undelivered = max_undelivered
         self._prefix = f"{namespace}:{version}:"
         self._tag = self.serializer.tag
         self._dumps = self.serializer.dumps
@@ -138,15 +157,21 @@ class _CacheBase:
             return True
         return False
 
-    def _failed(self, exc: CacheUnavailable, op: str) -> None:
+    def _mark_down(self) -> None:
+        health = self._health
         now = time.monotonic()
-        self._health.down_until = now + self.retry_interval
-        if self._health.down_since is None:
-            self._health.down_since = now
+        health.down_until = now + self.retry_interval
+        if health.down_since is None:
+            health.down_since = now
+        health.degraded = True
+
+    def _failed(self, exc: CacheUnavailable, op: str) -> None:
+        self._mark_down()
         if self.on_unavailable == "raise":
             raise exc
         # One warning per outage and then one a minute, not one per request.
         health = self._health
+        now = time.monotonic()
         if now - health.last_warning >= 60 or health.last_warning < (health.down_since or now):
             health.last_warning = now
             logger.warning(
@@ -156,13 +181,52 @@ class _CacheBase:
                 extra={"polydatum_cache": self.namespace},
             )
 
-    def _recovered(self) -> None:
+    def _settle(self) -> None:
+        """After a successful operation: log the recovery, clear the flag if nothing waits."""
+        health = self._health
+        if health.down_since is not None:
+            logger.warning(
+                "cache %s: backend reachable again after %.1fs",
+                self.namespace, time.monotonic() - health.down_since,
+                extra={"polydatum_cache": self.namespace},
+            )
+            health.down_since = None
+        with health.mutex:
+            health.degraded = bool(health.undelivered or health.undelivered_prefixes)
+
+    def _keep_undelivered(self, keys: Sequence[str] = (), prefix: str | None = None) -> None:
+        """Remember deletes the backend missed, to replay them before anything else."""
+        health = self._health
+        with health.mutex:
+            if prefix is not None:
+                health.undelivered_prefixes.add(prefix)
+            elif len(health.undelivered) + len(keys) <= self.max_undelivered:
+                health.undelivered.update(keys)
+            else:
+                # Too many to remember one by one: drop the whole namespace instead.
+                health.undelivered.clear()
+                health.undelivered_prefixes.add(f"{self.namespace}:")
+            health.degraded = True
+        self._schedule_replay()
+
+    def _schedule_replay(self) -> None:  # pragma: no cover - overridden by both caches
+        pass
+
+    def _undelivered(self) -> tuple[list[str], list[str]]:
+        health = self._health
+        with health.mutex:
+            return sorted(health.undelivered), sorted(health.undelivered_prefixes)
+
+    def _delivered(self, keys: list[str], prefixes: list[str]) -> None:
+        health = self._health
+        with health.mutex:
+            health.undelivered.difference_update(keys)
+            health.undelivered_prefixes.difference_update(prefixes)
         logger.warning(
-            "cache %s: backend reachable again after %.1fs",
-            self.namespace, time.monotonic() - (self._health.down_since or 0.0),
+            "cache %s: delivered %d deletes and %d clears held while the backend was unavailable",
+            self.namespace, len(keys), len(prefixes),
             extra={"polydatum_cache": self.namespace},
         )
-        self._health.down_since = None
 
     def _bind(self: C, ctx: DataAccessContext) -> C:
         """A copy of this cache for ``ctx`` (what ``ctx.<name>`` returns); state is shared."""
@@ -199,6 +263,15 @@ class _CacheBase:
         pending = self._health.pending.get(ctx) if ctx is not None else None
         return pending is not None and key in pending
 
+    def _pop_pending(self, ctx: DataAccessContext) -> list[str]:
+        # Each key goes with its claim, so a cached() caller that read the
+        # database before the commit cannot store its stale result afterwards.
+        keys = sorted(self._health.pending.pop(ctx, ()))
+        return [*keys, *(k + CLAIM for k in keys)]
+
+    def _new_token(self) -> bytes:
+        return self._encode(uuid.uuid4().hex)
+
 
 class Cache(_CacheBase):
     """A key/value cache on a :class:`CacheBackend` (memory by default).
@@ -213,6 +286,9 @@ class Cache(_CacheBase):
             logged) or ``"raise"`` (:class:`CacheUnavailable`).
         retry_interval: seconds to leave a failed backend alone before trying
             it again.
+        max_undelivered: how many missed deletes to remember while the backend
+            is down (they are replayed once it answers); past that, the whole
+            namespace is cleared on recovery instead.
 
     .. versionadded:: 2.0
     """
@@ -226,10 +302,12 @@ class Cache(_CacheBase):
         serializer: str | Serializer = "json",
         on_unavailable: Literal["warn", "raise"] = "warn",
         retry_interval: float = 1.0,
+        max_undelivered: int = 10_000,
     ) -> None:
         super().__init__(
             namespace=namespace, version=version, serializer=serializer,
             on_unavailable=on_unavailable, retry_interval=retry_interval,
+            max_undelivered=max_undelivered,
         )
         self.backend: CacheBackend = backend if backend is not None else MemoryBackend()
         self._backend_obj = self.backend
@@ -243,6 +321,7 @@ class Cache(_CacheBase):
             self.backend, namespace=f"{self.namespace}:{name}",
             version=self.version if version is None else version, serializer=self.serializer,
             on_unavailable=self.on_unavailable, retry_interval=self.retry_interval,
+            max_undelivered=self.max_undelivered,
         )
 
     def install(self, dm: DataManager, name: str = "cache") -> Cache:
@@ -259,16 +338,52 @@ class Cache(_CacheBase):
         return self
 
     def _call(self, op: str, fn: Callable[..., T], *args: Any) -> T | Any:
-        if self._health.down_until and self._blocked():
+        if self._health.degraded and not self._ready(op):
             return MISS
         try:
             result = fn(*args)
         except CacheUnavailable as exc:
             self._failed(exc, op)
             return MISS
-        if self._health.down_since is not None:
-            self._recovered()
+        if self._health.degraded:
+            self._settle()
         return result
+
+    def _ready(self, op: str) -> bool:
+        """After a failure: False while the backend is left alone, else replay missed deletes."""
+        if self._blocked():
+            return False
+        try:
+            self._replay()
+        except CacheUnavailable as exc:
+            self._failed(exc, op)
+            return False
+        return True
+
+    def _replay(self) -> None:
+        keys, prefixes = self._undelivered()
+        if not keys and not prefixes:
+            return
+        for prefix in prefixes:
+            self.backend.clear(prefix)
+        for i in range(0, len(keys), 1000):
+            self.backend.delete_many(keys[i : i + 1000])
+        self._delivered(keys, prefixes)
+
+    def _schedule_replay(self) -> None:
+        # A thread replays missed deletes every retry_interval until they are
+        # delivered, so other processes stop reading stale entries soon after
+        # the backend is back even when this process makes no cache call.
+        health = self._health
+        with health.mutex:
+            if health.retry is not None:
+                return
+            timer = threading.Timer(
+                max(self.retry_interval, 0.01), _replay_in_background, (weakref.ref(self),)
+            )
+            timer.daemon = True
+            health.retry = timer
+        timer.start()
 
     def get(self, key: str, default: Any = None) -> Any:
         """Return the value stored at ``key``, or ``default`` on a miss."""
@@ -326,12 +441,23 @@ class Cache(_CacheBase):
         return bool(self.delete_many([key]))
 
     def delete_many(self, keys: Iterable[str]) -> int:
-        """Delete the keys; return how many existed."""
+        """Delete the keys; return how many existed.
+
+        While the backend is unavailable the deletes are remembered and
+        replayed before this cache does anything else once it answers again.
+        """
         full = [self._prefix + k for k in keys]
         if not full:
             return 0
-        deleted = self._call("delete_many", self.backend.delete_many, full)
-        return 0 if deleted is MISS else int(deleted)
+        try:
+            deleted = self._call("delete_many", self.backend.delete_many, full)
+        except CacheUnavailable:
+            self._keep_undelivered(full)
+            raise
+        if deleted is MISS:
+            self._keep_undelivered(full)
+            return 0
+        return int(deleted)
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """Add ``delta`` to the integer at ``key`` (a missing key counts from 0).
@@ -368,8 +494,15 @@ class Cache(_CacheBase):
             how many entries were deleted.
         """
         prefix = f"{self.namespace}:" if namespace is None else f"{self.namespace}:{namespace}:"
-        deleted = self._call("clear", self.backend.clear, prefix)
-        return 0 if deleted is MISS else int(deleted)
+        try:
+            deleted = self._call("clear", self.backend.clear, prefix)
+        except CacheUnavailable:
+            self._keep_undelivered(prefix=prefix)
+            raise
+        if deleted is MISS:
+            self._keep_undelivered(prefix=prefix)
+            return 0
+        return int(deleted)
 
     def lock(
         self, name: str, timeout: float, *, blocking_timeout: float | None = 10.0
@@ -411,7 +544,50 @@ class Cache(_CacheBase):
         self._defer(keys, ctx, self._flush)
 
     def _flush(self, ctx: DataAccessContext) -> int:
-        return self.delete_many(sorted(self._health.pending.pop(ctx, ())))
+        return self.delete_many(self._pop_pending(ctx))
+
+    # -- claims, for cached() -------------------------------------------------
+
+    def _claim(self, key: str, ttl: float) -> bytes | None:
+        """Claim the computing of ``key`` for ``ttl`` seconds; the token, or None if taken."""
+        token = self._new_token()
+        claim = self._prefix + key + CLAIM
+        done = self._call("add", self.backend.set, claim, token, _ttl_ms(ttl), "absent")
+        return token if done is True else None
+
+    def _is_claimed(self, key: str) -> bool:
+        found = self._call("get", self.backend.get, self._prefix + key + CLAIM)
+        return found is not None and found is not MISS
+
+    def _store_claimed(self, key: str, value: Any, ttl: TTL, token: bytes) -> bool:
+        """Store ``value`` only while our claim on ``key`` is intact; True when stored."""
+        full = self._prefix + key
+        data = self._encode(value)
+        done = self._call("set", self.backend.set_guarded, full, data, _ttl_ms(ttl), full + CLAIM, token)
+        return done is True
+
+    def _release_claim(self, key: str, token: bytes) -> None:
+        self._call("delete", self.backend.delete_if, self._prefix + key + CLAIM, token)
+
+
+def _replay_in_background(ref: weakref.ref[Cache]) -> None:
+    cache = ref()
+    if cache is None:
+        return  # nobody can read through this cache any more
+    health = cache._health
+    with health.mutex:
+        health.retry = None
+    try:
+        cache._replay()
+    except CacheUnavailable:
+        cache._mark_down()
+        cache._schedule_replay()
+        return
+    except Exception:  # a thread must not die with a traceback; keep trying
+        logger.exception("cache %s: replaying missed deletes failed", cache.namespace)
+        cache._schedule_replay()
+        return
+    cache._settle()
 
 
 class AsyncCache(_CacheBase):
@@ -433,10 +609,12 @@ class AsyncCache(_CacheBase):
         serializer: str | Serializer = "json",
         on_unavailable: Literal["warn", "raise"] = "warn",
         retry_interval: float = 1.0,
+        max_undelivered: int = 10_000,
     ) -> None:
         super().__init__(
             namespace=namespace, version=version, serializer=serializer,
             on_unavailable=on_unavailable, retry_interval=retry_interval,
+            max_undelivered=max_undelivered,
         )
         self.backend: AsyncCacheBackend = (
             backend if backend is not None else AsyncMemoryBackend()
@@ -449,6 +627,7 @@ class AsyncCache(_CacheBase):
             self.backend, namespace=f"{self.namespace}:{name}",
             version=self.version if version is None else version, serializer=self.serializer,
             on_unavailable=self.on_unavailable, retry_interval=self.retry_interval,
+            max_undelivered=self.max_undelivered,
         )
 
     def install(self, dm: DataManager, name: str = "cache") -> AsyncCache:
@@ -457,16 +636,58 @@ class AsyncCache(_CacheBase):
         return self
 
     async def _call(self, op: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        if self._health.down_until and self._blocked():
+        if self._health.degraded and not await self._ready(op):
             return MISS
         try:
             result = await fn(*args)
         except CacheUnavailable as exc:
             self._failed(exc, op)
             return MISS
-        if self._health.down_since is not None:
-            self._recovered()
+        if self._health.degraded:
+            self._settle()
         return result
+
+    async def _ready(self, op: str) -> bool:
+        """See :meth:`Cache._ready`."""
+        if self._blocked():
+            return False
+        try:
+            await self._replay()
+        except CacheUnavailable as exc:
+            self._failed(exc, op)
+            return False
+        return True
+
+    async def _replay(self) -> None:
+        keys, prefixes = self._undelivered()
+        if not keys and not prefixes:
+            return
+        for prefix in prefixes:
+            await self.backend.clear(prefix)
+        for i in range(0, len(keys), 1000):
+            await self.backend.delete_many(keys[i : i + 1000])
+        self._delivered(keys, prefixes)
+
+    def _schedule_replay(self) -> None:
+        # As Cache does with a thread, but on the running loop (the backend's
+        # connections belong to it); outside a loop the next operation replays.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        health = self._health
+        if health.retry is not None and not health.retry[0].is_closed():
+            return
+        ref = weakref.ref(self)
+
+        def fire() -> None:
+            health.retry = None
+            cache = ref()
+            if cache is not None:
+                task = loop.create_task(_areplay_in_background(cache))
+                health.retry = (loop, task)  # keeps the task referenced while it runs
+
+        health.retry = (loop, loop.call_later(max(self.retry_interval, 0.01), fire))
 
     async def get(self, key: str, default: Any = None) -> Any:
         """See :meth:`Cache.get`."""
@@ -523,8 +744,15 @@ class AsyncCache(_CacheBase):
         full = [self._prefix + k for k in keys]
         if not full:
             return 0
-        deleted = await self._call("delete_many", self.backend.delete_many, full)
-        return 0 if deleted is MISS else int(deleted)
+        try:
+            deleted = await self._call("delete_many", self.backend.delete_many, full)
+        except CacheUnavailable:
+            self._keep_undelivered(full)
+            raise
+        if deleted is MISS:
+            self._keep_undelivered(full)
+            return 0
+        return int(deleted)
 
     async def incr(self, key: str, delta: int = 1) -> int | None:
         """See :meth:`Cache.incr`."""
@@ -545,8 +773,15 @@ class AsyncCache(_CacheBase):
     async def clear(self, namespace: str | None = None) -> int:
         """See :meth:`Cache.clear`."""
         prefix = f"{self.namespace}:" if namespace is None else f"{self.namespace}:{namespace}:"
-        deleted = await self._call("clear", self.backend.clear, prefix)
-        return 0 if deleted is MISS else int(deleted)
+        try:
+            deleted = await self._call("clear", self.backend.clear, prefix)
+        except CacheUnavailable:
+            self._keep_undelivered(prefix=prefix)
+            raise
+        if deleted is MISS:
+            self._keep_undelivered(prefix=prefix)
+            return 0
+        return int(deleted)
 
     def lock(self, name: str, timeout: float, *, blocking_timeout: float | None = 10.0) -> Any:
         """See :meth:`Cache.lock`; use it as ``async with cache.lock(...):``."""
@@ -567,4 +802,45 @@ class AsyncCache(_CacheBase):
         self._defer(keys, ctx, self._flush)
 
     async def _flush(self, ctx: DataAccessContext) -> int:
-        return await self.delete_many(sorted(self._health.pending.pop(ctx, ())))
+        return await self.delete_many(self._pop_pending(ctx))
+
+    # -- claims, for cached() (see Cache) ---------------------------------------
+
+    async def _claim(self, key: str, ttl: float) -> bytes | None:
+        token = self._new_token()
+        claim = self._prefix + key + CLAIM
+        done = await self._call("add", self.backend.set, claim, token, _ttl_ms(ttl), "absent")
+        return token if done is True else None
+
+    async def _is_claimed(self, key: str) -> bool:
+        found = await self._call("get", self.backend.get, self._prefix + key + CLAIM)
+        return found is not None and found is not MISS
+
+    async def _store_claimed(self, key: str, value: Any, ttl: TTL, token: bytes) -> bool:
+        full = self._prefix + key
+        data = self._encode(value)
+        done = await self._call(
+            "set", self.backend.set_guarded, full, data, _ttl_ms(ttl), full + CLAIM, token
+        )
+        return done is True
+
+    async def _release_claim(self, key: str, token: bytes) -> None:
+        await self._call("delete", self.backend.delete_if, self._prefix + key + CLAIM, token)
+
+
+async def _areplay_in_background(cache: AsyncCache) -> None:
+    health = cache._health
+    try:
+        await cache._replay()
+    except CacheUnavailable:
+        health.retry = None
+        cache._mark_down()
+        cache._schedule_replay()
+        return
+    except Exception:  # keep trying rather than leave an exception in a forgotten task
+        logger.exception("cache %s: replaying missed deletes failed", cache.namespace)
+        health.retry = None
+        cache._schedule_replay()
+        return
+    health.retry = None
+    cache._settle()

@@ -141,52 +141,50 @@ class CachePolicy:
     def _entry(self, value: Any) -> list[Any]:
         return [time.time() + self.ttl, value]
 
-    def _store(self, cache: Cache, key: str, value: Any, where: str) -> None:
-        try:
-            cache.set(key, self._entry(value), ttl=self.ttl + self.stale)
-        except SerializationError as exc:
-            msg = f"the result of {where} cannot be cached: {exc}"
-            raise SerializationError(msg) from None
-
-    async def _astore(self, cache: AsyncCache, key: str, value: Any, where: str) -> None:
-        try:
-            await cache.set(key, self._entry(value), ttl=self.ttl + self.stale)
-        except SerializationError as exc:
-            msg = f"the result of {where} cannot be cached: {exc}"
-            raise SerializationError(msg) from None
+    def _unstorable(self, exc: SerializationError, where: str) -> SerializationError:
+        return SerializationError(f"the result of {where} cannot be cached: {exc}")
 
     def run(
         self, cache: Cache, ctx: Any, key: str, compute: Callable[[], Any], where: str
     ) -> Any:
-        """Return the cached value of ``key``, or compute, store and return it."""
+        """Return the cached value of ``key``, or compute, store and return it.
+
+        Only a caller holding the key's claim stores, and only while the claim
+        is intact: an invalidation deletes the claim, so a caller that read the
+        database before a commit cannot put its stale result back after it.
+        """
         if cache.is_pending(ctx, key):
             return compute()  # invalidated in this context: read our own writes
         entry = _unpack(cache.get(key, MISS))
         if entry is not None and entry[0] > time.time():
             return entry[1]
-        claim = key + ":computing"
-        if cache.add(claim, 1, ttl=self.lock_timeout):
-            try:
-                value = compute()
-                self._store(cache, key, value, where)
-                return value
-            finally:
-                cache.delete(claim)
-        if entry is not None:
-            return entry[1]  # another caller refreshes; serve the previous value
-        if not cache.is_down():
-            deadline = time.monotonic() + self.wait
-            pause = 0.002
-            while time.monotonic() < deadline:
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
-                entry = _unpack(cache.get(key, MISS))
-                if entry is not None:
-                    return entry[1]
-                if cache.get(claim) is None:
-                    break  # the other caller failed or gave up: compute ourselves
-        value = compute()
-        self._store(cache, key, value, where)
+        token = cache._claim(key, self.lock_timeout)
+        if token is None:
+            if entry is not None:
+                return entry[1]  # another caller refreshes; serve the previous value
+            if not cache.is_down():
+                deadline = time.monotonic() + self.wait
+                pause = 0.002
+                while time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+                    entry = _unpack(cache.get(key, MISS))
+                    if entry is not None:
+                        return entry[1]
+                    if not cache._is_claimed(key):
+                        break  # the other caller failed, gave up or was invalidated
+            token = cache._claim(key, self.lock_timeout)
+            if token is None:
+                return compute()  # still claimed (or cache down): compute, never store unguarded
+        try:
+            value = compute()
+            cache._store_claimed(key, self._entry(value), self.ttl + self.stale, token)
+        except SerializationError as exc:
+            cache._release_claim(key, token)
+            raise self._unstorable(exc, where) from None
+        except BaseException:
+            cache._release_claim(key, token)
+            raise
         return value
 
     async def arun(
@@ -196,48 +194,46 @@ class CachePolicy:
         if isinstance(cache, Cache):
             sync_cache = cache
 
-            async def call(name: str, *args: Any, **kwargs: Any) -> Any:
-                return getattr(sync_cache, name)(*args, **kwargs)
+            async def call(name: str, *args: Any) -> Any:
+                return getattr(sync_cache, name)(*args)
         else:
             async_cache = cache
 
-            async def call(name: str, *args: Any, **kwargs: Any) -> Any:
-                return await getattr(async_cache, name)(*args, **kwargs)
-
-        async def store(value: Any) -> None:
-            if isinstance(cache, Cache):
-                self._store(cache, key, value, where)
-            else:
-                await self._astore(cache, key, value, where)
+            async def call(name: str, *args: Any) -> Any:
+                return await getattr(async_cache, name)(*args)
 
         if cache.is_pending(ctx, key):
             return await compute()
         entry = _unpack(await call("get", key, MISS))
         if entry is not None and entry[0] > time.time():
             return entry[1]
-        claim = key + ":computing"
-        if await call("add", claim, 1, ttl=self.lock_timeout):
-            try:
-                value = await compute()
-                await store(value)
-                return value
-            finally:
-                await call("delete", claim)
-        if entry is not None:
-            return entry[1]
-        if not cache.is_down():
-            deadline = time.monotonic() + self.wait
-            pause = 0.002
-            while time.monotonic() < deadline:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.05)
-                entry = _unpack(await call("get", key, MISS))
-                if entry is not None:
-                    return entry[1]
-                if await call("get", claim) is None:
-                    break
-        value = await compute()
-        await store(value)
+        token = await call("_claim", key, self.lock_timeout)
+        if token is None:
+            if entry is not None:
+                return entry[1]
+            if not cache.is_down():
+                deadline = time.monotonic() + self.wait
+                pause = 0.002
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+                    entry = _unpack(await call("get", key, MISS))
+                    if entry is not None:
+                        return entry[1]
+                    if not await call("_is_claimed", key):
+                        break
+            token = await call("_claim", key, self.lock_timeout)
+            if token is None:
+                return await compute()
+        try:
+            value = await compute()
+            await call("_store_claimed", key, self._entry(value), self.ttl + self.stale, token)
+        except SerializationError as exc:
+            await call("_release_claim", key, token)
+            raise self._unstorable(exc, where) from None
+        except BaseException:
+            await call("_release_claim", key, token)
+            raise
         return value
 
 
