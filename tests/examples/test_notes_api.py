@@ -163,6 +163,23 @@ def test_sign_up_and_tokens(notes: SimpleNamespace) -> None:
     assert wrong_scheme.status_code == 401
 
 
+def test_simultaneous_sign_ups_of_one_name_one_wins(notes: SimpleNamespace) -> None:
+    name = f"racer-{uuid.uuid4().hex[:8]}"
+    barrier = threading.Barrier(4)
+    statuses: list[int] = []
+
+    def sign_up() -> None:
+        barrier.wait(timeout=WAIT)
+        statuses.append(notes.http.post("/users", json={"name": name}).status_code)
+
+    threads = [threading.Thread(target=sign_up) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=WAIT)
+    assert sorted(statuses) == [201, 409, 409, 409]
+
+
 def test_notes_with_attachments(notes: SimpleNamespace) -> None:
     ann = User(notes)
     inbox = ann.notebook()

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from polydatum import Service
 from polydatum.blob import BlobStore
@@ -87,10 +88,13 @@ class Users(Store[User]):
             Conflict: the name is taken.
         """
         name = _text(name, "name", 80).strip()
+        taken = f"the user name {name!r} is taken; choose another"
         if self.exists({"name": name}):
-            msg = f"the user name {name!r} is taken; choose another"
-            raise Conflict(msg)
-        user = self.create(name=name)
+            raise Conflict(taken)
+        try:
+            user = self.create(name=name)
+        except IntegrityError:  # taken by a concurrent sign-up since the check above
+            raise Conflict(taken) from None
         return {"id": user.id, "name": user.name, "token": make_token(self._secret, user.id)}
 
     @signed_in
