@@ -66,6 +66,14 @@ class _Session(Session):
         except StaleDataError as exc:
             raise conflict_from(exc) from exc
 
+    def commit(self) -> None:
+        # A commit made by the code itself (not by the middleware) is durable
+        # too: retry() must not run that unit of work again.
+        began = self.in_transaction()
+        super().commit()
+        if began:
+            _acknowledge("session")
+
 
 def read_only(session: Session | AsyncSession) -> None:
     """Make a session read-only for the rest of its context.

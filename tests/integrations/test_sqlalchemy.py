@@ -183,6 +183,47 @@ class TestTransactions:
         assert db.engine.pool.checkedout() == 0
         assert not sessions[0].in_transaction()
 
+    @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+    def test_interrupt_rolls_back_and_returns_the_connection(
+        self, dm: DataManager, db: Database, interrupt: type[BaseException]
+    ) -> None:
+        """Ctrl-C (or SystemExit) in the body rolls back, closes the session and propagates."""
+        seen: list[str] = []
+        sessions: list[Session] = []
+
+        def body(ctx: DataAccessContext) -> None:
+            ctx.dal.items.create(name="interrupted")
+            sessions.append(ctx.db)
+            ctx.on_commit(seen.append, "committed")
+            ctx.on_rollback(seen.append, "rolled back")
+            raise interrupt
+
+        with pytest.raises(interrupt):
+            run(dm, body)
+        assert seen == ["rolled back"]
+        assert names(db) == []
+        assert db.engine.pool.checkedout() == 0
+        assert not sessions[0].in_transaction()
+
+    def test_interrupt_during_commit_keeps_nothing(self, dm: DataManager, db: Database) -> None:
+        """Ctrl-C arriving while the middleware commits: nothing kept, connection returned."""
+        seen: list[str] = []
+
+        def interrupt(session: Session) -> None:
+            raise KeyboardInterrupt
+
+        def body(ctx: DataAccessContext) -> None:
+            ctx.dal.items.create(name="a")
+            event.listen(ctx.db, "before_commit", interrupt)
+            ctx.on_commit(seen.append, "committed")
+            ctx.on_rollback(seen.append, "rolled back")
+
+        with pytest.raises(KeyboardInterrupt):
+            run(dm, body)
+        assert seen == ["rolled back"]
+        assert names(db) == []
+        assert db.engine.pool.checkedout() == 0
+
     def test_each_context_gets_its_own_session(self, dm: DataManager) -> None:
         """Nested and sibling contexts each get a session of their own."""
         with dm.context() as outer:
@@ -403,8 +444,11 @@ class TestVersioned:
         with dm.dal() as dal:
             item = dal.items.create(name="a")
             dal.items.update(item.id, qty=1)
-        with dm.dal() as dal, pytest.raises(ConcurrencyConflict, match="version 2, not 1"):
+        with pytest.raises(ConcurrencyConflict, match="version 2, not 1") as info, dm.dal() as dal:
             dal.items.update(item.id, expected_version=1, qty=2)
+        assert info.value.code == 409
+        with dm.dal() as dal:
+            assert dal.items.require(item.id).qty == 1
 
     def test_expected_version_needs_a_versioned_model(self, dm: DataManager) -> None:
         """expected_version on a model without version column is a ValueError saying so."""
@@ -426,21 +470,24 @@ class TestVersioned:
             barrier.wait(timeout=10)
             try:
                 with dm.dal() as dal:
+                    dal.items.create(name=f"side-{name}")  # must vanish with the loser
                     dal.items.update(item_id, expected_version=1, name=name)
                 outcome[name] = "won"
-            except ConcurrencyConflict:
-                outcome[name] = "conflict"
+            except ConcurrencyConflict as exc:
+                outcome[name] = f"conflict {exc.code}"
 
         threads = [threading.Thread(target=writer, args=(n,)) for n in ("t1", "t2")]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
-        assert sorted(outcome.values()) == ["conflict", "won"]
+        assert sorted(outcome.values()) == ["conflict 409", "won"]
         winner = next(n for n, o in outcome.items() if o == "won")
         with dm.dal() as dal:
             row = dal.items.require(item_id)
             assert (row.name, row.version) == (winner, 2)
+        assert names(db) == sorted([winner, f"side-{winner}"])
+        assert db.engine.pool.checkedout() == 0
 
     def test_two_threads_stale_objects_conflict_at_commit(self, pg_url: str) -> None:
         """PostgreSQL: two contexts load one row and both change it; the later commit conflicts."""

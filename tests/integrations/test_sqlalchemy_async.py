@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -170,6 +170,73 @@ class TestTransactions:
             await session.commit()
             session.add(Item(name="dropped"))
         assert await names(db) == ["kept"]
+
+
+    async def test_cancelled_task_rolls_back_and_returns_the_connection(
+        self, dm: DataManager, db: AsyncDatabase
+    ) -> None:
+        """A task cancelled inside its context rolls back, closes the session and stays cancelled."""
+        started = asyncio.Event()
+        seen: list[str] = []
+
+        async def body(ctx: DataAccessContext) -> None:
+            await ctx.dal.items.create(name="cancelled")
+            ctx.on_commit(seen.append, "committed")
+            ctx.on_rollback(seen.append, "rolled back")
+            started.set()
+            await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.create_task(run(dm, body))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert seen == ["rolled back"]
+        assert await names(db) == []
+        assert db.engine.pool.checkedout() == 0
+
+    async def test_failed_commit_runs_rollback_hooks(
+        self, dm: DataManager, db: AsyncDatabase
+    ) -> None:
+        """A commit that fails raises from the context, runs on_rollback hooks and keeps nothing."""
+        seen: list[str] = []
+        async def body(ctx: DataAccessContext) -> None:
+            session: AsyncSession = await ctx.aget("db")
+            session.add_all([Item(name="same"), Item(name="same")])  # flushed at commit
+            ctx.on_commit(seen.append, "committed")
+            ctx.on_rollback(seen.append, "rolled back")
+
+        with pytest.raises(IntegrityError):
+            await run(dm, body)
+        assert seen == ["rolled back"]
+        assert await names(db) == []
+        assert db.engine.pool.checkedout() == 0
+
+    async def test_two_named_databases(
+        self, dm: DataManager, db: AsyncDatabase, tmp_path: Any
+    ) -> None:
+        """Two AsyncDatabases under two names: separate sessions, both commit or neither does."""
+        analytics = AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path / 'analytics.db'}")
+        async with analytics.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        analytics.install(dm, name="analytics")
+        dm.register_services(stats=AsyncItems(database="analytics"))
+        async with dm.context() as ctx:
+            await ctx.dal.items.create(name="main")
+            await ctx.dal.stats.create(name="event")
+            assert await ctx.aget("db") is not await ctx.aget("analytics")
+
+        async def body(ctx: DataAccessContext) -> None:
+            await ctx.dal.items.create(name="lost")
+            await ctx.dal.stats.create(name="lost")
+            raise Boom
+
+        with pytest.raises(Boom):
+            await run(dm, body)
+        assert await names(db) == ["main"]
+        assert await names(analytics) == ["event"]
+        assert analytics.engine.pool.checkedout() == 0
+        await analytics.dispose()
 
 
 class TestStore:
@@ -340,6 +407,40 @@ async def test_aretry_makes_conflicting_serializable_tasks_serial(pg_url: str) -
         async with db.engine.begin() as conn:
             await conn.run_sync(Base.metadata.drop_all)
         await db.dispose()
+
+
+async def test_aretry_never_repeats_a_committed_attempt(dm: DataManager, db: AsyncDatabase) -> None:
+    """aretry() raises, without another attempt, once the unit of work committed by itself."""
+    calls: list[int] = []
+
+    async def work(dal: DataAccessLayer) -> None:
+        calls.append(1)
+        await dal.items.create(name="once")
+        session: AsyncSession = await dm.require_active_context().aget("db")
+        await session.commit()
+        raise Boom
+
+    with pytest.raises(Boom):
+        await aretry(dm, work, attempts=3, backoff=0, retry_if=lambda exc: isinstance(exc, Boom))
+    assert len(calls) == 1
+    assert await names(db) == ["once"]
+
+
+async def test_aretry_gives_up_after_its_attempts(dm: DataManager, db: AsyncDatabase) -> None:
+    """aretry() runs a transiently failing unit of work `attempts` times, then raises; nothing kept."""
+    calls: list[int] = []
+
+    async def work(dal: DataAccessLayer) -> None:
+        calls.append(1)
+        await dal.items.create(name=f"try{len(calls)}")
+        raise Boom
+
+    with pytest.raises(Boom):
+        await aretry(dm, work, attempts=3, backoff=0, retry_if=lambda exc: isinstance(exc, Boom))
+    assert len(calls) == 3
+    assert await names(db) == []
+    with pytest.raises(ValueError, match="attempts must be an int"):
+        await aretry(dm, work, attempts=0)
 
 
 async def test_aping(db: AsyncDatabase) -> None:

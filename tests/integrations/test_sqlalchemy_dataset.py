@@ -45,6 +45,12 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def read_chars() -> int:
+    """Bytes this process has read through read()/pread() so far (Linux)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
 def wire(dataset: Dataset) -> DataManager:
     dm = DataManager()
     dataset.install(dm, name="geo")
@@ -99,6 +105,44 @@ class TestFile:
         with dm.dal() as dal:
             dal.countries.get("fr")
         assert dataset.engine.pool.checkedin() == 1
+
+    @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+    def test_a_lookup_reads_pages_not_the_whole_file(self, tmp_path: Path) -> None:
+        """A primary-key lookup in a 16 MiB dataset reads a few pages, never the whole file."""
+        path = tmp_path / "big.sqlite"
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE countries (code VARCHAR PRIMARY KEY, name VARCHAR NOT NULL)")
+            conn.executemany("INSERT INTO countries VALUES (?, ?)",
+                             ((f"{i:05d}", "x" * 1000) for i in range(16 * 1024)))
+        conn.close()
+        size = path.stat().st_size
+        assert size > 16 * 1024 * 1024
+        dm = wire(Dataset(path))
+        before = read_chars()
+        with dm.dal() as dal:
+            assert dal.countries.require("12345").name == "x" * 1000
+        read = read_chars() - before
+        assert read < size / 32, f"read {read} bytes of a {size}-byte file"
+
+    def test_wal_file_is_read_and_never_written(self, tmp_path: Path) -> None:
+        """A file left in WAL mode is readable and unchanged; immutable=True adds no -wal/-shm files."""
+        path = make_file(tmp_path / "geo.sqlite")
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+        before = digest(path)
+        dataset = Dataset(path, immutable=True)
+        with wire(dataset).dal() as dal:
+            assert dal.countries.count() == 3
+        dataset.dispose()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["geo.sqlite"]
+        dataset = Dataset(path)
+        dm = wire(dataset)
+        with dm.dal() as dal:
+            assert dal.countries.count() == 3
+        fails(dm, lambda ctx: ctx.dal.countries.create(code="it", name="Italy"))
+        dataset.dispose()
+        assert digest(path) == before
 
     def test_awkward_paths_work(self, tmp_path: Path) -> None:
         """A path with spaces, '?', '#' and '%' is quoted for SQLite's URI syntax."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import traceback
@@ -14,9 +15,9 @@ from sqlalchemy.exc import OperationalError
 
 from polydatum import DataManager
 from polydatum.dal import DataAccessLayer
-from polydatum.sqlalchemy import Database
+from polydatum.sqlalchemy import AsyncDatabase, Database
 from tests.support.servers import PrivatePostgres
-from tests.support.sql import Base, Item, Items, fresh_postgres_database
+from tests.support.sql import AsyncItems, Base, Item, Items, fresh_postgres_database
 
 
 def wire(db: Database) -> DataManager:
@@ -63,6 +64,27 @@ class TestServerRestart:
         with dm.dal() as dal:
             assert dal.items.count() == 0
         db.dispose()
+
+
+    async def test_async_next_context_works_after_a_restart(
+        self, private_postgres: PrivatePostgres
+    ) -> None:
+        """AsyncDatabase: after pg_ctl restart between two contexts, the second one succeeds."""
+        db = AsyncDatabase(private_postgres.url)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        dm = DataManager()
+        db.install(dm)
+        dm.register_services(items=AsyncItems())
+        async with dm.dal() as dal:
+            await dal.items.create(name="before")
+        await asyncio.to_thread(private_postgres.restart)
+        async with dm.dal() as dal:
+            await dal.items.create(name="after")
+            assert await dal.items.count() == 2
+        await db.aping()
+        assert db.engine.pool.checkedout() == 0
+        await db.dispose()
 
 
 def run(dm: DataManager, body: Any) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from polydatum import DataManager, Service
 from polydatum.dal import DataAccessLayer
 from polydatum.sqlalchemy import Database, is_transient, retry
+from polydatum.sqlalchemy._retry import _delay
 from tests.support.sql import Base, Counter, Items, fresh_postgres_database
 
 
@@ -97,6 +98,38 @@ class TestRetry:
         with dm.dal() as dal:
             assert dal.counters.values() == [2, 0]
 
+    def test_write_skew_ends_in_a_serial_order(self, serializable: DataManager) -> None:
+        """Two contexts that each write 1 only if the total is 0: with retry, exactly one does.
+
+        Neither writes what the other read, so on PostgreSQL the conflict shows
+        only at COMMIT (read/write dependencies), and that failed commit is retried.
+        """
+        dm = serializable
+        barrier = threading.Barrier(2)
+        attempts: list[str] = []
+        errors: list[BaseException] = []
+
+        def worker(name: str, counter_id: int) -> None:
+            def work(dal: DataAccessLayer) -> None:
+                first = name not in attempts
+                attempts.append(name)
+                total = sum(dal.counters.values())
+                if first:
+                    barrier.wait(timeout=20)
+                if total == 0:
+                    dal.counters.bump(counter_id)
+
+            try:
+                retry(dm, work, attempts=5, backoff=0.01)
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        in_threads(lambda: worker("a", 1), lambda: worker("b", 2))
+        assert errors == []
+        assert len(attempts) == 3
+        with dm.dal() as dal:
+            assert sorted(dal.counters.values()) == [0, 1]  # what either serial order gives
+
     def test_deadlock_is_retried(self, pg_url: str) -> None:
         """PostgreSQL: two contexts locking two rows in opposite order both end committed."""
         db = Database(pg_url)
@@ -179,6 +212,49 @@ class TestRetry:
         with dm.dal() as dal:
             assert dal.items.count() == 1
 
+    def test_no_retry_after_the_code_committed_itself(self, serializable: DataManager) -> None:
+        """A unit of work that called session.commit() before failing is never repeated."""
+        dm = serializable
+        calls: list[int] = []
+
+        def work(dal: DataAccessLayer) -> None:
+            calls.append(1)
+            dal.items.create(name=f"once-{len(calls)}")
+            dm.require_active_context().db.commit()
+            raise Transient
+
+        with pytest.raises(Transient):
+            retry(dm, work, attempts=3, backoff=0, retry_if=is_fake_transient)
+        assert len(calls) == 1
+        with dm.dal() as dal:
+            assert dal.items.count() == 1
+
+    def test_an_empty_commit_does_not_stop_retries(self, serializable: DataManager) -> None:
+        """session.commit() with no transaction begun acknowledges nothing, so retries go on."""
+        dm = serializable
+        calls: list[int] = []
+
+        def work(dal: DataAccessLayer) -> None:
+            calls.append(1)
+            dm.require_active_context().db.commit()
+            raise Transient
+
+        with pytest.raises(Transient):
+            retry(dm, work, attempts=3, backoff=0, retry_if=is_fake_transient)
+        assert len(calls) == 3
+
+    def test_interrupts_are_never_retried(self, serializable: DataManager) -> None:
+        """KeyboardInterrupt propagates from the first attempt, even if retry_if would accept it."""
+        calls: list[int] = []
+
+        def work(dal: DataAccessLayer) -> None:
+            calls.append(1)
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            retry(serializable, work, attempts=3, backoff=0, retry_if=lambda exc: True)
+        assert len(calls) == 1
+
     def test_nested_retry_reports_its_commits_outward(self, serializable: DataManager) -> None:
         """A commit made inside an inner retry() also stops the outer one from repeating."""
         dm = serializable
@@ -213,6 +289,18 @@ class TestRetry:
         """Invalid attempts or backoff raise ValueError before any context opens."""
         with pytest.raises(ValueError, match=match):
             retry(DataManager(), lambda dal: None, **kwargs)
+
+
+class TestBackoff:
+    @pytest.mark.parametrize(("backoff", "max_backoff"), [(0.05, 1.0), (0.2, 0.3), (0.0, 1.0)])
+    def test_waits_double_with_jitter_up_to_the_maximum(
+        self, backoff: float, max_backoff: float
+    ) -> None:
+        """The wait before attempt n+1 is between half and all of min(max, backoff * 2**(n-1))."""
+        for attempt in range(1, 15):
+            cap = min(max_backoff, backoff * 2 ** (attempt - 1))
+            for _ in range(20):
+                assert cap / 2 <= _delay(attempt, backoff, max_backoff) <= cap
 
 
 class Transient(Exception):
