@@ -392,6 +392,9 @@ class RedisLock:
             self.lock.extend(seconds)
         except LockNotOwnedError:
             raise LockExpired(_expired_message(self.name, self.timeout)) from None
+        except _RedisLockError:
+            msg = f"lock {self.name!r} is not held by this thread; acquire it before extending"
+            raise LockError(msg) from None
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 

@@ -387,10 +387,13 @@ class CacheMiddleware:
         self._keys: dict[Any, _KeyMaker] = {}
 
     def _key_maker(self, method: Any) -> _KeyMaker:
-        func = getattr(method, "__func__", method)
+        if isinstance(method, _BoundCached):  # already @cached: key it like its function
+            func, drop_first = method._cached.func, True
+        else:
+            func, drop_first = getattr(method, "__func__", method), hasattr(method, "__self__")
         maker = self._keys.get(func)
         if maker is None:
-            maker = _KeyMaker(self.policy, func, drop_first=hasattr(method, "__self__"))
+            maker = _KeyMaker(self.policy, func, drop_first=drop_first)
             self._keys[func] = maker
         return maker
 
@@ -408,7 +411,7 @@ class CacheMiddleware:
         key = self._key_maker(method)(request.args, request.kwargs)
         cache = self.policy.find_cache(ctx)
         where = f"dal.{path}()"
-        if inspect.iscoroutinefunction(method):
+        if inspect.iscoroutinefunction(method) or isinstance(method, _AsyncBoundCached):
             return self.policy.arun(cache, ctx, key, lambda: handler(request), where)
         return self.policy.run(_sync(cache, where), ctx, key, lambda: handler(request), where)
 

@@ -19,6 +19,9 @@ from polydatum.cache import (
     Cache,
     CacheError,
     CacheUnavailable,
+    LockError,
+    LockExpired,
+    LockNotAcquired,
     SerializationError,
     cached,
 )
@@ -517,22 +520,251 @@ class TestRedisDown:
         assert await acache.get("k") == 3
         await aredis.aclose()
 
-    def test_no_connection_leak_after_many_contexts(self, private_redis: PrivateRedis) -> None:
-        """1,000 contexts using the client and the cache leave CLIENT LIST within the pool size."""
+    def test_no_connection_leak_after_many_contexts(
+        self, private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """1,000 contexts across a restart and a SIGKILL stay within the pool size.
+
+        Contexts that run while the server is dead use only the cache, so they
+        succeed with misses; CLIENT LIST afterwards shows no more connections
+        than the pool may hold.
+        """
         redis = Redis(private_redis.url, max_connections=10)
-        cache = redis.cache(namespace="leak")
+        cache = redis.cache(namespace="leak", retry_interval=0.01)
         dm = DataManager()
         redis.install(dm, name="redis")
         cache.install(dm, name="cache")
-        for i in range(1000):
-            with dm.context() as ctx:
-                ctx.redis.set("k", i)
-                ctx.cache.set("c", i)
-                ctx.cache.get("c")
+        users = Users()
+        dm.register_services(users=users)
+        down = range(600, 650)
+        with caplog.at_level(logging.WARNING, logger="polydatum.cache"):
+            for i in range(1000):
+                if i == 300:
+                    private_redis.restart()
+                elif i == down.start:
+                    private_redis.kill()
+                elif i == down.stop:
+                    private_redis.start()
+                with dm.context() as ctx:
+                    if i not in down:
+                        ctx.redis.set("k", i)
+                    ctx.cache.set("c", i)
+                    ctx.cache.get("c")
+                    assert ctx.dal.users.get(1) == {"id": 1, "name": "ada"}
+        assert "reachable again" in caplog.text
         observer = redis_py.Redis.from_url(private_redis.url)
         clients = observer.client_list()
+        assert int(observer.get("k")) == 999
         observer.close()
         # Our pool's connections plus the observer itself.
         assert len(clients) <= 10 + 1
         assert redis.pool._created_connections <= 10
         redis.close()
+
+
+class Reports(Service):
+    """A service that takes a lock around its work, as the issue asks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def rebuild(self, who: str, hold: bool) -> None:
+        with self._ctx.cache.lock("report", timeout=30, blocking_timeout=20):
+            self.events.append(f"{who} in")
+            if hold:
+                self.holding.set()
+                assert self.release.wait(10)
+            self.events.append(f"{who} out")
+
+
+class TestLocks:
+    def test_lock_inside_a_service_makes_the_second_caller_wait(self, cache: Cache) -> None:
+        """Two threads calling a locked service method: the second runs after the first."""
+        dm = DataManager()
+        cache.install(dm)
+        reports = Reports()
+        dm.register_services(reports=reports)
+
+        def call(who: str, hold: bool) -> None:
+            with dm.dal() as dal:
+                dal.reports.rebuild(who, hold)
+
+        first = threading.Thread(target=call, args=("first", True))
+        first.start()
+        assert reports.holding.wait(10)
+        # Held now: a non-blocking attempt fails, so the second caller has to wait.
+        assert not cache.lock("report", timeout=1).acquire(blocking=False)
+        second = threading.Thread(target=call, args=("second", False))
+        second.start()
+        reports.release.set()
+        first.join(10)
+        second.join(10)
+        assert reports.events == ["first in", "first out", "second in", "second out"]
+
+    def test_extend_after_expiry_raises_lock_expired(self, redis: Redis, namespace: str) -> None:
+        """Extending a Redis lock that already expired raises LockExpired."""
+        lock = redis.lock(f"{namespace}:lock", timeout=0.05)
+        assert lock.acquire()
+        until_gone = time.monotonic() + 10
+        while lock.locked():
+            assert time.monotonic() < until_gone
+            time.sleep(0.01)
+        with pytest.raises(LockExpired, match="longer timeout"):
+            lock.extend(5)
+        with pytest.raises(LockError, match="acquire it before extending"):
+            redis.lock(f"{namespace}:other", timeout=1).extend(5)
+
+    async def test_async_lock_errors(self, redis_url: str, namespace: str) -> None:
+        """AsyncRedis locks: positive timeout required, release needs acquire, contention."""
+        aredis = AsyncRedis(redis_url)
+        with pytest.raises(ValueError, match="locks always expire"):
+            aredis.lock("x", timeout=0)
+        with pytest.raises(LockError, match="acquire it"):
+            await aredis.lock(f"{namespace}:l", timeout=1).release()
+        async with aredis.lock(f"{namespace}:l", timeout=5) as held:
+            assert await held.locked()
+            other = aredis.lock(f"{namespace}:l", timeout=5, blocking_timeout=0.05)
+            with pytest.raises(LockNotAcquired, match="blocking_timeout"):
+                async with other:
+                    pass
+        assert not await held.locked()
+        await aredis.aclose()
+
+    def test_locks_raise_when_redis_is_down(self, private_redis: PrivateRedis) -> None:
+        """Every lock operation raises CacheUnavailable once Redis is gone, even in warn mode."""
+        redis = Redis(private_redis.url)
+        lock = redis.lock("l", timeout=30)
+        assert lock.acquire()
+        private_redis.kill()
+        for op in (lock.locked, lambda: lock.extend(1), lock.release, redis.lock("m", 1).acquire):
+            with pytest.raises(CacheUnavailable, match="Redis is unavailable"):
+                op()
+        redis.close()
+
+    async def test_async_locks_raise_when_redis_is_down(self, private_redis: PrivateRedis) -> None:
+        """The async lock raises CacheUnavailable too."""
+        aredis = AsyncRedis(private_redis.url)
+        lock = aredis.lock("l", timeout=30)
+        assert await lock.acquire()
+        private_redis.kill()
+        with pytest.raises(CacheUnavailable):
+            await lock.locked()
+        with pytest.raises(CacheUnavailable):
+            await lock.release()
+        with pytest.raises(CacheUnavailable):
+            await aredis.lock("m", 1).acquire()
+        await aredis.aclose()
+
+
+class TestMoreErrors:
+    def test_call_that_does_not_fit_the_signature_names_the_method(self, dm: DataManager) -> None:
+        """Arguments that do not bind to the method raise TypeError naming it."""
+        with pytest.raises(TypeError, match=r"Users\.search\(\) called with arguments"), \
+                dm.dal() as dal:
+            dal.users.search("a", 1, 2, 3)
+
+    @pytest.mark.parametrize("kwargs", [{"wait": -1}, {"lock_timeout": 0}])
+    def test_bad_wait_or_lock_timeout_is_refused(self, kwargs: dict[str, Any]) -> None:
+        """cached() names the bad stale/wait/lock_timeout values."""
+        with pytest.raises(ValueError, match="lock_timeout > 0"):
+            cached(ttl=1, **kwargs)
+
+    def test_foreign_value_under_a_cached_key_is_recomputed(self, dm: DataManager, cache: Cache) -> None:
+        """Something else stored under a cached() key: a miss, computed and overwritten."""
+        cache.set("user:1", "not an entry")
+        with dm.dal() as dal:
+            assert dal.users.get(1) == {"id": 1, "name": "ada"}
+        assert cache.get("user:1")[1] == {"id": 1, "name": "ada"}
+
+    def test_msgpack_missing_says_how_to_install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without the msgpack package, asking for it says which extra to install."""
+        from polydatum.cache import MsgpackSerializer
+
+        monkeypatch.setitem(__import__("sys").modules, "msgpack", None)
+        with pytest.raises(ImportError, match=r"polydatum\[msgpack\]"):
+            MsgpackSerializer()
+
+    async def test_async_unstorable_result_names_the_method(self, namespace: str) -> None:
+        """An async cached method whose result cannot be serialized names itself, then recovers."""
+        acache = AsyncCache(namespace=namespace)
+
+        @cached(ttl=30, key="k", using=acache)
+        async def bad() -> object:
+            return object()
+
+        with pytest.raises(SerializationError, match=r"bad\(\).*object"):
+            await bad()
+        assert await acache.get("k:computing") is None  # the claim was released
+
+    async def test_async_middleware(self, namespace: str) -> None:
+        """cached(...).middleware() also caches async DAL methods."""
+        acache = AsyncCache(namespace=namespace)
+        dm = DataManager()
+        acache.install(dm)
+        users = Users()
+        dm.register_services(users=users)
+        mw = cached(ttl=30, key="a:{user_id}").middleware("users.aget")
+        dm.register_method_middleware(mw)
+        async with dm.dal() as dal:
+            assert await dal.users.aget(1) == {"id": 1, "name": "ada"}
+        async with dm.dal() as dal:
+            assert await dal.users.aget(1) == {"id": 1, "name": "ada"}
+        assert users.calls == 1
+
+    async def test_async_cache_raise_mode_and_every_op_down(self, private_redis: PrivateRedis) -> None:
+        """AsyncCache: warn mode degrades every operation; raise mode raises."""
+        aredis = AsyncRedis(private_redis.url)
+        warn = aredis.cache(namespace="w", retry_interval=0.05)
+        loud = aredis.cache(namespace="r", on_unavailable="raise", retry_interval=30)
+        private_redis.stop()
+        assert await warn.incr("n") is None
+        assert await warn.ttl("k") is None
+        assert not await warn.add("k", 1)
+        assert not await warn.set_many({"k": 1})
+        assert await warn.delete("k") is False
+        assert await warn.clear() == 0
+        with pytest.raises(CacheUnavailable, match="Redis is unavailable"):
+            await loud.get("k")
+        with pytest.raises(CacheUnavailable, match="retry_interval"):
+            await loud.incr("n")
+        await aredis.aclose()
+
+    async def test_async_context_without_redis_makes_no_connection(self, redis_url: str) -> None:
+        """An async context that never touches ctx.redis takes no connection."""
+        aredis = AsyncRedis(redis_url)
+        dm = DataManager()
+        aredis.install(dm)
+        async with dm.context():
+            pass
+        assert not aredis.pool._available_connections
+        assert not aredis.pool._in_use_connections
+        await aredis.aclose()
+
+
+class TestProcesses:
+    def test_forked_child_gets_its_own_pool_connections(self, redis: Redis, namespace: str) -> None:
+        """One pool per process: a forked child does not reuse the parent's sockets."""
+        import os
+
+        dm = DataManager()
+        redis.install(dm)
+        with dm.context() as ctx:
+            ctx.redis.set(f"{namespace}:parent", os.getpid())
+        pid = os.fork()
+        if pid == 0:  # the child: use Redis, report through the exit code
+            code = 1
+            try:
+                with dm.context() as ctx:
+                    ctx.redis.set(f"{namespace}:child", os.getpid())
+                    code = 0 if redis.pool.pid == os.getpid() else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        client = redis.client()
+        assert int(client.get(f"{namespace}:child")) == pid
+        assert redis.pool.pid == os.getpid()
+        client.delete(f"{namespace}:parent", f"{namespace}:child")
