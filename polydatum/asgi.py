@@ -87,6 +87,7 @@ __all__ = [
     "Message",
     "MetaFactory",
     "PolydatumASGIMiddleware",
+    "PolydatumMiddleware",
     "Receive",
     "ResponseIncomplete",
     "RollbackResponse",
@@ -242,6 +243,10 @@ class PolydatumASGIMiddleware:
                     raise final
         finally:
             current_exchange.reset(token)
+
+
+#: The name :mod:`polydatum.werkzeug` uses, so both integrations read the same.
+PolydatumMiddleware = PolydatumASGIMiddleware
 
 
 class _Exchange:

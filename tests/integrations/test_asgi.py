@@ -759,3 +759,11 @@ async def test_an_error_after_the_response_ended_still_reaches_the_server(env: E
     assert reply.text == "ok"
     assert name in env.names()
     assert env.events == [("commit", name)]
+
+
+def test_both_integrations_have_the_same_names() -> None:
+    from polydatum import asgi, werkzeug
+
+    assert asgi.PolydatumMiddleware is asgi.PolydatumASGIMiddleware
+    assert werkzeug.PolydatumWSGIMiddleware is werkzeug.PolydatumMiddleware
+    assert asgi.current_context is werkzeug.current_context
