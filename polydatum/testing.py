@@ -20,7 +20,7 @@ or with a fixture of that name in ``conftest.py``. Then:
 
 The same building blocks work without pytest: :func:`override_service`,
 :func:`override_resource` and :func:`transactional_database` are context
-managers.
+managers (:func:`async_transactional_database` for an ``AsyncDatabase``).
 
 .. versionadded:: 2.0
 """
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
@@ -40,12 +40,15 @@ from polydatum.dal import DataManager
 from polydatum.services import check_service
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from polydatum.context import DataAccessContext
     from polydatum.dal import DataAccessLayer
-    from polydatum.sqlalchemy import Database
+    from polydatum.sqlalchemy import AsyncDatabase, Database
 
 __all__ = [
     "Overrides",
+    "async_transactional_database",
     "override_resource",
     "override_service",
     "transactional_database",
@@ -168,6 +171,38 @@ def transactional_database(database: Database) -> Iterator[Any]:
             database._pin(None)
             if outer.is_active:
                 outer.rollback()
+
+
+@asynccontextmanager
+async def async_transactional_database(database: AsyncDatabase) -> AsyncIterator[AsyncConnection]:
+    """The asyncio twin of :func:`transactional_database`, for an AsyncDatabase.
+
+    Use it as ``async with async_transactional_database(db) as connection:``.
+    Every AsyncSession made meanwhile joins one transaction on one connection;
+    their commits become SAVEPOINT releases and everything is rolled back
+    when the block ends, also when it raised.
+
+    The sessions share that one connection: run one task at a time against
+    it (no ``asyncio.gather`` of contexts using the database).
+
+    Yields:
+        the :class:`sqlalchemy.ext.asyncio.AsyncConnection` holding the transaction.
+
+    Raises:
+        RuntimeError: ``database`` is already inside such a block (they do not nest).
+
+    .. versionadded:: 2.0
+    """
+    database._refuse_pinned()  # before connecting, as in transactional_database
+    async with database.engine.connect() as connection:
+        outer = await connection.begin()
+        database._pin(connection)
+        try:
+            yield connection
+        finally:
+            database._pin(None)
+            if outer.is_active:
+                await outer.rollback()
 
 
 class Overrides:

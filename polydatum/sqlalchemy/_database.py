@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, create_engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -211,6 +211,11 @@ class _EngineOwner:
         _install_error_mapping(engine, repr(self))
         _live.add(self)
 
+    def _refuse_pinned(self) -> None:
+        if "_unpinned" in self.__dict__:
+            msg = f"{self!r} is already pinned to a test transaction; they do not nest"
+            raise RuntimeError(msg)
+
     def _read_only_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {_READ_ONLY: True}
         if self.sync_engine.dialect.name == "postgresql":
@@ -326,11 +331,6 @@ class Database(_EngineOwner):
 
         session_resource.database = self  # type: ignore[attr-defined]  # found by polydatum.testing
         return session_resource
-
-    def _refuse_pinned(self) -> None:
-        if "_unpinned" in self.__dict__:
-            msg = f"{self!r} is already pinned to a test transaction; they do not nest"
-            raise RuntimeError(msg)
 
     def _pin(self, connection: Connection | None) -> None:
         """Route every new session through ``connection`` (None undoes it).
@@ -455,7 +455,7 @@ class AsyncDatabase(_EngineOwner):
         self.session_factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
             bind=self.engine, info=info, **options
         )
-        self._read_only_engine = read_only_engine
+        self._read_only_engine: AsyncEngine | AsyncConnection = read_only_engine
 
     def session(self, *, read_only: bool = False) -> AsyncSession:
         """A new AsyncSession of your own; ``await session.close()`` when done."""
@@ -492,6 +492,24 @@ class AsyncDatabase(_EngineOwner):
                 await session.close()
 
         return async_session_resource
+
+    def _pin(self, connection: AsyncConnection | None) -> None:
+        """Route every new AsyncSession through ``connection`` (None undoes it).
+
+        Used by :func:`polydatum.testing.async_transactional_database`, like
+        :meth:`Database._pin`.
+        """
+        if connection is None:
+            self.session_factory, self._read_only_engine = self.__dict__.pop("_unpinned")
+            return
+        self._refuse_pinned()
+        self.__dict__["_unpinned"] = (self.session_factory, self._read_only_engine)
+        kw = dict(self.session_factory.kw)
+        info = dict(kw.pop("info", None) or {})
+        info[_READ_ONLY_BIND] = connection.sync_connection
+        kw.update(bind=connection, info=info, join_transaction_mode="create_savepoint")
+        self.session_factory = async_sessionmaker(class_=self.session_factory.class_, **kw)
+        self._read_only_engine = connection
 
     async def aping(self) -> None:
         """Run ``SELECT 1`` on a pooled connection, for health checks.

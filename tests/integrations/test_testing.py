@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,15 @@ from sqlalchemy import select, text
 
 from polydatum import DataManager, Service, ValueResource
 from polydatum.errors import InvalidResource
-from polydatum.sqlalchemy import Database, Dataset
-from polydatum.testing import Overrides, override_resource, override_service, transactional_database
-from tests.support.sql import Base, Item, Items, fresh_postgres_database
+from polydatum.sqlalchemy import AsyncDatabase, Database, Dataset, ReadOnlyError, read_only
+from polydatum.testing import (
+    Overrides,
+    async_transactional_database,
+    override_resource,
+    override_service,
+    transactional_database,
+)
+from tests.support.sql import AsyncItems, Base, Item, Items, fresh_postgres_database
 
 pytest_plugins = ["pytester"]
 
@@ -189,6 +196,99 @@ def test_transactional_database_does_not_nest(database: Database) -> None:
         transactional_database(database).__enter__()
     with database.session() as session:  # unpinned again
         assert session.get_bind() is database.engine
+
+
+# -- async_transactional_database ----------------------------------------------
+
+
+@pytest.fixture(params=["aiosqlite", "postgresql"])
+async def async_database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AsyncDatabase]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "aiosqlite":
+            url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+        else:
+            url = stack.enter_context(
+                fresh_postgres_database(request.getfixturevalue("postgres_url"))
+            )
+        db = AsyncDatabase(url)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        yield db
+        await db.dispose()
+
+
+async def _acount(db: AsyncDatabase) -> int:
+    async with db.engine.connect() as conn:
+        return int((await conn.execute(text("SELECT count(*) FROM items"))).scalar_one())
+
+
+async def afail_after_create(dm: DataManager) -> None:
+    async with dm.dal() as dal:
+        await dal.items.create(name="rolled back at once", qty=2)
+        raise ZeroDivisionError
+
+
+async def test_async_transactional_database_rolls_back_committed_work(
+    async_database: AsyncDatabase,
+) -> None:
+    """Committed and failed async contexts inside the block all vanish at its end."""
+    dm = DataManager()
+    async_database.install(dm)
+    dm.register_services(items=AsyncItems())
+    async with async_transactional_database(async_database) as connection:
+        async with dm.dal() as dal:
+            await dal.items.create(name="kept until the end", qty=1)
+        with pytest.raises(ZeroDivisionError):
+            await afail_after_create(dm)
+        async with dm.dal() as dal:
+            assert [i.name for i in await dal.items.search()] == ["kept until the end"]
+        result = await connection.execute(text("SELECT count(*) FROM items"))
+        assert result.scalar_one() == 1
+        async with dm.context() as ctx:
+            session = await ctx.aget("db")
+            read_only(session)
+            session.add(Item(name="refused"))
+            with pytest.raises(ReadOnlyError):
+                await session.flush()
+    assert await _acount(async_database) == 0
+    async with dm.dal() as dal:  # sessions use the pool again
+        await dal.items.create(name="real", qty=3)
+    assert await _acount(async_database) == 1
+    assert async_database.engine.pool.checkedout() == 0
+
+
+async def test_async_transactional_database_undoes_itself_after_an_error(
+    async_database: AsyncDatabase,
+) -> None:
+    """A block that raises still rolls back, returns its connection and unpins the database."""
+    dm = DataManager()
+    async_database.install(dm)
+    dm.register_services(items=AsyncItems())
+    async def failing_test() -> None:
+        async with async_transactional_database(async_database):
+            async with dm.dal() as dal:
+                await dal.items.create(name="gone")
+            raise KeyError("test failed")
+
+    with pytest.raises(KeyError):
+        await failing_test()
+    assert await _acount(async_database) == 0
+    assert async_database.engine.pool.checkedout() == 0
+    session = async_database.session()
+    assert session.bind is async_database.engine
+    await session.close()
+
+
+async def test_async_transactional_database_does_not_nest(
+    async_database: AsyncDatabase,
+) -> None:
+    """A second block on the same AsyncDatabase raises RuntimeError before connecting."""
+    async with async_transactional_database(async_database):
+        with pytest.raises(RuntimeError, match="do not nest"):
+            await async_transactional_database(async_database).__aenter__()
+        assert async_database.engine.pool.checkedout() == 1
 
 
 # -- the pytest plugin ---------------------------------------------------------
