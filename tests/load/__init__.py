@@ -1,0 +1,1 @@
+"""Load, fault and bad-input tests of the notes example, and the audit they end with."""

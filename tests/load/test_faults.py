@@ -1,0 +1,204 @@
+"""Fault scenarios, short form: real servers, a few seconds of load each, a fault midway, then the audit.
+
+Six clients (three users, two clients each, so their edits conflict) drive
+the notes example (:mod:`tests.load.driver`) served by Werkzeug's threaded
+server in this process, on PostgreSQL, a private Redis, S3 on moto's server
+(behind a proxy that can drop it) and Celery in eager mode. During the
+load one part fails; afterwards:
+
+- the audit passes (:mod:`tests.load.audit`): no acknowledged write lost or
+  duplicated, nothing refused kept, no blob missing, every orphan swept,
+  connections back in their pools, no fd or thread left behind;
+- the app has recovered: a create, read, update, attach, fetch and delete
+  for every user all succeed right away.
+
+``benchmarks/load.py --faults`` runs the same scenarios longer, under more load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from tests.load.conftest import Stack
+from tests.load.driver import Load, Record, time_to_recover
+from tests.load.faults import FAULTS, Fault
+from tests.support.servers import PrivatePostgres
+
+pytestmark = pytest.mark.slow
+
+LOAD = 4.0  # seconds of load per scenario
+
+
+def run_scenario(stack: Stack, fault: Fault, *, clients: int = 6) -> tuple[Load, Any]:
+    load = stack.load(clients)
+    load.run(LOAD, during=fault.inject)
+    recovered = load.check_recovered()
+    failed = [f"{r.op} {r.error}" for r in recovered if r.outcome != "acked"]
+    assert not failed, f"after {fault.name} the app did not recover: {failed}"
+    report = stack.audit(load.records).check()
+    writes = [r for r in load.records if r.op in ("create", "update", "attach", "delete")]
+    assert report.acked_writes > 0
+    assert any(r.outcome == "acked" for r in writes if r.start >= fault.repaired)
+    assert time_to_recover(load.records, fault.repaired) is not None
+    stats = load.stats()
+    recovery = time_to_recover(load.records, fault.repaired)
+    # Shown with pytest -s: what the fault did to the clients.
+    print(f"\n{fault.name}: {stats['requests']} requests, {report.acked_writes} acked writes, "
+          f"{report.in_doubt} in doubt ({report.in_doubt_committed} committed), {report.orphans} orphans "
+          f"swept, errors {stats['errors']}, "
+          f"recovered in {recovery:.2f}s {report.committed_despite_error}")
+    return load, report
+
+
+def test_no_fault(stack: Stack) -> None:
+    """The baseline: the mix alone loses nothing and leaks nothing; conflicts happen for real."""
+    load, report = run_scenario(stack, Fault("none", lambda: None))
+    assert report.lost_writes == 0
+    assert report.orphans == 0
+    assert any(r.status == 409 for r in load.records)  # the mix does exercise conflicts
+    # The one 5xx plain load produces: an attach racing a delete of its note (a foreign key
+    # violation in the example, logged in core_bugs.md; see test_an_attach_racing_a_delete_is_not_a_500).
+    failed = [(r.op, r.error) for r in load.records if r.outcome in ("failed", "unknown")]
+    assert {op for op, _ in failed} <= {"attach", "delete"}, failed
+
+
+def test_postgres_restart(stack: Stack, load_postgres: PrivatePostgres) -> None:
+    _, report = run_scenario(stack, FAULTS["postgres-restart"](load_postgres))
+    assert report.lost_writes == 0
+
+
+def test_redis_stop_and_restart(stack: Stack) -> None:
+    _, report = run_scenario(stack, FAULTS["redis-restart"](stack.redis))
+    assert report.lost_writes == 0
+
+
+def test_s3_goes_away(stack: Stack) -> None:
+    load, report = run_scenario(stack, FAULTS["s3-down"](stack.proxy))
+    assert report.lost_writes == 0
+    # The fault was felt: attachments sent while S3 was away were not acknowledged.
+    assert any(r.op == "attach" and r.outcome != "acked" for r in load.records)
+
+
+def test_database_connections_killed(stack: Stack) -> None:
+    _, report = run_scenario(stack, FAULTS["pg-terminate"](stack.database_url))
+    assert report.lost_writes == 0
+
+
+def test_statement_timeout(load_postgres: PrivatePostgres, private_redis: Any, moto_server: Any) -> None:
+    """A query past the engine's statement_timeout fails alone: its write is gone, its connection is back."""
+    from contextlib import ExitStack
+
+    with ExitStack() as es:
+        # The timeout as a user would set it: libpq options in DATABASE_URL.
+        stack = Stack(es, server_url=load_postgres.url, redis=private_redis, moto=moto_server,
+                      database_query="?options=-c%20statement_timeout%3D1000")
+        slow = install_slow_route(stack)
+        fault = FAULTS["slow-query"](slow)
+        _, report = run_scenario(stack, fault)
+        assert report.lost_writes == 0
+        assert slow.records
+        assert all(r.status is not None and r.status >= 500 for r in slow.records)
+        assert slow.committed(stack.database_url) == 0
+
+
+class SlowRoute:
+    """``POST /__test/slow?marker=...``: signs a user up, then sleeps in SQL longer than the timeout."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.records: list[Record] = []
+
+    def call(self) -> Record:
+        import uuid
+
+        from tests.load.driver import Client
+
+        client = Client(self.url)
+        marker = f"slow-{uuid.uuid4().hex[:16]}"
+        record = Record("slow", time.monotonic(), 0.0, None, marker=marker)
+        try:
+            record.status, _, _ = client.request("POST", f"/__test/slow?marker={marker}")
+        except OSError as exc:
+            record.error = type(exc).__name__
+        finally:
+            client.close()
+        record.elapsed = time.monotonic() - record.start
+        self.records.append(record)
+        return record
+
+    def committed(self, database_url: str) -> int:
+        engine = create_engine(database_url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM users WHERE name = ANY(:m)"),
+                                        {"m": [r.marker for r in self.records]}).scalar_one())
+        finally:
+            engine.dispose()
+
+
+def install_slow_route(stack: Stack) -> SlowRoute:
+    """Register a test-only service and route on the running app (the example's code is untouched)."""
+    from notes.auth import public
+    from werkzeug.wrappers import Request, Response
+
+    from polydatum import Service
+    from polydatum.werkzeug import PolydatumMiddleware, current_context
+
+    class Slow(Service):
+        @public
+        def sleep(self, marker: str) -> None:
+            db = self._ctx.db
+            db.execute(text("INSERT INTO users (name) VALUES (:n)"), {"n": marker})
+            db.execute(text("SELECT pg_sleep(3)"))
+
+    stack.app.dm.register_services(slow=Slow())
+
+    @Request.application  # type: ignore[arg-type]
+    def view(request: Request) -> Response:
+        current_context().dal.slow.sleep(request.args["marker"])
+        return Response("slept", 200)
+
+    slow_app = PolydatumMiddleware(view, stack.app.dm)
+    notes_app = stack.wsgi
+
+    def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") == "/__test/slow":
+            return slow_app(environ, start_response)
+        return notes_app(environ, start_response)
+
+    stack.wsgi = dispatch
+    return SlowRoute(stack.url)
+
+
+@pytest.mark.xfail(strict=True, reason="examples/notes: an attach racing a delete of its note is a 500 "
+                   "(foreign key violation); logged in /work/brief/core_bugs.md")
+def test_an_attach_racing_a_delete_is_not_a_500(stack: Stack) -> None:
+    """The attach passed its ownership check, then the note was deleted before its row went in."""
+    import socket
+
+    from tests.load.driver import Client, sign_up
+
+    account = sign_up(stack.url)
+    client = Client(stack.url)
+    client.headers["Authorization"] = f"Bearer {account.token}"
+    status, note = client.json("POST", f"/notebooks/{account.notebook_id}/notes", {"title": "racy"})
+    assert status == 201
+    body = b"x" * 1000
+    with socket.create_connection(("127.0.0.1", int(stack.url.rsplit(":", 1)[1]))) as sock:
+        # Headers and half the body: the view runs (ownership checked) and blocks reading the rest.
+        sock.sendall((f"POST /notes/{note['id']}/attachments?name=racy.bin HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {account.token}\r\nContent-Length: {len(body)}\r\n"
+                      "Connection: close\r\n\r\n").encode() + body[:500])
+        time.sleep(0.5)  # ordering, not a pass/fail timing: let the view reach the blob upload
+        status, _ = client.json("DELETE", f"/notes/{note['id']}")
+        assert status == 204
+        sock.sendall(body[500:])
+        answer = sock.makefile("rb").readline()
+    client.close()
+    assert int(answer.split()[1]) < 500, answer
