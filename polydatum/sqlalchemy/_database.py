@@ -10,7 +10,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, create_engine, make_url
@@ -227,6 +227,23 @@ class _EngineOwner:
         return f"{type(self).__name__}({url!r})"
 
 
+E = TypeVar("E")
+
+
+def _make_engine(factory: Callable[..., E], url: URL, options: Mapping[str, Any]) -> E:
+    try:
+        return factory(url, **_engine_options(url, options))
+    except ModuleNotFoundError as exc:
+        shown = url.render_as_string(hide_password=True)
+        msg = (
+            f"the database URL {shown!r} needs the driver module {exc.name!r}, which is not "
+            "installed; install it, or name an installed driver in the URL, e.g. "
+            "postgresql+psycopg://... (pip install \"polydatum[postgresql]\") or "
+            "sqlite+aiosqlite://... for AsyncDatabase (pip install \"polydatum[aiosqlite]\")"
+        )
+        raise ModuleNotFoundError(msg, name=exc.name) from exc
+
+
 def _check_begin(sqlite_begin: str) -> SqliteBegin:
     if sqlite_begin not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
         msg = f"sqlite_begin must be 'DEFERRED', 'IMMEDIATE' or 'EXCLUSIVE', got {sqlite_begin!r}"
@@ -264,7 +281,7 @@ class Database(_EngineOwner):
     ) -> None:
         parsed = make_url(url)
         begin = _check_begin(sqlite_begin)
-        self.engine: Engine = create_engine(parsed, **_engine_options(parsed, engine_options))
+        self.engine: Engine = _make_engine(create_engine, parsed, engine_options)
         self._setup(self.engine, begin, engine_options.get("isolation_level") == "AUTOCOMMIT")
         options: dict[str, Any] = {"expire_on_commit": False, "class_": _Session}
         options.update(session_options or {})
@@ -440,9 +457,7 @@ class AsyncDatabase(_EngineOwner):
     ) -> None:
         parsed = make_url(url)
         begin = _check_begin(sqlite_begin)
-        self.engine: AsyncEngine = _create_async_engine(
-            parsed, **_engine_options(parsed, engine_options)
-        )
+        self.engine: AsyncEngine = _make_engine(_create_async_engine, parsed, engine_options)
         self._setup(
             self.engine.sync_engine, begin, engine_options.get("isolation_level") == "AUTOCOMMIT"
         )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InvalidRequestError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
@@ -19,6 +19,7 @@ from polydatum import DataManager
 from polydatum.context import DataAccessContext
 from polydatum.errors import ConcurrencyConflict
 from polydatum.sqlalchemy import (
+    AsyncDatabase,
     Database,
     ReadOnlyError,
     read_only,
@@ -600,6 +601,26 @@ class TestEngine:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True, timeout=60)
         assert 'pip install "polydatum[sqlalchemy]"' in out.stdout
+
+    @pytest.mark.parametrize(
+        ("factory", "url", "module"),
+        [(Database, "mysql://app:secret@127.0.0.1/app", "MySQLdb"),
+         (AsyncDatabase, "postgresql+psycopg2://app@127.0.0.1/app", "psycopg2")],
+    )
+    def test_missing_driver_says_what_to_install(
+        self, factory: Callable[[str], object], url: str, module: str
+    ) -> None:
+        """A URL whose driver is not installed names the module and a driver that is, hiding the password."""
+        expected = f"driver module '{module}'.*postgresql\\+psycopg"
+        with pytest.raises(ModuleNotFoundError, match=expected) as info:
+            factory(url)
+        assert info.value.name == module
+        assert "secret" not in str(info.value)
+
+    def test_async_database_needs_an_async_driver(self, tmp_path: Any) -> None:
+        """AsyncDatabase over a sync-only driver fails at construction, saying it needs an async one."""
+        with pytest.raises(InvalidRequestError, match="requires an async driver"):
+            AsyncDatabase(f"sqlite:///{tmp_path / 'x.db'}")
 
     def test_repr_hides_the_password(self) -> None:
         """The repr names the URL without its password."""

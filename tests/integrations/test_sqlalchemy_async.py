@@ -16,14 +16,15 @@ from sqlalchemy.orm import Session
 from polydatum import DataManager, Service
 from polydatum.context import DataAccessContext
 from polydatum.dal import DataAccessLayer
-from polydatum.errors import ConcurrencyConflict, NotFound
-from polydatum.sqlalchemy import AsyncDatabase, ReadOnlyError, aretry, read_only
+from polydatum.errors import ConcurrencyConflict, MiddlewareSetupException, NotFound
+from polydatum.sqlalchemy import AsyncDatabase, Database, ReadOnlyError, aretry, read_only
 from tests.support.servers import free_port
 from tests.support.sql import (
     AsyncItems,
     Base,
     Counter,
     Item,
+    Items,
     fresh_postgres_database,
     server_connections,
 )
@@ -441,6 +442,36 @@ async def test_aretry_gives_up_after_its_attempts(dm: DataManager, db: AsyncData
     assert await names(db) == []
     with pytest.raises(ValueError, match="attempts must be an int"):
         await aretry(dm, work, attempts=0)
+
+
+def test_async_database_in_a_sync_context_says_to_use_async_with(tmp_path: Any) -> None:
+    """An AsyncDatabase installed in a DataManager refuses `with dm.context()`, saying what to use."""
+    dm = DataManager()
+    AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}").install(dm)
+    with pytest.raises(MiddlewareSetupException, match=r"async with dm\.context"):
+        dm.context().__enter__()
+
+
+async def test_sync_database_in_an_async_context(tmp_path: Any) -> None:
+    """A sync Database works inside `async with dm.context()`: commit and rollback as usual."""
+    sync_db = Database(f"sqlite:///{tmp_path / 'sync.db'}")
+    Base.metadata.create_all(sync_db.engine)
+    dm = DataManager()
+    sync_db.install(dm)
+    dm.register_services(items=Items())
+    async with dm.dal() as dal:
+        dal.items.create(name="kept")
+
+    async def body(ctx: DataAccessContext) -> None:
+        ctx.dal.items.create(name="lost")
+        raise Boom
+
+    with pytest.raises(Boom):
+        await run(dm, body)
+    with sync_db.session() as session:
+        assert [i.name for i in session.scalars(select(Item))] == ["kept"]
+    assert sync_db.engine.pool.checkedout() == 0
+    sync_db.dispose()
 
 
 async def test_aping(db: AsyncDatabase) -> None:

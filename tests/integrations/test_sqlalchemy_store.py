@@ -15,7 +15,7 @@ from polydatum.dal import DataAccessLayer
 from polydatum.errors import NotFound
 from polydatum.sqlalchemy import Database, Page, Store
 from polydatum.sqlalchemy._store import _decode_cursor, _encode_cursor, _encode_value
-from tests.support.sql import Base, Item, Items, Tags, fresh_postgres_database
+from tests.support.sql import Base, Item, Items, Memberships, Tags, fresh_postgres_database
 
 
 @pytest.fixture(name="pg_url", scope="module")
@@ -44,7 +44,7 @@ def fixture_dm(db: Database) -> DataManager:
     """A DataManager with the stores registered on ``db``."""
     dm = DataManager()
     db.install(dm)
-    dm.register_services(items=Items(), tags=Tags())
+    dm.register_services(items=Items(), tags=Tags(), memberships=Memberships())
     return dm
 
 
@@ -118,6 +118,20 @@ class TestCrud:
         dal.tags.create(code="red")
         assert dal.tags.require("red").code == "red"
         assert dal.tags.delete("red")
+
+    def test_composite_primary_keys_take_a_tuple(self, dal: DataAccessLayer) -> None:
+        """A composite key is passed as a tuple to get/require/update/delete; pages follow it."""
+        for team, user_id in [("b", 1), ("a", 2), ("a", 1)]:
+            dal.memberships.create(team=team, user_id=user_id, role="member")
+        assert dal.memberships.get(("a", 3)) is None
+        with pytest.raises(NotFound, match=r"Membership \('a', 3\) not found"):
+            dal.memberships.require(("a", 3))
+        assert dal.memberships.update(("a", 2), role="owner").role == "owner"
+        first = dal.memberships.search(limit=2)
+        rest = dal.memberships.search(after=first.next_cursor)
+        assert [(m.team, m.user_id) for m in [*first, *rest]] == [("a", 1), ("a", 2), ("b", 1)]
+        assert dal.memberships.delete(("b", 1))
+        assert dal.memberships.count() == 2
 
     def test_count_and_exists(self, dal: DataAccessLayer) -> None:
         """count() and exists() apply the same filters as search()."""

@@ -44,6 +44,20 @@ class Tag(Base):
     item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
 
 
+class Membership(Base):
+    """A composite primary key."""
+
+    __tablename__ = "memberships"
+
+    team: Mapped[str] = mapped_column(String(20), primary_key=True)
+    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    role: Mapped[str] = mapped_column(String(20))
+
+
+class Memberships(Store[Membership]):
+    pass
+
+
 class Items(Store[Item]):
     pass
 
