@@ -166,18 +166,18 @@ def test_sign_up_and_tokens(notes: SimpleNamespace) -> None:
 def test_simultaneous_sign_ups_of_one_name_one_wins(notes: SimpleNamespace) -> None:
     name = f"racer-{uuid.uuid4().hex[:8]}"
     barrier = threading.Barrier(4)
-    statuses: list[int] = []
+    responses: list[httpx.Response] = []
 
     def sign_up() -> None:
         barrier.wait(timeout=WAIT)
-        statuses.append(notes.http.post("/users", json={"name": name}).status_code)
+        responses.append(notes.http.post("/users", json={"name": name}))
 
     threads = [threading.Thread(target=sign_up) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=WAIT)
-    assert sorted(statuses) == [201, 409, 409, 409]
+    assert sorted(r.status_code for r in responses) == [201, 409, 409, 409], [r.text for r in responses]
 
 
 def test_notes_with_attachments(notes: SimpleNamespace) -> None:

@@ -202,3 +202,17 @@ def test_health_is_503_while_a_part_is_down_and_the_api_keeps_working(tmp_path: 
             assert me.json()["note_count"] == 0
     finally:
         app.close()
+
+
+def test_a_database_that_goes_away_after_start_up_is_a_503(tmp_path: Path) -> None:
+    """Built without the start-up check, as if the server died later: requests get 503, not 500."""
+    app = build(Settings.from_env({"NOTES_DATA": str(tmp_path),
+                                   "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/notes"}))
+    try:
+        with serving(app.wsgi()) as url:
+            response = httpx.post(f"{url}/users", json={"name": "nobody"}, timeout=30)
+            assert response.status_code == 503
+            assert response.json()["message"] == "the database is unavailable; try again shortly"
+            assert httpx.get(f"{url}/health", timeout=30).json()["parts"]["database"]["ok"] is False
+    finally:
+        app.close()

@@ -75,6 +75,10 @@ def test_the_auth_middleware_guards_direct_dal_calls(
         other = dal.users.sign_up("someone else")
     with pytest.raises(NotFound), polydatum_data_manager.dal(meta={"user": other["id"]}) as dal:
         dal.notes.read(note["id"])
+    # The id is found by name too: passing it as a keyword does not skip the check.
+    with pytest.raises(NotFound), polydatum_data_manager.dal(meta={"user": other["id"]}) as dal:
+        dal.notes.edit(version=1, text="hijacked", note_id=note["id"])
+    assert polydatum_dal.notes.read(note_id=note["id"])["title"] == "mine"
 
 
 def test_words_are_lower_cased_and_counted() -> None:

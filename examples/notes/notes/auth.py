@@ -63,6 +63,12 @@ class PayloadTooLarge(ServiceError):
     code = 413
 
 
+class Unavailable(ServiceError):
+    """A server the request needs cannot serve it now; retrying later may work (HTTP 503)."""
+
+    code = 503
+
+
 class Conflict(ServiceError):
     """The request conflicts with existing data, e.g. a taken user name (HTTP 409)."""
 
@@ -93,7 +99,9 @@ def _mark(func: F, rule: str, kind: str | None) -> F:
         # Another decorator's object would hide the mark from the middleware.
         msg = f"auth marks go on plain functions, directly above `def` (below @cached), not on {func!r}"
         raise TypeError(msg)
-    setattr(func, _GUARD, (rule, kind))
+    # The id is the first parameter after self, passed by position or by name.
+    params = list(inspect.signature(func).parameters)
+    setattr(func, _GUARD, (rule, kind, params[1] if len(params) > 1 else None))
     return func
 
 
@@ -127,9 +135,12 @@ def owns(kind: str) -> Callable[[F], F]:
     return mark
 
 
-def _guard(method: Any) -> tuple[str, str | None] | None:
+Guard = tuple[str, str | None, str | None]  # rule, kind of object owned, name of its id parameter
+
+
+def _guard(method: Any) -> Guard | None:
     # inspect.unwrap sees through @cached (which sets __wrapped__) to the function we marked.
-    guard: tuple[str, str | None] | None = getattr(inspect.unwrap(method), _GUARD, None)
+    guard: Guard | None = getattr(inspect.unwrap(method), _GUARD, None)
     return guard
 
 
@@ -146,7 +157,7 @@ class AuthMiddleware:
         if guard is None:
             msg = f"{request.path_name} is not open to callers (it carries no auth mark)"
             raise Forbidden(msg)
-        rule, kind = guard
+        rule, kind, param = guard
         if rule == "public":
             return handler(request)
         if rule == "job":
@@ -159,7 +170,10 @@ class AuthMiddleware:
             msg = f"{request.path_name} needs a signed-in user; send Authorization: Bearer <token>"
             raise Unauthorized(msg)
         if kind is not None:
-            ident = request.args[0] if request.args else next(iter(request.kwargs.values()), None)
+            ident = request.args[0] if request.args else request.kwargs.get(str(param))
+            if ident is None:
+                msg = f"{request.path_name} needs the id of a {kind}"
+                raise BadRequest(msg)
             model = _OWNED[kind]
             obj = getattr(ctx, self.database).get(model, ident)
             if obj is None or obj.owner_id != user:

@@ -10,9 +10,11 @@ it when the response ended, rolls it back on a status >= 400, and turns
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
@@ -20,12 +22,14 @@ from werkzeug.wsgi import wrap_file
 
 from polydatum.werkzeug import PolydatumMiddleware, current_context
 
-from notes.auth import BadRequest, PayloadTooLarge, Unauthorized, user_from_token
+from notes.auth import BadRequest, PayloadTooLarge, Unauthorized, Unavailable, user_from_token
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from notes.app import NotesApp
+
+logger = logging.getLogger("notes.web")
 
 MAX_JSON = 1024 * 1024
 MAX_UPLOAD = 64 * 1024 * 1024
@@ -191,6 +195,11 @@ def make_wsgi_app(app: NotesApp, *, max_upload: int = MAX_UPLOAD) -> PolydatumMi
         except HTTPException as exc:
             code = exc.code or 500
             response = _json({"status": code, "error": exc.name, "message": exc.description}, code)
+        except OperationalError as exc:
+            # Down, restarting, out of connections, a deadlock: the client may retry.
+            logger.warning("database unavailable during %s %s", request.method, request.path, exc_info=True)
+            msg = "the database is unavailable; try again shortly"
+            raise Unavailable(msg) from exc
         return response(environ, start_response)
 
     def meta(request: Request) -> dict[str, Any]:
