@@ -65,23 +65,22 @@ an HTTP status)::
 
 from typing import TypeAlias
 
-from polydatum.blob._store import BlobData as _BlobData
-from polydatum.blob._store import (
+from polydatum.blob._errors import (
     BlobError,
-    BlobInfo,
     BlobNotFound,
-    BlobStore,
     BlobStoreUnavailable,
-    FileSystemBlobStore,
     InvalidKey,
     InvalidMetadata,
-    MemoryBlobStore,
-    TransactionalBlobStore,
     UrlNotSupported,
-    check_key,
-    from_url,
 )
-from polydatum.blob._store import _Reader as _Reader  # polydatum.s3 reads streams with it
+from polydatum.blob._filesystem import FileSystemBlobStore
+from polydatum.blob._keys import check_key
+from polydatum.blob._memory import MemoryBlobStore
+from polydatum.blob._store import BlobInfo, BlobStore
+from polydatum.blob._streams import BlobData as _BlobData
+from polydatum.blob._streams import _Reader as _Reader  # polydatum.s3 reads streams with it
+from polydatum.blob._transactional import TransactionalBlobStore
+from polydatum.blob._url import from_url
 
 # Bound here, not only imported, so that autodoc finds the comment below.
 #: What :meth:`BlobStore.put` accepts: bytes-like, a binary file-like object

@@ -1,0 +1,208 @@
+"""The unit of work: the view of a store a context gets from ``ctx.<name>``."""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, BinaryIO
+
+from polydatum.blob._errors import BlobError
+from polydatum.blob._keys import UNDO_PREFIX
+from polydatum.blob._store import BlobInfo, BlobStore, _Registry
+from polydatum.errors import ContextStateError
+
+logger = logging.getLogger("polydatum.blob")
+
+
+class TransactionalBlobStore(BlobStore):
+    """The store as a context sees it: writes undone on rollback, deletes done on commit.
+
+    Built by :meth:`BlobStore.install`, one per context, on first use of
+    ``ctx.<name>``. The guarantee, with ``ctx`` the context:
+
+    - ``put``/``copy`` write at once (so the blob is there before your SQL
+      commit). If ``ctx`` ends with an exception, keys that did not exist
+      before are deleted and overwritten keys get their previous content
+      back (a copy is taken under ``.polydatum/undo/`` before the first
+      overwrite in the context, and dropped on commit).
+    - ``delete`` only marks the key: inside ``ctx`` it already reads as gone,
+      and it is deleted after ``ctx`` committed. On rollback it stays.
+      Deleting a blob this context created removes it at once.
+    - Cleanup runs in ``ctx.on_commit``/``ctx.on_rollback`` hooks, i.e. after
+      the transaction middleware committed or rolled back SQL. Failures are
+      logged (logger ``polydatum.blob``) and reported to the context's hook
+      errors; they never undo a commit.
+
+    What it cannot guarantee: if the process dies after the SQL commit and
+    before the hooks ran (or in the middle of a context), blobs stay behind
+    that no row references (orphans, plus undo copies). They are harmless
+    and :meth:`BlobStore.sweep_orphans` removes them. Two contexts writing
+    the same key at once race like any last-writer-wins store; give new
+    content new keys (e.g. with a UUID) when that matters.
+
+    Attributes:
+        store: the underlying store, for writes that must bypass the unit of work.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(self, store: BlobStore, ctx: Any, *, name: str = "blobs") -> None:
+        self.store = store
+        self.name = name
+        self._ctx = ctx
+        self._undo: dict[str, str | None] = {}  # key -> undo copy, None: did not exist
+        self._doomed: dict[str, None] = {}  # pending deletes, in order
+        self._hooked = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<TransactionalBlobStore {self.name!r} over {self.store!r}>"
+
+    def close(self) -> None:
+        """Refuse further use: the context this view belongs to has ended."""
+        self._closed = True
+
+    def install(self, dm: _Registry, name: str = "blobs", *, transactional: bool = True) -> None:
+        """Not available here: install the underlying store instead."""
+        msg = "install the store itself (store.install(dm)), not the view a context gives you"
+        raise TypeError(msg)
+
+    def _live(self) -> BlobStore:
+        if self._closed:
+            msg = (
+                f"the blob store {self.name!r} belongs to a context that has ended; "
+                f"use ctx.{self.name} inside an active context"
+            )
+            raise ContextStateError(msg)
+        return self.store
+
+    def _hook(self) -> None:
+        if not self._hooked:
+            self._ctx.on_commit(self._on_commit)
+            self._ctx.on_rollback(self._on_rollback)
+            self._hooked = True
+
+    def _before_write(self, store: BlobStore, key: str) -> None:
+        if key in self._undo:
+            return
+        self._hook()
+        if store._exists(key):
+            undo = f"{UNDO_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex}"
+            store._snapshot(key, undo)
+            self._undo[key] = undo
+        else:
+            self._undo[key] = None
+
+    def _put(self, key: str, body: bytes | IO[bytes], content_type: str,
+             metadata: dict[str, str]) -> int:
+        store = self._live()
+        self._before_write(store, key)
+        self._doomed.pop(key, None)
+        return store._put(key, body, content_type, metadata)
+
+    def _copy(self, source: str, target: str) -> None:
+        store = self._live()
+        if source in self._doomed:
+            raise self._missing(source, f"{self.name} (deleted in this context)")
+        self._before_write(store, target)
+        store._copy(source, target)
+        self._doomed.pop(target, None)
+
+    def _delete(self, key: str) -> bool:
+        store = self._live()
+        if key in self._doomed or not store._exists(key):
+            return False
+        if key in self._undo and self._undo[key] is None:
+            # Created in this context: nobody else can have seen it commit.
+            store._discard(key)
+            return True
+        self._hook()
+        self._doomed[key] = None
+        return True
+
+    def _visible(self, key: str) -> BlobStore:
+        store = self._live()
+        if key in self._doomed:
+            raise self._missing(key, f"{self.name} (deleted in this context)")
+        return store
+
+    def _get(self, key: str) -> bytes:
+        return self._visible(key)._get(key)
+
+    def _open(self, key: str) -> BinaryIO:
+        return self._visible(key)._open(key)
+
+    def _download(self, key: str, target: IO[bytes]) -> int:
+        return self._visible(key)._download(key, target)
+
+    def _stat(self, key: str) -> BlobInfo:
+        return self._visible(key)._stat(key)
+
+    def _exists(self, key: str) -> bool:
+        return key not in self._doomed and self._live()._exists(key)
+
+    def _url(self, key: str, expires: int) -> str:
+        return self._visible(key)._url(key, expires)
+
+    def _list(self, prefix: str, after: str | None, page_size: int) -> Iterator[str]:
+        return (k for k in self._live()._list(prefix, after, page_size) if k not in self._doomed)
+
+    def _ping(self) -> None:
+        self._live()._ping()
+
+    def sweep_orphans(self, *args: Any, **kwargs: Any) -> builtins.list[str]:
+        """Sweep the underlying store (see :meth:`BlobStore.sweep_orphans`)."""
+        return self._live().sweep_orphans(*args, **kwargs)
+
+    def _run(self, what: str, steps: Iterable[tuple[str, Callable[[], object]]]) -> None:
+        failures: builtins.list[tuple[str, BaseException]] = []
+        for key, step in steps:
+            try:
+                step()
+            except Exception as exc:  # every step gets its chance
+                failures.append((key, exc))
+                logger.warning(
+                    "blob %s of %r failed: %s", what, key, exc,
+                    extra={"polydatum_resource": self.name},
+                )
+        if failures:
+            keys = ", ".join(repr(k) for k, _ in failures)
+            msg = (
+                f"blob {what} failed for {len(failures)} key(s): {keys} "
+                f"(first error: {failures[0][1]}); what is left behind is removed "
+                "by BlobStore.sweep_orphans()"
+            )
+            raise BlobError(msg, key=failures[0][0]) from failures[0][1]
+
+    def _on_commit(self) -> None:
+        store = self.store
+        steps = [(key, functools.partial(store._discard, key)) for key in self._doomed]
+        steps += [
+            (undo, functools.partial(store._discard, undo))
+            for undo in self._undo.values() if undo is not None
+        ]
+        self._doomed.clear()
+        self._undo.clear()
+        self._run("cleanup after commit", steps)
+
+    def _on_rollback(self) -> None:
+        store = self.store
+
+        def restore(key: str, undo: str | None) -> None:
+            if undo is None:
+                store._discard(key)
+            else:
+                store._snapshot(undo, key)
+                store._discard(undo)
+
+        steps = [
+            (key, functools.partial(restore, key, undo))
+            for key, undo in reversed(self._undo.items())
+        ]
+        self._doomed.clear()
+        self._undo.clear()
+        self._run("compensation after rollback", steps)
