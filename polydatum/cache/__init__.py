@@ -16,7 +16,7 @@ same interface. Nothing here imports a third-party package::
 
         def rename(self, user_id, name):
             ...                                      # write to the database
-                self.get.invalidate(user_id)             # deleted once the context commits
+            self.get.invalidate(user_id)             # deleted once the context commits
 
     dm = DataManager()
     Cache(namespace="myapp").install(dm, name="cache")
@@ -43,7 +43,10 @@ on them.
 When the backend is unreachable, reads miss and writes are dropped with a
 logged warning (``on_unavailable="raise"`` raises :class:`CacheUnavailable`
 instead), and the backend is left alone for ``retry_interval`` seconds so a
-dead server costs each request nothing. Locks never degrade: they raise.
+dead server costs each request nothing. Deletes are not dropped: they are
+kept (up to ``max_undelivered`` keys, then as one clear of the namespace) and
+replayed before the cache's next operation once the backend answers, and by
+a background retry every ``retry_interval``. Locks never degrade: they raise.
 
 .. versionadded:: 2.0
 """

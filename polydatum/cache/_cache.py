@@ -11,7 +11,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from polydatum.cache._backends import (
     AsyncCacheBackend,
@@ -103,6 +103,9 @@ class _CacheBase:
         self._loads = self.serializer.loads
         self._health = _Health()
         self._ctx: DataAccessContext | None = None
+        # Per-context copies die with their context; background work holds
+        # (weakly) the cache they were copied from, which lives on.
+        self._origin: _CacheBase | None = None
 
     def __repr__(self) -> str:
         return (
@@ -177,7 +180,7 @@ class _CacheBase:
             logger.warning(
                 "cache %s: %s failed, the backend is unavailable (%s); reads miss and writes "
                 "are dropped until it answers again",
-                self.namespace, op, exc,
+                self.namespace, op, str(exc),
                 extra={"polydatum_cache": self.namespace},
             )
 
@@ -234,6 +237,7 @@ class _CacheBase:
         bound = object.__new__(type(self))
         bound.__dict__.update(self.__dict__)
         bound._ctx = ctx
+        bound._origin = self._origin or self
         return bound
 
     def _resource(self, dm: DataManager, name: str) -> None:
@@ -260,7 +264,10 @@ class _CacheBase:
 
     def is_pending(self, ctx: DataAccessContext | None, key: str) -> bool:
         """True when ``key`` was invalidated in ``ctx`` and waits for its commit."""
-        pending = self._health.pending.get(ctx) if ctx is not None else None
+        waiting = self._health.pending
+        if not waiting or ctx is None:  # the common case: nothing invalidated
+            return False
+        pending = waiting.get(ctx)
         return pending is not None and key in pending
 
     def _pop_pending(self, ctx: DataAccessContext) -> list[str]:
@@ -379,7 +386,7 @@ class Cache(_CacheBase):
             if health.retry is not None:
                 return
             timer = threading.Timer(
-                max(self.retry_interval, 0.01), _replay_in_background, (weakref.ref(self),)
+                max(self.retry_interval, 0.01), _replay_in_background, (weakref.ref(self._origin or self),)
             )
             timer.daemon = True
             health.retry = timer
@@ -678,7 +685,7 @@ class AsyncCache(_CacheBase):
         health = self._health
         if health.retry is not None and not health.retry[0].is_closed():
             return
-        ref = weakref.ref(self)
+        ref = weakref.ref(cast("AsyncCache", self._origin or self))
 
         def fire() -> None:
             health.retry = None

@@ -15,6 +15,7 @@ backend:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -329,7 +330,9 @@ class TestOutage:
             dal.profiles.get(2)
         outage.stop()
         with dm.dal() as dal:
-            dal.profiles.rename(1, "new")
+            dal.profiles.rename(1, "new")  # through ctx.cache, a copy that dies with the context
+        del dal
+        gc.collect()
         outage.start()
         # Another process reading Redis directly stops seeing the stale entry.
         until(lambda: not outage.observer.exists("app:1:profile:1"), "the background replay")
