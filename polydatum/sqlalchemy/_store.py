@@ -448,11 +448,21 @@ class Store(_StoreBase[M]):
         self.session.flush()
         return obj
 
-    def delete(self, ident: Any) -> bool:
-        """Delete the object with this primary key; False if there was none."""
+    def delete(self, ident: Any, /, *, expected_version: int | None = None) -> bool:
+        """Delete the object with this primary key; False if there was none.
+
+        Args:
+            ident: the primary key.
+            expected_version: as for :meth:`update`: the version the caller saw.
+
+        Raises:
+            ConcurrencyConflict: the version differs, or the row changed
+                while this context was deleting it.
+        """
         obj = self.get(ident)
         if obj is None:
             return False
+        self._queries.check_version(obj, ident, expected_version)
         session = self.session
         session.delete(obj)
         session.flush()
@@ -538,12 +548,13 @@ class AsyncStore(_StoreBase[M]):
         await (await self.session()).flush()
         return obj
 
-    async def delete(self, ident: Any) -> bool:
-        """Delete the object with this primary key; False if there was none."""
+    async def delete(self, ident: Any, /, *, expected_version: int | None = None) -> bool:
+        """Delete the object with this primary key; False if there was none (see :meth:`Store.delete`)."""
         session = await self.session()
         obj = await session.get(self.model, ident)
         if obj is None:
             return False
+        self._queries.check_version(obj, ident, expected_version)
         await session.delete(obj)
         await session.flush()
         return True

@@ -418,6 +418,23 @@ class TestVersioned:
             run(dm, body)
         assert names(db) == ["a"]
 
+    def test_stale_delete_raises_conflict_and_keeps_the_row(
+        self, dm: DataManager, db: Database
+    ) -> None:
+        """Deleting a row that another writer changed since it was read is a conflict too."""
+        with dm.dal() as dal:
+            item_id = dal.items.create(name="a").id
+
+        def body(ctx: DataAccessContext) -> None:
+            _seen = ctx.dal.items.require(item_id)  # kept: the identity map holds it weakly
+            bump_version_behind_the_session(ctx.db, item_id)
+            ctx.dal.items.delete(item_id)
+
+        with pytest.raises(ConcurrencyConflict) as info:
+            run(dm, body)
+        assert info.value.code == 409
+        assert names(db) == ["a"]
+
     @pytest.mark.parametrize("when", ["body", "commit"])
     def test_middleware_maps_stale_data_of_plain_sessions(
         self, db: Database, when: str
@@ -450,6 +467,20 @@ class TestVersioned:
         assert info.value.code == 409
         with dm.dal() as dal:
             assert dal.items.require(item.id).qty == 1
+
+    def test_delete_with_an_old_expected_version_is_a_conflict(
+        self, dm: DataManager, db: Database
+    ) -> None:
+        """delete(expected_version=...) refuses to delete a row someone changed since; the row stays."""
+        with dm.dal() as dal:
+            item = dal.items.create(name="a")
+            dal.items.update(item.id, qty=1)
+        with pytest.raises(ConcurrencyConflict, match="version 2, not 1"), dm.dal() as dal:
+            dal.items.delete(item.id, expected_version=1)
+        assert names(db) == ["a"]
+        with dm.dal() as dal:
+            assert dal.items.delete(item.id, expected_version=2)
+        assert names(db) == []
 
     def test_expected_version_needs_a_versioned_model(self, dm: DataManager) -> None:
         """expected_version on a model without version column is a ValueError saying so."""

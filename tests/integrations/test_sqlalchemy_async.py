@@ -256,7 +256,9 @@ class TestStore:
             assert await dal.items.exists({"name": "n6"})
             item = await dal.items.update(first.items[0].id, expected_version=1, qty=9)
             assert (item.qty, item.version) == (9, 2)
-            assert await dal.items.delete(item.id)
+            with pytest.raises(ConcurrencyConflict, match="version 2, not 1"):
+                await dal.items.delete(item.id, expected_version=1)
+            assert await dal.items.delete(item.id, expected_version=2)
             assert not await dal.items.delete(item.id)
             assert (await dal.items.require(first.items[1].id)).name == "n5"
 
