@@ -9,14 +9,18 @@ app's own sessions on the database.
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
+
+from tests.load.driver import Client, Record
 
 
 class Fault:
@@ -110,3 +114,76 @@ FAULTS: dict[str, Callable[..., Fault]] = {
     "pg-terminate": pg_terminate,
     "slow-query": slow_query,
 }
+
+
+# -- the slow path: a test-only service and route, registered on a built app -------------------
+
+
+class SlowRoute:
+    """The client side of ``POST /__test/slow?marker=...&seconds=...`` (see :func:`with_slow_route`)."""
+
+    def __init__(self, url: str, seconds: float = 3.0) -> None:
+        self.url = url
+        self.seconds = seconds
+        self.records: list[Record] = []
+
+    def call(self) -> Record:
+        client = Client(self.url)
+        marker = f"slow-{uuid.uuid4().hex[:16]}"
+        record = Record("slow", time.monotonic(), 0.0, None, marker=marker)
+        try:
+            path = f"/__test/slow?marker={marker}&seconds={self.seconds}"
+            record.status, _, _ = client.request("POST", path)
+        except (OSError, http.client.HTTPException) as exc:
+            record.error = type(exc).__name__
+        finally:
+            client.close()
+        record.elapsed = time.monotonic() - record.start
+        self.records.append(record)
+        return record
+
+    def committed(self, database_url: str) -> int:
+        """How many of the slow requests' user rows exist (each request inserts one, then sleeps)."""
+        engine = create_engine(database_url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM users WHERE name = ANY(:m)"),
+                                        {"m": [r.marker for r in self.records]}).scalar_one())
+        finally:
+            engine.dispose()
+
+
+def with_slow_route(app: Any, wsgi: Any) -> Any:
+    """``wsgi`` plus ``POST /__test/slow``: a service that inserts a user, then ``pg_sleep``s.
+
+    Registered on the built app from outside (the example's code is untouched);
+    its own :class:`~polydatum.werkzeug.PolydatumMiddleware` opens the context.
+    """
+    from notes.auth import public
+    from werkzeug.wrappers import Request, Response
+
+    from polydatum import Service
+    from polydatum.werkzeug import PolydatumMiddleware, current_context
+
+    class Slow(Service):
+        @public
+        def sleep(self, marker: str, seconds: float) -> None:
+            db = self._ctx.db
+            db.execute(text("INSERT INTO users (name) VALUES (:n)"), {"n": marker})
+            db.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+
+    app.dm.register_services(slow=Slow())
+
+    @Request.application  # type: ignore[untyped-decorator]
+    def view(request: Request) -> Response:
+        current_context().dal.slow.sleep(request.args["marker"], float(request.args.get("seconds", 3)))
+        return Response("slept", 200)
+
+    slow_app = PolydatumMiddleware(view, app.dm)
+
+    def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") == "/__test/slow":
+            return slow_app(environ, start_response)
+        return wsgi(environ, start_response)
+
+    return dispatch

@@ -18,16 +18,13 @@ load one part fails; afterwards:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
 
 from tests.load.conftest import Stack
-from tests.load.driver import Load, Record, time_to_recover
-from tests.load.faults import FAULTS, Fault
+from tests.load.driver import Load, time_to_recover
+from tests.load.faults import FAULTS, Fault, SlowRoute, with_slow_route
 from tests.support.servers import PrivatePostgres
 
 pytestmark = pytest.mark.slow
@@ -98,82 +95,14 @@ def test_statement_timeout(load_postgres: PrivatePostgres, private_redis: Any, m
         # The timeout as a user would set it: libpq options in DATABASE_URL.
         stack = Stack(es, server_url=load_postgres.url, redis=private_redis, moto=moto_server,
                       database_query="?options=-c%20statement_timeout%3D1000")
-        slow = install_slow_route(stack)
+        stack.wsgi = with_slow_route(stack.app, stack.wsgi)
+        slow = SlowRoute(stack.url)
         fault = FAULTS["slow-query"](slow)
         _, report = run_scenario(stack, fault)
         assert report.lost_writes == 0
         assert slow.records
         assert all(r.status is not None and r.status >= 500 for r in slow.records)
         assert slow.committed(stack.database_url) == 0
-
-
-class SlowRoute:
-    """``POST /__test/slow?marker=...``: signs a user up, then sleeps in SQL longer than the timeout."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.records: list[Record] = []
-
-    def call(self) -> Record:
-        import uuid
-
-        from tests.load.driver import Client
-
-        client = Client(self.url)
-        marker = f"slow-{uuid.uuid4().hex[:16]}"
-        record = Record("slow", time.monotonic(), 0.0, None, marker=marker)
-        try:
-            record.status, _, _ = client.request("POST", f"/__test/slow?marker={marker}")
-        except OSError as exc:
-            record.error = type(exc).__name__
-        finally:
-            client.close()
-        record.elapsed = time.monotonic() - record.start
-        self.records.append(record)
-        return record
-
-    def committed(self, database_url: str) -> int:
-        engine = create_engine(database_url, poolclass=NullPool)
-        try:
-            with engine.connect() as conn:
-                return int(conn.execute(text("SELECT count(*) FROM users WHERE name = ANY(:m)"),
-                                        {"m": [r.marker for r in self.records]}).scalar_one())
-        finally:
-            engine.dispose()
-
-
-def install_slow_route(stack: Stack) -> SlowRoute:
-    """Register a test-only service and route on the running app (the example's code is untouched)."""
-    from notes.auth import public
-    from werkzeug.wrappers import Request, Response
-
-    from polydatum import Service
-    from polydatum.werkzeug import PolydatumMiddleware, current_context
-
-    class Slow(Service):
-        @public
-        def sleep(self, marker: str) -> None:
-            db = self._ctx.db
-            db.execute(text("INSERT INTO users (name) VALUES (:n)"), {"n": marker})
-            db.execute(text("SELECT pg_sleep(3)"))
-
-    stack.app.dm.register_services(slow=Slow())
-
-    @Request.application  # type: ignore[arg-type]
-    def view(request: Request) -> Response:
-        current_context().dal.slow.sleep(request.args["marker"])
-        return Response("slept", 200)
-
-    slow_app = PolydatumMiddleware(view, stack.app.dm)
-    notes_app = stack.wsgi
-
-    def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if environ.get("PATH_INFO") == "/__test/slow":
-            return slow_app(environ, start_response)
-        return notes_app(environ, start_response)
-
-    stack.wsgi = dispatch
-    return SlowRoute(stack.url)
 
 
 @pytest.mark.xfail(strict=True, reason="examples/notes: an attach racing a delete of its note is a 500 "
