@@ -69,10 +69,14 @@ class _Session(Session):
     def commit(self) -> None:
         # A commit made by the code itself (not by the middleware) is durable
         # too: retry() must not run that unit of work again.
+        log = commit_log.get()
+        if log is None:  # not inside retry(): the common, fast path
+            super().commit()
+            return
         began = self.in_transaction()
         super().commit()
         if began:
-            _acknowledge("session")
+            log.append("session")
 
 
 def read_only(session: Session | AsyncSession) -> None:
