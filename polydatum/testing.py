@@ -235,18 +235,23 @@ class Overrides:
         self.close()
 
 
-def _databases(dm: DataManager) -> list[Database]:
-    found: list[Database] = []
+def _installed(dm: DataManager) -> list[Any]:
+    """The Database and AsyncDatabase objects behind the DataManager's resources."""
+    found: list[Any] = []
     for name in dm._resource_manager:
         database = getattr(dm.get_resource(name), "database", None)
-        if database is None or database in found:
-            continue
-        from polydatum.sqlalchemy import Database, Dataset
-
-        # A Dataset is never written: nothing to roll back.
-        if isinstance(database, Database) and not isinstance(database, Dataset):
+        if database is not None and database not in found:
             found.append(database)
     return found
+
+
+def _databases(dm: DataManager) -> list[Database]:
+    from polydatum.sqlalchemy import Database, Dataset
+
+    # A Dataset is never written: nothing to roll back.
+    return [
+        d for d in _installed(dm) if isinstance(d, Database) and not isinstance(d, Dataset)
+    ]
 
 
 # -- the pytest plugin -------------------------------------------------------
@@ -333,9 +338,17 @@ def polydatum_db(polydatum_data_manager: DataManager) -> Iterator[list[Any]]:
     """
     databases = _databases(polydatum_data_manager)
     if not databases:
+        from polydatum.sqlalchemy import AsyncDatabase
+
+        if any(isinstance(d, AsyncDatabase) for d in _installed(polydatum_data_manager)):
+            hint = (
+                "it handles Database only, and found an AsyncDatabase: wrap that one with "
+                "polydatum.testing.async_transactional_database(db) in an async fixture of your own"
+            )
+        else:
+            hint = "install one with Database(url).install(dm) first"
         pytest.fail(
-            "polydatum_db found no polydatum.sqlalchemy.Database installed in the DataManager; "
-            "install one with Database(url).install(dm) first",
+            f"polydatum_db found no polydatum.sqlalchemy.Database installed in the DataManager; {hint}",
             pytrace=False,
         )
     with ExitStack() as stack:

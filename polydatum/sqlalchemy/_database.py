@@ -510,6 +510,7 @@ class AsyncDatabase(_EngineOwner):
             finally:
                 await session.close()
 
+        async_session_resource.database = self  # type: ignore[attr-defined]  # see Database._resource
         return async_session_resource
 
     def _pin(self, connection: AsyncConnection | None) -> None:

@@ -456,6 +456,26 @@ def polydatum_data_manager():
     result.stdout.fnmatch_lines(["*found no polydatum.sqlalchemy.Database installed*"])
 
 
+def test_polydatum_db_with_only_an_async_database(pytester: pytest.Pytester) -> None:
+    """polydatum_db in an app with only an AsyncDatabase points to async_transactional_database."""
+    pytester.makeini(INI)
+    pytester.makeconftest('''
+import pytest
+from polydatum import DataManager
+from polydatum.sqlalchemy import AsyncDatabase
+
+@pytest.fixture
+def polydatum_data_manager():
+    dm = DataManager()
+    AsyncDatabase("sqlite+aiosqlite://").install(dm)
+    return dm
+''')
+    pytester.makepyfile("def test_it(polydatum_db):\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*found an AsyncDatabase*async_transactional_database(db)*"])
+
+
 def test_datasets_are_left_alone(tmp_path: Path) -> None:
     from polydatum.testing import _databases
 
