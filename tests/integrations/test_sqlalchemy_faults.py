@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import traceback
 from collections.abc import Iterator
@@ -66,6 +67,74 @@ class TestServerRestart:
         db.dispose()
 
 
+    def test_failed_rollback_is_logged_and_the_body_error_wins(
+        self, private_postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The server dies, then the body raises: the failed ROLLBACK is logged, Boom propagates."""
+        db = Database(private_postgres.url)
+        Base.metadata.create_all(db.engine)
+        dm = wire(db)
+
+        def body(dal: DataAccessLayer) -> None:
+            dal.items.create(name="lost")
+            private_postgres.stop(mode="immediate")
+            raise Boom
+
+        with caplog.at_level(logging.WARNING, logger="polydatum.sqlalchemy"), pytest.raises(Boom):
+            run(dm, body)
+        failed = [r for r in caplog.records if r.getMessage() == "rollback of 'db' failed"]
+        assert len(failed) == 1
+        assert failed[0].exc_info is not None
+        assert db.engine.pool.checkedout() == 0
+        private_postgres.start()
+        with dm.dal() as dal:
+            assert dal.items.count() == 0
+        db.dispose()
+
+    async def test_async_failed_rollback_is_logged_and_the_body_error_wins(
+        self, private_postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """AsyncDatabase: a ROLLBACK on a dead server is logged; the body's error propagates."""
+        db = AsyncDatabase(private_postgres.url)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        dm = DataManager()
+        db.install(dm)
+        dm.register_services(items=AsyncItems())
+
+        async def body() -> None:
+            async with dm.dal() as dal:
+                await dal.items.create(name="lost")
+                await asyncio.to_thread(private_postgres.stop, mode="immediate")
+                raise Boom
+
+        with caplog.at_level(logging.WARNING, logger="polydatum.sqlalchemy"), pytest.raises(Boom):
+            await body()
+        assert [r.getMessage() for r in caplog.records].count("rollback of 'db' failed") == 1
+        assert db.engine.pool.checkedout() == 0
+        await asyncio.to_thread(private_postgres.start)
+        async with dm.dal() as dal:
+            assert await dal.items.count() == 0
+        await db.dispose()
+
+    def test_without_pre_ping_one_context_fails_then_all_work(
+        self, private_postgres: PrivatePostgres
+    ) -> None:
+        """With pool_pre_ping=False the first context after a restart fails; the next one works."""
+        db = Database(private_postgres.url, pool_pre_ping=False)
+        Base.metadata.create_all(db.engine)
+        dm = wire(db)
+        with dm.dal() as dal:
+            dal.items.create(name="before")
+        private_postgres.restart()
+        with pytest.raises(OperationalError), dm.dal() as dal:
+            dal.items.count()
+        assert db.engine.pool.checkedout() == 0
+        with dm.dal() as dal:
+            dal.items.create(name="after")
+            assert dal.items.count() == 2
+        db.dispose()
+
     async def test_async_next_context_works_after_a_restart(
         self, private_postgres: PrivatePostgres
     ) -> None:
@@ -85,6 +154,10 @@ class TestServerRestart:
         await db.aping()
         assert db.engine.pool.checkedout() == 0
         await db.dispose()
+
+
+class Boom(Exception):
+    pass
 
 
 def run(dm: DataManager, body: Any) -> None:
