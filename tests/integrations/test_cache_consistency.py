@@ -223,6 +223,17 @@ class TestLateReader:
         assert cache.get("k:computing") is None
         assert compute(False) == "ok"
 
+    def test_computation_that_outlives_its_claim_is_not_stored(self, cache: Cache) -> None:
+        """Past lock_timeout the claim lapses, and with it the right to store the result."""
+
+        @cached(ttl=60, key="slow", using=cache, lock_timeout=0.05)
+        def slow() -> str:
+            until(lambda: cache.get("slow:computing") is None, "the claim to lapse")
+            return "late"
+
+        assert slow() == "late"
+        assert cache.get("slow") is None
+
     async def test_async_reader_race(self, namespace_redis: AsyncRedis) -> None:
         """An async cached method on an AsyncCache: the late store is refused too."""
         acache = namespace_redis.cache(namespace=f"test-{uuid.uuid4().hex[:12]}")
