@@ -1,0 +1,410 @@
+"""Load and faults: the notes example under concurrent clients, its numbers, and proof that nothing is lost.
+
+Run:  python benchmarks/load.py [--quick] [--clients 50] [--duration 60] [--faults] [--no-celery]
+
+Everything runs on 127.0.0.1 and stops by itself: a private PostgreSQL
+cluster and redis-server (started here, so faults may restart them), S3 on
+moto's server behind a proxy that can drop it, RabbitMQ (the shared one,
+a queue of this run's own) with a real Celery worker (``polydatum-notes
+worker``), and the app served by gunicorn with 4 worker processes (gthread).
+
+1. **Load**: ``--clients`` threads (pairs share a user, so edits conflict)
+   drive the mix of tests/load/driver.py (create, cached read, update with
+   stale versions, attach, fetch an attachment, delete) for ``--duration``
+   seconds: throughput, p50/p95/p99 latency of acknowledged requests,
+   errors by kind; then the audit (tests/load/audit.py).
+2. **Framework share**: the same mix, in alternating rounds, against the
+   example and against the same endpoints written by hand
+   (benchmarks/load_apps.py: SQLAlchemy Core, redis-py, boto3, Celery's
+   send_task; no polydatum), both under gunicorn at once. Printed: req/s,
+   latency, server CPU per request, and polydatum's share of each.
+3. ``--faults``: each fault scenario of tests/load/faults.py under the load
+   (fresh database, bucket and servers' state each), then the audit: a table
+   of requests, acknowledged writes, lost writes, errors seen by clients,
+   time to recover and leaked connections.
+
+The short versions of the fault scenarios run in the test suite
+(tests/load/test_faults.py); this is the long form with more clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "notes"
+for path in (str(REPO), str(EXAMPLE)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.pool import NullPool  # noqa: E402
+
+from tests.load.audit import AuditReport, Limits, ProcessSnapshot, audit, server_ports  # noqa: E402
+from tests.load.driver import Load, summarize, time_to_recover  # noqa: E402
+from tests.load.faults import FAULTS, Fault, SlowRoute  # noqa: E402
+from tests.load.proxy import FaultProxy  # noqa: E402
+from tests.support.s3 import REGION, MotoServer  # noqa: E402
+from tests.support.servers import PrivatePostgres, PrivateRedis, free_port, reachable, wait_for  # noqa: E402
+
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+WORKERS = 4
+THREADS = 8
+STATEMENT_TIMEOUT_MS = 2000
+LOGS = Path(tempfile.mkdtemp(prefix="polydatum-load-"))
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+class Gunicorn:
+    """``gunicorn -w 4 -k gthread`` serving ``spec`` (a factory in benchmarks/load_apps.py)."""
+
+    def __init__(self, spec: str, env: dict[str, str], name: str) -> None:
+        self.spec, self.env, self.name = spec, env, name
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Gunicorn:
+        log = open(LOGS / f"{self.name}.log", "ab")  # noqa: SIM115  # closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", str(WORKERS),
+             "--worker-class", "gthread", "--threads", str(THREADS), "--keep-alive", "5",
+             "--graceful-timeout", "5", "--timeout", "120", "--log-level", "warning",
+             "--pythonpath", f"{REPO},{REPO / 'benchmarks'},{EXAMPLE}", self.spec],
+            env=self.env, stdout=log, stderr=log, cwd=REPO)
+        log.close()
+        wait_for(self.port, timeout=60)
+        deadline = time.monotonic() + 30
+        while len(self.workers()) < WORKERS and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self
+
+    def workers(self) -> list[int]:
+        return children(self.proc.pid) if self.proc else []
+
+    def cpu(self) -> float:
+        assert self.proc is not None
+        return cpu_seconds([self.proc.pid, *self.workers()])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class CeleryWorker:
+    """``polydatum-notes worker`` (the example's own command) in a child process."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CeleryWorker:
+        log = open(LOGS / "celery.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "notes", "worker", "--loglevel", "warning"],
+                                     env=self.env, stdout=log, stderr=log, cwd=REPO)
+        log.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+# -- servers and one app ---------------------------------------------------------------------
+
+
+class Servers:
+    def __init__(self, stack: ExitStack, celery: bool) -> None:
+        self.pg = PrivatePostgres().start()
+        stack.callback(self.pg.close)
+        self.redis = PrivateRedis().start()
+        stack.callback(self.redis.close)
+        self.moto = MotoServer().start()
+        stack.callback(self.moto.stop)
+        self.proxy = FaultProxy(self.moto.port).start()
+        stack.callback(self.proxy.close)
+        self.celery = celery and reachable("127.0.0.1", 5672)
+        if celery and not self.celery:
+            print("RabbitMQ is not running on 127.0.0.1:5672: Celery runs eager (in the web processes)")
+
+
+@contextmanager
+def running_app(servers: Servers, *, hand: bool = False, slow_route: bool = False) -> Iterator[Any]:
+    """A fresh database and bucket, the Celery worker and gunicorn(s); yields a namespace of it all."""
+    from types import SimpleNamespace
+
+    from notes import Settings, build
+
+    from polydatum.s3 import S3BlobStore
+
+    name = f"load_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(servers.pg.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    database_url = make_url(servers.pg.url).set(database=name).render_as_string(hide_password=False)
+    bucket = servers.moto.create_bucket(f"load-{uuid.uuid4().hex[:12]}")
+    queue = f"load-{uuid.uuid4().hex[:10]}"
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{EXAMPLE}", AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION,
+               DATABASE_URL=f"{database_url}?options=-c%20statement_timeout%3D{STATEMENT_TIMEOUT_MS}",
+               REDIS_URL=servers.redis.url, BLOB_URL=f"s3://{bucket}/notes-app", CELERY_QUEUE=queue,
+               AWS_ENDPOINT_URL=f"http://127.0.0.1:{servers.proxy.port}", CACHE_NAMESPACE=name,
+               LOAD_SLOW_ROUTE="1" if slow_route else "0")
+    if servers.celery:
+        env["CELERY_BROKER_URL"] = RABBITMQ
+    else:
+        env.pop("CELERY_BROKER_URL", None)
+    setup = build(Settings.from_env(env))
+    setup.create_tables()
+    with ExitStack() as stack:
+        stack.callback(setup.close)
+        if servers.celery:
+            worker = CeleryWorker(env).start()
+            stack.callback(worker.stop)
+
+            def delete_queue() -> None:
+                with setup.celery.connection_for_write() as conn:
+                    conn.default_channel.queue_delete(queue)
+
+            stack.callback(delete_queue)
+        poly = Gunicorn("load_apps:polydatum_app()", env, "polydatum").start()
+        stack.callback(poly.stop)
+        by_hand = None
+        if hand:
+            by_hand = Gunicorn("load_apps:hand_app()", env, "hand").start()
+            stack.callback(by_hand.stop)
+        blobs = S3BlobStore(bucket, prefix="notes-app", **servers.moto.client_options())
+        ports = [*server_ports(database_url, servers.redis.url), servers.proxy.port, 5672]
+        try:
+            yield SimpleNamespace(database_url=database_url, env=env, poly=poly, hand=by_hand, blobs=blobs,
+                                  ports=ports, redis_url=servers.redis.url)
+        finally:
+            stack.close()
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+
+def run_audit(app: Any, load: Load, baseline: list[ProcessSnapshot]) -> AuditReport:
+    # Connections: 15 per gunicorn worker, and the Celery worker's processes on the same database.
+    limits = Limits(pg=15 + 12, thread_slack=THREADS + 2, fd_slack=THREADS + 4)
+    pids = [s.pid for s in baseline if os.path.exists(f"/proc/{s.pid}")]
+    return audit(app.database_url, app.blobs, load.records, redis_url=app.redis_url, pids=pids,
+                 baseline=baseline, server_ports=app.ports, limits=limits)
+
+
+# -- the three parts ---------------------------------------------------------------------------
+
+
+def ms(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def part_load(servers: Servers, clients: int, duration: float, compare: float, rounds: int) -> None:
+    with running_app(servers, hand=True) as app:
+        load = Load(app.poly.url, clients, timeout=60).setup()
+        baseline = [ProcessSnapshot.take(pid, app.ports) for pid in app.poly.workers()]
+        print(f"\n## Load: {clients} clients for {duration:.0f} s on gunicorn ({WORKERS} workers x {THREADS} "
+              f"threads), PostgreSQL, Redis, S3 (moto), Celery {'worker' if servers.celery else 'eager'}\n")
+        cpu0 = app.poly.cpu()
+        load.run(duration)
+        cpu = app.poly.cpu() - cpu0
+        stats = summarize(load.records)
+        print("| requests | req/s | p50 ms | p95 ms | p99 ms | acked writes | 409 conflicts "
+              "| server CPU ms/req |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| {stats['requests']} | {stats['throughput']:.0f} | {ms(stats['p50'])} "
+              f"| {ms(stats['p95'])} | "
+              f"{ms(stats['p99'])} | {stats['acked_writes']} | {stats['conflicts']} | "
+              f"{1000 * cpu / max(1, stats['requests']):.2f} |")
+        by_op = {}
+        for op in ("create", "read", "update", "attach", "fetch", "delete"):
+            by_op[op] = summarize(r for r in load.records if r.op == op)
+        print("\n| operation | requests | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|")
+        for op, s in by_op.items():
+            print(f"| {op} | {s['requests']} | {ms(s['p50'])} | {ms(s['p95'])} | {ms(s['p99'])} |")
+        print(f"\nErrors by kind: {stats['errors'] or 'none'}")
+        report = run_audit(app, load, baseline)
+        print_audit(report)
+
+        print(f"\n## Framework share: the same mix, polydatum vs by hand, {rounds} alternating rounds of "
+              f"{compare:.0f} s each, {clients} clients\n")
+        loads = {"polydatum": load, "by hand": Load(app.hand.url, clients, timeout=60).setup()}
+        servers_of = {"polydatum": app.poly, "by hand": app.hand}
+        results: dict[str, list[tuple[list[Any], float]]] = {k: [] for k in loads}
+        for i in range(rounds):
+            order = list(loads) if i % 2 == 0 else list(reversed(loads))
+            for name in order:
+                since = time.monotonic()
+                before = servers_of[name].cpu()
+                loads[name].run(compare)
+                used = servers_of[name].cpu() - before
+                results[name].append(([r for r in loads[name].records if r.start >= since], used))
+        table = {}
+        for name, runs in results.items():
+            records = [r for rs, _ in runs for r in rs]
+            stats = summarize(records)
+            stats["throughput"] = len(records) / (compare * rounds)  # the rounds are not contiguous
+            mean = sum(r.elapsed for r in records) / max(1, len(records)) * 1000
+            table[name] = (stats, mean, 1000 * sum(c for _, c in runs) / max(1, len(records)))
+        print("| app | requests | req/s | mean ms | p50 ms | p95 ms | p99 ms | server CPU ms/req | errors |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, (stats, mean, cpu_ms) in table.items():
+            print(f"| {name} | {stats['requests']} | {stats['throughput']:.0f} | {ms(mean)} "
+                  f"| {ms(stats['p50'])} "
+                  f"| {ms(stats['p95'])} | {ms(stats['p99'])} | {cpu_ms:.2f} | {stats['client_errors']} |")
+        (poly, poly_mean, poly_cpu), (hand, hand_mean, hand_cpu) = table["polydatum"], table["by hand"]
+        print(f"\npolydatum's share: {100 * (poly_cpu - hand_cpu) / poly_cpu:.0f}% of the server CPU per "
+              f"request, {100 * (poly_mean - hand_mean) / poly_mean:.0f}% of the mean request time "
+              f"(req/s {poly['throughput'] / hand['throughput']:.2f}x the hand-written app's)")
+
+
+def print_audit(report: AuditReport) -> None:
+    print(f"\nAudit: {report.acked_writes} acknowledged writes, {report.lost_writes} lost, "
+          f"{report.duplicates} duplicated, {report.refused_present} refused-but-kept, {report.in_doubt} in "
+          f"doubt (5xx/no answer; {report.in_doubt_committed} committed anyway), "
+          f"{report.missing_blobs} missing "
+          f"blobs, {report.orphans} orphans ({report.orphans_swept} swept), {report.pg_connections} database "
+          f"sessions ({report.pg_busy} busy), {report.redis_clients} Redis clients, "
+          f"{report.leaked_connections} leaked connections, {report.leaked_fds} leaked fds, "
+          f"{report.leaked_threads} leaked threads: {'PASS' if not report.problems else 'FAIL'}")
+    for problem in report.problems[:20]:
+        print(f"  - {problem}")
+
+
+def part_faults(servers: Servers, clients: int, duration: float) -> bool:
+    print(f"\n## Faults: {clients} clients for {duration:.0f} s each, the fault after "
+          f"{duration / 4:.0f} s (gunicorn {WORKERS} workers)\n")
+
+    def slow(app: Any) -> Fault:
+        route = SlowRoute(app.poly.url, seconds=STATEMENT_TIMEOUT_MS / 1000 * 2)
+        app.slow = route
+        return FAULTS["slow-query"](route, calls=5)
+
+    scenarios: list[tuple[str, Callable[[Any], Fault]]] = [
+        ("none", lambda app: Fault("none", lambda: None)),
+        ("postgres-restart", lambda app: FAULTS["postgres-restart"](servers.pg)),
+        ("redis-restart", lambda app: FAULTS["redis-restart"](servers.redis, down=3.0)),
+        ("s3-down", lambda app: FAULTS["s3-down"](servers.proxy, down=5.0)),
+        ("pg-terminate", lambda app: FAULTS["pg-terminate"](app.database_url, rounds=3, interval=1.0)),
+        ("slow-query", slow),
+    ]
+    rows = []
+    ok = True
+    for name, make in scenarios:
+        with running_app(servers, slow_route=name == "slow-query") as app:
+            load = Load(app.poly.url, clients, timeout=60).setup()
+            baseline = [ProcessSnapshot.take(pid, app.ports) for pid in app.poly.workers()]
+            fault = make(app)
+            fault.before = duration / 4
+            load.run(duration, during=fault.inject)
+            recovered = load.check_recovered()
+            recover = time_to_recover(load.records, fault.repaired)
+            report = run_audit(app, load, baseline)
+            stats = summarize(load.records)
+            not_recovered = [f"{r.op} {r.error}" for r in recovered if r.outcome != "acked"]
+            extra = ""
+            if name == "slow-query":
+                slow_statuses = sorted({r.status or 0 for r in app.slow.records})
+                kept = app.slow.committed(app.database_url)
+                extra = f"; slow requests answered {slow_statuses}, {kept} kept"
+            passed = not report.problems and not not_recovered
+            ok &= passed
+            rows.append((name, stats, report, recover, not_recovered, passed, extra))
+            print(f"{name}: {'PASS' if passed else 'FAIL'}; errors {stats['errors'] or 'none'}{extra}",
+                  flush=True)
+            for problem in report.problems[:10] + not_recovered[:5]:
+                print(f"  - {problem}")
+    print("\n| scenario | requests | acked writes | lost writes | errors seen by clients | in doubt "
+          "(committed) | orphans swept | time to recover | leaked connections | audit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, stats, report, recover, _, passed, _ in rows:
+        rec = "n/a" if recover is None else f"{recover:.2f} s"
+        print(f"| {name} | {stats['requests']} | {report.acked_writes} | {report.lost_writes} | "
+              f"{stats['client_errors']} | {report.in_doubt} ({report.in_doubt_committed}) | "
+              f"{report.orphans_swept}/{report.orphans} | {rec} | {report.leaked_connections} | "
+              f"{'pass' if passed else 'FAIL'} |")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 clients, 8 s: a quick look")
+    parser.add_argument("--clients", type=int, help="concurrent clients (default 50; 10 with --quick)")
+    parser.add_argument("--duration", type=float, help="seconds of load (default 60; 8 with --quick)")
+    parser.add_argument("--faults", action="store_true", help="also run every fault scenario under load")
+    parser.add_argument("--faults-only", action="store_true", help="only the fault scenarios")
+    parser.add_argument("--no-celery", action="store_true", help="Celery eager instead of a real worker")
+    args = parser.parse_args(argv)
+    clients = args.clients or (10 if args.quick else 50)
+    duration = args.duration or (8.0 if args.quick else 60.0)
+    compare, rounds = (4.0, 2) if args.quick else (10.0, 4)
+    print(f"# benchmarks/load.py (logs of the servers: {LOGS})")
+    ok = True
+    with ExitStack() as stack:
+        servers = Servers(stack, celery=not args.no_celery)
+        if not args.faults_only:
+            part_load(servers, clients, duration, compare, rounds)
+        if args.faults or args.faults_only:
+            fault_duration = min(duration, 8.0) if args.quick else max(10.0, duration / 3)
+            ok = part_faults(servers, clients, fault_duration)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
