@@ -129,6 +129,11 @@ class TestResources:
             assert isinstance(ctx.redis, redis_py.Redis)
             assert ctx.redis.connection_pool is redis.pool
             assert ctx.redis.getdel(f"{namespace}:k") == b"v"
+            first = ctx.redis
+        with dm.context() as ctx:
+            assert ctx.redis is not first  # each context its own client, on the same pool
+            assert ctx.redis.connection_pool is redis.pool
+            assert ctx.redis.ping()
 
     def test_context_that_never_uses_redis_makes_no_connection(self, redis_url: str) -> None:
         """A context that does not touch Redis takes no connection from the pool."""
