@@ -407,11 +407,15 @@ def referenced_keys(database_url: str) -> Any:
 
 def audit(database_url: str, blobs: BlobStore, records: Sequence[Record], *, redis_url: str | None = None,
           pids: Sequence[int] = (), baseline: Sequence[ProcessSnapshot] = (),
-          server_ports: Iterable[int] = (), limits: Limits | None = None) -> AuditReport:
-    """Run every check; see the module documentation. Call it once the load has stopped."""
+          server_ports: Iterable[int] = (), limits: Limits | None = None,
+          settle: float = 10.0) -> AuditReport:
+    """Run every check; see the module documentation. Call it once the load has stopped.
+
+    ``settle``: how long resource checks are retried while requests still finish.
+    """
     report = AuditReport()
     audit_resources(report, database_url, redis_url=redis_url, pids=pids, baseline=baseline,
-                    server_ports=server_ports, limits=limits)
+                    server_ports=server_ports, limits=limits, settle=settle)
     notes, attachments = read_database(database_url)
     audit_writes(report, records, notes, attachments)
     audit_blobs(report, blobs, attachments, referenced_keys(database_url))

@@ -67,10 +67,10 @@ class Stack:
         self.baseline = [_quiet_snapshot(self.ports)]
         return load
 
-    def audit(self, records: list[Record]) -> AuditReport:
+    def audit(self, records: list[Record], settle: float = 10.0) -> AuditReport:
         """The audit of :mod:`tests.load.audit` for this app, with this process as the server."""
         return audit(self.database_url, self.app.blobs, records, redis_url=self.redis.url,
-                     pids=[os.getpid()], baseline=self.baseline, server_ports=self.ports)
+                     pids=[os.getpid()], baseline=self.baseline, server_ports=self.ports, settle=settle)
 
 
 def _quiet_snapshot(ports: list[int]) -> ProcessSnapshot:

@@ -105,6 +105,25 @@ def test_statement_timeout(load_postgres: PrivatePostgres, private_redis: Any, m
         assert slow.committed(stack.database_url) == 0
 
 
+def test_the_audit_sees_leaks(stack: Stack, tmp_path: Any) -> None:
+    """A connection kept out of the pool in a transaction, and a file left open, fail the audit."""
+    from contextlib import ExitStack
+
+    from sqlalchemy import text
+
+    stack.load(2)  # the baseline
+    with ExitStack() as es:
+        conn = es.enter_context(stack.app.db.engine.connect())
+        conn.execute(text("SELECT 1"))  # begins a transaction: "idle in transaction"
+        for i in range(6):  # more than the audit's slack of 4
+            es.enter_context(open(tmp_path / str(i), "w"))
+        report = stack.audit([], settle=0.5)
+        assert report.pg_busy == 1
+        assert report.leaked_fds >= 1
+        assert any("not back in a pool" in p for p in report.problems)
+    assert stack.audit([]).problems == []
+
+
 @pytest.mark.xfail(strict=True, reason="examples/notes: an attach racing a delete of its note is a 500 "
                    "(foreign key violation); logged in /work/brief/core_bugs.md")
 def test_an_attach_racing_a_delete_is_not_a_500(stack: Stack) -> None:
