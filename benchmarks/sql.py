@@ -32,8 +32,8 @@ from polydatum.sqlalchemy import Database, Store
 
 URL = os.environ.get("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 QUICK = "--quick" in sys.argv
-OPS = 200 if QUICK else 300
-ROUNDS = 10 if QUICK else 40
+OPS = 100 if QUICK else 150
+ROUNDS = 20 if QUICK else 80
 
 
 class Base(DeclarativeBase):
