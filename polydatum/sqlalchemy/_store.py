@@ -471,9 +471,9 @@ class Store(_StoreBase[M]):
     def search(
         self,
         filters: Filters | None = None,
-        *,
         order_by: OrderBy | None = None,
         limit: int | None = None,
+        *,
         after: str | None = None,
     ) -> Page[M]:
         """Objects matching ``filters``, one page at a time (keyset pagination).
@@ -562,9 +562,9 @@ class AsyncStore(_StoreBase[M]):
     async def search(
         self,
         filters: Filters | None = None,
-        *,
         order_by: OrderBy | None = None,
         limit: int | None = None,
+        *,
         after: str | None = None,
     ) -> Page[M]:
         """Objects matching ``filters``, one page at a time (see :meth:`Store.search`)."""

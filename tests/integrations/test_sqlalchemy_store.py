@@ -247,6 +247,13 @@ class TestPagination:
         assert [i.qty for i in [*first, *second]] == [8, 7, 5, 5, 5, 3, 3, 2, 1]
         assert second.next_cursor is None
 
+    def test_order_and_limit_may_be_positional(self, dal: DataAccessLayer) -> None:
+        """search(filters, order_by, limit, after=cursor), as the issue spells it, works."""
+        seed(dal)
+        first = dal.items.search({"qty__gte": 5}, "-qty", 2)
+        rest = dal.items.search({"qty__gte": 5}, "-qty", 2, after=first.next_cursor)
+        assert [i.qty for i in [*first, *rest]] == [8, 7, 5, 5]
+
     def test_last_full_page_has_no_cursor(self, dal: DataAccessLayer) -> None:
         """A page that ends exactly at the last row says there is no next page."""
         seed(dal)
