@@ -602,6 +602,7 @@ class Dataset(Database):
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a folder.
         TypeError: ``populate`` was given for a file.
 
     .. versionadded:: 2.0
@@ -626,6 +627,9 @@ class Dataset(Database):
             msg = "populate= is only for Dataset(':memory:'); a dataset file is never written"
             raise TypeError(msg)
         file = Path(path).resolve()
+        if file.is_dir():
+            msg = f"dataset path {str(file)!r} is a folder; pass the SQLite file inside it"
+            raise IsADirectoryError(msg)
         if not file.is_file():
             msg = f"dataset file {str(file)!r} does not exist; check the path, or ship the file"
             raise FileNotFoundError(msg)

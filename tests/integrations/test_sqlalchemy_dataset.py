@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, String, insert, text
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from polydatum import DataManager
@@ -164,6 +165,21 @@ class TestFile:
         """A path that does not exist raises FileNotFoundError naming it, at construction."""
         with pytest.raises(FileNotFoundError, match=r"nope\.sqlite.*ship the file"):
             Dataset(tmp_path / "nope.sqlite")
+
+    def test_a_folder_is_refused_up_front(self, tmp_path: Path) -> None:
+        """A folder given as the dataset path raises IsADirectoryError saying to pass the file."""
+        with pytest.raises(IsADirectoryError, match="is a folder; pass the SQLite file"):
+            Dataset(tmp_path)
+
+    def test_a_file_that_is_not_sqlite_fails_at_first_read(self, tmp_path: Path) -> None:
+        """A file that is not a SQLite database raises SQLAlchemy's DatabaseError when first read."""
+        path = tmp_path / "notes.txt"
+        path.write_text("not a database\n" * 100)
+        before = digest(path)
+        dm = wire(Dataset(path))
+        with pytest.raises(DatabaseError, match="not a database"), dm.dal() as dal:
+            dal.countries.count()
+        assert digest(path) == before
 
     def test_populate_is_only_for_memory(self, tmp_path: Path) -> None:
         """populate= with a file raises TypeError: the file is never written."""
