@@ -134,8 +134,8 @@ class TestTransactions:
     async def test_no_leak_after_many_contexts(
         self, dm: DataManager, db: AsyncDatabase, url: str, postgres_url: str
     ) -> None:
-        """150 async contexts, a third raising, leave nothing checked out."""
-        for i in range(150):
+        """500 async contexts, a third raising, leave nothing checked out and few on the server."""
+        for i in range(500):
             try:
                 async with dm.dal() as dal:
                     await dal.items.create(name=f"item{i}")
@@ -144,7 +144,7 @@ class TestTransactions:
             except Boom:
                 pass
         assert db.engine.pool.checkedout() == 0
-        assert len(await names(db)) == 100
+        assert len(await names(db)) == 500 - 167
         if db.engine.dialect.name == "postgresql":
             database = make_url(url).database
             assert database is not None
