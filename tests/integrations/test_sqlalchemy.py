@@ -563,6 +563,21 @@ class TestEngine:
         db.ping()
         assert db.engine.pool.checkedout() == 0
 
+    def test_dispose_closes_pooled_connections_and_the_next_context_reconnects(
+        self, dm: DataManager, db: Database
+    ) -> None:
+        """dispose() empties the pool; the next context opens a new connection and works."""
+        connects: list[object] = []
+        event.listen(db.engine, "connect", lambda *args: connects.append(args))
+        with dm.dal() as dal:
+            dal.items.create(name="a")
+        assert db.engine.pool.checkedin() == 1
+        db.dispose()
+        assert db.engine.pool.checkedin() == 0
+        with dm.dal() as dal:
+            assert dal.items.count() == 1
+        assert len(connects) == 1  # the pool made after dispose() connected once
+
     def test_ping_raises_when_the_server_is_unreachable(self) -> None:
         """ping() raises SQLAlchemy's OperationalError when nothing listens."""
         db = Database(
