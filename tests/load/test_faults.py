@@ -143,10 +143,34 @@ def test_an_attach_racing_a_delete_is_not_a_500(stack: Stack) -> None:
         sock.sendall((f"POST /notes/{note['id']}/attachments?name=racy.bin HTTP/1.1\r\nHost: x\r\n"
                       f"Authorization: Bearer {account.token}\r\nContent-Length: {len(body)}\r\n"
                       "Connection: close\r\n\r\n").encode() + body[:500])
-        time.sleep(0.5)  # ordering, not a pass/fail timing: let the view reach the blob upload
+        wait_until_in_transaction(stack.database_url)  # the view checked ownership, now reads the body
         status, _ = client.json("DELETE", f"/notes/{note['id']}")
         assert status == 204
         sock.sendall(body[500:])
         answer = sock.makefile("rb").readline()
     client.close()
     assert int(answer.split()[1]) < 500, answer
+
+
+def wait_until_in_transaction(database_url: str, timeout: float = 30.0) -> None:
+    """Block until a session of the database is idle in a transaction (a request waiting mid-way)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(database_url, poolclass=NullPool)
+    deadline = time.monotonic() + timeout
+    try:
+        with engine.connect() as conn:
+            while time.monotonic() < deadline:
+                waiting = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = :d AND state = 'idle in transaction'"
+                ), {"d": make_url(database_url).database}).scalar_one()
+                conn.rollback()
+                if waiting:
+                    return
+                time.sleep(0.02)
+    finally:
+        engine.dispose()
+    raise AssertionError(f"no request was waiting in a transaction after {timeout} s")
