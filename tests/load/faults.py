@@ -31,6 +31,8 @@ class Fault:
         self.action = action
         self.before = before
         self.repaired = 0.0
+        #: What the fault did, for checks that it was felt (e.g. sessions terminated per round).
+        self.effect: list[Any] = []
 
     def inject(self) -> None:
         time.sleep(self.before)
@@ -84,14 +86,17 @@ def pg_terminate(database_url: str, rounds: int = 2, interval: float = 0.5) -> F
         try:
             for i in range(rounds):
                 with engine.connect() as conn:
-                    conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                      "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": url.database})
+                    killed = conn.execute(text(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": url.database}).scalar_one()
+                fault.effect.append(killed)
                 if i < rounds - 1:
                     time.sleep(interval)
         finally:
             engine.dispose()
 
-    return Fault("pg-terminate", act)
+    fault = Fault("pg-terminate", act)
+    return fault
 
 
 def slow_query(route: Any, calls: int = 3) -> Fault:

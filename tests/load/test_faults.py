@@ -66,13 +66,31 @@ def test_no_fault(stack: Stack) -> None:
 
 
 def test_postgres_restart(stack: Stack, load_postgres: PrivatePostgres) -> None:
+    started = postmaster_started(stack.database_url)
     _, report = run_scenario(stack, FAULTS["postgres-restart"](load_postgres))
     assert report.lost_writes == 0
+    assert postmaster_started(stack.database_url) > started  # it did restart
 
 
 def test_redis_stop_and_restart(stack: Stack) -> None:
+    assert stack.redis.proc is not None
+    pid = stack.redis.proc.pid
     _, report = run_scenario(stack, FAULTS["redis-restart"](stack.redis))
     assert report.lost_writes == 0
+    assert stack.redis.proc is not None
+    assert stack.redis.proc.pid != pid  # another redis-server, empty (no persistence)
+
+
+def postmaster_started(database_url: str) -> Any:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT pg_postmaster_start_time()")).scalar_one()
+    finally:
+        engine.dispose()
 
 
 def test_s3_goes_away(stack: Stack) -> None:
@@ -83,8 +101,10 @@ def test_s3_goes_away(stack: Stack) -> None:
 
 
 def test_database_connections_killed(stack: Stack) -> None:
-    _, report = run_scenario(stack, FAULTS["pg-terminate"](stack.database_url))
+    fault = FAULTS["pg-terminate"](stack.database_url)
+    _, report = run_scenario(stack, fault)
     assert report.lost_writes == 0
+    assert sum(fault.effect) > 0  # the app's sessions were there, and were terminated
 
 
 def test_statement_timeout(load_postgres: PrivatePostgres, private_redis: Any, moto_server: Any) -> None:
