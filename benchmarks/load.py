@@ -21,7 +21,9 @@ worker``), and the app served by gunicorn with 4 worker processes (gthread).
 3. ``--faults``: each fault scenario of tests/load/faults.py under the load
    (fresh database, bucket and servers' state each), then the audit: a table
    of requests, acknowledged writes, lost writes, errors seen by clients,
-   time to recover and leaked connections.
+   time to recover and leaked connections; and how many notes' word index
+   (built by the Celery job, derived data) is still missing or behind once
+   the queue settled: a job lost to a fault shows up there.
 
 The short versions of the fault scenarios run in the test suite
 (tests/load/test_faults.py); this is the long form with more clients.
@@ -240,6 +242,27 @@ def running_app(servers: Servers, *, hand: bool = False, slow_route: bool = Fals
             admin.dispose()
 
 
+def index_lag(database_url: str, wait: float = 15.0) -> int:
+    """Notes whose word index (built by the Celery job) is missing or older than the note, once jobs settle.
+
+    Derived data, not an acknowledged write: reported, not audited. Waits up to
+    ``wait`` seconds for the worker to drain its queue.
+    """
+    engine = create_engine(database_url, poolclass=NullPool)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            with engine.connect() as conn:
+                behind = int(conn.execute(text(
+                    "SELECT count(*) FROM notes n LEFT JOIN note_index i ON i.note_id = n.id "
+                    "WHERE i.version IS NULL OR i.version < n.version")).scalar_one())
+            if behind == 0 or time.monotonic() > deadline:
+                return behind
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+
+
 def run_audit(app: Any, load: Load, baseline: list[ProcessSnapshot]) -> AuditReport:
     # Connections: 15 per gunicorn worker, and the Celery worker's processes on the same database.
     limits = Limits(pg=15 + 12, thread_slack=THREADS + 2, fd_slack=THREADS + 4)
@@ -281,6 +304,8 @@ def part_load(servers: Servers, clients: int, duration: float, compare: float, r
         print(f"\nErrors by kind: {stats['errors'] or 'none'}")
         report = run_audit(app, load, baseline)
         print_audit(report)
+        print(f"Word index (Celery job) missing or behind the note, after the queue settled: "
+              f"{index_lag(app.database_url)} notes")
 
         print(f"\n## Framework share: the same mix, polydatum vs by hand, {rounds} alternating rounds of "
               f"{compare:.0f} s each, {clients} clients\n")
@@ -356,6 +381,7 @@ def part_faults(servers: Servers, clients: int, duration: float) -> bool:
             recovered = load.check_recovered()
             recover = time_to_recover(load.records, fault.repaired)
             report = run_audit(app, load, baseline)
+            behind = index_lag(app.database_url)
             stats = summarize(load.records)
             not_recovered = [f"{r.op} {r.error}" for r in recovered if r.outcome != "acked"]
             extra = ""
@@ -365,19 +391,19 @@ def part_faults(servers: Servers, clients: int, duration: float) -> bool:
                 extra = f"; slow requests answered {slow_statuses}, {kept} kept"
             passed = not report.problems and not not_recovered
             ok &= passed
-            rows.append((name, stats, report, recover, not_recovered, passed, extra))
+            rows.append((name, stats, report, recover, behind, passed, extra))
             print(f"{name}: {'PASS' if passed else 'FAIL'}; errors {stats['errors'] or 'none'}{extra}",
                   flush=True)
             for problem in report.problems[:10] + not_recovered[:5]:
                 print(f"  - {problem}")
     print("\n| scenario | requests | acked writes | lost writes | errors seen by clients | in doubt "
-          "(committed) | orphans swept | time to recover | leaked connections | audit |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, stats, report, recover, _, passed, _ in rows:
+          "(committed) | orphans swept | time to recover | leaked connections | index behind | audit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, stats, report, recover, behind, passed, _ in rows:
         rec = "n/a" if recover is None else f"{recover:.2f} s"
         print(f"| {name} | {stats['requests']} | {report.acked_writes} | {report.lost_writes} | "
               f"{stats['client_errors']} | {report.in_doubt} ({report.in_doubt_committed}) | "
-              f"{report.orphans_swept}/{report.orphans} | {rec} | {report.leaked_connections} | "
+              f"{report.orphans_swept}/{report.orphans} | {rec} | {report.leaked_connections} | {behind} | "
               f"{'pass' if passed else 'FAIL'} |")
     return ok
 
