@@ -185,6 +185,10 @@ def audit_writes(report: AuditReport, records: Sequence[Record], notes: dict[int
         elif r.op == "delete" and r.outcome == "acked" and r.note_id in notes:
             report.lost_writes += 1
             report.problem(f"delete of note {r.note_id} acknowledged, but the note is still there")
+        elif (r.op == "delete" and r.status == 409 and r.note_id not in notes
+              and r.note_id not in deleted and r.note_id not in maybe_deleted):
+            report.refused_present += 1
+            report.problem(f"delete of note {r.note_id} refused with 409, yet the note is gone")
         elif r.op == "delete" and r.outcome in ("failed", "unknown"):
             # Gone after a delete that failed, unless another delete of it was acknowledged.
             in_doubt(r.note_id not in notes and r.note_id not in deleted)

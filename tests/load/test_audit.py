@@ -37,6 +37,8 @@ def test_a_consistent_log_passes() -> None:
      {1: ("n-1", 1, ""), 2: ("n-1", 1, "")}, "expected at most one"),
     ([rec("create", 422, marker="n-1")], {1: ("n-1", 1, "")}, "refused with 422"),
     ([rec("delete", 204, note_id=1)], {1: ("n-1", 1, "")}, "still there"),
+    ([rec("create", 201, marker="n-1", note_id=1, version=1), rec("delete", 409, note_id=1)], {},
+     "refused with 409, yet the note is gone"),
     ([rec("update", 200, marker="u-a", note_id=1, version=2),
       rec("update", 200, marker="u-b", note_id=1, version=2)], {1: ("n-1", 2, "u-b edited")}, "lost update"),
     ([rec("update", 200, marker="u-a", note_id=1, version=3)], {1: ("n-1", 2, "u-x edited")}, "version 3"),
