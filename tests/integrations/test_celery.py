@@ -8,6 +8,7 @@ anything sent earlier has run.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import threading
@@ -196,10 +197,15 @@ def env(postgres_url: str, rabbitmq_url: str, redis_url: str) -> Iterator[Simple
                 conn.execute(text(statement))
         setup.dispose()
         ns = build(url, rabbitmq_url, redis_url, queue, f"polydatum-test-celery-{run}:")
+        # Celery's worker set-up lowers the root logger to its loglevel (ERROR)
+        # for the rest of the process; put it back for the tests that follow.
+        root_level = logging.root.level
         try:
             with start_worker(ns.app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+                logging.root.setLevel(root_level)
                 yield ns
         finally:
+            logging.root.setLevel(root_level)
             with ns.app.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
             backend = ns.app.backend
