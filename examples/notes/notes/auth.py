@@ -37,6 +37,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _GUARD = "__notes_guard__"
 _OWNED = {"note": Note, "notebook": Notebook, "attachment": Attachment}
+MAX_ID = 2**31 - 1  # the largest key of an SQL INTEGER column (PostgreSQL's is 32 bits)
 
 
 class BadRequest(ServiceError):
@@ -175,7 +176,10 @@ class AuthMiddleware:
                 msg = f"{request.path_name} needs the id of a {kind}"
                 raise BadRequest(msg)
             model = _OWNED[kind]
-            obj = getattr(ctx, self.database).get(model, ident)
+            # An id no key can have is not looked up: PostgreSQL would fail on it
+            # ("integer out of range"), where the answer is simply "not found".
+            valid = isinstance(ident, int) and not isinstance(ident, bool) and 1 <= ident <= MAX_ID
+            obj = getattr(ctx, self.database).get(model, ident) if valid else None
             if obj is None or obj.owner_id != user:
                 # Someone else's object looks exactly like a missing one.
                 msg = f"{kind} {ident!r} not found"

@@ -28,7 +28,7 @@ from polydatum import Service
 from polydatum.blob import BlobStore
 from polydatum.cache import cached
 from polydatum.dal import DataAccessLayer
-from polydatum.errors import ConcurrencyConflict
+from polydatum.errors import ConcurrencyConflict, NotFound
 from polydatum.sqlalchemy import Page, Store
 
 from notes.auth import BadRequest, Conflict, Forbidden, job_only, make_token, owns, public, signed_in
@@ -69,6 +69,16 @@ def _text(value: Any, what: str, limit: int, *, empty: bool = False) -> str:
     if len(value) > limit:
         msg = f"{what} is longer than {limit} characters"
         raise BadRequest(msg)
+    # Checked here, not left to the database: PostgreSQL refuses NUL in text and the driver
+    # cannot encode a lone surrogate (valid JSON: "\ud800"); both would be a 500, not a 400.
+    if "\x00" in value:
+        msg = f"{what} contains a NUL character (\\u0000); remove it"
+        raise BadRequest(msg)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        msg = f"{what} is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text"
+        raise BadRequest(msg) from None
     return value
 
 
@@ -215,17 +225,23 @@ class Notes(Store[Note]):
         """Delete a note, its word index and its attachments.
 
         The attachments' blobs are deleted once this context commits: if
-        anything below fails (say, a stale ``version``), they are all still there.
+        anything below fails, they are all still there.
+
+        Raises:
+            NotFound: a concurrent request deleted the note first.
+            ConcurrencyConflict: ``version`` is given and the note is at another one.
         """
-        note = self.require(note_id)
+        # Locked first: an attach or an index job of this note waits for this delete (and then
+        # finds the note gone), or this delete waits for them and sees the rows they wrote.
+        note = self._lock(note_id)
+        if version is not None and version != note.version:
+            msg = f"note {note_id} is at version {note.version}, not {version}; reload it"
+            raise ConcurrencyConflict(msg)
         session = self.session
         for attachment in session.scalars(select(Attachment).where(Attachment.note_id == note_id)):
             _blobs(self).delete(attachment.key)  # waits for the commit
             session.delete(attachment)
         session.flush()  # the attachment rows go before the note they point to
-        if version is not None and version != note.version:
-            msg = f"note {note_id} is at version {note.version}, not {version}; reload it"
-            raise ConcurrencyConflict(msg)
         session.execute(delete(NoteWord).where(NoteWord.note_id == note_id))
         session.execute(delete(NoteIndex).where(NoteIndex.note_id == note_id))
         session.delete(note)
@@ -236,12 +252,19 @@ class Notes(Store[Note]):
     @owns("note")
     def attach(self, note_id: int, name: Any, data: IO[bytes] | bytes,
                content_type: str | None = None) -> dict[str, Any]:
-        """Store ``data`` as an attachment of the note (streamed into the blob store)."""
+        """Store ``data`` as an attachment of the note (streamed into the blob store).
+
+        Raises:
+            NotFound: the note was deleted while the data was being stored.
+        """
         name = _text(name, "name", MAX_TITLE)
+        content_type = _text(content_type or "application/octet-stream", "content type", 200)
         # A key of our own making: user-supplied names never reach the store's paths.
         key = f"notes/{note_id}/{uuid.uuid4().hex}"
-        content_type = content_type or "application/octet-stream"
         size = _blobs(self).put(key, data, content_type=content_type)  # removed again on rollback
+        # Locked only now that the upload is done (holding the lock through it would make a
+        # delete of the note wait that long). A shared lock: attaches and edits go on meanwhile.
+        self._lock(note_id, shared=True)
         attachment = Attachment(note_id=note_id, owner_id=self._ctx.meta.user, name=name,
                                 content_type=content_type, size=size, key=key)
         self.session.add(attachment)
@@ -258,9 +281,19 @@ class Notes(Store[Note]):
 
     @owns("attachment")
     def detach(self, attachment_id: int) -> None:
-        """Delete an attachment; its blob goes once this context commits."""
+        """Delete an attachment; its blob goes once this context commits.
+
+        Raises:
+            NotFound: a concurrent request deleted it (or its note) first.
+        """
         attachment = self.session.get(Attachment, attachment_id)
-        assert attachment is not None
+        assert attachment is not None  # checked by the auth middleware
+        # Like remove(): lock the note, then re-read what a concurrent delete may have removed.
+        self._lock(attachment.note_id)
+        attachment = self.session.get(Attachment, attachment_id, populate_existing=True)
+        if attachment is None:
+            msg = f"attachment {attachment_id} not found"
+            raise NotFound(msg)
         _blobs(self).delete(attachment.key)
         self.session.delete(attachment)
         self.session.flush()
@@ -303,12 +336,34 @@ class Notes(Store[Note]):
     @job_only
     def build_index(self, note_id: int) -> int | None:
         """Rebuild the word index of a note (the background job); None when the note is gone."""
-        note = self.get(note_id)
-        if note is None:
-            return None  # deleted before the job ran: nothing to index
+        # Locked: two jobs for one note (a create, then an edit) take turns instead of both
+        # deleting and then both inserting its words, and a delete of the note waits for this.
+        try:
+            note = self._lock(note_id)
+        except NotFound:
+            return None  # deleted before (or while waiting for) the job: nothing to index
         self._index(note)
         self.read.invalidate(note_id)
         return len(words_of(note.text))
+
+    def _lock(self, note_id: int, *, shared: bool = False) -> Note:
+        """The note, read again and locked until this context ends.
+
+        On PostgreSQL a row lock: ``FOR UPDATE`` for those who change what hangs off the note
+        (deletes, the index job), so they take turns; ``shared`` takes ``FOR KEY SHARE``, which
+        only keeps the note from being deleted (for adding an attachment). SQLite has no row
+        locks and needs none: its writers take turns anyway (``BEGIN IMMEDIATE``).
+
+        Raises:
+            NotFound: the note is gone (deleted by a request that committed meanwhile).
+        """
+        lock: dict[str, bool] = {"read": True, "key_share": True} if shared else {}
+        # populate_existing: read the row now, not the copy the auth check loaded earlier.
+        note = self.session.get(Note, note_id, with_for_update=lock or True, populate_existing=True)
+        if note is None:
+            msg = f"note {note_id} not found"
+            raise NotFound(msg)
+        return note
 
     def _index(self, note: Note) -> None:
         session = self.session

@@ -22,7 +22,7 @@ from werkzeug.wsgi import wrap_file
 
 from polydatum.werkzeug import PolydatumMiddleware, current_context
 
-from notes.auth import BadRequest, PayloadTooLarge, Unauthorized, Unavailable, user_from_token
+from notes.auth import MAX_ID, BadRequest, PayloadTooLarge, Unauthorized, Unavailable, user_from_token
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -34,18 +34,22 @@ logger = logging.getLogger("notes.web")
 MAX_JSON = 1024 * 1024
 MAX_UPLOAD = 64 * 1024 * 1024
 
+# Ids are SQL INTEGER keys (32 bits on PostgreSQL). A larger id in a URL matches no route (404),
+# rather than reaching the database and failing there ("integer out of range", a 500).
+ID = f"int(min=1, max={MAX_ID})"
+
 URLS = Map([
     Rule("/", endpoint="index", methods=["GET"]),
     Rule("/health", endpoint="health", methods=["GET"]),
     Rule("/users", endpoint="sign_up", methods=["POST"]),
-    Rule("/users/<int:user_id>", endpoint="profile", methods=["GET"]),
+    Rule(f"/users/<{ID}:user_id>", endpoint="profile", methods=["GET"]),
     Rule("/me", endpoint="me", methods=["GET"]),
     Rule("/notebooks", endpoint="notebooks", methods=["GET", "POST"]),
-    Rule("/notebooks/<int:notebook_id>/notes", endpoint="notebook_notes", methods=["GET", "POST"]),
-    Rule("/notes/<int:note_id>", endpoint="note", methods=["GET", "PUT", "DELETE"]),
-    Rule("/notes/<int:note_id>/words", endpoint="words", methods=["GET"]),
-    Rule("/notes/<int:note_id>/attachments", endpoint="attach", methods=["POST"]),
-    Rule("/attachments/<int:attachment_id>", endpoint="attachment", methods=["GET", "DELETE"]),
+    Rule(f"/notebooks/<{ID}:notebook_id>/notes", endpoint="notebook_notes", methods=["GET", "POST"]),
+    Rule(f"/notes/<{ID}:note_id>", endpoint="note", methods=["GET", "PUT", "DELETE"]),
+    Rule(f"/notes/<{ID}:note_id>/words", endpoint="words", methods=["GET"]),
+    Rule(f"/notes/<{ID}:note_id>/attachments", endpoint="attach", methods=["POST"]),
+    Rule(f"/attachments/<{ID}:attachment_id>", endpoint="attachment", methods=["GET", "DELETE"]),
     Rule("/search", endpoint="search", methods=["GET"]),
 ])
 
@@ -62,6 +66,9 @@ def _body(request: Request) -> dict[str, Any]:
         data = json.loads(request.get_data(cache=False) or b"{}")
     except ValueError as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
+    except RecursionError:  # "[[[[…" nested deeper than the JSON decoder recurses
+        msg = "the body is JSON nested too deeply; send a flat JSON object"
+        raise BadRequest(msg) from None
     if not isinstance(data, dict):
         msg = "the body must be a JSON object"
         raise BadRequest(msg)
