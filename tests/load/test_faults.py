@@ -144,8 +144,6 @@ def test_the_audit_sees_leaks(stack: Stack, tmp_path: Any) -> None:
     assert stack.audit([]).problems == []
 
 
-@pytest.mark.xfail(strict=True, reason="examples/notes: an attach racing a delete of its note is a 500 "
-                   "(foreign key violation); logged in /work/brief/core_bugs.md")
 def test_an_attach_racing_a_delete_is_not_a_500(stack: Stack) -> None:
     """The attach passed its ownership check, then the note was deleted before its row went in."""
     import socket
