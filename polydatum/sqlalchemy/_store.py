@@ -14,7 +14,18 @@ from decimal import Decimal
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, and_, false, func, inspect, or_, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    SmallInteger,
+    and_,
+    false,
+    func,
+    inspect,
+    or_,
+    select,
+)
 from sqlalchemy.orm import InstrumentedAttribute, Mapper
 
 from polydatum import Service
@@ -51,6 +62,77 @@ def _sequence(value: Any) -> list[Any]:
         msg = f"the in/not_in operators take a list, tuple or set of values, got {value!r}"
         raise ValueError(msg)
     return list(value)
+
+
+# The integers each dialect can bind for an integer column; a value outside makes
+# PostgreSQL fail the statement (SQLSTATE 22003, aborting the transaction) and
+# sqlite3 raise OverflowError, so such values are answered without asking.
+_INT64 = (-(2**63), 2**63 - 1)
+_POSTGRES_INTS: tuple[tuple[type[Any], tuple[int, int]], ...] = (
+    (SmallInteger, (-(2**15), 2**15 - 1)),
+    (BigInteger, _INT64),
+    (Integer, (-(2**31), 2**31 - 1)),
+)
+# Below this magnitude an int fits every integer column, so no bounds are looked up.
+_SMALL = 2**15
+
+
+def _int_range(type_: Any, dialect: str) -> tuple[int, int] | None:
+    """The values an integer column of ``type_`` holds on ``dialect``; None if unknown or not an integer."""
+    if not isinstance(type_, Integer):
+        return None
+    if dialect == "sqlite":
+        return _INT64  # any integer type is a 64-bit INTEGER there
+    if dialect == "postgresql":
+        for kind, bounds in _POSTGRES_INTS:
+            if isinstance(type_, kind):
+                return bounds
+    return None  # other dialects (e.g. MySQL's unsigned types) are left to the database
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _large(value: Any) -> bool:
+    """Whether ``value`` (or an item of it, for in/not_in) is an int some integer column cannot hold."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_large(v) for v in value)
+    return _is_int(value) and not -_SMALL < value < _SMALL
+
+
+def _outside(value: Any, bounds: tuple[int, int]) -> bool:
+    return _is_int(value) and not bounds[0] <= value <= bounds[1]
+
+
+def _bounded(
+    op: str, col: Any, value: Any, bounds: tuple[int, int]
+) -> ColumnElement[bool] | None:
+    """``col <op> value`` for an int out of the column's range, decided without the database.
+
+    None when the value is in range (or not an int): then the operator runs as usual.
+    """
+    if op in ("in", "not_in"):
+        values = _sequence(value)
+        if not any(_outside(v, bounds) for v in values):
+            return None
+        kept = [v for v in values if not _outside(v, bounds)]
+        if op == "in":
+            return col.in_(kept) if kept else false()
+        # No row holds the dropped values, so only the kept ones can exclude a row.
+        return col.not_in(kept) if kept else col.is_not(None)  # type: ignore[no-any-return]
+    if not _outside(value, bounds):
+        return None
+    above = value > bounds[1]
+    if op == "eq":
+        return false()
+    if op == "ne":
+        return col.is_not(None)  # type: ignore[no-any-return]
+    if op in ("lt", "lte"):
+        return col.is_not(None) if above else false()
+    if op in ("gt", "gte"):
+        return false() if above else col.is_not(None)
+    return None
 
 
 _OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
@@ -105,6 +187,10 @@ class _Queries:
             self.columns[prop.key] = getattr(model, prop.key)
             self.nullable[prop.key] = any(getattr(c, "nullable", True) for c in prop.columns)
         self.primary_key = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+        self.types: dict[str, Any] = {
+            prop.key: prop.columns[0].type for prop in mapper.column_attrs if len(prop.columns) == 1
+        }
+        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}
         version = mapper.version_id_col
         self.version = None if version is None else mapper.get_property_by_column(version).key
 
@@ -118,7 +204,42 @@ class _Queries:
             if key not in self.attributes:
                 raise self._unknown("attribute", key, self.attributes)
 
-    def where(self, filters: Filters | None) -> list[ColumnElement[bool]]:
+    def ranges(self, dialect: str) -> dict[str, tuple[int, int]]:
+        """The bounds of this model's integer columns on ``dialect``, by attribute name."""
+        ranges = self._ranges.get(dialect)
+        if ranges is None:
+            ranges = {}
+            for name, type_ in self.types.items():
+                bounds = _int_range(type_, dialect)
+                if bounds is not None:
+                    ranges[name] = bounds
+            self._ranges[dialect] = ranges
+        return ranges
+
+    def _key_values(self, ident: Any) -> dict[str, Any]:
+        """The primary key's values by attribute name; {} for a shape Session.get will refuse."""
+        pk = self.primary_key
+        if isinstance(ident, Mapping):
+            return {name: ident[name] for name in pk if name in ident}
+        if isinstance(ident, (tuple, list)):
+            return dict(zip(pk, ident, strict=False)) if len(ident) == len(pk) else {}
+        return {pk[0]: ident} if len(pk) == 1 else {}
+
+    def absent_key(self, ident: Any, dialect: Callable[[], str]) -> bool:
+        """Whether ``ident`` has an int no key column can hold, so no row can have it.
+
+        ``dialect`` is called only for large ints, keeping the usual lookup free of work.
+        """
+        values = self._key_values(ident)
+        if not any(_large(v) for v in values.values()):
+            return False
+        ranges = self.ranges(dialect())
+        return any(name in ranges and _outside(v, ranges[name]) for name, v in values.items())
+
+    def where(
+        self, filters: Filters | None, dialect: Callable[[], str] | None = None
+    ) -> list[ColumnElement[bool]]:
+        """The clauses of ``filters``; with ``dialect``, out-of-range ints are decided here."""
         if filters is None:
             return []
         if not isinstance(filters, Mapping):
@@ -144,7 +265,11 @@ class _Queries:
                     f"known operators: {', '.join(sorted(_OPERATORS))}"
                 )
                 raise ValueError(msg)
-            clauses.append(operator(column, value))
+            bounds = None
+            if dialect is not None and name in self.types and _large(value):
+                bounds = self.ranges(dialect()).get(name)
+            clause = None if bounds is None else _bounded(op, column, value, bounds)
+            clauses.append(operator(column, value) if clause is None else clause)
         return clauses
 
     def order(self, order_by: OrderBy | None) -> tuple[tuple[str, bool], ...]:
@@ -206,6 +331,7 @@ class _Queries:
         limit: int | None,
         after: str | None,
         max_limit: int,
+        dialect: Callable[[], str] | None = None,
     ) -> tuple[Select[Any], tuple[tuple[str, bool], ...]]:
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit
@@ -213,7 +339,7 @@ class _Queries:
             msg = f"limit must be an int from 1 to {max_limit}, got {limit!r}"
             raise ValueError(msg)
         keys = self.order(order_by)
-        stmt = select(self.model).where(*self.where(filters))
+        stmt = select(self.model).where(*self.where(filters, dialect))
         if after is not None:
             stmt = stmt.where(self.after(keys, after))
         stmt = stmt.order_by(*self.order_clauses(keys))
@@ -230,12 +356,12 @@ class _Queries:
         last = rows[-1]
         return Page(rows, _encode_cursor(keys, [getattr(last, name) for name, _ in keys]))
 
-    def count(self, filters: Filters | None) -> Select[Any]:
-        return select(func.count()).select_from(self.model).where(*self.where(filters))
+    def count(self, filters: Filters | None, dialect: Callable[[], str] | None = None) -> Select[Any]:
+        return select(func.count()).select_from(self.model).where(*self.where(filters, dialect))
 
-    def exists(self, filters: Filters | None) -> Select[Any]:
+    def exists(self, filters: Filters | None, dialect: Callable[[], str] | None = None) -> Select[Any]:
         pk = self.columns[self.primary_key[0]]
-        return select(select(pk).where(*self.where(filters)).exists())
+        return select(select(pk).where(*self.where(filters, dialect)).exists())
 
     def check_version(self, obj: Any, ident: Any, expected: int | None) -> None:
         if expected is None:
@@ -366,6 +492,10 @@ class _StoreBase(Service, Generic[M]):
     def _queries(self) -> _Queries:
         return _Queries(self.model)
 
+    def _dialect(self, session: Session | AsyncSession) -> Callable[[], str]:
+        """A function naming the dialect ``session`` uses for this model (no round trip)."""
+        return lambda: session.get_bind(self.model).dialect.name
+
 
 class Store(_StoreBase[M]):
     """A service for one mapped class, on the session resource ``database`` (default ``"db"``).
@@ -396,8 +526,15 @@ class Store(_StoreBase[M]):
         return session
 
     def get(self, ident: Any) -> M | None:
-        """The object with this primary key (a tuple for composite keys), or None."""
-        return self.session.get(self.model, ident)
+        """The object with this primary key (a tuple for composite keys), or None.
+
+        An int no key column can hold (``2**31`` for an INTEGER key on
+        PostgreSQL) is None without a query, so the transaction stays usable.
+        """
+        session = self.session
+        if self._queries.absent_key(ident, self._dialect(session)):
+            return None
+        return session.get(self.model, ident)
 
     def require(self, ident: Any) -> M:
         """The object with this primary key.
@@ -405,7 +542,7 @@ class Store(_StoreBase[M]):
         Raises:
             NotFound: there is none.
         """
-        obj = self.session.get(self.model, ident)
+        obj = self.get(ident)
         if obj is None:
             msg = f"{self.model.__name__} {ident!r} not found"
             raise NotFound(msg)
@@ -490,16 +627,19 @@ class Store(_StoreBase[M]):
                 for another order.
         """
         q = self._queries
-        stmt, keys = q.search(filters, order_by, limit, after, self.max_limit)
-        return q.page(list(self.session.scalars(stmt)), limit, keys)
+        session = self.session
+        stmt, keys = q.search(filters, order_by, limit, after, self.max_limit, self._dialect(session))
+        return q.page(list(session.scalars(stmt)), limit, keys)
 
     def count(self, filters: Filters | None = None) -> int:
         """How many objects match ``filters``."""
-        return int(self.session.scalar(self._queries.count(filters)) or 0)
+        session = self.session
+        return int(session.scalar(self._queries.count(filters, self._dialect(session))) or 0)
 
     def exists(self, filters: Filters | None = None) -> bool:
         """Whether any object matches ``filters``."""
-        return bool(self.session.scalar(self._queries.exists(filters)))
+        session = self.session
+        return bool(session.scalar(self._queries.exists(filters, self._dialect(session))))
 
 
 class AsyncStore(_StoreBase[M]):
@@ -516,12 +656,15 @@ class AsyncStore(_StoreBase[M]):
         return session
 
     async def get(self, ident: Any) -> M | None:
-        """The object with this primary key, or None."""
-        return await (await self.session()).get(self.model, ident)
+        """The object with this primary key, or None (see :meth:`Store.get`)."""
+        session = await self.session()
+        if self._queries.absent_key(ident, self._dialect(session)):
+            return None
+        return await session.get(self.model, ident)
 
     async def require(self, ident: Any) -> M:
         """The object with this primary key; raises NotFound when there is none."""
-        obj = await (await self.session()).get(self.model, ident)
+        obj = await self.get(ident)
         if obj is None:
             msg = f"{self.model.__name__} {ident!r} not found"
             raise NotFound(msg)
@@ -550,10 +693,10 @@ class AsyncStore(_StoreBase[M]):
 
     async def delete(self, ident: Any, /, *, expected_version: int | None = None) -> bool:
         """Delete the object with this primary key; False if there was none (see :meth:`Store.delete`)."""
-        session = await self.session()
-        obj = await session.get(self.model, ident)
+        obj = await self.get(ident)
         if obj is None:
             return False
+        session = await self.session()
         self._queries.check_version(obj, ident, expected_version)
         await session.delete(obj)
         await session.flush()
@@ -569,14 +712,17 @@ class AsyncStore(_StoreBase[M]):
     ) -> Page[M]:
         """Objects matching ``filters``, one page at a time (see :meth:`Store.search`)."""
         q = self._queries
-        stmt, keys = q.search(filters, order_by, limit, after, self.max_limit)
-        result = await (await self.session()).scalars(stmt)
+        session = await self.session()
+        stmt, keys = q.search(filters, order_by, limit, after, self.max_limit, self._dialect(session))
+        result = await session.scalars(stmt)
         return q.page(list(result), limit, keys)
 
     async def count(self, filters: Filters | None = None) -> int:
         """How many objects match ``filters``."""
-        return int(await (await self.session()).scalar(self._queries.count(filters)) or 0)
+        session = await self.session()
+        return int(await session.scalar(self._queries.count(filters, self._dialect(session))) or 0)
 
     async def exists(self, filters: Filters | None = None) -> bool:
         """Whether any object matches ``filters``."""
-        return bool(await (await self.session()).scalar(self._queries.exists(filters)))
+        session = await self.session()
+        return bool(await session.scalar(self._queries.exists(filters, self._dialect(session))))
