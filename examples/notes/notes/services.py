@@ -357,9 +357,9 @@ class Notes(Store[Note]):
         Raises:
             NotFound: the note is gone (deleted by a request that committed meanwhile).
         """
-        lock: dict[str, bool] = {"read": True, "key_share": True} if shared else {}
+        lock: dict[str, bool] | bool = {"read": True, "key_share": True} if shared else True
         # populate_existing: read the row now, not the copy the auth check loaded earlier.
-        note = self.session.get(Note, note_id, with_for_update=lock or True, populate_existing=True)
+        note = self.session.get(Note, note_id, with_for_update=lock, populate_existing=True)
         if note is None:
             msg = f"note {note_id} not found"
             raise NotFound(msg)
