@@ -359,6 +359,21 @@ class _BoundCached:
         self.__doc__ = cached.func.__doc__
         self.__wrapped__ = cached.func
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the :class:`CachedFunction`, as a bound method shows its function's.
+
+        Decorators stacked above ``@cached`` (auth marks, route tags) set them
+        there. Called only for names this object lacks, so calls cost nothing more.
+        """
+        cached = self.__dict__.get("_cached")  # absent while unpickling or copying
+        if cached is None:
+            raise AttributeError(name)
+        try:
+            return getattr(cached, name)
+        except AttributeError:
+            msg = f"cached method {self.__qualname__} has no attribute {name!r}"
+            raise AttributeError(msg) from None
+
     def _ctx(self) -> Any:
         return getattr(self._instance, "_ctx", None)
 
@@ -430,7 +445,12 @@ class CacheMiddleware:
         key = self._key_maker(method)(request.args, request.kwargs)
         cache = self.policy.find_cache(ctx)
         where = f"dal.{path}()"
-        if inspect.iscoroutinefunction(method) or isinstance(method, _AsyncBoundCached):
+        # A cached method is typed by its class: inspecting it would go through __getattr__.
+        if isinstance(method, _BoundCached):
+            is_async = isinstance(method, _AsyncBoundCached)
+        else:
+            is_async = inspect.iscoroutinefunction(method)
+        if is_async:
             return self.policy.arun(cache, ctx, key, lambda: handler(request), where)
         return self.policy.run(_sync(cache, where), ctx, key, lambda: handler(request), where)
 
