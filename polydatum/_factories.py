@@ -136,6 +136,11 @@ def _unwrap_pep479(exc: BaseException, raised: BaseException) -> BaseException:
     return raised
 
 
+def yielded_twice(kind: str, obj: Any) -> RuntimeError:
+    """The error for a generator that yielded again when resumed after success."""
+    return RuntimeError(f"{label(kind, obj)} yielded more than once; it must yield exactly once")
+
+
 def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseException | None:
     """Resume a generator after its yield; return the exception now in flight.
 
@@ -150,7 +155,7 @@ def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseExce
         except BaseException as raised:
             return raised
         gen.close()
-        return RuntimeError(f"{label(kind, obj)} yielded more than once; it must yield exactly once")
+        return yielded_twice(kind, obj)
     try:
         gen.throw(exc)
     except StopIteration as stop:
@@ -174,7 +179,7 @@ async def afinish(
         except BaseException as raised:
             return raised
         await agen.aclose()
-        return RuntimeError(f"{label(kind, obj)} yielded more than once; it must yield exactly once")
+        return yielded_twice(kind, obj)
     try:
         await agen.athrow(exc)
     except StopAsyncIteration as stop:

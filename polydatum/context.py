@@ -499,14 +499,6 @@ class DataAccessContext:
         interrupt = self._interrupt
         return interrupt if interrupt is not None and (exc is None or isinstance(exc, Exception)) else exc
 
-    def _take_created(self) -> list[tuple[str, tuple[Any, bool, Any]]]:
-        created = self._created
-        assert created is not None
-        self._created = None
-        for name in created:
-            delattr(self, name)
-        return list(reversed(created.items()))
-
     def _teardown_resources(self, exc: BaseException | None) -> None:
         created = self._created
         if created is None:
@@ -516,31 +508,34 @@ class DataAccessContext:
         while created:
             name, (gen, is_async, _) = created.popitem()  # newest first
             pop(name, None)
-            if exc is not None or is_async:
-                self._close_resource(name, gen, is_async, exc)
+            if is_async:  # unreachable through aget(); kept as a guard
+                self._resource_failed(name, RuntimeError(f"async resource {name!r} left open"))
                 continue
-            # The common case inline: a sync resource closing after success.
-            try:
-                if next(gen, _DONE) is _DONE:
+            if exc is None:
+                # _factories.finish's success branch, inline: a sync resource
+                # closing after success is every request that used a session.
+                try:
+                    if next(gen, _DONE) is _DONE:
+                        continue
+                except BaseException as raised:
+                    self._resource_failed(name, raised)
                     continue
-            except BaseException as err:
-                self._resource_failed(name, err)
+                gen.close()
+                self._resource_failed(name, _factories.yielded_twice(_RES, name))
                 continue
-            gen.close()
-            what = _factories.label(_RES, name)
-            msg = f"{what} yielded more than once; it must yield exactly once"
-            self._resource_failed(name, RuntimeError(msg))
-
-    def _close_resource(self, name: str, gen: Any, is_async: bool, exc: BaseException | None) -> None:
-        if is_async:  # unreachable through aget(); kept as a guard
-            self._resource_failed(name, RuntimeError(f"async resource {name!r} left open"))
-            return
-        err = _factories.finish(gen, exc, _RES, name)
-        if err is not None and err is not exc:
-            self._resource_failed(name, err)
+            err = _factories.finish(gen, exc, _RES, name)
+            if err is not exc and err is not None:
+                self._resource_failed(name, err)
 
     async def _ateardown_resources(self, exc: BaseException | None) -> None:
-        for name, (gen, is_async, _) in self._take_created():
+        created = self._created
+        if created is None:
+            return
+        self._created = None
+        pop = self.__dict__.pop
+        while created:
+            name, (gen, is_async, _) = created.popitem()  # newest first
+            pop(name, None)
             if is_async:
                 err = await _factories.afinish(gen, exc, _RES, name)
             else:
