@@ -413,9 +413,9 @@ class DataAccessContext:
         except ValueError:
             self._state = CLOSING
             self._finish(exc)
-        interrupt = self._interrupt
-        if interrupt is not None and (exc is None or isinstance(exc, Exception)):
-            raise interrupt
+        escaping = self._escaping(exc)
+        if escaping is not None and escaping is not exc:
+            raise escaping
 
     async def __aexit__(
         self,
@@ -469,11 +469,7 @@ class DataAccessContext:
             if self._created:
                 self._teardown_resources(exc)
             self._finish(exc)
-        interrupt = self._interrupt
-        # A KeyboardInterrupt/SystemExit/cancellation from a hook or resource
-        # teardown is not an error to collect: it propagates once all is closed,
-        # over an ordinary exception of the body (which becomes its __context__).
-        return interrupt if interrupt is not None and (exc is None or isinstance(exc, Exception)) else exc
+        return self._escaping(exc)
 
     async def _aclose(self, exc: BaseException | None, failed: bool = False) -> BaseException | None:
         self._begin_close()
@@ -496,8 +492,19 @@ class DataAccessContext:
             if self._created:
                 await self._ateardown_resources(exc)
             self._finish(exc)
+        return self._escaping(exc)
+
+    def _escaping(self, exc: BaseException | None) -> BaseException | None:
+        """What leaves the context: ``exc``, unless an interrupt came up while closing.
+
+        A KeyboardInterrupt/SystemExit/cancellation from a hook or resource
+        teardown is not an error to collect: it propagates once all is closed,
+        over an ordinary exception of the body (which becomes its __context__).
+        """
         interrupt = self._interrupt
-        return interrupt if interrupt is not None and (exc is None or isinstance(exc, Exception)) else exc
+        if interrupt is not None and (exc is None or isinstance(exc, Exception)):
+            return interrupt
+        return exc
 
     def _teardown_resources(self, exc: BaseException | None) -> None:
         created = self._created
