@@ -41,7 +41,6 @@ from polydatum.middleware import (
     dal_method_resolver_middleware,
     dal_resolver,
     handle_dal_method,
-    path_name,
     resolve_owner,
 )
 from polydatum.resources import ResourceManager
@@ -159,13 +158,16 @@ class _Command(DalCommand):
         if dal._direct and len(self.path) > 1:
             # Raises DalMethodError naming the bad step.
             resolve_owner(dal._services, self.path, callable_only=True)
-            names = tuple(path_name(self.path).split("."))
+            names = self._names()
             self._st = (dal._services[names[0]], names[1:-1], names[-1], dm._ctx_var.get)
         else:
             # Calls go through the middleware chain; the resolver caches the target.
             self._st = (dal, _CHAIN, "", dm._ctx_var.get)
         _registry.track(self)
         return self(*args, **kwargs)
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(segment.name for segment in self.path)
 
     def _invalidate(self) -> None:
         self._st = _STALE
@@ -184,7 +186,7 @@ class _Command(DalCommand):
         services = self._dal._services
         if resolved is None or resolved[0] != _registry.version:
             _, target = resolve_owner(services, self.path, callable_only=True)
-            self._resolved = (_registry.version, tuple(path_name(self.path).split(".")))
+            self._resolved = (_registry.version, self._names())
             _registry.track(self)
             return target
         names = resolved[1]
