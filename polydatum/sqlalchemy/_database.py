@@ -220,6 +220,26 @@ class _EngineOwner:
             msg = f"{self!r} is already pinned to a test transaction; they do not nest"
             raise RuntimeError(msg)
 
+    def _pinned_options(
+        self, factory: Any, read_only_engine: Any, bind: Any, sync_bind: Any
+    ) -> dict[str, Any]:
+        """Remember the unpinned factory; options for one whose sessions join ``bind``'s transaction.
+
+        Shared by :meth:`Database._pin` and :meth:`AsyncDatabase._pin`, which
+        differ only in the session maker they build from these options.
+        """
+        self._refuse_pinned()
+        self.__dict__["_unpinned"] = (factory, read_only_engine)
+        options = dict(factory.kw)
+        info = dict(options.pop("info", None) or {})
+        info[_READ_ONLY_BIND] = sync_bind
+        options.update(bind=bind, info=info, join_transaction_mode="create_savepoint")
+        return options
+
+    def _take_unpinned(self) -> tuple[Any, Any]:
+        """The factory and read-only bind saved by :meth:`_pinned_options`, forgotten here."""
+        return self.__dict__.pop("_unpinned")  # type: ignore[no-any-return]
+
     def _read_only_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {_READ_ONLY: True}
         if self.sync_engine.dialect.name == "postgresql":
@@ -361,15 +381,11 @@ class Database(_EngineOwner):
         SAVEPOINT releases that the test rolls back at the end.
         """
         if connection is None:
-            self.session_factory, self._read_only_engine = self.__dict__.pop("_unpinned")
+            self.session_factory, self._read_only_engine = self._take_unpinned()
             return
-        self._refuse_pinned()
-        self.__dict__["_unpinned"] = (self.session_factory, self._read_only_engine)
-        kw = dict(self.session_factory.kw)
-        info = dict(kw.pop("info", None) or {})
-        info[_READ_ONLY_BIND] = connection
-        kw.update(bind=connection, info=info, join_transaction_mode="create_savepoint")
-        self.session_factory = sessionmaker(class_=self.session_factory.class_, **kw)
+        factory = self.session_factory
+        options = self._pinned_options(factory, self._read_only_engine, connection, connection)
+        self.session_factory = sessionmaker(class_=factory.class_, **options)
         self._read_only_engine = connection
 
     def ping(self) -> None:
@@ -520,15 +536,13 @@ class AsyncDatabase(_EngineOwner):
         :meth:`Database._pin`.
         """
         if connection is None:
-            self.session_factory, self._read_only_engine = self.__dict__.pop("_unpinned")
+            self.session_factory, self._read_only_engine = self._take_unpinned()
             return
-        self._refuse_pinned()
-        self.__dict__["_unpinned"] = (self.session_factory, self._read_only_engine)
-        kw = dict(self.session_factory.kw)
-        info = dict(kw.pop("info", None) or {})
-        info[_READ_ONLY_BIND] = connection.sync_connection
-        kw.update(bind=connection, info=info, join_transaction_mode="create_savepoint")
-        self.session_factory = async_sessionmaker(class_=self.session_factory.class_, **kw)
+        factory = self.session_factory
+        options = self._pinned_options(
+            factory, self._read_only_engine, connection, connection.sync_connection
+        )
+        self.session_factory = async_sessionmaker(class_=factory.class_, **options)
         self._read_only_engine = connection
 
     async def aping(self) -> None:
