@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from polydatum import DataAccessLayer, DataManager, Service
+from polydatum import DataAccessLayer, DataManager
 from polydatum.asgi import (
     SCOPE_KEY,
     PolydatumASGIMiddleware,
@@ -37,7 +37,7 @@ from polydatum.asgi import (
 from polydatum.errors import ConcurrencyConflict, NoActiveContextError, NotFound, ServiceError
 from polydatum.sqlalchemy import AsyncDatabase
 from tests.support.sql import AsyncItems, Base, Item, fresh_postgres_database
-from tests.support.web import Tracker, item_names
+from tests.support.web import Probe, Tracker, item_names, record_outcome
 
 # -- the server ----------------------------------------------------------------
 
@@ -73,12 +73,6 @@ def client(base: str) -> httpx.AsyncClient:
 # -- the application's parts -----------------------------------------------------
 
 
-class Probe(Service):
-    def who(self) -> tuple[Any, Any]:
-        meta = self._ctx.meta
-        return meta.request_id, meta.user
-
-
 @dataclass
 class Env:
     dm: DataManager
@@ -88,9 +82,7 @@ class Env:
     events: list[tuple[str, str]] = field(default_factory=list)
 
     def hooks(self, name: str) -> None:
-        ctx = current_context()
-        ctx.on_commit(self.events.append, ("commit", name))
-        ctx.on_rollback(self.events.append, ("rollback", name))
+        record_outcome(self.events, name)
 
     async def create(self, name: str) -> Item:
         self.hooks(name)

@@ -19,7 +19,7 @@ from sqlalchemy import update
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from polydatum import DataManager, Service
+from polydatum import DataManager
 from polydatum.errors import ConcurrencyConflict, NoActiveContextError, NotFound, ServiceError
 from polydatum.sqlalchemy import Database
 from polydatum.werkzeug import (
@@ -32,7 +32,7 @@ from polydatum.werkzeug import (
     init_app,
 )
 from tests.support.sql import Base, Item, Items, fresh_postgres_database
-from tests.support.web import Tracker, item_names, wait_until
+from tests.support.web import Probe, Tracker, item_names, record_outcome, wait_until
 
 # -- the server ----------------------------------------------------------------
 
@@ -94,12 +94,6 @@ def json_response(data: Any, status: int = 200) -> Response:
 # -- the application's parts -----------------------------------------------------
 
 
-class Probe(Service):
-    def who(self) -> tuple[Any, Any]:
-        meta = self._ctx.meta
-        return meta.request_id, meta.user
-
-
 @dataclass
 class Env:
     dm: DataManager
@@ -109,9 +103,7 @@ class Env:
 
     def hooks(self, name: str) -> None:
         """Record the commit or rollback of the active context under ``name``."""
-        ctx = current_context()
-        ctx.on_commit(self.events.append, ("commit", name))
-        ctx.on_rollback(self.events.append, ("rollback", name))
+        record_outcome(self.events, name)
 
     def create(self, name: str) -> None:
         self.hooks(name)

@@ -9,7 +9,24 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from polydatum import Service
+from polydatum.werkzeug import current_context
 from tests.support.sql import Item
+
+
+class Probe(Service):
+    """Tells which request's context it runs in: its request id and user."""
+
+    def who(self) -> tuple[Any, Any]:
+        meta = self._ctx.meta
+        return meta.request_id, meta.user
+
+
+def record_outcome(events: list[tuple[str, str]], name: str) -> None:
+    """Append ``("commit", name)`` or ``("rollback", name)`` when the request's context ends."""
+    ctx = current_context()
+    ctx.on_commit(events.append, ("commit", name))
+    ctx.on_rollback(events.append, ("rollback", name))
 
 
 class Handle:
