@@ -89,8 +89,10 @@ def report(title: str, results: dict[str, Result], baseline: str, size: int) -> 
         ratio = statistics.median(result.ratios)
         overhead = "baseline" if name == baseline else f"{(ratio - 1) * 100:+.1f}%"
         mb_per_s = 2 * size / median  # bytes per µs == MB/s
-        print(f"  {name:<44} {min(result.micros):>11.1f} {median:>10.1f} {mb_per_s:>8.1f} "
-              f"{ratio:>6.3f}x  {overhead}")
+        print(
+            f"  {name:<44} {min(result.micros):>11.1f} {median:>10.1f} {mb_per_s:>8.1f} "
+            f"{ratio:>6.3f}x  {overhead}"
+        )
 
 
 def s3(server: MotoServer) -> None:
@@ -117,24 +119,32 @@ def s3_round(store: S3BlobStore, dm: DataManager, size: int, loops: int) -> None
             ctx.blobs.get(key)
 
     def put_object() -> None:
-        client.put_object(Bucket=bucket, Key="k", Body=data,
-                          ContentType="application/octet-stream", Metadata={})
+        client.put_object(
+            Bucket=bucket, Key="k", Body=data, ContentType="application/octet-stream", Metadata={}
+        )
         client.get_object(Bucket=bucket, Key="k")["Body"].read()
 
     def upload_fileobj() -> None:
-        client.upload_fileobj(io.BytesIO(data), bucket, "k",
-                              ExtraArgs={"ContentType": "application/octet-stream"},
-                              Config=store.transfer_config)
+        client.upload_fileobj(
+            io.BytesIO(data),
+            bucket,
+            "k",
+            ExtraArgs={"ContentType": "application/octet-stream"},
+            Config=store.transfer_config,
+        )
         client.get_object(Bucket=bucket, Key="k")["Body"].read()
 
-    results = measure({
-        "boto3 put_object + get_object": put_object,
-        "boto3 upload_fileobj + get_object": upload_fileobj,
-        "S3BlobStore.put + get": polydatum,
-        "ctx.blobs.put + get, new key (unit of work)": in_context,
-    }, loops, "boto3 put_object + get_object")
-    report(f"S3 (moto over HTTP), {size // KiB} KiB, put+get", results,
-           "boto3 put_object + get_object", size)
+    results = measure(
+        {
+            "boto3 put_object + get_object": put_object,
+            "boto3 upload_fileobj + get_object": upload_fileobj,
+            "S3BlobStore.put + get": polydatum,
+            "ctx.blobs.put + get, new key (unit of work)": in_context,
+        },
+        loops,
+        "boto3 put_object + get_object",
+    )
+    report(f"S3 (moto over HTTP), {size // KiB} KiB, put+get", results, "boto3 put_object + get_object", size)
 
 
 def filesystem() -> None:
@@ -179,14 +189,17 @@ def fs_round(root: str, size: int, loops: int) -> None:
         with open(target, "rb") as handle:
             handle.read()
 
-    results = measure({
-        "atomic write by hand (fsync, rename)": atomic_by_hand,
-        "FileSystemBlobStore.put + get": polydatum,
-        "plain open().write(), no fsync": plain_write,
-        "FileSystemBlobStore(fsync=False)": polydatum_nofsync,
-    }, loops, "atomic write by hand (fsync, rename)")
-    report(f"Filesystem, {size // KiB} KiB, put+get", results,
-           "atomic write by hand (fsync, rename)", size)
+    results = measure(
+        {
+            "atomic write by hand (fsync, rename)": atomic_by_hand,
+            "FileSystemBlobStore.put + get": polydatum,
+            "plain open().write(), no fsync": plain_write,
+            "FileSystemBlobStore(fsync=False)": polydatum_nofsync,
+        },
+        loops,
+        "atomic write by hand (fsync, rename)",
+    )
+    report(f"Filesystem, {size // KiB} KiB, put+get", results, "atomic write by hand (fsync, rename)", size)
 
 
 def main() -> None:

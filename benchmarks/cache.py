@@ -44,8 +44,14 @@ OPS = 200 if QUICK else 250
 ROUNDS = 8 if QUICK else 60
 TABLE = f"bench_cache_orders_{os.getpid()}"  # this process's own: runs never collide
 ROWS = 5000
-VALUE = {"id": 1, "name": "Ada Lovelace", "email": "ada@example.com", "active": True,
-         "roles": ["admin", "author"], "score": 97.5}
+VALUE = {
+    "id": 1,
+    "name": "Ada Lovelace",
+    "email": "ada@example.com",
+    "active": True,
+    "roles": ["admin", "author"],
+    "score": 97.5,
+}
 
 
 def round_us(fn: Callable[[], Any], n: int = OPS) -> tuple[float, float]:
@@ -166,14 +172,18 @@ class Orders(Service):
 def cached_method_benchmark() -> None:
     db = Database(DATABASE_URL)
     with db.engine.begin() as conn:
-        conn.execute(text(
-            f"CREATE TABLE {TABLE} (id int PRIMARY KEY, status text NOT NULL, "
-            "amount numeric(10, 2) NOT NULL, placed timestamptz NOT NULL)"
-        ))
-        conn.execute(text(
-            f"INSERT INTO {TABLE} SELECT i, (ARRAY['new','paid','shipped','returned'])[i % 4 + 1], "
-            f"(i % 997) * 1.25, now() - i * interval '1 minute' FROM generate_series(1, {ROWS}) i"
-        ))
+        conn.execute(
+            text(
+                f"CREATE TABLE {TABLE} (id int PRIMARY KEY, status text NOT NULL, "
+                "amount numeric(10, 2) NOT NULL, placed timestamptz NOT NULL)"
+            )
+        )
+        conn.execute(
+            text(
+                f"INSERT INTO {TABLE} SELECT i, (ARRAY['new','paid','shipped','returned'])[i % 4 + 1], "
+                f"(i % 997) * 1.25, now() - i * interval '1 minute' FROM generate_series(1, {ROWS}) i"
+            )
+        )
         conn.execute(text(f"ANALYZE {TABLE}"))
     redis = Redis(REDIS_URL)
     namespace = f"bench-dal-{os.getpid()}"
@@ -206,11 +216,16 @@ def cached_method_benchmark() -> None:
 
             return run
 
-        runs = measure({
-            "agg": call("totals"), "agg_cached": call("cached_totals"),
-            "agg_hand": by_hand("orders:totals"),
-            "pk": call("get", 7), "pk_cached": call("cached_get", 7), "pk_hand": by_hand("orders:7"),
-        })
+        runs = measure(
+            {
+                "agg": call("totals"),
+                "agg_cached": call("cached_totals"),
+                "agg_hand": by_hand("orders:totals"),
+                "pk": call("get", 7),
+                "pk_cached": call("cached_get", 7),
+                "pk_hand": by_hand("orders:7"),
+            }
+        )
     finally:
         cache.clear()
         redis.close()

@@ -63,14 +63,17 @@ def measure(variants: dict[str, Callable[[], object]], loops: int, baseline: str
         for name in names:
             ratios[name].append(micros[name][-1] / micros[baseline][-1])
     for name in names:
-        print(f"  {name:<46} {statistics.median(micros[name]):9.1f} µs CPU   "
-              f"{statistics.median(ratios[name]):5.2f}x")
+        print(
+            f"  {name:<46} {statistics.median(micros[name]):9.1f} µs CPU   "
+            f"{statistics.median(ratios[name]):5.2f}x"
+        )
 
 
 def app(name: str, queue: str, dm: DataManager | None = None) -> Celery:
     made = Celery(name, broker=BROKER, set_as_current=False)
-    made.conf.update(task_default_queue=queue, task_ignore_result=True,
-                     broker_connection_retry_on_startup=True)
+    made.conf.update(
+        task_default_queue=queue, task_ignore_result=True, broker_connection_retry_on_startup=True
+    )
     if dm is not None:
         install(made, dm)
     return made
@@ -99,11 +102,15 @@ def main() -> None:
         return x
 
     print(f"1. task.apply() of a no-op task ({ROUNDS} rounds)")
-    measure({
-        "plain Celery task": lambda: plain.apply((1,)),
-        "polydatum task (context per run)": lambda: in_context.apply((1,)),
-        "polydatum task, SQLite Database installed": lambda: in_sql_context.apply((1,)),
-    }, loops=200 if QUICK else 1000, baseline="plain Celery task")
+    measure(
+        {
+            "plain Celery task": lambda: plain.apply((1,)),
+            "polydatum task (context per run)": lambda: in_context.apply((1,)),
+            "polydatum task, SQLite Database installed": lambda: in_sql_context.apply((1,)),
+        },
+        loops=200 if QUICK else 1000,
+        baseline="plain Celery task",
+    )
 
     def plain_send() -> None:
         with empty_dm.context():
@@ -119,11 +126,15 @@ def main() -> None:
 
     print(f"2. send to RabbitMQ, one context per send ({ROUNDS} rounds)")
     try:
-        measure({
-            "plain delay() in a context": plain_send,
-            "polydatum delay(), sent on commit": send_on_commit,
-            "polydatum apply_async(polydatum_immediate=True)": send_immediately,
-        }, loops=50 if QUICK else 200, baseline="plain delay() in a context")
+        measure(
+            {
+                "plain delay() in a context": plain_send,
+                "polydatum delay(), sent on commit": send_on_commit,
+                "polydatum apply_async(polydatum_immediate=True)": send_immediately,
+            },
+            loops=50 if QUICK else 200,
+            baseline="plain delay() in a context",
+        )
     finally:
         with plain_app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)

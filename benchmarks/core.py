@@ -2,15 +2,26 @@
 
 Run: python benchmarks/core.py [--quick]
 
-Scenarios (DESIGN/issue #2):
+Scenarios (docs/benchmarks.md):
   S1 enter+exit an empty context
   S2 S1 + one DAL call dal.users.get(1)
   S3 S2 where the method also touches one lazy generator resource
   S4 one context with 10 DAL calls
   S5 one call to a service nested two deep, dal.users.profile.get(1) (context open)
   S6 S2 with two method middlewares
+  S7 async only: one context, one lazily created async generator resource read
+     by one awaited DAL call (``await ctx.aget(...)`` inside an async method)
 The baseline, measured in the same run: set a ContextVar, call a method on a
 plain object, reset the ContextVar. Async variants use ``async with``/``await``.
+S7 also has a plain-asyncio floor: the same steps written by hand (a
+ContextVar, an async generator run to its ``yield`` and on to its end, an
+awaited method).
+
+The peers, measured in the same run when installed (``pip install -e
+".[bench]"``; ``--no-peers`` skips them): svcs (a ``Container`` per unit of
+work), dishka (a ``Scope.REQUEST`` container) and dependency-injector (a
+``DeclarativeContainer`` whose per-request resource is a
+``ContextLocalResource``, shut down at the end of the unit of work).
 The script also runs against polydatum 0.9.x/1.0 (features they lack print n/a).
 """
 
@@ -21,15 +32,19 @@ import contextvars
 import gc
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import polydatum
 from polydatum import DataManager, Service
+from polydatum.context import DataAccessContext
 
 QUICK = "--quick" in sys.argv
 LOOPS = 10_000 if QUICK else 50_000
 ROUNDS = 7 if QUICK else 15
+# Async generator resources (``await ctx.aget``) came with 2.0; older versions print n/a for S7.
+ASYNC_RESOURCES = hasattr(DataAccessContext, "aget")
 
 
 class Bench:
@@ -104,18 +119,28 @@ class Users(Service):
     async def aget_with_resource(self, user_id: int) -> Any:
         return self._ctx.conn
 
+    async def aget_with_async_resource(self, user_id: int) -> Any:
+        return await self._ctx.aget("aconn")
+
 
 def conn_resource(ctx: Any) -> Any:
+    yield object()
+
+
+async def aconn_resource(ctx: Any) -> Any:
     yield object()
 
 
 def make_dm(middleware: int = 0) -> DataManager:
     dm = DataManager()
     dm.register_resources(conn=conn_resource)
+    if ASYNC_RESOURCES:
+        dm.register_resources(aconn=aconn_resource)
     users = Users()
     users.register_services(profile=Profiles())
     dm.register_services(users=users)
     if middleware:
+
         def passthrough(request: Any, handler: Any) -> Any:
             return handler(request)
 
@@ -132,6 +157,7 @@ def s1(dm: DataManager) -> Callable[[int], None]:
         for _ in range(n):
             with context():
                 pass
+
     return run
 
 
@@ -141,6 +167,7 @@ def s2(dm: DataManager) -> Callable[[int], None]:
         for _ in range(n):
             with context():
                 dal.users.get(1)
+
     return run
 
 
@@ -150,6 +177,7 @@ def s3(dm: DataManager) -> Callable[[int], None]:
         for _ in range(n):
             with context():
                 dal.users.get_with_resource(1)
+
     return run
 
 
@@ -158,9 +186,17 @@ def s4(dm: DataManager) -> Callable[[int], None]:
         context, dal = dm.context, dm.get_dal()
         for _ in range(n):
             with context():
-                dal.users.get(1); dal.users.get(1); dal.users.get(1); dal.users.get(1)  # noqa: E702
-                dal.users.get(1); dal.users.get(1); dal.users.get(1); dal.users.get(1)  # noqa: E702
-                dal.users.get(1); dal.users.get(1)  # noqa: E702
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+                dal.users.get(1)
+
     return run
 
 
@@ -170,6 +206,7 @@ def s5(dm: DataManager) -> Callable[[int], None]:
         with dm.context():
             for _ in range(n):
                 dal.users.profile.get(1)
+
     return run
 
 
@@ -179,6 +216,7 @@ def a1(dm: DataManager) -> Callable[[int], Any]:
         for _ in range(n):
             async with context():
                 pass
+
     return run
 
 
@@ -188,6 +226,7 @@ def a2(dm: DataManager) -> Callable[[int], Any]:
         for _ in range(n):
             async with context():
                 await dal.users.aget(1)
+
     return run
 
 
@@ -197,6 +236,7 @@ def a3(dm: DataManager) -> Callable[[int], Any]:
         for _ in range(n):
             async with context():
                 await dal.users.aget_with_resource(1)
+
     return run
 
 
@@ -207,6 +247,7 @@ def a4(dm: DataManager) -> Callable[[int], Any]:
             async with context():
                 for _ in range(10):
                     await dal.users.aget(1)
+
     return run
 
 
@@ -216,7 +257,42 @@ def a5(dm: DataManager) -> Callable[[int], Any]:
         async with dm.context():
             for _ in range(n):
                 await dal.users.aget(1)
+
     return run
+
+
+def a7(dm: DataManager) -> Callable[[int], Any]:
+    async def run(n: int) -> None:
+        context, dal = dm.context, dm.get_dal()
+        for _ in range(n):
+            async with context():
+                await dal.users.aget_with_async_resource(1)
+
+    return run
+
+
+class PlainAsync:
+    async def get(self, user_id: int) -> int:
+        return user_id
+
+
+async def plain_aconn() -> Any:
+    yield object()
+
+
+async def plain_s7(n: int) -> None:
+    """S7 by hand: what an async unit of work with one async resource must do at least."""
+    obj, var = PlainAsync(), _var
+    for _ in range(n):
+        token = var.set(obj)
+        gen = plain_aconn()
+        await gen.__anext__()
+        await obj.get(1)
+        try:
+            await gen.__anext__()
+        except StopAsyncIteration:
+            pass
+        var.reset(token)
 
 
 def async_baseline(n: int) -> Any:
@@ -226,101 +302,215 @@ def async_baseline(n: int) -> Any:
             token = var.set(obj)
             obj.get(1)
             var.reset(token)
+
     return run(n)
 
 
+PEER_SCENARIOS = ("S1", "S2", "S3", "S4", "S7")
+
+
+class AConn:
+    """The peers' async resource (S7)."""
+
+
+def add_svcs(bench: Bench) -> bool:
+    """svcs: a Container per unit of work; Users registered as a value, Conn by a generator factory."""
+    try:
+        # svcs imports its Starlette/FastAPI integrations when those are installed,
+        # and Starlette warns about its test client on import: not ours to show.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import svcs
+    except ImportError:
+        return False
+    registry = svcs.Registry()
+    registry.register_value(Users, Users())
+
+    class Conn:
+        pass
+
+    def conn_factory() -> Any:
+        yield Conn()
+
+    async def aconn_factory() -> Any:
+        yield AConn()
+
+    registry.register_factory(Conn, conn_factory)
+    registry.register_factory(AConn, aconn_factory)
+    Container = svcs.Container
+
+    def v1(n: int) -> None:
+        for _ in range(n):
+            with Container(registry):
+                pass
+
+    def v2(n: int) -> None:
+        for _ in range(n):
+            with Container(registry) as c:
+                c.get(Users).get(1)
+
+    def v3(n: int) -> None:
+        for _ in range(n):
+            with Container(registry) as c:
+                c.get(Users).get(1)
+                c.get(Conn)
+
+    def v4(n: int) -> None:
+        for _ in range(n):
+            with Container(registry) as c:
+                for _ in range(10):
+                    c.get(Users).get(1)
+
+    async def v7(n: int) -> None:
+        for _ in range(n):
+            async with Container(registry) as c:
+                await c.aget(AConn)
+                await c.get(Users).aget(1)
+
+    for key, fn in zip(PEER_SCENARIOS[:4], (v1, v2, v3, v4), strict=True):
+        bench.add(f"svcs {key}", fn)
+    bench.add_async("svcs S7", v7)
+    return True
+
+
+def add_dishka(bench: Bench) -> bool:
+    """dishka: a Scope.REQUEST container per unit of work; Users in Scope.APP."""
+    try:
+        from dishka import Provider, Scope, make_async_container, make_container
+    except ImportError:
+        return False
+    from collections.abc import AsyncIterator, Iterator
+
+    class DConn:
+        pass
+
+    def dconn() -> Iterator[DConn]:
+        yield DConn()
+
+    async def daconn() -> AsyncIterator[AConn]:
+        yield AConn()
+
+    def users() -> Users:
+        return Users()
+
+    # dishka reads return annotations; under ``from __future__ import annotations``
+    # these local ones are strings it cannot resolve, so set the real types.
+    dconn.__annotations__["return"] = Iterator[DConn]
+    daconn.__annotations__["return"] = AsyncIterator[AConn]
+    users.__annotations__["return"] = Users
+    provider = Provider()
+    provider.provide(users, provides=Users, scope=Scope.APP)
+    provider.provide(dconn, provides=DConn, scope=Scope.REQUEST)
+    container = make_container(provider)
+    aprovider = Provider()
+    aprovider.provide(users, provides=Users, scope=Scope.APP)
+    aprovider.provide(daconn, provides=AConn, scope=Scope.REQUEST)
+    acontainer = make_async_container(aprovider)
+
+    def d1(n: int) -> None:
+        for _ in range(n):
+            with container():
+                pass
+
+    def d2(n: int) -> None:
+        for _ in range(n):
+            with container() as r:
+                r.get(Users).get(1)
+
+    def d3(n: int) -> None:
+        for _ in range(n):
+            with container() as r:
+                r.get(Users).get(1)
+                r.get(DConn)
+
+    def d4(n: int) -> None:
+        for _ in range(n):
+            with container() as r:
+                for _ in range(10):
+                    r.get(Users).get(1)
+
+    async def d7(n: int) -> None:
+        for _ in range(n):
+            async with acontainer() as r:
+                await r.get(AConn)
+                await (await r.get(Users)).aget(1)
+
+    for key, fn in zip(PEER_SCENARIOS[:4], (d1, d2, d3, d4), strict=True):
+        bench.add(f"dishka {key}", fn)
+    bench.add_async("dishka S7", d7)
+    return True
+
+
+def add_dependency_injector(bench: Bench) -> bool:
+    """dependency-injector: a DeclarativeContainer, used directly (no wiring).
+
+    Its documented per-request resource is ``providers.ContextLocalResource``
+    (a Resource kept in a ContextVar); the unit of work ends with the
+    resource's ``shutdown()``, which is what its ``Closing[Provide[...]]``
+    marker does after an ``@inject`` function returns. Users is a Singleton,
+    as the other peers share one instance. It has no scope object, so S1
+    (an empty unit of work) is n/a.
+    """
+    try:
+        from dependency_injector import containers, providers
+    except ImportError:
+        return False
+
+    class Conn:
+        pass
+
+    def conn() -> Any:
+        yield Conn()
+
+    async def aconn() -> Any:
+        yield AConn()
+
+    class Container(containers.DeclarativeContainer):
+        users = providers.Singleton(Users)
+        conn_ = providers.ContextLocalResource(conn)
+        aconn_ = providers.ContextLocalResource(aconn)
+
+    container = Container()
+    users_p, conn_p, aconn_p = container.users, container.conn_, container.aconn_
+
+    def i2(n: int) -> None:
+        for _ in range(n):
+            users_p().get(1)
+
+    def i3(n: int) -> None:
+        for _ in range(n):
+            users_p().get(1)
+            conn_p()
+            conn_p.shutdown()
+
+    def i4(n: int) -> None:
+        for _ in range(n):
+            for _ in range(10):
+                users_p().get(1)
+
+    async def i7(n: int) -> None:
+        for _ in range(n):
+            await aconn_p()
+            await users_p().aget(1)
+            await aconn_p.shutdown()
+
+    for key, fn in zip(PEER_SCENARIOS[1:4], (i2, i3, i4), strict=True):
+        bench.add(f"dependency-injector {key}", fn)
+    bench.add_async("dependency-injector S7", i7)
+    return True
+
+
 def add_peers(bench: Bench) -> list[str]:
-    """svcs and dishka, the nearest peers, measured with the same scenarios if installed."""
-    found = []
-    try:
-        import svcs
-    except ImportError:
-        pass
-    else:
-        registry = svcs.Registry()
-        registry.register_value(Users, Users())
-
-        class Conn:
-            pass
-
-        def conn_factory() -> Any:
-            yield Conn()
-
-        registry.register_factory(Conn, conn_factory)
-        Container = svcs.Container
-
-        def v1(n: int) -> None:
-            for _ in range(n):
-                with Container(registry):
-                    pass
-
-        def v2(n: int) -> None:
-            for _ in range(n):
-                with Container(registry) as c:
-                    c.get(Users).get(1)
-
-        def v3(n: int) -> None:
-            for _ in range(n):
-                with Container(registry) as c:
-                    c.get(Users).get(1)
-                    c.get(Conn)
-
-        def v4(n: int) -> None:
-            for _ in range(n):
-                with Container(registry) as c:
-                    for _ in range(10):
-                        c.get(Users).get(1)
-
-        for key, fn in zip(("S1", "S2", "S3", "S4"), (v1, v2, v3, v4), strict=True):
-            bench.add(f"svcs {key}", fn)
-        found.append("svcs")
-    try:
-        from dishka import Provider, Scope, make_container
-    except ImportError:
-        pass
-    else:
-
-        class DConn:
-            pass
-
-        provider = Provider()
-        provider.provide(lambda: Users(), provides=Users, scope=Scope.APP)
-
-        def dconn() -> Any:
-            yield DConn()
-
-        from collections.abc import Iterator
-
-        dconn.__annotations__["return"] = Iterator[DConn]
-        provider.provide(dconn, provides=DConn, scope=Scope.REQUEST)
-        container = make_container(provider)
-
-        def d1(n: int) -> None:
-            for _ in range(n):
-                with container():
-                    pass
-
-        def d2(n: int) -> None:
-            for _ in range(n):
-                with container() as r:
-                    r.get(Users).get(1)
-
-        def d3(n: int) -> None:
-            for _ in range(n):
-                with container() as r:
-                    r.get(Users).get(1)
-                    r.get(DConn)
-
-        def d4(n: int) -> None:
-            for _ in range(n):
-                with container() as r:
-                    for _ in range(10):
-                        r.get(Users).get(1)
-
-        for key, fn in zip(("S1", "S2", "S3", "S4"), (d1, d2, d3, d4), strict=True):
-            bench.add(f"dishka {key}", fn)
-        found.append("dishka")
-    return found
+    """The nearest peers, measured with the same scenarios if installed."""
+    return [
+        name
+        for name, add in (
+            ("svcs", add_svcs),
+            ("dishka", add_dishka),
+            ("dependency-injector", add_dependency_injector),
+        )
+        if add(bench)
+    ]
 
 
 SCENARIOS = [
@@ -330,6 +520,7 @@ SCENARIOS = [
     ("S4", "one context, 10 DAL calls"),
     ("S5", "one call two services deep"),
     ("S6", "S2 with two method middlewares"),
+    ("S7", "async: S1 + async resource + DAL call"),
 ]
 
 
@@ -349,28 +540,58 @@ def main() -> None:
             bench.add_async(f"async {key}", make(dm))
         if dm_mw is not None:
             bench.add_async("async S6", a2(dm_mw))
-    peers = add_peers(bench) if "--peers" in sys.argv else []
+        if ASYNC_RESOURCES:
+            bench.add_async("async S7", a7(dm))
+        bench.add_async("plain S7", plain_s7)
+    # --peers was needed before the peers were measured by default; still accepted.
+    peers = [] if "--no-peers" in sys.argv else add_peers(bench)
     best = bench.run()
     base = best["baseline"]
     print(f"polydatum {getattr(polydatum, '__version__', '?')} on Python {sys.version.split()[0]}")
     print(f"baseline (ContextVar set + method call + reset): {base:.0f} ns; {ROUNDS} rounds of {LOOPS}")
-    head = (f"{'':3} {'scenario':34} {'sync ns':>8} {'x base':>7} "
-            f"{'async ns':>9} {'x base':>7} {'async/sync':>10}")
+    head = (
+        f"{'':3} {'scenario':34} {'sync ns':>8} {'x base':>7} "
+        f"{'async ns':>9} {'x base':>7} {'async/sync':>10}"
+    )
     print(head)
     for key, desc in SCENARIOS:
         sync_ns = best.get(key)
         async_ns = best.get(f"async {key}")
         sync_txt = f"{sync_ns:8.0f} {sync_ns / base:7.1f}" if sync_ns else f"{'n/a':>8} {'':7}"
         async_txt = f"{'n/a':>9}"
-        if async_ns and sync_ns:
-            async_txt = f"{async_ns:9.0f} {async_ns / base:7.1f} {async_ns / sync_ns:10.2f}"
+        if async_ns:
+            async_txt = f"{async_ns:9.0f} {async_ns / base:7.1f}"
+            if sync_ns:
+                async_txt += f" {async_ns / sync_ns:10.2f}"
         print(f"{key:3} {desc:34} {sync_txt} {async_txt}")
-    for peer in peers:
-        cells = "  ".join(
-            f"{key} {best[f'{peer} {key}']:6.0f} ns {best[f'{peer} {key}'] / base:5.1f}x"
-            for key in ("S1", "S2", "S3", "S4")
+    floor = best.get("plain S7")
+    if floor:
+        print(f"S7 by hand with plain asyncio (the floor): {floor:.0f} ns, {floor / base:.1f}x base")
+    if peers:
+        print_peers(best, base, peers)
+
+
+def print_peers(best: dict[str, float], base: float, peers: list[str]) -> None:
+    """ns and x base per peer and scenario, then each peer's time over polydatum's (>1: polydatum ahead).
+
+    S1-S4 compare with polydatum's sync figures, S7 with its async one.
+    """
+    print()
+    print(f"{'peer':20} " + " ".join(f"{key:>15}" for key in PEER_SCENARIOS))
+    rows = [("polydatum", {k: best.get(k if k != "S7" else "async S7") for k in PEER_SCENARIOS})]
+    rows += [(peer, {k: best.get(f"{peer} {k}") for k in PEER_SCENARIOS}) for peer in peers]
+    for name, cells in rows:
+        text = " ".join(
+            f"{'n/a':>15}" if ns is None else f"{ns:8.0f} {ns / base:5.1f}x" for ns in cells.values()
         )
-        print(f"peer {peer:7} {cells}")
+        print(f"{name:20} {text}")
+    ours = rows[0][1]
+    for name, cells in rows[1:]:
+        ratios = []
+        for key in PEER_SCENARIOS:
+            theirs, mine = cells[key], ours[key]
+            ratios.append(f"{'n/a':>15}" if theirs is None or mine is None else f"{theirs / mine:15.2f}")
+        print(f"{name + '/polydatum':20} " + " ".join(ratios))
 
 
 if __name__ == "__main__":

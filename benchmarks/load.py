@@ -1,6 +1,7 @@
 """Load and faults: the notes example under concurrent clients, its numbers, and proof that nothing is lost.
 
 Run:  python benchmarks/load.py [--quick] [--clients 50] [--duration 60] [--faults] [--no-celery]
+      [--twin [--asgi]]
 
 Everything runs on 127.0.0.1 and stops by itself: a private PostgreSQL
 cluster and redis-server (started here, so faults may restart them), S3 on
@@ -25,6 +26,16 @@ worker``), and the app served by gunicorn with 4 worker processes (gthread).
    (built by the Celery job, derived data) is still missing or behind once
    the queue settled: a job lost to a fault shows up there.
 
+``--twin`` runs only this: the example and benchmarks/twin (its feature-equal
+hand-written twin: the same statements, row locks, auth checks, cache,
+blob and Celery work, no polydatum) under gunicorn at once, on the same
+servers, the same mix in interleaved rounds; req/s, p50/p95/p99 and server
+CPU per request of each and their ratios. The last line is
+``polydatum/twin: throughput X.XX, p99 Y.YY``. ``--twin --asgi`` does the
+same for the ASGI pair: the example's FastAPI entry point (notes.asgi)
+and the FastAPI twin (benchmarks/twin/asgi.py), under uvicorn with 4
+workers.
+
 The short versions of the fault scenarios run in the test suite
 (tests/load/test_faults.py); this is the long form with more clients.
 """
@@ -39,6 +50,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -109,14 +121,41 @@ class Gunicorn:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(WORKERS),
+            "--worker-class",
+            "gthread",
+            "--threads",
+            str(THREADS),
+            "--keep-alive",
+            "5",
+            "--graceful-timeout",
+            "5",
+            "--timeout",
+            "120",
+            "--log-level",
+            "warning",
+            "--pythonpath",
+            f"{REPO},{REPO / 'benchmarks'},{EXAMPLE}",
+            self.spec,
+        ]
+
     def start(self) -> Gunicorn:
         log = open(LOGS / f"{self.name}.log", "ab")  # noqa: SIM115  # closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", str(WORKERS),
-             "--worker-class", "gthread", "--threads", str(THREADS), "--keep-alive", "5",
-             "--graceful-timeout", "5", "--timeout", "120", "--log-level", "warning",
-             "--pythonpath", f"{REPO},{REPO / 'benchmarks'},{EXAMPLE}", self.spec],
-            env=self.env, stdout=log, stderr=log, cwd=REPO)
+            self.command(),
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
         log.close()
         wait_for(self.port, timeout=60)
         deadline = time.monotonic() + 30
@@ -142,6 +181,38 @@ class Gunicorn:
         self.proc = None
 
 
+class Uvicorn(Gunicorn):
+    """``uvicorn --workers 4`` serving ``spec`` (an ASGI app factory in benchmarks/load_apps.py).
+
+    FastAPI's thread pool (anyio's default: 40 threads per worker) runs the
+    apps' sync endpoints, as it would in production.
+    """
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(WORKERS),
+            "--timeout-keep-alive",
+            "5",
+            "--timeout-graceful-shutdown",
+            "5",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--app-dir",
+            str(REPO / "benchmarks"),
+            self.spec,
+        ]
+
+
 class CeleryWorker:
     """``polydatum-notes worker`` (the example's own command) in a child process."""
 
@@ -151,8 +222,13 @@ class CeleryWorker:
 
     def start(self) -> CeleryWorker:
         log = open(LOGS / "celery.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "notes", "worker", "--loglevel", "warning"],
-                                     env=self.env, stdout=log, stderr=log, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "notes", "worker", "--loglevel", "warning"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
         log.close()
         return self
 
@@ -186,8 +262,14 @@ class Servers:
 
 
 @contextmanager
-def running_app(servers: Servers, *, hand: bool = False, slow_route: bool = False) -> Iterator[Any]:
-    """A fresh database and bucket, the Celery worker and gunicorn(s); yields a namespace of it all."""
+def running_app(
+    servers: Servers, *, hand: bool = False, twin: bool = False, slow_route: bool = False, asgi: bool = False
+) -> Iterator[Any]:
+    """A fresh database and bucket, the Celery worker and gunicorn(s); yields a namespace of it all.
+
+    With ``asgi``, the example's ASGI API (notes.asgi) and, with ``twin``, the
+    FastAPI twin, each under uvicorn instead.
+    """
     from types import SimpleNamespace
 
     from notes import Settings, build
@@ -201,12 +283,20 @@ def running_app(servers: Servers, *, hand: bool = False, slow_route: bool = Fals
     database_url = make_url(servers.pg.url).set(database=name).render_as_string(hide_password=False)
     bucket = servers.moto.create_bucket(f"load-{uuid.uuid4().hex[:12]}")
     queue = f"load-{uuid.uuid4().hex[:10]}"
-    env = dict(os.environ, PYTHONPATH=f"{REPO}:{EXAMPLE}", AWS_ACCESS_KEY_ID="testing",
-               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION,
-               DATABASE_URL=f"{database_url}?options=-c%20statement_timeout%3D{STATEMENT_TIMEOUT_MS}",
-               REDIS_URL=servers.redis.url, BLOB_URL=f"s3://{bucket}/notes-app", CELERY_QUEUE=queue,
-               AWS_ENDPOINT_URL=f"http://127.0.0.1:{servers.proxy.port}", CACHE_NAMESPACE=name,
-               LOAD_SLOW_ROUTE="1" if slow_route else "0")
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{REPO}:{EXAMPLE}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION=REGION,
+        DATABASE_URL=f"{database_url}?options=-c%20statement_timeout%3D{STATEMENT_TIMEOUT_MS}",
+        REDIS_URL=servers.redis.url,
+        BLOB_URL=f"s3://{bucket}/notes-app",
+        CELERY_QUEUE=queue,
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{servers.proxy.port}",
+        CACHE_NAMESPACE=name,
+        LOAD_SLOW_ROUTE="1" if slow_route else "0",
+    )
     if servers.celery:
         env["CELERY_BROKER_URL"] = RABBITMQ
     else:
@@ -224,17 +314,37 @@ def running_app(servers: Servers, *, hand: bool = False, slow_route: bool = Fals
                     conn.default_channel.queue_delete(queue)
 
             stack.callback(delete_queue)
-        poly = Gunicorn("load_apps:polydatum_app()", env, "polydatum").start()
+        if asgi:
+            poly: Gunicorn = Uvicorn("load_apps:polydatum_asgi_app", env, "polydatum-asgi").start()
+        else:
+            poly = Gunicorn("load_apps:polydatum_app()", env, "polydatum").start()
         stack.callback(poly.stop)
         by_hand = None
         if hand:
             by_hand = Gunicorn("load_apps:hand_app()", env, "hand").start()
             stack.callback(by_hand.stop)
+        twin_app = None
+        if twin:
+            # Its own cache namespace: the apps' cached notes do not serve each other.
+            twin_env = dict(env, CACHE_NAMESPACE=f"{name}-twin")
+            if asgi:
+                twin_app = Uvicorn("load_apps:twin_asgi_app", twin_env, "twin-asgi").start()
+            else:
+                twin_app = Gunicorn("load_apps:twin_app()", twin_env, "twin").start()
+            stack.callback(twin_app.stop)
         blobs = S3BlobStore(bucket, prefix="notes-app", **servers.moto.client_options())
         ports = [*server_ports(database_url, servers.redis.url), servers.proxy.port, 5672]
         try:
-            yield SimpleNamespace(database_url=database_url, env=env, poly=poly, hand=by_hand, blobs=blobs,
-                                  ports=ports, redis_url=servers.redis.url)
+            yield SimpleNamespace(
+                database_url=database_url,
+                env=env,
+                poly=poly,
+                hand=by_hand,
+                twin=twin_app,
+                blobs=blobs,
+                ports=ports,
+                redis_url=servers.redis.url,
+            )
         finally:
             stack.close()
             with admin.connect() as conn:
@@ -253,9 +363,14 @@ def index_lag(database_url: str, wait: float = 15.0) -> int:
     try:
         while True:
             with engine.connect() as conn:
-                behind = int(conn.execute(text(
-                    "SELECT count(*) FROM notes n LEFT JOIN note_index i ON i.note_id = n.id "
-                    "WHERE i.version IS NULL OR i.version < n.version")).scalar_one())
+                behind = int(
+                    conn.execute(
+                        text(
+                            "SELECT count(*) FROM notes n LEFT JOIN note_index i ON i.note_id = n.id "
+                            "WHERE i.version IS NULL OR i.version < n.version"
+                        )
+                    ).scalar_one()
+                )
             if behind == 0 or time.monotonic() > deadline:
                 return behind
             time.sleep(0.5)
@@ -267,8 +382,16 @@ def run_audit(app: Any, load: Load, baseline: list[ProcessSnapshot]) -> AuditRep
     # Connections: 15 per gunicorn worker, and the Celery worker's processes on the same database.
     limits = Limits(pg=15 + 12, thread_slack=THREADS + 2, fd_slack=THREADS + 4)
     pids = [s.pid for s in baseline if os.path.exists(f"/proc/{s.pid}")]
-    return audit(app.database_url, app.blobs, load.records, redis_url=app.redis_url, pids=pids,
-                 baseline=baseline, server_ports=app.ports, limits=limits)
+    return audit(
+        app.database_url,
+        app.blobs,
+        load.records,
+        redis_url=app.redis_url,
+        pids=pids,
+        baseline=baseline,
+        server_ports=app.ports,
+        limits=limits,
+    )
 
 
 # -- the three parts ---------------------------------------------------------------------------
@@ -282,19 +405,25 @@ def part_load(servers: Servers, clients: int, duration: float, compare: float, r
     with running_app(servers, hand=True) as app:
         load = Load(app.poly.url, clients, timeout=60).setup()
         baseline = [ProcessSnapshot.take(pid, app.ports) for pid in app.poly.workers()]
-        print(f"\n## Load: {clients} clients for {duration:.0f} s on gunicorn ({WORKERS} workers x {THREADS} "
-              f"threads), PostgreSQL, Redis, S3 (moto), Celery {'worker' if servers.celery else 'eager'}\n")
+        print(
+            f"\n## Load: {clients} clients for {duration:.0f} s on gunicorn ({WORKERS} workers x {THREADS} "
+            f"threads), PostgreSQL, Redis, S3 (moto), Celery {'worker' if servers.celery else 'eager'}\n"
+        )
         cpu0 = app.poly.cpu()
         load.run(duration)
         cpu = app.poly.cpu() - cpu0
         stats = summarize(load.records)
-        print("| requests | req/s | p50 ms | p95 ms | p99 ms | acked writes | 409 conflicts "
-              "| server CPU ms/req |")
+        print(
+            "| requests | req/s | p50 ms | p95 ms | p99 ms | acked writes | 409 conflicts "
+            "| server CPU ms/req |"
+        )
         print("|---|---|---|---|---|---|---|---|")
-        print(f"| {stats['requests']} | {stats['throughput']:.0f} | {ms(stats['p50'])} "
-              f"| {ms(stats['p95'])} | "
-              f"{ms(stats['p99'])} | {stats['acked_writes']} | {stats['conflicts']} | "
-              f"{1000 * cpu / max(1, stats['requests']):.2f} |")
+        print(
+            f"| {stats['requests']} | {stats['throughput']:.0f} | {ms(stats['p50'])} "
+            f"| {ms(stats['p95'])} | "
+            f"{ms(stats['p99'])} | {stats['acked_writes']} | {stats['conflicts']} | "
+            f"{1000 * cpu / max(1, stats['requests']):.2f} |"
+        )
         by_op = {}
         for op in ("create", "read", "update", "attach", "fetch", "delete"):
             by_op[op] = summarize(r for r in load.records if r.op == op)
@@ -304,11 +433,15 @@ def part_load(servers: Servers, clients: int, duration: float, compare: float, r
         print(f"\nErrors by kind: {stats['errors'] or 'none'}")
         report = run_audit(app, load, baseline)
         print_audit(report)
-        print(f"Word index (Celery job) missing or behind the note, after the queue settled: "
-              f"{index_lag(app.database_url)} notes")
+        print(
+            f"Word index (Celery job) missing or behind the note, after the queue settled: "
+            f"{index_lag(app.database_url)} notes"
+        )
 
-        print(f"\n## Framework share: the same mix, polydatum vs by hand, {rounds} alternating rounds of "
-              f"{compare:.0f} s each, {clients} clients\n")
+        print(
+            f"\n## Framework share: the same mix, polydatum vs by hand, {rounds} alternating rounds of "
+            f"{compare:.0f} s each, {clients} clients\n"
+        )
         loads = {"polydatum": load, "by hand": Load(app.hand.url, clients, timeout=60).setup()}
         servers_of = {"polydatum": app.poly, "by hand": app.hand}
         results: dict[str, list[tuple[list[Any], float]]] = {k: [] for k in loads}
@@ -330,31 +463,212 @@ def part_load(servers: Servers, clients: int, duration: float, compare: float, r
         print("| app | requests | req/s | mean ms | p50 ms | p95 ms | p99 ms | server CPU ms/req | errors |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name, (stats, mean, cpu_ms) in table.items():
-            print(f"| {name} | {stats['requests']} | {stats['throughput']:.0f} | {ms(mean)} "
-                  f"| {ms(stats['p50'])} "
-                  f"| {ms(stats['p95'])} | {ms(stats['p99'])} | {cpu_ms:.2f} | {stats['client_errors']} |")
+            print(
+                f"| {name} | {stats['requests']} | {stats['throughput']:.0f} | {ms(mean)} "
+                f"| {ms(stats['p50'])} "
+                f"| {ms(stats['p95'])} | {ms(stats['p99'])} | {cpu_ms:.2f} | {stats['client_errors']} |"
+            )
         (poly, poly_mean, poly_cpu), (hand, hand_mean, hand_cpu) = table["polydatum"], table["by hand"]
-        print(f"\npolydatum's share: {100 * (poly_cpu - hand_cpu) / poly_cpu:.0f}% of the server CPU per "
-              f"request, {100 * (poly_mean - hand_mean) / poly_mean:.0f}% of the mean request time "
-              f"(req/s {poly['throughput'] / hand['throughput']:.2f}x the hand-written app's)")
+        print(
+            f"\npolydatum's share: {100 * (poly_cpu - hand_cpu) / poly_cpu:.0f}% of the server CPU per "
+            f"request, {100 * (poly_mean - hand_mean) / poly_mean:.0f}% of the mean request time "
+            f"(req/s {poly['throughput'] / hand['throughput']:.2f}x the hand-written app's)"
+        )
+
+
+def py_spy(pid: int, output: Path, seconds: float, fmt: str) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of gunicorn ``pid`` and its workers, for ``seconds``, in the background."""
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--duration",
+            str(int(seconds)),
+            "--format",
+            fmt,
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+#: polydatum's parts, by the file a sampled frame is in.
+PARTS = {
+    "context.py": "context",
+    "dal.py": "DAL calls",
+    "_commands.py": "DAL calls",
+    "services.py": "DAL calls",
+    "middleware.py": "method middleware",
+    "_stack.py": "method middleware",
+    "resources.py": "resources",
+    "_factories.py": "resources",
+    "_wiring.py": "resources",
+    "werkzeug.py": "web middleware",
+    "asgi.py": "web middleware",
+    "_web.py": "web middleware",
+}
+
+
+FOLDERS = {
+    "cache": "cache",
+    "blob": "blob bookkeeping",
+    "outbox": "outbox",
+    "sqlalchemy": "SQL (Store, Database)",
+}
+
+
+def attribute(raw: Path) -> tuple[int, Counter[str]]:
+    """Samples in all, and samples whose innermost polydatum or notes frame is in each part.
+
+    A sample counts for polydatum's part when the nearest project frame
+    above it (the leaf first) is in polydatum: its own code and the library
+    calls it makes; work the example's own code asked for counts for
+    "example code".
+    """
+    total, parts = 0, Counter[str]()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        if stack.rpartition(";")[2].rpartition("(")[2].startswith("polydatum/"):
+            parts["(polydatum's own lines: leaf frames)"] += n
+        for frame in reversed(stack.split(";")):
+            # py-spy names files relative to their sys.path entry: "polydatum/dal.py:120)".
+            where = frame.rpartition("(")[2].split(":", 1)[0]
+            if where.startswith("polydatum/"):
+                path = where.removeprefix("polydatum/")
+                folder, _, name = path.rpartition("/")
+                parts[FOLDERS.get(folder) or PARTS.get(name, name.removesuffix(".py"))] += n
+                break
+            if where.startswith(("notes/", "twin/")):
+                parts["example code" if where.startswith("notes/") else "twin code"] += n
+                break
+    return total, parts
+
+
+def part_twin(
+    servers: Servers, clients: int, compare: float, rounds: int, profile: bool = False, asgi: bool = False
+) -> None:
+    """The example against its feature-equal hand-written twin, interleaved in rounds, same servers.
+
+    With ``asgi``: the example's FastAPI entry point (notes.asgi) against the
+    FastAPI twin (benchmarks/twin/asgi.py), both under uvicorn.
+    """
+    with running_app(servers, twin=True, asgi=asgi) as app:
+        pool = os.environ.get("LOAD_ASGI_THREADS") or "40"
+        server = (
+            f"uvicorn ({WORKERS} workers x {pool} threads in FastAPI's pool), notes.asgi vs twin.asgi"
+            if asgi
+            else f"gunicorn ({WORKERS} workers x {THREADS} threads)"
+        )
+        print(
+            f"\n## polydatum vs the hand-written twin (benchmarks/twin): {rounds} interleaved rounds of "
+            f"{compare:.0f} s each, {clients} clients, {server}, "
+            f"PostgreSQL, Redis, S3 (moto), Celery {'worker' if servers.celery else 'eager'}\n"
+        )
+        loads = {
+            "polydatum": Load(app.poly.url, clients, timeout=60),
+            "twin": Load(app.twin.url, clients, timeout=60),
+        }
+        for load in loads.values():
+            load.setup()
+            load.run(min(2.0, compare))  # warm-up: connections, imports, caches
+        servers_of = {"polydatum": app.poly, "twin": app.twin}
+        results: dict[str, list[tuple[list[Any], float]]] = {k: [] for k in loads}
+        for i in range(rounds):
+            order = list(loads) if i % 2 == 0 else list(reversed(loads))
+            for name in order:
+                since = time.monotonic()
+                before = servers_of[name].cpu()
+                loads[name].run(compare)
+                used = servers_of[name].cpu() - before
+                results[name].append(([r for r in loads[name].records if r.start >= since], used))
+        table = {}
+        print("| app | requests | req/s | p50 ms | p95 ms | p99 ms | server CPU ms/req | errors |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, runs in results.items():
+            records = [r for rs, _ in runs for r in rs]
+            stats = summarize(records)
+            stats["throughput"] = len(records) / (compare * rounds)  # the rounds are not contiguous
+            stats["cpu"] = 1000 * sum(c for _, c in runs) / max(1, len(records))
+            table[name] = stats
+            print(
+                f"| {name} | {stats['requests']} | {stats['throughput']:.0f} | {ms(stats['p50'])} "
+                f"| {ms(stats['p95'])} | {ms(stats['p99'])} | {stats['cpu']:.2f} | {stats['client_errors']} |"
+            )
+        poly, twin = table["polydatum"], table["twin"]
+        print(
+            f"\nRatios polydatum/twin: req/s {poly['throughput'] / twin['throughput']:.2f}, "
+            f"p50 {poly['p50'] / twin['p50']:.2f}, p95 {poly['p95'] / twin['p95']:.2f}, "
+            f"p99 {poly['p99'] / twin['p99']:.2f}, server CPU per request {poly['cpu'] / twin['cpu']:.2f}"
+        )
+        if profile:
+            profile_twin(loads, servers_of, compare, table, suffix="-asgi" if asgi else "")
+        print(
+            f"polydatum/twin: throughput {poly['throughput'] / twin['throughput']:.2f}, "
+            f"p99 {poly['p99'] / twin['p99']:.2f}"
+        )
+
+
+def profile_twin(
+    loads: dict[str, Load],
+    servers_of: dict[str, Gunicorn],
+    seconds: float,
+    table: dict[str, Any],
+    suffix: str = "",
+) -> None:
+    """py-spy under the same load: a flame graph of each app into docs/, and where polydatum's CPU goes."""
+    print(f"\n## Profile (py-spy, {seconds:.0f} s of load per app and per recording)\n")
+    samples: dict[str, tuple[int, Counter[str]]] = {}
+    for name, load in loads.items():
+        pid = servers_of[name].proc.pid  # type: ignore[union-attr]
+        for fmt in ("flamegraph", "raw"):
+            kind = "svg" if fmt == "flamegraph" else "txt"
+            output = (
+                (REPO / "docs" / f"twin-flame-{name}{suffix}.svg")
+                if fmt == "flamegraph"
+                else LOGS / f"{name}.{kind}"
+            )
+            spy = py_spy(pid, output, seconds, fmt)
+            load.run(seconds)
+            spy.wait(seconds + 60)
+        samples[name] = attribute(LOGS / f"{name}.txt")
+        print(f"{name}: flame graph docs/twin-flame-{name}{suffix}.svg, {samples[name][0]} samples")
+    total, parts = samples["polydatum"]
+    cpu = table["polydatum"]["cpu"]
+    print("\n| where (example's workers) | share of samples | ≈ CPU ms per request |\n|---|---|---|")
+    for part, n in parts.most_common():
+        print(f"| {part} | {100 * n / max(1, total):.1f}% | {cpu * n / max(1, total):.2f} |")
 
 
 def print_audit(report: AuditReport) -> None:
-    print(f"\nAudit: {report.acked_writes} acknowledged writes, {report.lost_writes} lost, "
-          f"{report.duplicates} duplicated, {report.refused_present} refused-but-kept, {report.in_doubt} in "
-          f"doubt (5xx/no answer; {report.in_doubt_committed} committed anyway), "
-          f"{report.missing_blobs} missing "
-          f"blobs, {report.orphans} orphans ({report.orphans_swept} swept), {report.pg_connections} database "
-          f"sessions ({report.pg_busy} busy), {report.redis_clients} Redis clients, "
-          f"{report.leaked_connections} leaked connections, {report.leaked_fds} leaked fds, "
-          f"{report.leaked_threads} leaked threads: {'PASS' if not report.problems else 'FAIL'}")
+    print(
+        f"\nAudit: {report.acked_writes} acknowledged writes, {report.lost_writes} lost, "
+        f"{report.duplicates} duplicated, {report.refused_present} refused-but-kept, {report.in_doubt} in "
+        f"doubt (5xx/no answer; {report.in_doubt_committed} committed anyway), "
+        f"{report.missing_blobs} missing "
+        f"blobs, {report.orphans} orphans ({report.orphans_swept} swept), {report.pg_connections} database "
+        f"sessions ({report.pg_busy} busy), {report.redis_clients} Redis clients, "
+        f"{report.leaked_connections} leaked connections, {report.leaked_fds} leaked fds, "
+        f"{report.leaked_threads} leaked threads: {'PASS' if not report.problems else 'FAIL'}"
+    )
     for problem in report.problems[:20]:
         print(f"  - {problem}")
 
 
 def part_faults(servers: Servers, clients: int, duration: float) -> bool:
-    print(f"\n## Faults: {clients} clients for {duration:.0f} s each, the fault after "
-          f"{duration / 4:.0f} s (gunicorn {WORKERS} workers)\n")
+    print(
+        f"\n## Faults: {clients} clients for {duration:.0f} s each, the fault after "
+        f"{duration / 4:.0f} s (gunicorn {WORKERS} workers)\n"
+    )
 
     def slow(app: Any) -> Fault:
         route = SlowRoute(app.poly.url, seconds=STATEMENT_TIMEOUT_MS / 1000 * 2)
@@ -392,25 +706,33 @@ def part_faults(servers: Servers, clients: int, duration: float) -> bool:
             passed = not report.problems
             ok &= passed
             rows.append((name, stats, report, recover, behind, passed, not_recovered))
-            print(f"{name}: audit {'PASS' if passed else 'FAIL'}; errors {stats['errors'] or 'none'}{extra}",
-                  flush=True)
+            print(
+                f"{name}: audit {'PASS' if passed else 'FAIL'}; errors {stats['errors'] or 'none'}{extra}",
+                flush=True,
+            )
             if not_recovered:
-                print(f"  the requests right after the load (one of each per user) did not all succeed: "
-                      f"{not_recovered}; see {LOGS}/polydatum.log")
+                print(
+                    f"  the requests right after the load (one of each per user) did not all succeed: "
+                    f"{not_recovered}; see {LOGS}/polydatum.log"
+                )
             for problem in report.problems[:10]:
                 print(f"  - {problem}")
-    print("\n| scenario | requests | acked writes | lost writes | errors seen by clients | in doubt "
-          "(committed) | orphans swept | time to recover | next requests | leaked connections | index behind "
-          "| audit |")
+    print(
+        "\n| scenario | requests | acked writes | lost writes | errors seen by clients | in doubt "
+        "(committed) | orphans swept | time to recover | next requests | leaked connections | index behind "
+        "| audit |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, stats, report, recover, behind, passed, not_recovered in rows:
         after = "all ok" if not not_recovered else f"{len(not_recovered)} failed"
         rec = "n/a" if recover is None else f"{recover:.2f} s"
-        print(f"| {name} | {stats['requests']} | {report.acked_writes} | {report.lost_writes} | "
-              f"{stats['client_errors']} | {report.in_doubt} ({report.in_doubt_committed}) | "
-              f"{report.orphans_swept}/{report.orphans} | {rec} | {after} | {report.leaked_connections} | "
-              f"{behind} | "
-              f"{'pass' if passed else 'FAIL'} |")
+        print(
+            f"| {name} | {stats['requests']} | {report.acked_writes} | {report.lost_writes} | "
+            f"{stats['client_errors']} | {report.in_doubt} ({report.in_doubt_committed}) | "
+            f"{report.orphans_swept}/{report.orphans} | {rec} | {after} | {report.leaked_connections} | "
+            f"{behind} | "
+            f"{'pass' if passed else 'FAIL'} |"
+        )
     return ok
 
 
@@ -422,6 +744,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", action="store_true", help="also run every fault scenario under load")
     parser.add_argument("--faults-only", action="store_true", help="only the fault scenarios")
     parser.add_argument("--no-celery", action="store_true", help="Celery eager instead of a real worker")
+    parser.add_argument(
+        "--twin",
+        action="store_true",
+        help="only the example against its hand-written twin (benchmarks/twin), interleaved rounds",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --twin: py-spy flame graphs of both apps into docs/ and where polydatum's CPU goes",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="with --asgi: FastAPI's thread pool size per worker (default: anyio's 40)",
+    )
+    parser.add_argument(
+        "--asgi",
+        action="store_true",
+        help="with --twin: the example's FastAPI entry point and the FastAPI twin, under uvicorn",
+    )
     args = parser.parse_args(argv)
     clients = args.clients or (10 if args.quick else 50)
     duration = args.duration or (8.0 if args.quick else 60.0)
@@ -430,6 +773,14 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     with ExitStack() as stack:
         servers = Servers(stack, celery=not args.no_celery)
+        if args.twin:
+            if not servers.celery:
+                print("the twin sends its jobs to RabbitMQ: start it on 127.0.0.1:5672 (no --no-celery)")
+                return 1
+            if args.threads:
+                os.environ["LOAD_ASGI_THREADS"] = str(args.threads)  # read by load_apps in each worker
+            part_twin(servers, clients, compare, rounds, profile=args.profile, asgi=args.asgi)
+            return 0
         if not args.faults_only:
             part_load(servers, clients, duration, compare, rounds)
         if args.faults or args.faults_only:

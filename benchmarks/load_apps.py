@@ -1,9 +1,18 @@
-"""The two WSGI apps benchmarks/load.py serves with gunicorn (one module, imported by each worker).
+"""The apps benchmarks/load.py serves with gunicorn, and with uvicorn (one module, imported by each worker).
 
 ``polydatum_app()``: the notes example (``notes.build(Settings.from_env()).wsgi()``),
 plus the test-only slow route of tests/load/faults.py when ``LOAD_SLOW_ROUTE=1``.
 
-``hand_app()``: the endpoints the load uses, written by hand on the same
+``twin_app()``: benchmarks/twin, the feature-equal hand-written twin of the
+example (same statements, locks, checks, cache, blob and Celery work); what
+``load.py --twin`` compares the example with.
+
+``polydatum_asgi_app()`` and ``twin_asgi_app()``: the same pair as ASGI
+apps (FastAPI: notes.asgi and benchmarks/twin/asgi.py), for ``load.py
+--twin --asgi`` under uvicorn.
+
+``hand_app()`` (superseded by the twin, kept for ``load.py``'s older
+"framework share" part): the endpoints the load uses, written by hand on the same
 tables, servers and statements, with no polydatum: a SQLAlchemy ORM Session
 per request on the example's own models (so the same SQL as the example's
 Store), committed by hand,
@@ -29,6 +38,53 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 
+def twin_app() -> Any:
+    """The feature-equal hand-written twin of the example (benchmarks/twin), on its own cache namespace."""
+    import twin
+
+    return twin.wsgi()
+
+
+def _threads(app: Any) -> Any:
+    """``app`` with FastAPI's thread pool limited to ``LOAD_ASGI_THREADS`` threads (when set).
+
+    anyio's default is 40 threads per process, more than the 15 connections
+    of a SQLAlchemy pool: ``load.py --twin --asgi --threads 8`` serves with
+    gunicorn's 8 threads per worker instead.
+    """
+    threads = int(os.environ.get("LOAD_ASGI_THREADS") or 0)
+    if not threads:
+        return app
+    from contextlib import asynccontextmanager
+
+    import anyio.to_thread
+
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(api: Any) -> Any:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        async with inner(api) as state:
+            yield state
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def twin_asgi_app() -> Any:
+    """The FastAPI twin (benchmarks/twin/asgi.py), for ``uvicorn --factory``."""
+    from twin.asgi import create_app
+
+    return _threads(create_app())
+
+
+def polydatum_asgi_app() -> Any:
+    """The example's ASGI API (notes.asgi), for ``uvicorn --factory``."""
+    from notes.asgi import create_app
+
+    return _threads(create_app())
+
+
 def polydatum_app() -> Any:
     from notes import Settings, build
 
@@ -41,14 +97,16 @@ def polydatum_app() -> Any:
     return wsgi
 
 
-URLS = Map([
-    Rule("/users", endpoint="sign_up", methods=["POST"]),
-    Rule("/notebooks", endpoint="notebooks", methods=["POST"]),
-    Rule("/notebooks/<int:notebook_id>/notes", endpoint="add_note", methods=["POST"]),
-    Rule("/notes/<int:note_id>", endpoint="note", methods=["GET", "PUT", "DELETE"]),
-    Rule("/notes/<int:note_id>/attachments", endpoint="attach", methods=["POST"]),
-    Rule("/attachments/<int:attachment_id>", endpoint="attachment", methods=["GET"]),
-])
+URLS = Map(
+    [
+        Rule("/users", endpoint="sign_up", methods=["POST"]),
+        Rule("/notebooks", endpoint="notebooks", methods=["POST"]),
+        Rule("/notebooks/<int:notebook_id>/notes", endpoint="add_note", methods=["POST"]),
+        Rule("/notes/<int:note_id>", endpoint="note", methods=["GET", "PUT", "DELETE"]),
+        Rule("/notes/<int:note_id>/attachments", endpoint="attach", methods=["POST"]),
+        Rule("/attachments/<int:attachment_id>", endpoint="attachment", methods=["GET"]),
+    ]
+)
 
 
 class Error(Exception):
@@ -74,8 +132,11 @@ def hand_app() -> Any:
     cache = redis.Redis.from_url(os.environ["REDIS_URL"])
     namespace = "hand"
     bucket, _, prefix = os.environ["BLOB_URL"].removeprefix("s3://").partition("/")
-    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
-                      config=Config(connect_timeout=3, retries={"max_attempts": 2}))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+        config=Config(connect_timeout=3, retries={"max_attempts": 2}),
+    )
     broker = os.environ.get("CELERY_BROKER_URL")
     queue = os.environ.get("CELERY_QUEUE", "notes")
     celery = Celery("hand", broker=broker or "memory://", set_as_current=False)
@@ -107,16 +168,29 @@ def hand_app() -> Any:
         return obj
 
     def attachment_dict(a: Attachment) -> dict[str, Any]:
-        return {"id": a.id, "note_id": a.note_id, "name": a.name, "content_type": a.content_type,
-                "size": a.size, "url": f"/attachments/{a.id}"}
+        return {
+            "id": a.id,
+            "note_id": a.note_id,
+            "name": a.name,
+            "content_type": a.content_type,
+            "size": a.size,
+            "url": f"/attachments/{a.id}",
+        }
 
     def describe(session: Session, note: Note) -> dict[str, Any]:
         rows = session.scalars(
-            select(Attachment).where(Attachment.note_id == note.id).order_by(Attachment.id))
+            select(Attachment).where(Attachment.note_id == note.id).order_by(Attachment.id)
+        )
         index = session.get(NoteIndex, note.id)
-        return {"id": note.id, "notebook_id": note.notebook_id, "title": note.title, "version": note.version,
-                "text": note.text, "attachments": [attachment_dict(a) for a in rows],
-                "indexed_version": None if index is None else index.version}
+        return {
+            "id": note.id,
+            "notebook_id": note.notebook_id,
+            "title": note.title,
+            "version": note.version,
+            "text": note.text,
+            "attachments": [attachment_dict(a) for a in rows],
+            "indexed_version": None if index is None else index.version,
+        }
 
     def text_field(value: Any, what: str, limit: int, empty: bool = False) -> str:
         if not isinstance(value, str) or (not empty and not value.strip()) or len(value) > limit:
@@ -152,9 +226,12 @@ def hand_app() -> Any:
         data = body(request)
         with sessions.begin() as session:
             owned(session, Notebook, notebook_id, user)
-            note = Note(notebook_id=notebook_id, owner_id=user,
-                        title=text_field(data.get("title"), "title", 200),
-                        text=text_field(data.get("text", ""), "text", 100_000, True))
+            note = Note(
+                notebook_id=notebook_id,
+                owner_id=user,
+                title=text_field(data.get("title"), "title", 200),
+                text=text_field(data.get("text", ""), "text", 100_000, True),
+            )
             session.add(note)
             session.flush()
             result = describe(session, note)
@@ -219,8 +296,14 @@ def hand_app() -> Any:
             data = request.get_data()
             s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data, ContentType=content_type)
             try:
-                attachment = Attachment(note_id=note_id, owner_id=user, name=name, content_type=content_type,
-                                        size=len(data), key=key)
+                attachment = Attachment(
+                    note_id=note_id,
+                    owner_id=user,
+                    name=name,
+                    content_type=content_type,
+                    size=len(data),
+                    key=key,
+                )
                 session.add(attachment)
                 session.commit()
             except BaseException:
@@ -236,8 +319,14 @@ def hand_app() -> Any:
         obj = s3.get_object(Bucket=bucket, Key=f"{prefix}/{row.key}")
         return Response(obj["Body"].read(), mimetype=row.content_type)
 
-    views = {"sign_up": sign_up, "notebooks": notebooks, "add_note": add_note, "note": note,
-             "attach": attach, "attachment": attachment}
+    views = {
+        "sign_up": sign_up,
+        "notebooks": notebooks,
+        "add_note": add_note,
+        "note": note,
+        "attach": attach,
+        "attachment": attachment,
+    }
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
         request = Request(environ)

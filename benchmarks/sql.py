@@ -118,20 +118,23 @@ def main() -> None:
         db.dispose()
 
     print(f"one Store.get by primary key per context, PostgreSQL, {ROUNDS} rounds x {OPS} ops")
-    print(f"{'case':<22}{'wall µs/op':>11}{'median':>8}{'ratio':>8}"
-          f"{'CPU µs/op':>11}{'ratio':>8}")
+    print(f"{'case':<22}{'wall µs/op':>11}{'median':>8}{'ratio':>8}{'CPU µs/op':>11}{'ratio':>8}")
     ratios = {}
     for name in runs:
         wall = median(ratio_per_round(runs[name], runs["by hand"]))
         cpu_ratio = median(ratio_per_round(cpu[name], cpu["by hand"]))
         ratios[name] = wall
-        print(f"{name:<22}{min(runs[name]):>11.1f}{median(runs[name]):>8.1f}{wall:>8.3f}"
-              f"{median(cpu[name]):>11.1f}{cpu_ratio:>8.3f}")
+        print(
+            f"{name:<22}{min(runs[name]):>11.1f}{median(runs[name]):>8.1f}{wall:>8.3f}"
+            f"{median(cpu[name]):>11.1f}{cpu_ratio:>8.3f}"
+        )
     overhead = (ratios["polydatum"] - 1) * 100
     verdict = "met" if overhead <= TARGET else "MISSED"
     extra_cpu = median([p - h for p, h in zip(cpu["polydatum"], cpu["by hand"], strict=True)])
-    print(f"polydatum overhead: {overhead:+.1f}% of the hand-written time "
-          f"(target <= {TARGET:.0f}%: {verdict}); {extra_cpu:+.1f} µs CPU per context")
+    print(
+        f"polydatum overhead: {overhead:+.1f}% of the hand-written time "
+        f"(target <= {TARGET:.0f}%: {verdict}); {extra_cpu:+.1f} µs CPU per context"
+    )
 
 
 TARGET = 10.0

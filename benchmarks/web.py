@@ -6,7 +6,7 @@ Each app answers ``GET /item`` with the name of one row read by primary key
 from PostgreSQL, and commits:
 
   WSGI (werkzeug.serving, threaded)
-    polydatum   PolydatumMiddleware around a werkzeug app calling ``dal.items.get(1)``
+    polydatum   PolydatumWSGIMiddleware around a werkzeug app calling ``dal.items.get(1)``
                 (session resource, transaction middleware, Store)
     by hand     the same werkzeug app opening a SQLAlchemy Session per request:
                 ``session.get(Item, 1); session.commit(); session.close()``
@@ -86,7 +86,7 @@ def sync_data_manager() -> Any:
 def wsgi_polydatum() -> Any:
     from werkzeug.wrappers import Request, Response
 
-    from polydatum.werkzeug import PolydatumMiddleware
+    from polydatum.werkzeug import PolydatumWSGIMiddleware
 
     dm = sync_data_manager()
     dal = dm.get_dal()
@@ -95,7 +95,7 @@ def wsgi_polydatum() -> Any:
     def app(request: Request) -> Response:
         return Response(dal.items.get(1).name)
 
-    return PolydatumMiddleware(app, dm)
+    return PolydatumWSGIMiddleware(app, dm)
 
 
 def wsgi_dal_in_view() -> Any:
@@ -138,8 +138,16 @@ Send = Callable[[dict[str, Any]], Any]
 
 
 async def _answer(send: Send, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -244,8 +252,7 @@ def serve(kind: str, port: int) -> None:
     else:
         import uvicorn
 
-        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                    backlog=1024)
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, backlog=1024)
 
 
 # -- the load client -------------------------------------------------------------------
@@ -357,7 +364,7 @@ def compare(kind: str, ports: dict[str, int], pids: dict[str, int]) -> dict[str,
     vs_hand, vs_in_view = [], []
     for round_ in range(ROUNDS):
         # Rotate the order, so no variant always runs first or last.
-        order = VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]
+        order = VARIANTS[round_ % 3 :] + VARIANTS[: round_ % 3]
         got = {}
         for variant in order:
             name = f"{kind}-{variant}"
@@ -378,7 +385,7 @@ def main() -> None:
     engine = create_engine(URL)
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(text(f'INSERT INTO "{TABLE}" (id, name) VALUES (1, \'one\')'))
+        conn.execute(text(f"INSERT INTO \"{TABLE}\" (id, name) VALUES (1, 'one')"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         ports = {kind: free_port() for kind in APPS}
@@ -387,18 +394,26 @@ def main() -> None:
         for proc, port in zip(procs, ports.values(), strict=True):
             wait_ready(port, proc)
         pids = {kind: proc.pid for kind, proc in zip(ports, procs, strict=True)}
-        print(f"{ROUNDS} interleaved rounds of {SECONDS:.0f} s each, {CONCURRENCY} client threads, "
-              f"one PostgreSQL primary-key read per request; medians")
-        print(f"{'':<30} {'polydatum':>10} {'dm.dal() in view':>17} {'by hand':>10} "
-              f"{'polydatum/by hand':>18} {'middleware alone':>17}")
+        print(
+            f"{ROUNDS} interleaved rounds of {SECONDS:.0f} s each, {CONCURRENCY} client threads, "
+            f"one PostgreSQL primary-key read per request; medians"
+        )
+        print(
+            f"{'':<30} {'polydatum':>10} {'dm.dal() in view':>17} {'by hand':>10} "
+            f"{'polydatum/by hand':>18} {'middleware alone':>17}"
+        )
         results = {}
         for kind, label in (("wsgi", "WSGI (werkzeug.serving)"), ("asgi", "ASGI (uvicorn)")):
             r = results[kind] = compare(kind, ports, pids)
-            print(f"{label + ' req/s':<30} {r['polydatum']:>10.0f} {r['dal-in-view']:>17.0f} "
-                  f"{r['by-hand']:>10.0f} {r['ratio']:>18.1%} {r['middleware_ratio']:>17.1%}")
+            print(
+                f"{label + ' req/s':<30} {r['polydatum']:>10.0f} {r['dal-in-view']:>17.0f} "
+                f"{r['by-hand']:>10.0f} {r['ratio']:>18.1%} {r['middleware_ratio']:>17.1%}"
+            )
             ours, in_view, hand = r["cpu-polydatum"], r["cpu-dal-in-view"], r["cpu-by-hand"]
-            print(f"{'  server CPU µs/request':<30} {ours:>10.0f} {in_view:>17.0f} {hand:>10.0f} "
-                  f"{hand / ours:>18.1%} {in_view / ours:>17.1%}")
+            print(
+                f"{'  server CPU µs/request':<30} {ours:>10.0f} {in_view:>17.0f} {hand:>10.0f} "
+                f"{hand / ours:>18.1%} {in_view / ours:>17.1%}"
+            )
         if "--json" in sys.argv:
             print(json.dumps(results))
     finally:

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.abspath(".."))
 
 project = "polydatum"
 author = "The polydatum developers"
-copyright = "2026, the polydatum developers"  # noqa: A001 - Sphinx's name
+copyright = "2026, the polydatum developers"
 release = "2.0.0.dev0"
 
 extensions = [

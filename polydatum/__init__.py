@@ -18,14 +18,16 @@ from polydatum.errors import (
     ConcurrencyConflict,
     ContextStateError,
     DalMethodError,
+    InvalidInput,
     NoActiveContextError,
     NotFound,
     PolydatumException,
     ServiceError,
 )
-from polydatum.middleware import DalCommand, DalCommandRequest
+from polydatum.middleware import DalCommand, DalCommandRequest, PathSegment
 from polydatum.resources import Resource, ValueResource
 from polydatum.services import Service
+from polydatum.types import ResourceRegistry
 
 __version__ = "2.0.0.dev0"
 
@@ -40,11 +42,14 @@ __all__ = [
     "DataAccessContext",
     "DataAccessLayer",
     "DataManager",
+    "InvalidInput",
     "Meta",
     "NoActiveContextError",
     "NotFound",
+    "PathSegment",
     "PolydatumException",
     "Resource",
+    "ResourceRegistry",
     "Service",
     "ServiceError",
     "ValueResource",

@@ -15,8 +15,6 @@ from contextlib import asynccontextmanager, contextmanager
 from inspect import isasyncgenfunction, isgeneratorfunction
 from typing import Any, NamedTuple
 
-from polydatum.errors import MiddlewareSetupException, ResourceSetupException
-
 
 @contextmanager
 def _cm_probe() -> Any:
@@ -36,11 +34,56 @@ _ACM_CODE = getattr(_acm_probe, "__code__", None)
 
 
 class Factory(NamedTuple):
-    """A registered resource or context middleware, normalised."""
+    """A registered resource or context middleware, normalised.
+
+    ``alt`` is set only for a :class:`Dual`: this factory is its sync form and
+    ``alt`` its async form, which contexts entered with ``async with`` use.
+    """
 
     original: Any
     make: Callable[[Any], Any]
     is_async: bool
+    alt: Factory | None = None
+
+
+class Dual:
+    """A resource or context middleware with a sync and an async form.
+
+    A context entered with ``with`` uses ``sync``; one entered with ``async
+    with`` uses ``async_``. One registration then serves both kinds of
+    context, e.g. a database that gives Celery tasks a ``Session`` and
+    FastAPI routes an ``AsyncSession``::
+
+        dm.register_resources(db=Dual(session_resource, async_session_resource))
+        with dm.context() as ctx:              # ctx.db is a Session
+            ...
+        async with dm.context() as ctx:        # await ctx.aget("db") is an AsyncSession
+            ...
+
+    Args:
+        sync: a sync generator factory (or ``@contextmanager`` function).
+        async_: an async generator factory (or ``@asynccontextmanager`` function).
+
+    Raises:
+        TypeError: if ``sync`` is not a sync factory or ``async_`` not an async one.
+
+    .. versionadded:: 2.0
+    """
+
+    __slots__ = ("async_", "sync")
+
+    def __init__(self, sync: Any, async_: Any) -> None:
+        for value, want_async, what in ((sync, False, "sync"), (async_, True, "async_")):
+            spec = as_factory(value)
+            if spec is None or spec.is_async is not want_async or spec.alt is not None:
+                kind = "an async" if want_async else "a sync"
+                msg = f"Dual({what}=...) must be {kind} generator factory; got {describe(value)}"
+                raise TypeError(msg)
+        self.sync = sync
+        self.async_ = async_
+
+    def __repr__(self) -> str:
+        return f"Dual({self.sync!r}, {self.async_!r})"
 
 
 def _unwrap_decorated(obj: Any) -> Factory | None:
@@ -56,6 +99,11 @@ def _unwrap_decorated(obj: Any) -> Factory | None:
 
 def as_factory(obj: Any) -> Factory | None:
     """Return the normalised factory for ``obj``, or None if it is not one."""
+    if isinstance(obj, Dual):
+        sync, async_ = as_factory(obj.sync), as_factory(obj.async_)
+        if sync is None or async_ is None:  # pragma: no cover - Dual() checked both
+            return None
+        return Factory(obj, sync.make, False, async_)
     if isgeneratorfunction(obj):
         return Factory(obj, obj, False)
     if isasyncgenfunction(obj):
@@ -94,7 +142,8 @@ ACCEPTED = (
 # -- driving the generators -------------------------------------------------
 
 
-_DONE: Any = object()
+#: What ``next(gen, DONE)`` returns when a generator finished without yielding.
+DONE: Any = object()
 
 
 def label(kind: str, obj: Any) -> str:
@@ -102,12 +151,16 @@ def label(kind: str, obj: Any) -> str:
     return f"{kind} {obj!r}"
 
 
+def did_not_yield(what: str, exc_type: type[Exception]) -> Exception:
+    """The error for a generator that finished without yielding on setup."""
+    return exc_type(f"{what} did not yield on setup; it must yield exactly once")
+
+
 def start(gen: Any, what: str, exc_type: type[Exception]) -> Any:
     """Run a generator to its single yield and return the yielded value."""
-    value = next(gen, _DONE)
-    if value is _DONE:
-        msg = f"{what} did not yield on setup; it must yield exactly once"
-        raise exc_type(msg)
+    value = next(gen, DONE)
+    if value is DONE:
+        raise did_not_yield(what, exc_type)
     return value
 
 
@@ -116,8 +169,7 @@ async def astart(agen: Any, what: str, exc_type: type[Exception]) -> Any:
     try:
         return await agen.__anext__()
     except StopAsyncIteration:
-        msg = f"{what} did not yield on setup; it must yield exactly once"
-        raise exc_type(msg) from None
+        raise did_not_yield(what, exc_type) from None
 
 
 def _unwrap_pep479(exc: BaseException, raised: BaseException) -> BaseException:
@@ -150,7 +202,7 @@ def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseExce
     """
     if exc is None:
         try:
-            if next(gen, _DONE) is _DONE:
+            if next(gen, DONE) is DONE:
                 return None
         except BaseException as raised:
             return raised
@@ -167,9 +219,7 @@ def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseExce
     return RuntimeError(f"{label(kind, obj)} yielded again after an exception was thrown into it")
 
 
-async def afinish(
-    agen: Any, exc: BaseException | None, kind: str, obj: Any
-) -> BaseException | None:
+async def afinish(agen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseException | None:
     """Async twin of :func:`finish` for async generators."""
     if exc is None:
         try:
@@ -192,14 +242,16 @@ async def afinish(
 
 __all__ = [
     "ACCEPTED",
+    "DONE",
+    "Dual",
     "Factory",
-    "MiddlewareSetupException",
-    "ResourceSetupException",
     "afinish",
     "as_factory",
     "astart",
     "describe",
+    "did_not_yield",
     "finish",
     "label",
     "start",
+    "yielded_twice",
 ]

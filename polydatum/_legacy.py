@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
-from polydatum._stack import no_context_error
+from polydatum._stack import OPEN, no_context_error
+from polydatum.errors import ContextStateError
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
     from polydatum.dal import DataManager
 
-__all__ = ["current_context", "get_active_context", "track"]
+__all__ = ["LEGACY_STACK", "ContextStack", "current_context", "get_active_context", "track"]
 
 _managers: list[weakref.ref[DataManager]] = []
 
@@ -35,7 +37,7 @@ def _global_active_context() -> DataAccessContext | None:
     for ref in reversed(_managers):
         dm = ref()
         if dm is not None:
-            ctx = dm.get_active_context()
+            ctx: DataAccessContext | None = dm.get_active_context()
             if ctx is not None:
                 return ctx
     return None
@@ -54,8 +56,97 @@ def get_active_context() -> DataAccessContext | None:
     return _global_active_context()
 
 
+# Pushes made through ContextStack.push in this thread or task, newest last:
+# (stack variable, context, token to undo the push).
+_pushed: ContextVar[tuple[tuple[ContextVar[Any], Any, Token[Any]], ...]] = ContextVar(
+    "polydatum.legacy_pushes", default=()
+)
+
+
+class ContextStack:
+    """1.0's ``dm.ctx_stack`` (a werkzeug ``LocalStack``): ``top``, ``push``, ``pop``.
+
+    ``push(ctx)`` makes an entered context active in the current thread or
+    task (1.0 code does that in worker threads); ``pop()`` undoes the newest
+    such push. A context entered with ``with`` leaves the stack when its
+    block ends, not through ``pop()``.
+    """
+
+    __slots__ = ("_dm",)
+
+    def __init__(self, dm: DataManager) -> None:
+        self._dm = dm
+
+    @property
+    def top(self) -> DataAccessContext | None:
+        """The active context, or None."""
+        return self._dm.get_active_context()
+
+    def push(self, ctx: DataAccessContext) -> None:
+        """Make ``ctx`` (entered elsewhere, still open) the active context here."""
+        if ctx.data_manager is not self._dm or ctx._state != OPEN:
+            msg = (
+                f"cannot push {ctx!r}: push a context of this DataManager that was entered "
+                '(with "with dm.context() as ctx:") and has not exited'
+            )
+            raise ContextStateError(msg)
+        var = self._dm.wiring.stack
+        _pushed.set((*_pushed.get(), (var, ctx, var.set(ctx))))
+
+    def pop(self) -> DataAccessContext | None:
+        """Undo the newest ``push`` of this stack here; returns that context (None if none)."""
+        var = self._dm.wiring.stack
+        pushes = _pushed.get()
+        for index in range(len(pushes) - 1, -1, -1):
+            pushed_var, ctx, token = pushes[index]
+            if pushed_var is var:
+                break
+        else:
+            return None
+        if var.get() is not ctx:
+            msg = (
+                f'cannot pop {ctx!r}: a context entered with "with" is above it; '
+                "it leaves the stack when its block ends"
+            )
+            raise ContextStateError(msg)
+        var.reset(token)
+        _pushed.set(pushes[:index] + pushes[index + 1 :])
+        return ctx  # type: ignore[no-any-return]
+
+    def __call__(self) -> Any:
+        """A proxy to the top context (1.0: ``LocalStack()`` returned a ``LocalProxy``)."""
+        return current_context
+
+
+class _LegacyStack:
+    """1.0's module-level ``polydatum.context._ctx_stack``, across DataManagers."""
+
+    __slots__ = ()
+
+    @property
+    def top(self) -> DataAccessContext | None:
+        return _global_active_context()
+
+    def push(self, ctx: DataAccessContext) -> None:
+        ctx.data_manager.ctx_stack.push(ctx)
+
+    def pop(self) -> DataAccessContext | None:
+        top = _global_active_context()
+        return None if top is None else top.data_manager.ctx_stack.pop()
+
+    def __call__(self) -> Any:
+        return current_context
+
+
+LEGACY_STACK = _LegacyStack()
+
+
 class _ContextProxy:
-    """Deprecated 1.0 ``current_context``: forwards to the active context."""
+    """Deprecated 1.0 ``current_context``: forwards to the active context.
+
+    Like the werkzeug ``LocalProxy`` it was in 1.0, it reports the context's
+    class (``isinstance(current_context, DataAccessContext)``) and string.
+    """
 
     __slots__ = ()
 
@@ -70,6 +161,14 @@ class _ContextProxy:
         if ctx is None:
             raise no_context_error(None, "current_context")
         return ctx
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        ctx = _global_active_context()
+        return type(self) if ctx is None else type(ctx)
+
+    def __str__(self) -> str:
+        return str(self._get_current_object())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._get_current_object(), name)
@@ -92,6 +191,9 @@ class _ContextProxy:
     def __repr__(self) -> str:
         ctx = _global_active_context()
         return f"<current_context proxy to {ctx!r}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._get_current_object()(*args, **kwargs)
 
 
 current_context: Any = _ContextProxy()

@@ -7,6 +7,7 @@ Neither this module nor its users import a web framework, so both
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from http import HTTPStatus
@@ -19,19 +20,36 @@ if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
 
 __all__ = [
+    "JSON_HEADERS",
+    "MAX_REQUEST_ID",
+    "POSITION_COOKIE",
+    "POSITION_COOKIE_AGE",
+    "POSITION_HEADER",
+    "Exchange",
+    "Positions",
     "ResponseIncomplete",
     "RollbackResponse",
     "Veto",
-    "current_context",
+    "check_arguments",
+    "client_message",
+    "current_exchange",
     "default_veto",
     "error_body",
     "error_status",
+    "merge_meta",
+    "new_request_id",
+    "positions_from",
+    "reason",
+    "request_context",
+    "request_id",
 ]
 
 #: ``veto(status, headers) -> bool``: True rolls the context back.
 Veto = Callable[[int, Sequence[tuple[str, str]]], bool]
 
 JSON_HEADERS = (("content-type", "application/json"),)
+
+logger = logging.getLogger("polydatum")
 
 
 class Exchange(Protocol):
@@ -57,12 +75,29 @@ def new_request_id() -> str:
     return f"{getrandbits(128):032x}"
 
 
-def current_context() -> DataAccessContext:
+#: The longest ``X-Request-ID`` taken from a client; a longer one is replaced.
+MAX_REQUEST_ID = 200
+
+
+def request_id(given: str | None) -> str:
+    """The request id for a client's ``X-Request-ID`` value (None when absent).
+
+    The client's value is kept when it is 1 to :data:`MAX_REQUEST_ID`
+    printable ASCII characters; anything else (empty, longer, control
+    characters such as NUL or ANSI escapes, non-ASCII) is replaced with
+    :func:`new_request_id`, because apps log it and Celery forwards it.
+    """
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable():
+        return given
+    return new_request_id()
+
+
+def request_context() -> DataAccessContext:
     """The context the polydatum web middleware opened for the request being served.
 
     It stays the request's context even while a view opens nested contexts
     (``dm.get_active_context()`` returns the innermost one). Its ``dal`` is
-    how a view calls services: ``current_context().dal.users.get(1)``.
+    how a view calls services: ``request_context().dal.users.get(1)``.
 
     Raises:
         NoActiveContextError: outside a request served through the middleware
@@ -74,7 +109,7 @@ def current_context() -> DataAccessContext:
     if exchange is None or exchange.exited:
         msg = (
             "no polydatum request context here; wrap the app with "
-            "polydatum.werkzeug.PolydatumMiddleware(app, dm) (Flask: init_app(app, dm)) or "
+            "polydatum.werkzeug.PolydatumWSGIMiddleware(app, dm) (Flask: init_app(app, dm)) or "
             "polydatum.asgi.PolydatumASGIMiddleware(app, dm), "
             'or open one yourself with "with dm.context():"'
         )
@@ -150,9 +185,38 @@ def reason(status: int) -> str:
         return "Error"
 
 
+def client_message(status: int, exc: BaseException) -> str:
+    """The text a client gets for a mapped error; the details go to the log.
+
+    The text is the error's :attr:`~polydatum.errors.ServiceError.public_message`
+    (the reason phrase when that is empty). An error whose full message was
+    withheld from the client, and every 5xx, is logged on the ``polydatum``
+    logger with its traceback: ERROR for 5xx, INFO for the rest. Nothing is
+    logged for an error the client sees in full, such as
+    ``NotFound("no note 5")``.
+    """
+    public = exc.public_message if isinstance(exc, ServiceError) else ""
+    detail = str(exc)
+    if status >= 500 or public != detail:
+        logger.log(
+            logging.ERROR if status >= 500 else logging.INFO,
+            "answered %d to a %s: %s",
+            status,
+            type(exc).__name__,
+            detail,
+            exc_info=exc,
+            extra={"polydatum_status": status},
+        )
+    return public or reason(status)
+
+
 def error_body(status: int, exc: BaseException) -> bytes:
-    """The JSON body of a mapped error: ``{"status", "error", "message"}``."""
-    payload = {"status": status, "error": reason(status), "message": str(exc) or reason(status)}
+    """The JSON body of a mapped error: ``{"status", "error", "message"}``.
+
+    ``message`` is :func:`client_message`: the error's public message, never
+    a detail it keeps for the log.
+    """
+    payload = {"status": status, "error": reason(status), "message": client_message(status, exc)}
     return json.dumps(payload).encode("utf-8")
 
 
@@ -185,3 +249,74 @@ def merge_meta(meta: dict[str, Any], extra: object, fn: object) -> None:
         msg = f"the meta function {fn!r} returned {extra!r}; it must return a mapping (a dict)"
         raise TypeError(msg)
     meta.update(extra)
+
+
+#: The cookie and the header carrying commit positions (see :class:`Positions`).
+POSITION_COOKIE = "polydatum_position"
+POSITION_HEADER = "X-Polydatum-Position"
+#: How long a position cookie lives: replicas catch up long before.
+POSITION_COOKIE_AGE = 300
+
+
+class Positions:
+    """Read-your-writes across requests: the commit positions a client carries.
+
+    With ``"cookie"``, a response whose context committed a write sets the
+    ``polydatum_position`` cookie (``HttpOnly``, ``SameSite=Lax``, 5 minutes);
+    with ``"header"``, it returns the ``X-Polydatum-Position`` header, which
+    the client sends back on its next request. Either way the next request's
+    meta gets ``min_position``, so it reads only from replicas that replayed
+    that write. The client's value is hostile input: it is parsed strictly
+    (:func:`polydatum._positions.decode`) and a malformed one is ignored, as
+    if absent.
+    """
+
+    __slots__ = ("mode",)
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("cookie", "header"):
+            msg = f"positions must be 'cookie', 'header' or None, got {mode!r}"
+            raise ValueError(msg)
+        self.mode = mode
+
+    def incoming(self, cookie: str | None, header: str | None) -> dict[str, str] | None:
+        """The positions the client sent (``Cookie`` header or our header), or None."""
+        from polydatum._positions import decode
+
+        value = header if self.mode == "header" else _cookie_value(cookie, POSITION_COOKIE)
+        if not value:
+            return None
+        try:
+            return decode(value)
+        except ValueError:
+            logger.debug("ignored a malformed %s from the client", self.mode)
+            return None
+
+    def outgoing(self, ctx: DataAccessContext) -> tuple[str, str] | None:
+        """The response header to add once ``ctx`` committed, or None when it wrote nothing."""
+        from polydatum._positions import committed, encode, required
+
+        if not committed(ctx):
+            return None
+        value = encode(required(ctx))
+        if self.mode == "header":
+            return (POSITION_HEADER, value)
+        return (
+            "Set-Cookie",
+            f"{POSITION_COOKIE}={value}; Path=/; Max-Age={POSITION_COOKIE_AGE}; HttpOnly; SameSite=Lax",
+        )
+
+
+def _cookie_value(cookie: str | None, name: str) -> str | None:
+    if not cookie:
+        return None
+    for part in cookie.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
+
+
+def positions_from(positions: str | None) -> Positions | None:
+    """The :class:`Positions` of a middleware's ``positions=`` argument."""
+    return None if positions is None else Positions(positions)

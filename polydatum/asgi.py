@@ -28,7 +28,8 @@ Starlette, FastAPI or a bare ASGI callable, and imports none of them. Each
 What it guarantees:
 
 - **Meta** comes from the scope: ``request_id`` (the ``x-request-id``
-  header, or 32 new random hex digits), ``remote_addr``, ``method`` and
+  header when it is 1-200 printable ASCII characters, else 32 new random
+  hex digits), ``remote_addr``, ``method`` and
   ``path``, with whatever your ``meta(scope)`` function (sync or async)
   returns merged over them.
 - **Streaming-safe.** An HTTP context stays open while the app streams its
@@ -42,7 +43,9 @@ What it guarantees:
 - **Errors.** A :class:`~polydatum.errors.ServiceError` (``NotFound`` →
   404, ``ConcurrencyConflict`` → 409, any other ``code``) raised before the
   response went out becomes a JSON response ``{"status", "error",
-  "message"}`` after the rollback. Anything else rolls back and propagates
+  "message"}`` after the rollback; ``message`` is the error's
+  ``public_message``, and a withheld message (or any 5xx) is logged on the
+  ``polydatum`` logger. Anything else rolls back and propagates
   to the server. Add the middleware *inside* Starlette's error handling
   (``app.add_middleware``) so unhandled exceptions reach it before
   Starlette turns them into 500s.
@@ -63,19 +66,22 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from inspect import isawaitable
 from typing import Any
 
+from polydatum._renamed import module_getattr
 from polydatum._web import (
     JSON_HEADERS,
     ResponseIncomplete,
     RollbackResponse,
     Veto,
     check_arguments,
-    current_context,
+    client_message,
     current_exchange,
     default_veto,
     error_body,
     error_status,
     merge_meta,
-    new_request_id,
+    positions_from,
+    request_context,
+    request_id,
 )
 from polydatum.context import DataAccessContext
 from polydatum.dal import DataAccessLayer, DataManager
@@ -87,17 +93,16 @@ __all__ = [
     "Message",
     "MetaFactory",
     "PolydatumASGIMiddleware",
-    "PolydatumMiddleware",
     "Receive",
     "ResponseIncomplete",
     "RollbackResponse",
     "Scope",
     "Send",
     "Veto",
-    "current_context",
     "dal_dependency",
     "default_meta",
     "default_veto",
+    "request_context",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -125,19 +130,20 @@ def default_meta(scope: Scope) -> dict[str, Any]:
         scope: the ASGI ``http`` or ``websocket`` scope.
 
     Returns:
-        ``request_id`` (``x-request-id`` or a new random 32-hex-digit id), ``remote_addr``,
+        ``request_id`` (``x-request-id`` when it is 1-200 printable ASCII
+        characters, else a new random 32-hex-digit id), ``remote_addr``,
         ``method`` (``GET`` for a WebSocket handshake) and ``path``.
 
     .. versionadded:: 2.0
     """
-    request_id = None
+    given = None
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
-            request_id = value.decode("latin-1")
+            given = value.decode("latin-1")
             break
     client = scope.get("client")
     return {
-        "request_id": request_id or new_request_id(),
+        "request_id": request_id(given),
         "remote_addr": client[0] if client else None,
         "method": scope.get("method", "GET"),
         "path": scope.get("path"),
@@ -158,10 +164,13 @@ class PolydatumASGIMiddleware:
         veto: ``veto(status, headers) -> bool`` with headers as ``str``
             pairs; True rolls the context back. Defaults to
             :func:`default_veto` (status >= 400).
+        positions: ``"cookie"`` or ``"header"``: read-your-writes across
+            requests, as for :class:`polydatum.werkzeug.PolydatumWSGIMiddleware`.
 
     Raises:
         TypeError: ``app``, ``meta`` or ``veto`` is not callable, or
             ``data_manager`` is not a DataManager.
+        ValueError: ``positions`` is not ``"cookie"``, ``"header"`` or None.
 
     .. versionadded:: 2.0
     """
@@ -172,8 +181,10 @@ class PolydatumASGIMiddleware:
         data_manager: DataManager,
         meta: MetaFactory | None = None,
         veto: Veto | None = None,
+        positions: str | None = None,
     ) -> None:
         check_arguments(app, data_manager, meta, veto, kind="ASGI", meta_takes="the ASGI scope")
+        self.positions = positions_from(positions)
         self.app = app
         self.data_manager = data_manager
         self.meta = meta
@@ -189,6 +200,16 @@ class PolydatumASGIMiddleware:
             TypeError: the meta function returned something that is not a mapping.
         """
         meta = default_meta(scope)
+        if self.positions is not None:
+            cookie = header = None
+            for name, value in scope.get("headers", ()):
+                if name == b"cookie":
+                    cookie = value.decode("latin-1")
+                elif name == b"x-polydatum-position":
+                    header = value.decode("latin-1")
+            sent = self.positions.incoming(cookie, header)
+            if sent is not None:
+                meta["min_position"] = sent
         if self.meta is not None:
             extra = self.meta(scope)
             if isawaitable(extra):
@@ -211,7 +232,10 @@ class PolydatumASGIMiddleware:
                 await _send_error(send, exc)
             else:
                 # Closing before accepting refuses the handshake (HTTP 403).
-                await send({"type": "websocket.close", "code": 1008, "reason": str(exc)[:120]})
+                # A close reason holds at most 123 bytes of UTF-8.
+                text = client_message(error_status(exc) or 500, exc)
+                reason = text.encode()[:123].decode("utf-8", "ignore")
+                await send({"type": "websocket.close", "code": 1008, "reason": reason})
             return
         exchange = _Exchange(self, ctx, send)
         token = current_exchange.set(exchange)
@@ -234,8 +258,10 @@ class PolydatumASGIMiddleware:
             if not exchange.exited:
                 # An HTTP app that returned before its last body message did not
                 # finish the response; a WebSocket that returned has closed.
-                incomplete = None if kind == "websocket" else ResponseIncomplete(
-                    "the response was not sent to its end; rolling back"
+                incomplete = (
+                    None
+                    if kind == "websocket"
+                    else ResponseIncomplete("the response was not sent to its end; rolling back")
                 )
                 # A start message still held is dropped: the server answers 500.
                 final = await exchange.exit(incomplete)
@@ -243,10 +269,6 @@ class PolydatumASGIMiddleware:
                     raise final
         finally:
             current_exchange.reset(token)
-
-
-#: The name :mod:`polydatum.werkzeug` uses, so both integrations read the same.
-PolydatumMiddleware = PolydatumASGIMiddleware
 
 
 class _Exchange:
@@ -320,6 +342,18 @@ class _Exchange:
             self.headers_sent = True
             await self._send(held)
 
+    def _add_position(self) -> None:
+        """Give the client the commit position, while the start message is still held."""
+        positions = self.middleware.positions
+        held = self.held
+        if positions is None or held is None:
+            return
+        header = positions.outgoing(self.ctx)
+        if header is not None:
+            name, value = header
+            added = (name.lower().encode("latin-1"), value.encode("latin-1"))
+            self.held = {**held, "headers": [*held.get("headers", []), added]}
+
     def _str_headers(self) -> list[tuple[str, str]]:
         return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers]
 
@@ -337,6 +371,7 @@ class _Exchange:
         try:
             if exc is None:
                 await self.ctx.__aexit__(None, None, None)
+                self._add_position()
                 return None
             suppressed = await self.ctx.__aexit__(type(exc), exc, exc.__traceback__)
             final: BaseException | None = None if suppressed else exc
@@ -389,3 +424,11 @@ def dal_dependency(data_manager: DataManager) -> Callable[[], Awaitable[DataAcce
         return data_manager.get_dal()
 
     return polydatum_dal
+
+
+# Names of the 2.0 development releases, kept working with a DeprecationWarning.
+__getattr__ = module_getattr(
+    __name__,
+    {"PolydatumMiddleware": "PolydatumASGIMiddleware", "current_context": "request_context"},
+    globals(),
+)

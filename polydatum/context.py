@@ -7,12 +7,18 @@ A :class:`DataAccessContext` is opened by ``with dm.context(meta):`` (or
 2. context middleware is set up in registration order;
 3. the body runs; resources are created on first access;
 4. middleware is torn down in reverse order, with the body's exception thrown
-   into each (a middleware may suppress it or replace it);
+   into each; a middleware may replace it (raise another) but never suppress
+   it: one that swallows it still leaves it in flight, as in polydatum 1.0;
 5. the ``on_commit`` hooks run if no exception is left, else the
    ``on_rollback`` hooks;
 6. resources are torn down in reverse order of creation; their errors are
    collected and logged, never raised;
 7. the context is popped from the stack. It cannot be entered again.
+
+The context is *active* (``dm.get_active_context()``, the DAL, services'
+``self._ctx``) from step 1 to step 7, also while it closes: a resource's
+teardown or a ``_final_hook`` may call the DAL, but resources cannot be
+created once the middleware has finished.
 """
 
 from __future__ import annotations
@@ -21,15 +27,19 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from inspect import isawaitable
-from typing import TYPE_CHECKING, Any
+from functools import wraps
+from inspect import isawaitable, iscoroutinefunction
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from polydatum import _factories
+from polydatum._factories import DONE
+from polydatum._generics import DalT
 
 # current_context, get_active_context and Meta live in their own modules and
 # are importable from here, as in polydatum 1.0.
-from polydatum._legacy import current_context, get_active_context
+from polydatum._legacy import LEGACY_STACK, current_context, get_active_context
 from polydatum._stack import CLOSING, CREATED, EXITED, NO_CONTEXT, OPEN, no_context_error
+from polydatum._wiring import Wiring
 from polydatum.errors import (
     ContextStateError,
     MiddlewareSetupException,
@@ -41,11 +51,14 @@ from polydatum.meta import EMPTY_META, Meta
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from polydatum.dal import DataAccessLayer, DataManager
+    from typing_extensions import Self
+
+    from polydatum.dal import DataManager
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 logger = logging.getLogger("polydatum")
 
-_DONE = _factories._DONE
 _MW = "context middleware"
 _RES = "resource"
 
@@ -59,30 +72,7 @@ __all__ = [
 ]
 
 
-
-
-class ResourceAttribute:
-    """Class-level accessor for one resource: creates it on first read.
-
-    It defines only ``__get__``, so once the value is stored on the instance
-    every later read is a plain attribute lookup.
-    """
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, ctx: DataAccessContext | None, owner: type | None = None) -> Any:
-        if ctx is None:
-            return self
-        return ctx._get_resource(self.name)
-
-    def __repr__(self) -> str:
-        return f"<resource {self.name!r}>"
-
-
-class DataAccessContext:
+class DataAccessContext(Generic[DalT]):
     """One unit of work: meta data, lazily created resources, commit hooks.
 
     Normally made by :meth:`DataManager.context` and used once as a context
@@ -90,14 +80,36 @@ class DataAccessContext:
     the first time it is read in this context.
 
     Each DataManager gives its contexts a class of their own, carrying one
-    accessor per registered resource; that is why ``type(ctx)`` is a
-    subclass of the class you asked for.
+    accessor per registered resource and the manager's wiring (see
+    ``_wiring.py``); that is why ``type(ctx)`` is a subclass of the class you
+    asked for.
+
+    Exiting takes one of three paths, the cheapest that fits:
+
+    =================  ============================================  ==========================
+    path               when                                          what it does
+    =================  ============================================  ==========================
+    pop only           nothing was set up, registered or created     reset the stack variable
+                       (``_dirty`` is False)
+    ``_exit_plain``    no context middleware, hooks or 1.0 hooks     tell the observer, close sync
+                       (``_lean``), no async resource                resources, pop
+    ``_close``         anything else (``_aclose`` for ``async``)     lifecycle steps 4 to 7
+    =================  ============================================  ==========================
+
+    Used as a decorator (``@dm.context(meta)``), it runs every call of the
+    function in a new context with the same meta.
+
+    Generic over the application's declaration of its services, which types
+    ``ctx.dal`` (see docs/typing.md); a subclass annotating resources
+    (``db: Session``) types ``ctx.db``.
 
     Attributes:
         data_manager: the owning DataManager.
         dal: the DataManager's DataAccessLayer.
         meta: read-only :class:`Meta`.
     """
+
+    dal: DalT
 
     # Class-level defaults keep __init__ cheap: most contexts never need them.
     _state = CREATED
@@ -109,16 +121,22 @@ class DataAccessContext:
     _resource_exit_errors: list[ExcInfo] | None = None
     _hook_errors: list[ExcInfo] | None = None
     _interrupt: BaseException | None = None
+    # Set only in contexts entered while the manager had an observer (see observer.py).
+    _observer: Any = None
+    _observed: Any = None
     _async_resources = False
     _has_legacy_hooks = False
-    # ``_plain`` (class level): the manager has no context middleware and the
-    # class no legacy hooks, so entering is just a push. ``_dirty`` (instance):
+    # ``_plain`` (class level): the manager has no context middleware, no
+    # observer and the class no legacy hooks, so entering is just a push. ``_dirty`` (instance):
     # middleware ran, a hook was registered or a resource created, so exiting
     # needs the full teardown. Together they keep the empty context cheap.
     _plain = False
+    # ``_lean`` (class level): ``_plain`` but for an observer (see observer.py):
+    # entering is a push and its call, exiting its calls, a pop and the resources.
+    _lean = False
     _dirty = False
-    # Bound classes point this at their manager's resource specs.
-    _specs: dict[str, _factories.Factory] | None = None
+    # Bound classes carry their manager's wiring (see _wiring.ContextClasses).
+    _wiring: Wiring
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -132,15 +150,14 @@ class DataAccessContext:
 
     def __init__(self, data_manager: DataManager, meta: Mapping[str, Any] | None = None) -> None:
         self.data_manager = data_manager
-        self.dal: DataAccessLayer = data_manager.get_dal()
+        self.dal = data_manager.get_dal()  # type: ignore[assignment]
         if meta is None:
             self.meta = EMPTY_META
         else:
-            self.meta = meta if type(meta) is Meta else Meta(meta)
-        bind = getattr(data_manager, "_bind_context_class", None)
-        if bind is not None:
-            # Give the instance the manager's class with its resource accessors.
-            self.__class__ = bind(type(self))
+            # A Meta subclass is kept as it is (1.0 code passes its own).
+            self.meta = meta if isinstance(meta, Meta) else Meta(meta)
+        # The manager's class for this one, with its resource accessors and wiring.
+        self.__class__ = data_manager.bind_context_class(type(self))
 
     def __repr__(self) -> str:
         state = ("created", "open", "closing", "exited")[self._state]
@@ -154,39 +171,43 @@ class DataAccessContext:
         return created is not None and name in created
 
     def _factory(self, name: str) -> _factories.Factory:
-        manager = self.data_manager._resource_manager
-        specs = getattr(manager, "_specs", None)
-        if specs is not None:
-            factory: _factories.Factory | None = specs.get(name)
-            if factory is not None:
-                return factory
-        elif name in manager:
-            found = _factories.as_factory(manager[name])
-            if found is not None:
-                return found
-        known = ", ".join(sorted(specs or ())) or "none"
-        msg = f"no resource named {name!r} in this context; registered resources: {known}"
-        raise AttributeError(msg)
+        wiring = self._wiring
+        factory = wiring.resources.get(name)
+        if factory is None and wiring.resource_for is not None:
+            factory = wiring.resource_for(name)
+        if factory is None:
+            known = ", ".join(sorted(wiring.resources)) or "none"
+            msg = f"no resource named {name!r} in this context; registered resources: {known}"
+            raise AttributeError(msg)
+        return factory
+
+    def _creatable(self, name: str) -> None:
+        """Raise unless resources may be created now (the context is open)."""
+        if self._state != OPEN:
+            if self._state == CLOSING:
+                msg = (
+                    f"{self!r} is closing: its middleware has finished, so resource {name!r} "
+                    "cannot be created any more; create it in the context's body"
+                )
+                raise ContextStateError(msg)
+            raise no_context_error(self, f"resource {name!r}")
 
     def _get_resource(self, name: str) -> Any:
         """Create the resource ``name`` on first use (called by its class attribute)."""
         created = self._created
         if created is not None and name in created:
             return created[name][2]
-        if self._state != OPEN:
-            raise no_context_error(self, f"resource {name!r}")
-        specs = self._specs
-        factory = specs.get(name) if specs is not None else None
+        factory = self._wiring.resources.get(name)
         if factory is None:
             factory = self._factory(name)
-        if factory.is_async:
+        self._creatable(name)
+        if factory.is_async or (factory.alt is not None and self._async):
             msg = f'resource {name!r} is async; get it with "await ctx.aget({name!r})" inside "async with"'
             raise ResourceException(msg)
         gen = factory.make(self)
-        value = next(gen, _DONE)
-        if value is _DONE:
-            msg = f"resource {name!r} did not yield on setup; it must yield exactly once"
-            raise ResourceSetupException(msg)
+        value = next(gen, DONE)
+        if value is DONE:
+            raise _factories.did_not_yield(_factories.label(_RES, name), ResourceSetupException)
         # Read again: the factory may have created resources it depends on.
         created = self._created
         if created is None:
@@ -210,16 +231,24 @@ class DataAccessContext:
         created = self._created
         if created is not None and name in created:
             return created[name][2]
+        factory = self._wiring.resources.get(name)
+        if factory is None:
+            factory = self._factory(name)
         if self._state != OPEN:
-            raise no_context_error(self, f"resource {name!r}")
-        factory = self._factory(name)
+            self._creatable(name)
+        if factory.alt is not None and self._async:
+            factory = factory.alt
         if not factory.is_async:
             return self._get_resource(name)
         if not self._async:
             msg = f'resource {name!r} is async; enter the context with "async with dm.context():"'
             raise ResourceException(msg)
         agen = factory.make(self)
-        value = await _factories.astart(agen, f"resource {name!r}", ResourceSetupException)
+        # _factories.astart, inline: one coroutine less on every first read.
+        try:
+            value = await agen.__anext__()
+        except StopAsyncIteration:
+            raise _factories.did_not_yield(_factories.label(_RES, name), ResourceSetupException) from None
         self._remember(name, agen, True, value)
         return value
 
@@ -279,7 +308,7 @@ class DataAccessContext:
         if not callable(fn):
             msg = f"hook must be callable, got {_factories.describe(fn)}"
             raise TypeError(msg)
-        if self._state > OPEN:
+        if self._state != OPEN:
             msg = f"{self!r} has already ended; register hooks while it is open"
             raise ContextStateError(msg)
         if self._hooks is None:
@@ -293,35 +322,61 @@ class DataAccessContext:
         if self._state != CREATED:
             msg = f"{self!r} was already used; a context is single-use, open a new one with dm.context()"
             raise ContextStateError(msg)
-        self._token = self.data_manager._ctx_var.set(self)
+        self._token = self._wiring.stack.set(self)
         self._state = OPEN
         if is_async:
             self._async = True
 
-    def __enter__(self) -> DataAccessContext:
-        if self._plain and not self._state:
+    def _middleware_specs(self) -> tuple[_factories.Factory, ...]:
+        wiring = self._wiring
+        if wiring.middleware_for is None:
+            return wiring.middleware
+        return wiring.middleware_for(self)
+
+    def __enter__(self) -> Self:
+        if self._plain and self._state == CREATED:
             self._token = self._push_ctx(self)
             self._state = OPEN
+            return self
+        if self._lean and self._state == CREATED:
+            self._token = self._push_ctx(self)
+            self._state = OPEN
+            self._enter_observed()
             return self
         self._push(False)
         self._dirty = True
         try:
+            observer = self._wiring.observer
+            if observer is not None:
+                self._observed = observer.context_entered(self)
+                self._observer = observer
             if self._has_legacy_hooks:
                 self._setup_hook()
-            dm = self.data_manager
-            specs = dm._middleware_specs if dm._static_middleware else dm._dynamic_middleware(self)
+            specs = self._middleware_specs()
             if specs:
                 self._setup_middleware(specs)
         except BaseException as exc:
             # Whatever failed, what was set up is torn down and the context popped;
             # the error escapes even if a middleware swallowed it, so hooks roll back.
-            self._close(exc, failed=True)
+            self._close(exc)
             raise
         return self
 
+    def _enter_observed(self) -> None:
+        """The lean entry's observer call; the context is pushed and open."""
+        self._dirty = True
+        observer = self._wiring.observer
+        if observer is not None:
+            try:
+                self._observed = observer.context_entered(self)
+            except BaseException as exc:
+                self._close(exc)
+                raise
+            self._observer = observer
+
     def _push_ctx(self, ctx: DataAccessContext) -> Any:
         # Bound classes replace this with the stack variable's own ``set``.
-        return self.data_manager._ctx_var.set(ctx)
+        return self._wiring.stack.set(ctx)
 
     def _setup_middleware(self, specs: tuple[_factories.Factory, ...]) -> None:
         started: list[tuple[Any, Any]] = []
@@ -332,29 +387,37 @@ class DataAccessContext:
                 msg = f'{what} is async; enter the context with "async with dm.context():"'
                 raise MiddlewareSetupException(msg)
             gen = spec.make(self)
-            if next(gen, _DONE) is _DONE:
+            if next(gen, DONE) is DONE:
                 what = _factories.label(_MW, spec.original)
-                msg = f"{what} did not yield on setup; it must yield exactly once"
-                raise MiddlewareSetupException(msg)
+                raise _factories.did_not_yield(what, MiddlewareSetupException)
             started.append((gen, spec.original))
 
-    async def __aenter__(self) -> DataAccessContext:
-        if self._plain and not self._state:
+    async def __aenter__(self) -> Self:
+        if self._plain and self._state == CREATED:
             self._token = self._push_ctx(self)
             self._state = OPEN
             self._async = True
             return self
+        if self._lean and self._state == CREATED:
+            self._token = self._push_ctx(self)
+            self._state = OPEN
+            self._async = True
+            self._enter_observed()
+            return self
         self._push(True)
         self._dirty = True
         try:
+            observer = self._wiring.observer
+            if observer is not None:
+                self._observed = observer.context_entered(self)
+                self._observer = observer
             if self._has_legacy_hooks:
                 self._setup_hook()
-            dm = self.data_manager
-            specs = dm._middleware_specs if dm._static_middleware else dm._dynamic_middleware(self)
+            specs = self._middleware_specs()
             if specs:
                 await self._asetup_middleware(specs)
         except BaseException as exc:
-            await self._aclose(exc, failed=True)
+            await self._aclose(exc)
             raise
         return self
 
@@ -362,6 +425,8 @@ class DataAccessContext:
         started: list[tuple[Any, Any]] = []
         self._middleware = started
         for spec in specs:
+            if spec.alt is not None:
+                spec = spec.alt  # a Dual's async form
             what = _factories.label(_MW, spec.original)
             gen = spec.make(self)
             if spec.is_async:
@@ -377,26 +442,24 @@ class DataAccessContext:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Literal[False]:
         if not self._dirty and self._state == OPEN:
             # Nothing was set up, registered or created: just pop.
             self._state = EXITED
             try:
-                self.data_manager._ctx_var.reset(self._token)
+                self._wiring.stack.reset(self._token)
             except ValueError:
                 self._state = OPEN
                 self._finish(exc)
             return False
         if exc_type is not None and exc is None:
             exc = exc_type()
-        if self._plain and self._hooks is None and self._state == OPEN:
+        if self._lean and self._hooks is None and self._state == OPEN:
             self._exit_plain(exc)
             return False
         final = self._close(exc)
-        if final is exc:
+        if final is None or final is exc:
             return False
-        if final is None:
-            return True
         raise final
 
     def _exit_plain(self, exc: BaseException | None) -> None:
@@ -404,12 +467,40 @@ class DataAccessContext:
 
         The common case of a request that used a session, kept lean.
         """
+        if self._observer is not None:
+            try:
+                self._observer.context_exiting(self, self._observed)
+            finally:
+                self._observer_exit(exc)
         self._state = CLOSING
         if self._created is not None:
             self._teardown_resources(exc)
         self._state = EXITED
         try:
-            self.data_manager._ctx_var.reset(self._token)
+            self._wiring.stack.reset(self._token)
+        except ValueError:
+            self._state = CLOSING
+            self._finish(exc)
+        escaping = self._escaping(exc)
+        if escaping is not None and escaping is not exc:
+            raise escaping
+
+    async def _aexit_plain(self, exc: BaseException | None) -> None:
+        """:meth:`_exit_plain` for a context that created async resources.
+
+        The common case of an async request that used an async session.
+        """
+        if self._observer is not None:
+            try:
+                self._observer.context_exiting(self, self._observed)
+            finally:
+                self._observer_exit(exc)
+        self._state = CLOSING
+        if self._created is not None:
+            await self._ateardown_resources(exc)
+        self._state = EXITED
+        try:
+            self._wiring.stack.reset(self._token)
         except ValueError:
             self._state = CLOSING
             self._finish(exc)
@@ -422,25 +513,26 @@ class DataAccessContext:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Literal[False]:
         if not self._dirty and self._state == OPEN:
             self._state = EXITED
             try:
-                self.data_manager._ctx_var.reset(self._token)
+                self._wiring.stack.reset(self._token)
             except ValueError:
                 self._state = OPEN
                 self._finish(exc)
             return False
         if exc_type is not None and exc is None:
             exc = exc_type()
-        if self._plain and self._hooks is None and self._state == OPEN and not self._async_resources:
-            self._exit_plain(exc)
+        if self._lean and self._hooks is None and self._state == OPEN:
+            if self._async_resources:
+                await self._aexit_plain(exc)
+            else:
+                self._exit_plain(exc)
             return False
         final = await self._aclose(exc)
-        if final is exc:
+        if final is None or final is exc:
             return False
-        if final is None:
-            return True
         raise final
 
     def _begin_close(self) -> None:
@@ -448,51 +540,72 @@ class DataAccessContext:
             msg = f"{self!r} is not open; it cannot be exited"
             raise ContextStateError(msg)
 
-    def _close(self, exc: BaseException | None, failed: bool = False) -> BaseException | None:
+    def _close(self, exc: BaseException | None) -> BaseException | None:
         """Steps 4-7 of the lifecycle; returns the exception that escapes."""
         if self._state != OPEN:
             self._begin_close()
         try:
+            if self._observer is not None:
+                self._observer.context_exiting(self, self._observed)
             middleware = self._middleware
             if middleware:
                 self._middleware = None
                 finish = _factories.finish
                 while middleware:
                     gen, original = middleware.pop()
-                    exc = finish(gen, exc, _MW, original)
+                    # None back while an exception is in flight is a middleware
+                    # swallowing it: it stays in flight (it cannot be suppressed).
+                    raised = finish(gen, exc, _MW, original)
+                    if raised is not None:
+                        exc = raised
             if self._has_legacy_hooks:
                 self._legacy_teardown(exc)
             if self._hooks:
-                self._run_hooks(exc is None and not failed)
+                self._run_hooks(exc is None)
         finally:
+            if self._observer is not None:
+                self._observer_exit(exc)
             self._state = CLOSING
             if self._created:
                 self._teardown_resources(exc)
             self._finish(exc)
         return self._escaping(exc)
 
-    async def _aclose(self, exc: BaseException | None, failed: bool = False) -> BaseException | None:
+    async def _aclose(self, exc: BaseException | None) -> BaseException | None:
         self._begin_close()
         try:
+            if self._observer is not None:
+                self._observer.context_exiting(self, self._observed)
             middleware = self._middleware
             if middleware:
                 self._middleware = None
                 while middleware:
                     gen, original = middleware.pop()
                     if hasattr(gen, "athrow"):
-                        exc = await _factories.afinish(gen, exc, _MW, original)
+                        raised = await _factories.afinish(gen, exc, _MW, original)
                     else:
-                        exc = _factories.finish(gen, exc, _MW, original)
+                        raised = _factories.finish(gen, exc, _MW, original)
+                    if raised is not None:
+                        exc = raised
             if self._has_legacy_hooks:
                 self._legacy_teardown(exc)
             if self._hooks:
-                await self._arun_hooks(exc is None and not failed)
+                await self._arun_hooks(exc is None)
         finally:
+            if self._observer is not None:
+                self._observer_exit(exc)
             self._state = CLOSING
             if self._created:
                 await self._ateardown_resources(exc)
             self._finish(exc)
         return self._escaping(exc)
+
+    def _observer_exit(self, exc: BaseException | None) -> None:
+        observer, self._observer = self._observer, None
+        try:
+            observer.context_exited(self, self._observed, exc)
+        except BaseException as err:
+            self._hook_failed(observer.context_exited, err)
 
     def _escaping(self, exc: BaseException | None) -> BaseException | None:
         """What leaves the context: ``exc``, unless an interrupt came up while closing.
@@ -522,7 +635,7 @@ class DataAccessContext:
                 # _factories.finish's success branch, inline: a sync resource
                 # closing after success is every request that used a session.
                 try:
-                    if next(gen, _DONE) is _DONE:
+                    if next(gen, DONE) is DONE:
                         continue
                 except BaseException as raised:
                     self._resource_failed(name, raised)
@@ -544,6 +657,18 @@ class DataAccessContext:
             name, (gen, is_async, _) = created.popitem()  # newest first
             pop(name, None)
             if is_async:
+                if exc is None:
+                    # _factories.afinish's success branch, inline (see _teardown_resources).
+                    try:
+                        await gen.__anext__()
+                    except StopAsyncIteration:
+                        continue
+                    except BaseException as raised:
+                        self._resource_failed(name, raised)
+                        continue
+                    await gen.aclose()
+                    self._resource_failed(name, _factories.yielded_twice(_RES, name))
+                    continue
                 err = await _factories.afinish(gen, exc, _RES, name)
             else:
                 err = _factories.finish(gen, exc, _RES, name)
@@ -616,7 +741,7 @@ class DataAccessContext:
                 self._final_hook(exc)
         finally:
             token, self._token = self._token, None
-            var = self.data_manager._ctx_var
+            var = self._wiring.stack
             try:
                 var.reset(token)
             except ValueError:
@@ -632,6 +757,36 @@ class DataAccessContext:
         except Exception:
             self.get_resource_exit_errors().append(sys.exc_info())  # type: ignore[arg-type]
 
+    # -- as a decorator ----------------------------------------------------
+
+    def __call__(self, func: F) -> F:
+        """Decorate ``func`` so that each call runs in a new context with this meta.
+
+        ``@dm.context(meta)`` and ``@dm.dal(meta)`` worked in 1.0, whose
+        contexts were ``contextlib`` context managers.
+
+        .. versionadded:: 2.0
+        """
+        if self._state != CREATED:
+            msg = f"{self!r} was already entered; decorate with a new dm.context() instead"
+            raise ContextStateError(msg)
+        dm, meta = self.data_manager, self.meta
+        if iscoroutinefunction(func):
+
+            @wraps(func)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                async with dm.context(meta):
+                    return await func(*args, **kwargs)
+
+            return run_async  # type: ignore[return-value]
+
+        @wraps(func)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with dm.context(meta):
+                return func(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
     # 1.0 extension points, kept for subclasses; they cost nothing unless overridden.
     def _setup_hook(self) -> None:
         """Called after the context is pushed, before middleware set-up."""
@@ -643,32 +798,15 @@ class DataAccessContext:
         """Called last, just before the context is popped."""
 
 
-
-class WarnIfCollectedOpen:
-    """Mixin: emit a ``ResourceWarning`` when an open context is garbage-collected.
-
-    A finaliser costs every context on its way out, while ``ResourceWarning``
-    is ignored by Python's default filters. A DataManager therefore mixes this
-    into its context classes only when, at its creation, ResourceWarning is
-    not ignored: under ``python -X dev``, ``-W default`` or pytest.
-    """
-
-    __slots__ = ()
-    _state: int
-
-    def __del__(self) -> None:
-        if self._state == OPEN:
-            warnings.warn(
-                f"{self!r} was garbage-collected while still open; use it as "
-                '"with dm.context():" so it is always exited',
-                ResourceWarning,
-                stacklevel=1,
-            )
-
-
-def resource_warnings_shown() -> bool:
-    """Whether the current warning filters let a ResourceWarning through."""
-    for action, message, category, module, _ in warnings.filters:
-        if issubclass(ResourceWarning, category) and message is None and module is None:
-            return action != "ignore"
-    return True
+def __getattr__(name: str) -> Any:
+    # 1.0's module-level stack, deprecated since 0.8.4: kept as a warning alias.
+    if name == "_ctx_stack":
+        warnings.warn(
+            "polydatum.context._ctx_stack is deprecated since 0.8.4; use dm.ctx_stack, "
+            "dm.get_active_context() or self._ctx in services",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return LEGACY_STACK
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -16,37 +16,34 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
-from polydatum import _factories, _registry
-from polydatum._legacy import track
-from polydatum._stack import NO_CONTEXT, OPEN, new_stack_var, no_context_error
-from polydatum.context import (
-    DataAccessContext,
-    ResourceAttribute,
-    WarnIfCollectedOpen,
-    resource_warnings_shown,
-)
-from polydatum.errors import (
-    AlreadyExistsException,
-    DalMethodError,
-    InvalidMiddleware,
-    NoActiveContextError,
-)
-from polydatum.meta import EMPTY_META, Meta
-from polydatum.middleware import (
+from polydatum import _factories, _invalidation
+from polydatum._commands import (
+    Command,
     DalCommand,
     DalCommandRequest,
     PathSegment,
     dal_method_resolver_middleware,
-    dal_resolver,
     handle_dal_method,
-    resolve_owner,
 )
+from polydatum._generics import CtxT, DalT
+from polydatum._legacy import ContextStack, track
+from polydatum._stack import CLOSING, OPEN, new_stack_var, no_context_error
+from polydatum._wiring import ContextClasses, Wiring
+from polydatum.context import DataAccessContext
+from polydatum.errors import (
+    AlreadyExistsException,
+    DalMethodError,
+    InvalidMiddleware,
+    InvalidResource,
+    NoActiveContextError,
+)
+from polydatum.observer import Observer
 from polydatum.resources import ResourceManager
 from polydatum.services import check_service
 
-_Segment = PathSegment
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["DataAccessLayer", "DataManager"]
 
@@ -54,9 +51,22 @@ Handler = Callable[[DalCommandRequest], Any]
 
 # Attribute names of the DAL itself; never turned into commands.
 _DAL_ATTRS = frozenset(
-    {"_services", "_data_manager", "_handler", "_middleware", "_default_middleware",
-     "_base_handler", "_direct", "_async_chain", "_by_string", "_fast_capable"}
+    {
+        "_services",
+        "_data_manager",
+        "_handler",
+        "_middleware",
+        "_default_middleware",
+        "_base_handler",
+        "_direct",
+        "_async_chain",
+        "_by_string",
+        "_fast_capable",
+        "_observer",
+    }
 )
+# dal.<name> is kept as an attribute only for registered names, so that a
+# stream of unknown names (from a routing table, from a client) cannot grow it.
 _MAX_STRING_PATHS = 1024
 
 
@@ -92,116 +102,6 @@ def _link(middleware: Any, handler: Handler) -> Handler:
     return next_step
 
 
-def _stale_get() -> Any:
-    return NO_CONTEXT
-
-
-# State of a command that must take the slow path: the context check fails.
-_STALE: tuple[Any, Any, str, Callable[[], Any]] = (None, (), "", _stale_get)
-
-
-class _ChainMarker(tuple):  # type: ignore[type-arg]
-    """Truthy marker in a command's state: "run the middleware chain"."""
-
-
-_CHAIN = _ChainMarker(("<chain>",))
-
-
-class _Command(DalCommand):
-    """The DAL's own commands: children and path resolution are cached.
-
-    The fast path keeps everything it needs in one tuple, ``_st``: the
-    top-level service (pure given the registry), the names in between, the
-    method name and the stack getter. Intermediate names and the method are
-    looked up at call time, so a patched sub-service or method takes effect
-    on the very next call; registry changes reset ``_st`` to :data:`_STALE`.
-    """
-
-    _st = _STALE
-    _resolved: tuple[int, tuple[str, ...]] | None = None
-
-    def __init__(self, dal: DataAccessLayer, path: tuple[_Segment, ...]) -> None:
-        self._handler = dal._call
-        self.path = path
-        self._dal = dal
-
-    def __getattr__(self, name: str) -> DalCommand:
-        if name[:2] == "__":
-            raise AttributeError(name)
-        child = _Command(self._dal, (*self.path, _Segment(name)))
-        self.__dict__[name] = child
-        return child
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        owner, middle, name, get_ctx = self._st
-        ctx = get_ctx()
-        if ctx._state != OPEN:
-            return self._call_slow(args, kwargs)
-        if middle:
-            if middle is _CHAIN:
-                return owner._dispatch(ctx, self, args, kwargs)
-            try:
-                for step in middle:
-                    owner = getattr(owner, step)
-            except AttributeError:
-                return self._call_slow(args, kwargs)
-        return getattr(owner, name)(*args, **kwargs)
-
-    def _call_slow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        dal = self._dal
-        dm = dal._data_manager
-        ctx = dm._ctx_var.get() if dm is not None else NO_CONTEXT
-        if ctx._state != OPEN:
-            raise no_context_error(ctx, f"dal.{self}")
-        if dm is None:
-            return dal._dispatch(ctx, self, args, kwargs)
-        if dal._direct and len(self.path) > 1:
-            # Raises DalMethodError naming the bad step.
-            resolve_owner(dal._services, self.path, callable_only=True)
-            names = self._names()
-            self._st = (dal._services[names[0]], names[1:-1], names[-1], dm._ctx_var.get)
-        else:
-            # Calls go through the middleware chain; the resolver caches the target.
-            self._st = (dal, _CHAIN, "", dm._ctx_var.get)
-        _registry.track(self)
-        return self(*args, **kwargs)
-
-    def _names(self) -> tuple[str, ...]:
-        return tuple(segment.name for segment in self.path)
-
-    def _invalidate(self) -> None:
-        self._st = _STALE
-        self._resolved = None
-
-    def _target_for(self, ctx: DataAccessContext) -> Any:
-        """The callable this command names now (used by the resolver middleware).
-
-        Only the validation is cached; the names are looked up again on every
-        call, like the direct path does, so a patched method or sub-service
-        is seen at once.
-        """
-        if ctx.dal is not self._dal:
-            return dal_resolver(ctx, self.path)
-        resolved = self._resolved
-        services = self._dal._services
-        if resolved is None or resolved[0] != _registry.version:
-            _, target = resolve_owner(services, self.path, callable_only=True)
-            self._resolved = (_registry.version, self._names())
-            _registry.track(self)
-            return target
-        names = resolved[1]
-        obj = services[names[0]]
-        try:
-            for step in names[1:]:
-                obj = getattr(obj, step)
-        except AttributeError:
-            # Gone since validated (a patch undone badly, a deleted attribute):
-            # validate again, which names the missing step.
-            self._resolved = None
-            return self._target_for(ctx)
-        return obj
-
-
 class DataAccessLayer:
     """Access to a DataManager's services: ``dal.users.get(42)``.
 
@@ -228,6 +128,7 @@ class DataAccessLayer:
         self._default_middleware = tuple(default_middleware or ())
         self._middleware: list[Any] = []
         self._by_string: dict[str, DalCommand] = {}
+        self._observer: Observer | None = None
         # A subclass overriding _call or __getattr__ keeps full control of calls.
         cls = type(self)
         self._fast_capable = (
@@ -254,7 +155,7 @@ class DataAccessLayer:
             and self._default_middleware == (dal_method_resolver_middleware,)
             and self._base_handler is handle_dal_method
         )
-        _registry.bump()
+        _invalidation.bump()
 
     @staticmethod
     def _instantiate(m: Any) -> Any:
@@ -268,12 +169,34 @@ class DataAccessLayer:
             raise InvalidMiddleware(msg)
         return m
 
-    def add_middleware(self, *middleware: Any) -> None:
+    def add_middleware(self, *middleware: Any, outermost: bool = False) -> None:
         """Append method middleware inside the existing ones (outermost first).
+
+        Args:
+            outermost: put them outside the existing ones instead, so that
+                every method middleware, registered before or after, runs
+                inside them (instrumentation uses this).
 
         .. versionadded:: 2.0
         """
-        self._build_chain([*self._middleware, *middleware])
+        if outermost:
+            self._build_chain([*middleware, *self._middleware])
+        else:
+            self._build_chain([*self._middleware, *middleware])
+
+    def remove_middleware(self, middleware: Any) -> None:
+        """Remove a method middleware added earlier (the very object that was added).
+
+        Raises:
+            ValueError: if it is not registered.
+
+        .. versionadded:: 2.0
+        """
+        kept = [m for m in self._middleware if m is not middleware]
+        if len(kept) == len(self._middleware):
+            msg = f"method middleware {_factories.describe(middleware)} is not registered; nothing to remove"
+            raise ValueError(msg)
+        self._build_chain(kept)
 
     # -- services ----------------------------------------------------------
 
@@ -295,7 +218,12 @@ class DataAccessLayer:
         return self
 
     def replace_service(self, key: str, service: Any) -> Any:
-        """Register ``service`` under ``key``, replacing any previous one (tests)."""
+        """Register ``service`` under ``key``, replacing any previous one (tests).
+
+        Returns:
+            ``service``, set up (as in 1.0; :meth:`DataManager.replace_service`
+            returns the one replaced).
+        """
         self._check_name(key)
         check_service(key, service)
         return self._init_service(key, service)
@@ -313,21 +241,21 @@ class DataAccessLayer:
     def _init_service(self, key: str, service: Any) -> Any:
         service.setup(self._data_manager)
         self._services[key] = service
-        _registry.bump()
+        _invalidation.bump()
         return service
 
     # -- calls -------------------------------------------------------------
 
     def _new_command(self, path: tuple[PathSegment, ...]) -> DalCommand:
         if self._fast_capable:
-            return _Command(self, path)
+            return Command(self, path)
         return DalCommand(self._call, path)
 
     def __getattr__(self, name: str) -> DalCommand:
         if name[:2] == "__" or name in _DAL_ATTRS:
             raise AttributeError(name)
         command = self._new_command((PathSegment(name),))
-        if self._fast_capable:
+        if self._fast_capable and name in self._services:
             # Cached as a plain attribute: the next ``dal.<name>`` is a dict hit.
             self.__dict__[name] = command
         return command
@@ -358,8 +286,14 @@ class DataAccessLayer:
         return self._run_chain(ctx, DalCommandRequest(ctx, path, args, kwargs))
 
     def _dispatch(
-        self, ctx: DataAccessContext, command: _Command, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, ctx: DataAccessContext, command: Command, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        observer = self._observer
+        if observer is not None:
+            # The state is the observer's own only if it saw this context enter.
+            state = ctx._observed if ctx._observer is observer else None
+            return observer.dal_call(ctx, state, command.path, command.proceed, args, kwargs)
+        # Command.proceed's chain branch, inline: S6 (method middleware) is this path.
         request = DalCommandRequest(ctx, command.path, args, kwargs)
         request._command = command
         if self._async_chain and not ctx._async:
@@ -367,9 +301,26 @@ class DataAccessLayer:
         return self._handler(request)
 
     def _run_chain(self, ctx: DataAccessContext, request: DalCommandRequest) -> Any:
+        observer = self._observer
+        if observer is not None:
+            handler = self._handler
+
+            def proceed(ctx: DataAccessContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                request.args, request.kwargs = args, kwargs
+                return handler(request)
+
+            if self._async_chain and not ctx._async:
+                self._refuse_sync(request)
+            state = ctx._observed if ctx._observer is observer else None
+            return observer.dal_call(ctx, state, request.path, proceed, request.args, request.kwargs)
         if self._async_chain and not ctx._async:
             self._refuse_sync(request)
         return self._handler(request)
+
+    def _set_observer(self, observer: Observer | None) -> None:
+        # Commands on the direct route never look for an observer: re-route them.
+        self._observer = observer
+        _invalidation.bump()
 
     @staticmethod
     def _refuse_sync(request: DalCommandRequest) -> None:
@@ -380,143 +331,233 @@ class DataAccessLayer:
         raise NoActiveContextError(msg)
 
 
-def _bound_init(self: DataAccessContext, meta: Mapping[str, Any] | None = None) -> None:
-    if meta is not None:
-        self.meta = meta if type(meta) is Meta else Meta(meta)
+class _DalScope(Generic[DalT]):
+    """What ``dm.dal()`` returns: a context manager (sync or async) yielding the DAL.
 
-
-class _DalScope:
-    """What ``dm.dal()`` returns: a context manager (sync or async) yielding the DAL."""
+    Like 1.0's ``@contextmanager``-based ``dm.dal()``, it also decorates a
+    function: every call then runs in a context of its own. To type
+    checkers it yields the application's declaration of its services.
+    """
 
     __slots__ = ("_ctx",)
 
     def __init__(self, ctx: DataAccessContext) -> None:
         self._ctx = ctx
 
-    def __enter__(self) -> DataAccessLayer:
+    def __enter__(self) -> DalT:
         self._ctx.__enter__()
-        return self._ctx.dal
+        return self._ctx.dal  # type: ignore[no-any-return]
 
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Literal[False]:
         return self._ctx.__exit__(exc_type, exc, tb)
 
-    async def __aenter__(self) -> DataAccessLayer:
+    async def __aenter__(self) -> DalT:
         await self._ctx.__aenter__()
-        return self._ctx.dal
+        return self._ctx.dal  # type: ignore[no-any-return]
 
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Literal[False]:
         return await self._ctx.__aexit__(exc_type, exc, tb)
 
+    def __call__(self, func: F) -> F:
+        """Decorate ``func``: each call runs inside a new context with this meta.
 
-class _StackView:
-    """1.0's ``dm.ctx_stack``: read-only view with ``.top``."""
-
-    __slots__ = ("_dm",)
-
-    def __init__(self, dm: DataManager) -> None:
-        self._dm = dm
-
-    @property
-    def top(self) -> DataAccessContext | None:
-        return self._dm.get_active_context()
+        .. versionadded:: 2.0
+        """
+        return self._ctx(func)
 
 
 _DAL = DataAccessLayer
 
 
-class DataManager:
+def _custom_lookup(manager: Any) -> bool:
+    """Whether a resource manager answers lookups its own way (1.0 allowed subclasses)."""
+    cls = type(manager)
+    return not isinstance(manager, ResourceManager) or (
+        cls.__getitem__ is not ResourceManager.__getitem__
+        or cls.__contains__ is not ResourceManager.__contains__
+    )
+
+
+class DataManager(Generic[DalT, CtxT]):
     """The registry of services, resources and middleware of an application.
 
     Make one per process and open a context per unit of work.
 
+    Generic, for type checkers only, over the application's declaration of
+    its services and its context class: ``DataManager[Dal, Ctx]()`` makes
+    ``with dm.dal() as dal:`` give ``dal.users`` the type ``Users`` (see
+    docs/typing.md). ``DataManager()`` keeps 1.0's untyped DAL.
+
     Args:
         resource_manager: a custom :class:`~polydatum.resources.ResourceManager`.
+            One that overrides ``__contains__``/``__getitem__`` (like a
+            DataManager subclass overriding :meth:`get_resource`) is asked
+            for every resource a context creates, as in 1.0.
+
+    Attributes:
+        wiring: what this manager's contexts read from it, a frozen
+            :class:`~polydatum._wiring.Wiring` rebuilt on every registration.
     """
 
     DataAccessLayer: Callable[..., Any] = DataAccessLayer
 
     def __init__(self, resource_manager: ResourceManager | None = None) -> None:
         # One ContextVar per DataManager keeps managers (and tests) isolated.
-        self._ctx_var = new_stack_var(self)
-        self._resource_manager = resource_manager or ResourceManager(self)
+        self._stack_var = new_stack_var(self)
+        self._resource_manager = resource_manager if resource_manager is not None else ResourceManager(self)
         self._middleware: list[Any] = []
         self._middleware_specs: tuple[_factories.Factory, ...] = ()
+        self._observer: Observer | None = None
         cls = type(self)
+        self._lookup_resources = cls.get_resource is not DataManager.get_resource or _custom_lookup(
+            self._resource_manager
+        )
         self._static_middleware = cls.get_middleware is DataManager.get_middleware
         self._dal: _DAL = self.DataAccessLayer(self)
-        self._context_classes: dict[type[DataAccessContext], type[DataAccessContext]] = {}
+        self.wiring = self._new_wiring()
+        self._classes = ContextClasses(self, self.wiring)
         if cls.context is DataManager.context and cls.get_dal is DataManager.get_dal:
             # The bound class carries the manager and DAL as class attributes,
             # so ``dm.context()`` is an allocation plus a two-line __init__:
             # every request creates one.
-            self.__dict__["context"] = self._bind_context_class(DataAccessContext)
+            self.__dict__["context"] = self._classes.bind(DataAccessContext)
         track(self)
 
-    def _bind_context_class(self, cls: type[DataAccessContext]) -> type[DataAccessContext]:
-        """The subclass of ``cls`` this manager's contexts use (with resource accessors)."""
-        if cls.__dict__.get("_bound_to") is self:
-            return cls
-        bound = self._context_classes.get(cls)
-        if bound is None:
-            namespace: dict[str, Any] = {
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "__doc__": cls.__doc__,
-                "_bound_to": self,
-            }
-            if cls is DataAccessContext:
-                namespace.update(
-                    __init__=_bound_init, data_manager=self, dal=self._dal, meta=EMPTY_META
+    # -- the seam to the contexts ---------------------------------------------
+
+    def _new_wiring(self) -> Wiring:
+        if self._lookup_resources:
+            resources: dict[str, _factories.Factory] = {}
+        else:
+            manager = self._resource_manager
+            resources = {name: self._normalise(name, manager[name]) for name in manager}
+        specs = self._middleware_specs
+        return Wiring(
+            stack=self._stack_var,
+            middleware=specs,
+            middleware_for=None if self._static_middleware else self._dynamic_middleware,
+            resources=resources,
+            resource_for=self._looked_up if self._lookup_resources else None,
+            observer=self._observer,
+            lean=self._static_middleware and not specs,
+            plain=self._static_middleware and not specs and self._observer is None,
+        )
+
+    def _rewire(self) -> None:
+        self.wiring = self._new_wiring()
+        self._classes.rewire(self.wiring)
+
+    @staticmethod
+    def _normalise(name: str, resource: Any) -> _factories.Factory:
+        spec = _factories.as_factory(resource)
+        if spec is None:
+            msg = f"resource {name!r} must be {_factories.ACCEPTED}; got {_factories.describe(resource)}"
+            raise InvalidResource(msg)
+        return spec
+
+    def _looked_up(self, name: str) -> _factories.Factory | None:
+        resource = self.get_resource(name)
+        return None if resource is None else self._normalise(name, resource)
+
+    def bind_context_class(self, cls: type[DataAccessContext]) -> type[DataAccessContext]:
+        """The subclass of ``cls`` this manager's contexts use (it carries the wiring).
+
+        :class:`~polydatum.context.DataAccessContext` calls it on creation;
+        you need it only to build contexts of your own class by hand.
+
+        .. versionadded:: 2.0
+        """
+        return self._classes.bind(cls)
+
+    @property
+    def observer(self) -> Observer | None:
+        """The :class:`~polydatum.observer.Observer` set with :meth:`set_observer`, or None.
+
+        .. versionadded:: 2.0
+        """
+        return self._observer
+
+    def set_observer(self, observer: Observer | None) -> None:
+        """Tell ``observer`` about every context and DAL call from now on (None: stop).
+
+        See :mod:`polydatum.observer`. A manager has one observer at most:
+        instrumentation installs one, and uninstrumenting sets None back.
+
+        Raises:
+            TypeError: ``observer`` is not an :class:`~polydatum.observer.Observer`.
+            ValueError: another observer is already set (set None first).
+
+        .. versionadded:: 2.0
+        """
+        if observer is not None:
+            if not isinstance(observer, Observer):
+                msg = f"observer must be a polydatum.observer.Observer; got {_factories.describe(observer)}"
+                raise TypeError(msg)
+            if self._observer is not None and self._observer is not observer:
+                msg = (
+                    f"{self!r} already has the observer {self._observer!r}; "
+                    "call set_observer(None) first to replace it"
                 )
-            namespace["_push_ctx"] = staticmethod(self._ctx_var.set)
-            namespace["_specs"] = getattr(self._resource_manager, "_specs", None)
-            for name in getattr(self._resource_manager, "_resources", ()):
-                namespace[name] = ResourceAttribute(name)
-            bases: tuple[type, ...] = (cls,)
-            if resource_warnings_shown():
-                bases = (cls, WarnIfCollectedOpen)
-            bound = type(cls.__name__, bases, namespace)
-            self._context_classes[cls] = bound
-            self._update_plain()
-        return bound
-
-    def _update_plain(self) -> None:
-        plain = self._static_middleware and not self._middleware_specs
-        for bound in getattr(self, "_context_classes", {}).values():
-            bound._plain = plain and not bound._has_legacy_hooks
-
-    def _add_resource_attributes(self, names: Iterable[str]) -> None:
-        classes = getattr(self, "_context_classes", {})
-        for name in names:
-            for bound in classes.values():
-                if not isinstance(bound.__dict__.get(name), ResourceAttribute):
-                    setattr(bound, name, ResourceAttribute(name))
+                raise ValueError(msg)
+        self._observer = observer
+        self._dal._set_observer(observer)
+        self._rewire()
 
     # -- registration --------------------------------------------------------
 
-    def register_context_middleware(self, *middleware: Any) -> None:
+    def register_context_middleware(self, *middleware: Any, outermost: bool = False) -> None:
         """Add context middleware, in order of execution.
 
         Each is a generator callable taking the context and yielding once
-        (or an async generator, for async contexts).
+        (or an async generator, for async contexts, or a
+        :class:`~polydatum.resources.Dual` of both).
+
+        Args:
+            outermost: set them up before (and tear them down after) the ones
+                already registered, so that they see the exception every
+                other middleware lets out (instrumentation uses this).
 
         Raises:
             InvalidMiddleware: if one is not such a callable.
+
+        .. versionchanged:: 2.0
+           The ``outermost`` keyword.
         """
-        specs = [self._middleware_factory(m) for m in middleware]
-        self._middleware.extend(middleware)
-        self._middleware_specs = (*self._middleware_specs, *specs)
-        self._update_plain()
+        specs = tuple(self._middleware_factory(m) for m in middleware)
+        if outermost:
+            self._middleware[:0] = middleware
+            self._middleware_specs = (*specs, *self._middleware_specs)
+        else:
+            self._middleware.extend(middleware)
+            self._middleware_specs = (*self._middleware_specs, *specs)
+        self._rewire()
+
+    def remove_context_middleware(self, middleware: Any) -> None:
+        """Remove a context middleware registered earlier (the very object registered).
+
+        Contexts already open keep the middleware they were set up with.
+
+        Raises:
+            ValueError: if it is not registered.
+
+        .. versionadded:: 2.0
+        """
+        if not any(m is middleware for m in self._middleware):
+            msg = f"context middleware {_factories.describe(middleware)} is not registered; nothing to remove"
+            raise ValueError(msg)
+        self._middleware = [m for m in self._middleware if m is not middleware]
+        self._middleware_specs = tuple(s for s in self._middleware_specs if s.original is not middleware)
+        self._rewire()
 
     @staticmethod
     def _middleware_factory(m: Any) -> _factories.Factory:
@@ -533,39 +574,128 @@ class DataManager:
     def _dynamic_middleware(self, context: DataAccessContext) -> tuple[_factories.Factory, ...]:
         return tuple(self._middleware_factory(m) for m in self.get_middleware(context))
 
-    def register_method_middleware(self, *middleware: Any) -> None:
+    def register_method_middleware(self, *middleware: Any, outermost: bool = False) -> None:
         """Add method middleware around every DAL call, outermost first.
 
         Each is a callable ``(request, handler) -> result``; a class is
         instantiated once.
 
+        Args:
+            outermost: put them outside the ones already registered.
+
         .. versionadded:: 2.0
         """
-        self._dal.add_middleware(*middleware)
+        self._dal.add_middleware(*middleware, outermost=outermost)
+
+    def remove_method_middleware(self, middleware: Any) -> None:
+        """Remove a method middleware registered earlier (the very object registered).
+
+        Raises:
+            ValueError: if it is not registered.
+
+        .. versionadded:: 2.0
+        """
+        self._dal.remove_middleware(middleware)
+
+    def get_method_middleware(self) -> list[Any]:
+        """The method middleware around every DAL call, outermost first (a copy).
+
+        .. versionadded:: 2.0
+        """
+        return list(self._dal._middleware)
 
     def register_resources(self, **resources: Any) -> None:
         """Register resources by name (see :mod:`polydatum.resources`)."""
         self._resource_manager.register_resources(**resources)
-        self._add_resource_attributes(resources)
+        self._rewire()
 
-    def replace_resource(self, key: str, resource: Any) -> None:
-        """Replace the resource ``key`` (tests, alternative implementations)."""
+    def replace_resource(self, key: str, resource: Any) -> Any:
+        """Replace the resource ``key`` (tests, alternative implementations).
+
+        Returns:
+            the resource registered there before, or None.
+
+        .. versionchanged:: 2.0
+           Returns the replaced resource.
+        """
+        previous = self.get_resource(key)
         self._resource_manager.replace_resource(key, resource)
-        self._add_resource_attributes([key])
+        self._rewire()
+        return previous
 
     def register_services(self, **services: Any) -> None:
         """Register services by name on the DAL."""
         self._dal.register_services(**services)
 
-    def replace_service(self, key: str, service: Any) -> None:
-        """Replace the service ``key`` (tests, alternative implementations)."""
-        self._dal.replace_service(key, service)
+    def replace_service(self, key: str, service: Any) -> Any:
+        """Replace the service ``key``; a dotted key replaces a nested one (tests).
+
+        Returns:
+            the service registered there before, or None.
+
+        .. versionchanged:: 2.0
+           Returns the replaced service, and takes dotted keys.
+        """
+        *parents, name = key.split(".")
+        if not parents:
+            previous = self._dal._services.get(name)
+            self._dal.replace_service(name, service)
+            return previous
+        owner = self.get_service(".".join(parents))
+        if owner is None:
+            msg = f"no service {'.'.join(parents)!r} to nest {name!r} under; register it first"
+            raise LookupError(msg)
+        check_service(key, service)
+        nested = owner._sub_services() if hasattr(owner, "_sub_services") else owner._services
+        previous = nested.get(name)
+        service.setup(self)
+        nested[name] = service
+        _invalidation.bump()
+        return previous
+
+    def get_service(self, path: str) -> Any:
+        """The service registered at ``path`` (``"users"``, or nested ``"users.profiles"``), or None.
+
+        .. versionadded:: 2.0
+        """
+        first, *rest = path.split(".")
+        service = self._dal._services.get(first)
+        for name in rest:
+            if service is None:
+                return None
+            nested = getattr(service, "_services", None)
+            service = nested.get(name) if isinstance(nested, dict) else None
+        return service
+
+    def get_services(self, path: str = "") -> dict[str, Any]:
+        """The services registered at the top (or nested under ``path``), by name.
+
+        A copy: registering goes through :meth:`register_services`.
+
+        .. versionadded:: 2.0
+        """
+        if not path:
+            return dict(self._dal._services)
+        nested = getattr(self.get_service(path), "_services", None)
+        return dict(nested) if isinstance(nested, dict) else {}
 
     def get_resource(self, name: str) -> Any:
-        """The registered resource factory ``name``, or None."""
+        """The registered resource factory ``name``, or None.
+
+        A subclass may override it to compute resources; contexts then ask
+        it for every resource they create, as in 1.0.
+        """
         if name in self._resource_manager:
             return self._resource_manager[name]
         return None
+
+    @property
+    def resource_manager(self) -> ResourceManager:
+        """The :class:`~polydatum.resources.ResourceManager` holding the resources.
+
+        .. versionadded:: 2.0
+        """
+        return self._resource_manager
 
     def get_dal(self) -> _DAL:
         """This DataManager's DataAccessLayer."""
@@ -573,35 +703,46 @@ class DataManager:
 
     # -- contexts ------------------------------------------------------------
 
-    def context(self, meta: Mapping[str, Any] | None = None) -> DataAccessContext:
-        """A new, not yet entered context: ``with dm.context(meta) as ctx:``."""
-        return DataAccessContext(self, meta=meta)
+    def context(self, meta: Mapping[str, Any] | None = None) -> CtxT:
+        """A new, not yet entered context: ``with dm.context(meta) as ctx:``.
 
-    def dal(self, meta: Mapping[str, Any] | None = None) -> _DalScope:
+        It also decorates a function (``@dm.context()``): every call then
+        runs in a new context with this meta.
+        """
+        return DataAccessContext(self, meta=meta)  # type: ignore[return-value]
+
+    def dal(self, meta: Mapping[str, Any] | None = None) -> _DalScope[DalT]:
         """Open a new context and give its DAL: ``with dm.dal(meta) as dal:``.
 
-        Works with ``async with`` too.
+        Works with ``async with`` too, and as a decorator (``@dm.dal()``).
         """
         return _DalScope(self.context(meta))
 
-    def get_active_context(self) -> DataAccessContext | None:
-        """The innermost open context of this thread or task, or None."""
-        ctx = self._ctx_var.get()
-        return ctx if ctx._state == OPEN else None
+    def get_active_context(self) -> CtxT | None:
+        """The innermost context of this thread or task that has not exited, or None.
 
-    def require_active_context(self) -> DataAccessContext:
-        """The innermost open context of this thread or task.
+        A context is active from its entry until it has exited: also while
+        it closes (its resources' teardown and its final hook may call the
+        DAL, as in 1.0).
+        """
+        ctx = self._stack_var.get()
+        state = ctx._state
+        return ctx if state in (OPEN, CLOSING) else None
+
+    def require_active_context(self) -> CtxT:
+        """The innermost active context of this thread or task.
 
         Raises:
             NoActiveContextError: when none is open (a ``RuntimeError``).
             ContextStateError: when the context this task inherited has exited.
         """
-        ctx = self._ctx_var.get()
-        if ctx._state != OPEN:
+        ctx = self._stack_var.get()
+        state = ctx._state
+        if state not in (OPEN, CLOSING):
             raise no_context_error(ctx)
         return ctx  # type: ignore[no-any-return]
 
     @property
-    def ctx_stack(self) -> _StackView:
-        """1.0 compatibility: ``dm.ctx_stack.top`` is the active context."""
-        return _StackView(self)
+    def ctx_stack(self) -> ContextStack:
+        """1.0 compatibility: the stack of active contexts (``top``, ``push``, ``pop``)."""
+        return ContextStack(self)

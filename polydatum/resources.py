@@ -22,13 +22,14 @@ from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from polydatum import _factories
+from polydatum._factories import Dual
 from polydatum.errors import AlreadyExistsException, InvalidResource
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
     from polydatum.dal import DataManager
 
-__all__ = ["Resource", "ResourceManager", "ValueResource"]
+__all__ = ["Dual", "Resource", "ResourceManager", "ValueResource"]
 
 T = TypeVar("T")
 
@@ -68,7 +69,6 @@ class ResourceManager:
 
     def __init__(self, data_manager: DataManager | None) -> None:
         self._resources: dict[str, Any] = {}
-        self._specs: dict[str, _factories.Factory] = {}
         self._data_manager = data_manager
 
     def register_resources(self, **resources: Any) -> None:
@@ -95,18 +95,13 @@ class ResourceManager:
         if key in _RESERVED or key.startswith("__") or hasattr(DataAccessContext, key):
             msg = f"resource name {key!r} is taken by DataAccessContext; pick another name"
             raise ValueError(msg)
-        spec = _factories.as_factory(resource)
-        if spec is None:
+        if _factories.as_factory(resource) is None:
             msg = f"resource {key!r} must be {_factories.ACCEPTED}; got {_factories.describe(resource)}"
             raise InvalidResource(msg)
         setup = getattr(resource, "setup", None)
         if callable(setup) and self._data_manager is not None:
             setup(self._data_manager)
         self._resources[key] = resource
-        self._specs[key] = spec
-        add_attributes = getattr(self._data_manager, "_add_resource_attributes", None)
-        if add_attributes is not None:
-            add_attributes([key])
 
     def __getitem__(self, name: str) -> Any:
         return self._resources[name]

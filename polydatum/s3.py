@@ -11,7 +11,7 @@ with ``pip install "polydatum[s3]"``.
     from polydatum.s3 import S3BlobStore
 
     blobs = S3BlobStore("my-bucket", prefix="uploads/", region_name="eu-west-1")
-    blobs.ping()                      # the bucket exists and answers
+    blobs.check()                     # the bucket exists and answers (ping() -> bool)
 
     dm = DataManager()
     blobs.install(dm, name="blobs")   # put undone on rollback, delete on commit
@@ -49,6 +49,7 @@ from __future__ import annotations
 import datetime
 import io
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from typing import IO, Any, BinaryIO, cast
 
@@ -74,9 +75,10 @@ from polydatum.blob import (
     BlobNotFound,
     BlobStore,
     BlobStoreUnavailable,
-    _Reader,
     check_key,
 )
+from polydatum.blob._streams import Reader
+from polydatum.blob._url import CREDENTIAL_CHAIN, shown_url
 
 __all__ = ["S3BlobStore"]
 
@@ -87,8 +89,14 @@ MAX_URL_EXPIRY = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
 
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {
-    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "AllAccessDisabled",
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
 }
 _BUSY = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
 _UNAVAILABLE = (BotoConnectionError, HTTPClientError)
@@ -115,7 +123,9 @@ class S3BlobStore(BlobStore):
             ``config=botocore.config.Config(...)`` is merged over ours.
 
     Raises:
-        ValueError: an empty bucket, a bad prefix, or a chunk size under 5 MiB.
+        ValueError: an empty bucket, a bucket with ``@`` (credentials do not go
+            there), an endpoint URL (``endpoint_url`` or the ``client``'s) with a
+            user name or password, a bad prefix, or a chunk size under 5 MiB.
         TypeError: ``client`` together with client options.
 
     .. versionadded:: 2.0
@@ -138,6 +148,22 @@ class S3BlobStore(BlobStore):
         if not isinstance(bucket, str) or not bucket:
             msg = f"bucket must be a non-empty str, got {bucket!r}"
             raise ValueError(msg)
+        if "@" in bucket:
+            # Not echoed: it is most likely "key:secret@bucket".
+            msg = (
+                "the bucket name contains '@', so it looks like credentials and a bucket "
+                f"('key:secret@bucket'); pass the bucket alone: S3BlobStore finds credentials "
+                f"in {CREDENTIAL_CHAIN}"
+            )
+            raise ValueError(msg)
+        problem = _endpoint_credentials(client_options.get("endpoint_url"), "endpoint_url")
+        if problem is None and client is not None:
+            problem = _endpoint_credentials(
+                getattr(getattr(client, "meta", None), "endpoint_url", None),
+                "the endpoint URL of the client given",
+            )
+        if problem is not None:
+            raise ValueError(problem)
         if not isinstance(prefix, str):
             msg = f"prefix must be a str, got {prefix!r}"
             raise ValueError(msg)
@@ -199,7 +225,14 @@ class S3BlobStore(BlobStore):
                     if options.get("config") is not None:
                         config = config.merge(options.pop("config"))
                     options.pop("config", None)
-                    self._client = boto3.session.Session().client("s3", config=config, **options)
+                    made = boto3.session.Session().client("s3", config=config, **options)
+                    # boto3 may have read the endpoint from AWS_ENDPOINT_URL_S3 or ~/.aws.
+                    problem = _endpoint_credentials(
+                        made.meta.endpoint_url, "the endpoint URL boto3 was configured with"
+                    )
+                    if problem is not None:
+                        raise BlobError(problem)
+                    self._client = made
                 client = self._client
         return client
 
@@ -216,8 +249,11 @@ class S3BlobStore(BlobStore):
         """Translate a botocore/s3transfer exception into a polydatum one."""
         cause: BaseException = getattr(exc, "last_exception", None) or exc
         where = self._where(key)
-        endpoint = (getattr(getattr(self._client, "meta", None), "endpoint_url", None)
-                    or self._client_options.get("endpoint_url") or "S3")
+        endpoint = (
+            getattr(getattr(self._client, "meta", None), "endpoint_url", None)
+            or self._client_options.get("endpoint_url")
+            or "S3"
+        )
         if isinstance(cause, ClientError):
             error = cause.response.get("Error", {})
             code = str(error.get("Code", ""))
@@ -272,24 +308,26 @@ class S3BlobStore(BlobStore):
 
     # -- primitives ----------------------------------------------------------------
 
-    def _put(self, key: str, body: bytes | IO[bytes], content_type: str,
-             metadata: dict[str, str]) -> int:
+    def _put(self, key: str, body: bytes | IO[bytes], content_type: str, metadata: dict[str, str]) -> int:
         extra = {"ContentType": content_type, "Metadata": metadata}
         try:
             stream, size = _sized_stream(body)
-            if size is not None and (size < self.multipart_threshold
-                                     or size <= self.multipart_chunksize):
+            if size is not None and (size < self.multipart_threshold or size <= self.multipart_chunksize):
                 # One PUT: below the threshold, or a "multipart" upload of a
                 # single part (three requests instead of one).
-                self.client.put_object(Bucket=self.bucket, Key=self.prefix + key,
-                                       Body=body if isinstance(body, bytes) else stream,
-                                       **extra)
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.prefix + key,
+                    Body=body if isinstance(body, bytes) else stream,
+                    **extra,
+                )
                 return size
-            self.client.upload_fileobj(stream, self.bucket, self.prefix + key,
-                                       ExtraArgs=extra, Config=self.transfer_config)
+            self.client.upload_fileobj(
+                stream, self.bucket, self.prefix + key, ExtraArgs=extra, Config=self.transfer_config
+            )
         except (BotoCoreError, ClientError) as exc:
             raise self._error("upload", key, exc) from exc
-        return size if size is not None else cast(_Reader, stream).count
+        return size if size is not None else cast(Reader, stream).count
 
     def _get(self, key: str) -> bytes:
         try:
@@ -314,8 +352,7 @@ class S3BlobStore(BlobStore):
         start = target.tell() if seekable else 0
         sink: Any = target if seekable else _CountingWriter(target)
         try:
-            self.client.download_fileobj(self.bucket, self.prefix + key, sink,
-                                         Config=self.transfer_config)
+            self.client.download_fileobj(self.bucket, self.prefix + key, sink, Config=self.transfer_config)
         except (BotoCoreError, ClientError) as exc:
             raise self._error("download", key, exc) from exc
         if not seekable:
@@ -364,8 +401,11 @@ class S3BlobStore(BlobStore):
             raise self._error("delete", key, exc) from exc
 
     def _list(self, prefix: str, after: str | None, page_size: int) -> Iterator[str]:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix,
-                                  "PaginationConfig": {"PageSize": page_size}}
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self.prefix + prefix,
+            "PaginationConfig": {"PageSize": page_size},
+        }
         if after is not None and after >= prefix:
             params["StartAfter"] = self.prefix + after
         strip = len(self.prefix)
@@ -381,12 +421,21 @@ class S3BlobStore(BlobStore):
         copy_source = {"Bucket": self.bucket, "Key": self.prefix + source}
         try:
             if info.size <= MAX_COPY_SIZE:
-                self.client.copy_object(Bucket=self.bucket, Key=self.prefix + target,
-                                        CopySource=copy_source, MetadataDirective="COPY")
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=self.prefix + target,
+                    CopySource=copy_source,
+                    MetadataDirective="COPY",
+                )
             else:
                 extra = {"ContentType": info.content_type, "Metadata": dict(info.metadata)}
-                self.client.copy(copy_source, self.bucket, self.prefix + target,
-                                 ExtraArgs=extra, Config=self.transfer_config)
+                self.client.copy(
+                    copy_source,
+                    self.bucket,
+                    self.prefix + target,
+                    ExtraArgs=extra,
+                    Config=self.transfer_config,
+                )
         except (BotoCoreError, ClientError) as exc:
             raise self._error(f"copy {source!r} to", target, exc) from exc
 
@@ -395,10 +444,14 @@ class S3BlobStore(BlobStore):
             msg = f"S3 presigned URLs live at most 7 days ({MAX_URL_EXPIRY}s), got {expires}s"
             raise ValueError(msg)
         try:
-            return cast(str, self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key},
-                ExpiresIn=expires,
-            ))
+            return cast(
+                str,
+                self.client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": self.bucket, "Key": self.prefix + key},
+                    ExpiresIn=expires,
+                ),
+            )
         except (BotoCoreError, ClientError) as exc:
             raise self._error("sign a URL for", key, exc) from exc
 
@@ -407,6 +460,22 @@ class S3BlobStore(BlobStore):
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
             raise self._error("reach", None, exc) from exc
+
+
+def _endpoint_credentials(endpoint_url: object, what: str) -> str | None:
+    """Why an endpoint URL holding a user or password is refused, or None when it holds none.
+
+    S3 never sends them (every request is signed with AWS keys), and
+    botocore repeats the endpoint in its errors, so they could only leak.
+    """
+    if not isinstance(endpoint_url, str) or "@" not in urllib.parse.urlsplit(endpoint_url).netloc:
+        return None
+    return (
+        f"{what} {shown_url(endpoint_url)!r} carries a user name or password, which S3 "
+        "never sends (every request is signed with AWS keys) and errors would repeat; "
+        f"give the endpoint without them: credentials come from {CREDENTIAL_CHAIN}, or "
+        "aws_access_key_id=/aws_secret_access_key="
+    )
 
 
 class _S3Stream(io.RawIOBase):
@@ -466,6 +535,6 @@ def _sized_stream(body: bytes | IO[bytes]) -> tuple[IO[bytes], int | None]:
         body.seek(start)
         return body, end - start
     # boto3 reads parts with read(n) and takes a short read for a short part,
-    # which S3 refuses; _Reader fills every read and counts the bytes.
-    reader = body if isinstance(body, _Reader) else _Reader(body)
+    # which S3 refuses; Reader fills every read and counts the bytes.
+    reader = body if isinstance(body, Reader) else Reader(body)
     return cast(IO[bytes], reader), None

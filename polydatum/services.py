@@ -19,20 +19,21 @@ services::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic
 
-from polydatum import _registry
+from polydatum import _invalidation
 from polydatum._factories import describe
+from polydatum._generics import CtxT, DalT
+from polydatum._stack import NO_CONTEXT, OPEN
 from polydatum.errors import NoActiveContextError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from polydatum.context import DataAccessContext
-    from polydatum.dal import DataAccessLayer, DataManager
+    from polydatum.dal import DataManager
 
 __all__ = ["Service"]
-
 
 
 class _SubServices(dict[str, Any]):
@@ -56,12 +57,12 @@ class _SubServices(dict[str, Any]):
         # A name the class defines keeps the 1.0 precedence: the class attribute wins.
         if not hasattr(type(owner), key):
             owner.__dict__[key] = service
-        _registry.bump()
+        _invalidation.bump()
 
     def __delitem__(self, key: str) -> None:
         super().__delitem__(key)
         self._owner.__dict__.pop(key, None)
-        _registry.bump()
+        _invalidation.bump()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for key, value in dict(*args, **kwargs).items():
@@ -84,16 +85,24 @@ def check_service(name: str, service: Any) -> None:
         raise TypeError(msg)
 
 
-class Service:
+class Service(Generic[DalT, CtxT]):
     """Base class for services.
+
+    Generic, for type checkers only, like :class:`~polydatum.DataManager`:
+    ``class Users(Service[Dal, Ctx])`` types ``self._dal`` as ``Dal`` and
+    ``self._ctx`` as ``Ctx`` (see docs/typing.md); plain ``Service`` keeps
+    them untyped.
 
     Attributes:
         _data_manager: the DataManager this service is registered with (None before).
-        _dal: that DataManager's DataAccessLayer.
+        _dal: that DataManager's DataAccessLayer (None before).
     """
 
     _data_manager: DataManager | None = None
-    _dal: DataAccessLayer | None = None
+    _dal: DalT = None  # type: ignore[assignment]
+    # The manager's stack getter, kept at setup: ``self._ctx`` is on every
+    # service method's path. (Mangled, so no subclass attribute collides.)
+    __top: Callable[[], Any] = staticmethod(lambda: NO_CONTEXT)
 
     def __init__(self) -> None:
         self._services: dict[str, Any] = _SubServices(self)
@@ -125,17 +134,22 @@ class Service:
     def setup(self, data_manager: DataManager | None) -> None:
         """Bind this service, and its sub-services, to ``data_manager``."""
         self._data_manager = data_manager
-        self._dal = data_manager.get_dal() if data_manager else None
+        self._dal = data_manager.get_dal() if data_manager else None  # type: ignore[assignment]
+        if data_manager is not None:
+            self.__top = data_manager.wiring.stack.get
         for service in self._sub_services().values():
             service.setup(data_manager)
 
     @property
-    def _ctx(self) -> DataAccessContext:
+    def _ctx(self) -> CtxT:
         """The active context.
 
         Raises:
             NoActiveContextError: outside a context, or if the service is not registered.
         """
+        ctx = self.__top()
+        if ctx._state == OPEN:
+            return ctx  # type: ignore[no-any-return]
         dm = self._data_manager
         if dm is None:
             msg = (
@@ -143,7 +157,4 @@ class Service:
                 "register it with dm.register_services(...) before using self._ctx"
             )
             raise NoActiveContextError(msg)
-        ctx = dm._ctx_var.get()
-        if ctx._state != 1:  # not open: let the manager build the right error
-            return dm.require_active_context()
-        return ctx  # type: ignore[no-any-return]
+        return dm.require_active_context()  # type: ignore[return-value]  # closing, or none: the manager decides

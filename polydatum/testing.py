@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from polydatum import _registry
 from polydatum.dal import DataManager
 from polydatum.services import check_service
 
@@ -66,19 +65,14 @@ def _unknown(kind: str, name: str, known: list[str], how: str) -> LookupError:
     return LookupError(msg)
 
 
-def _service_slot(dm: DataManager, path: str) -> tuple[dict[str, Any], str]:
-    """The dict holding the service at dotted ``path``, and its key there."""
-    *parents, key = path.split(".")
-    services: dict[str, Any] = dm._dal._services
-    walked: list[str] = []
-    for part in parents:
-        walked.append(part)
-        if part not in services:
-            raise _unknown("service", ".".join(walked), list(services), _HOW_SERVICE)
-        services = services[part]._sub_services()
-    if key not in services:
-        raise _unknown("service", path, list(services), _HOW_SERVICE)
-    return services, key
+def _require_service(dm: DataManager, path: str) -> None:
+    """Raise LookupError naming the first step of ``path`` that is not registered."""
+    names = path.split(".")
+    for depth in range(1, len(names) + 1):
+        here = ".".join(names[:depth])
+        if dm.get_service(here) is None:
+            known = list(dm.get_services(".".join(names[: depth - 1])))
+            raise _unknown("service", here, known, _HOW_SERVICE)
 
 
 @contextmanager
@@ -103,16 +97,12 @@ def override_service(data_manager: DataManager, path: str, service: S) -> Iterat
         TypeError: ``service`` cannot be set up as a service.
     """
     check_service(path, service)
-    services, key = _service_slot(data_manager, path)
-    original = services[key]
-    service.setup(data_manager)  # type: ignore[attr-defined]
-    services[key] = service
-    _registry.bump()
+    _require_service(data_manager, path)
+    original = data_manager.replace_service(path, service)
     try:
         yield service
     finally:
-        services[key] = original
-        _registry.bump()
+        data_manager.replace_service(path, original)
 
 
 @contextmanager
@@ -133,11 +123,10 @@ def override_resource(data_manager: DataManager, name: str, resource: Any) -> It
         LookupError: no resource ``name`` is registered.
         polydatum.errors.InvalidResource: ``resource`` is not a resource factory.
     """
-    original = data_manager.get_resource(name)
-    if original is None:
-        known = list(data_manager._resource_manager)
+    if data_manager.get_resource(name) is None:
+        known = list(data_manager.resource_manager)
         raise _unknown("resource", name, known, "overrides replace registered resources")
-    data_manager.replace_resource(name, resource)
+    original = data_manager.replace_resource(name, resource)
     try:
         yield
     finally:
@@ -145,7 +134,7 @@ def override_resource(data_manager: DataManager, name: str, resource: Any) -> It
 
 
 @contextmanager
-def transactional_database(database: Database) -> Iterator[Any]:
+def transactional_database(database: Database | AsyncDatabase) -> Iterator[Any]:
     """Run every session of ``database`` inside one transaction, rolled back at the end.
 
     One connection is checked out and a transaction begun on it; every
@@ -157,20 +146,16 @@ def transactional_database(database: Database) -> Iterator[Any]:
     one event loop) at a time. Code that needs two truly separate
     transactions (lock or isolation tests) should use the real database.
 
+    Given an :class:`~polydatum.sqlalchemy.AsyncDatabase`, this pins its
+    sync side (the sessions of ``with`` contexts, ``database.sync``); use
+    :func:`async_transactional_database` for its ``async with`` contexts.
+
     Yields:
         the :class:`sqlalchemy.engine.Connection` holding the transaction,
         for setup or assertions of your own.
     """
-    database._refuse_pinned()  # before connecting: a second writer would wait on the first
-    with database.engine.connect() as connection:
-        outer = connection.begin()
-        database._pin(connection)
-        try:
-            yield connection
-        finally:
-            database._pin(None)
-            if outer.is_active:
-                outer.rollback()
+    with database.pinned() as connection:
+        yield connection
 
 
 @asynccontextmanager
@@ -185,6 +170,11 @@ async def async_transactional_database(database: AsyncDatabase) -> AsyncIterator
     The sessions share that one connection: run one task at a time against
     it (no ``asyncio.gather`` of contexts using the database).
 
+    Sessions of ``with`` contexts (the database's sync side) are pinned too,
+    on their first use, to a transaction of their own on a sync connection,
+    also rolled back at the end. The two sides are two connections: what
+    one side wrote inside the block is not visible to the other.
+
     Yields:
         the :class:`sqlalchemy.ext.asyncio.AsyncConnection` holding the transaction.
 
@@ -193,16 +183,8 @@ async def async_transactional_database(database: AsyncDatabase) -> AsyncIterator
 
     .. versionadded:: 2.0
     """
-    database._refuse_pinned()  # before connecting, as in transactional_database
-    async with database.engine.connect() as connection:
-        outer = await connection.begin()
-        database._pin(connection)
-        try:
-            yield connection
-        finally:
-            database._pin(None)
-            if outer.is_active:
-                await outer.rollback()
+    async with database.apinned() as connection:
+        yield connection
 
 
 class Overrides:
@@ -238,7 +220,7 @@ class Overrides:
 def _installed(dm: DataManager) -> list[Any]:
     """The Database and AsyncDatabase objects behind the DataManager's resources."""
     found: list[Any] = []
-    for name in dm._resource_manager:
+    for name in dm.resource_manager:
         database = getattr(dm.get_resource(name), "database", None)
         if database is not None and database not in found:
             found.append(database)
@@ -249,9 +231,7 @@ def _databases(dm: DataManager) -> list[Database]:
     from polydatum.sqlalchemy import Database, Dataset
 
     # A Dataset is never written: nothing to roll back.
-    return [
-        d for d in _installed(dm) if isinstance(d, Database) and not isinstance(d, Dataset)
-    ]
+    return [d for d in _installed(dm) if isinstance(d, Database) and not isinstance(d, Dataset)]
 
 
 # -- the pytest plugin -------------------------------------------------------
@@ -325,7 +305,8 @@ def polydatum_context(
 @pytest.fixture
 def polydatum_dal(polydatum_context: DataAccessContext) -> DataAccessLayer:
     """The DAL, used inside the ``polydatum_context`` of this test."""
-    return polydatum_context.dal
+    dal: DataAccessLayer = polydatum_context.dal
+    return dal
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ __all__ = [
     "MethodHandler",
     "MethodMiddleware",
     "ResourceFactory",
+    "ResourceRegistry",
 ]
 
 T_co = TypeVar("T_co", covariant=True)
@@ -63,3 +64,21 @@ class MethodMiddleware(Protocol):
     """**Protocol:** ``middleware(request, handler) -> result`` around every DAL call."""
 
     def __call__(self, request: DalCommandRequest, handler: MethodHandler) -> Any: ...
+
+
+@runtime_checkable
+class ResourceRegistry(Protocol):
+    """**Protocol:** what an integration's ``install(dm, ...)`` registers on.
+
+    A :class:`~polydatum.dal.DataManager` is one. An integration's
+    ``install`` takes it as its first argument, named ``dm``, and returns the
+    integration object itself, so ``db = Database(url).install(dm)`` works.
+
+    .. versionadded:: 2.0
+    """
+
+    def register_resources(self, **resources: Any) -> None:
+        """Register resources by name (see :mod:`polydatum.resources`)."""
+
+    def register_context_middleware(self, *middleware: Any) -> None:
+        """Add context middleware, in order of execution."""

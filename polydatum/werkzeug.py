@@ -1,16 +1,16 @@
 """WSGI: one context per request
 =============================
 
-:class:`PolydatumMiddleware` wraps any WSGI application (Flask, a bare
+:class:`PolydatumWSGIMiddleware` wraps any WSGI application (Flask, a bare
 Werkzeug app, anything a WSGI server can run) and opens one polydatum
-context per request. Views reach the DAL through :func:`current_context`
+context per request. Views reach the DAL through :func:`request_context`
 or ``dm.get_dal()``::
 
     from werkzeug.wrappers import Request, Response
 
     from polydatum import DataManager, Service
     from polydatum.errors import NotFound
-    from polydatum.werkzeug import PolydatumMiddleware, current_context
+    from polydatum.werkzeug import PolydatumWSGIMiddleware, request_context
 
     class Users(Service):
         def get(self, user_id):
@@ -23,15 +23,16 @@ or ``dm.get_dal()``::
 
     @Request.application
     def app(request):
-        user = current_context().dal.users.get(int(request.args["id"]))
+        user = request_context().dal.users.get(int(request.args["id"]))
         return Response(repr(user))
 
-    app = PolydatumMiddleware(app, dm)   # GET /?id=2 -> 404 JSON, rolled back
+    app = PolydatumWSGIMiddleware(app, dm)   # GET /?id=2 -> 404 JSON, rolled back
 
 What it guarantees:
 
 - **Meta** comes from the request: ``request_id`` (the ``X-Request-ID``
-  header, or 32 new random hex digits), ``remote_addr``, ``method`` and
+  header when it is 1-200 printable ASCII characters, else 32 new random
+  hex digits), ``remote_addr``, ``method`` and
   ``path``, with whatever your ``meta(request)`` function returns merged
   over them.
 - **Streaming-safe.** The context stays open while the server iterates the
@@ -41,11 +42,14 @@ What it guarantees:
 - **No false success.** A body that is complete before it is sent (a
   ``list``, or a response with a ``Content-Length``, read one chunk ahead)
   ends its context before its last chunk goes out: a failed commit becomes
-  the mapped error response, or a broken one, never a ``200``.
+  the mapped error response, or a broken one, never a ``200``. What the
+  commit raised reaches the server as itself.
 - **Errors.** :class:`~polydatum.errors.ServiceError` (and so ``NotFound``
   → 404, ``ConcurrencyConflict`` → 409, any other ``code``) raised before
   the first byte of the body was sent becomes a JSON response ``{"status",
-  "error", "message"}`` after the context rolled back. Every other
+  "error", "message"}`` after the context rolled back; ``message`` is the
+  error's ``public_message``, and a withheld message (or any 5xx) is
+  logged on the ``polydatum`` logger. Every other
   exception rolls back and propagates to the server.
 - **Status rollback.** A response with status >= 400 rolls the context back
   although nothing raised: :class:`RollbackResponse` is thrown into it, so
@@ -73,6 +77,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     msg = 'polydatum.werkzeug needs Werkzeug; install it with: pip install "polydatum[werkzeug]"'
     raise ImportError(msg) from None
 
+from polydatum._renamed import module_getattr
 from polydatum._web import (
     JSON_HEADERS,
     Exchange,
@@ -80,14 +85,15 @@ from polydatum._web import (
     RollbackResponse,
     Veto,
     check_arguments,
-    current_context,
     current_exchange,
     default_veto,
     error_body,
     error_status,
     merge_meta,
-    new_request_id,
+    positions_from,
     reason,
+    request_context,
+    request_id,
 )
 from polydatum.context import DataAccessContext
 from polydatum.errors import ServiceError
@@ -102,15 +108,14 @@ if TYPE_CHECKING:
 __all__ = [
     "ENVIRON_KEY",
     "MetaFactory",
-    "PolydatumMiddleware",
     "PolydatumWSGIMiddleware",
     "ResponseIncomplete",
     "RollbackResponse",
     "Veto",
-    "current_context",
     "default_meta",
     "default_veto",
     "init_app",
+    "request_context",
 ]
 
 #: The WSGI environ key under which the request's context is stored.
@@ -127,13 +132,14 @@ def default_meta(request: Request) -> dict[str, Any]:
         request: the Werkzeug request.
 
     Returns:
-        ``request_id`` (``X-Request-ID`` or a new random 32-hex-digit id), ``remote_addr``,
+        ``request_id`` (``X-Request-ID`` when it is 1-200 printable ASCII
+        characters, else a new random 32-hex-digit id), ``remote_addr``,
         ``method`` and ``path``.
 
     .. versionadded:: 2.0
     """
     return {
-        "request_id": request.headers.get("X-Request-ID") or new_request_id(),
+        "request_id": request_id(request.headers.get("X-Request-ID")),
         "remote_addr": request.remote_addr,
         "method": request.method,
         "path": request.path,
@@ -148,14 +154,14 @@ def _environ_meta(environ: WSGIEnvironment) -> dict[str, Any]:
     if not path.isascii():
         path = path.encode("latin-1").decode("utf-8", "replace")
     return {
-        "request_id": environ.get("HTTP_X_REQUEST_ID") or new_request_id(),
+        "request_id": request_id(environ.get("HTTP_X_REQUEST_ID")),
         "remote_addr": environ.get("REMOTE_ADDR"),
         "method": environ.get("REQUEST_METHOD", "GET").upper(),
         "path": "/" + path.lstrip("/"),
     }
 
 
-class PolydatumMiddleware:
+class PolydatumWSGIMiddleware:
     """WSGI middleware: one polydatum context per request, ended with the response.
 
     Args:
@@ -167,10 +173,16 @@ class PolydatumMiddleware:
             request before any context opens.
         veto: ``veto(status, headers) -> bool``; True rolls the context back.
             Defaults to :func:`default_veto` (status >= 400).
+        positions: ``"cookie"`` or ``"header"`` to give the client the
+            commit position of a request that wrote and put it back into
+            the next request's meta as ``min_position`` (read-your-writes
+            with replicas, ``docs/scaling.md``); None (the default) does
+            neither. A body streamed before the commit carries no position.
 
     Raises:
         TypeError: ``app``, ``meta`` or ``veto`` is not callable, or
             ``data_manager`` is not a DataManager.
+        ValueError: ``positions`` is not ``"cookie"``, ``"header"`` or None.
 
     .. versionadded:: 2.0
     """
@@ -181,15 +193,17 @@ class PolydatumMiddleware:
         data_manager: DataManager,
         meta: MetaFactory | None = None,
         veto: Veto | None = None,
+        positions: str | None = None,
     ) -> None:
         check_arguments(app, data_manager, meta, veto, kind="WSGI", meta_takes="the werkzeug Request")
+        self.positions = positions_from(positions)
         self.app = app
         self.data_manager = data_manager
         self.meta = meta
         self.veto: Veto = veto if veto is not None else default_veto
 
     def __repr__(self) -> str:
-        return f"<PolydatumMiddleware {self.app!r}>"
+        return f"<PolydatumWSGIMiddleware {self.app!r}>"
 
     def build_meta(self, environ: WSGIEnvironment) -> dict[str, Any]:
         """The meta of the request in ``environ`` (defaults, then the user's function).
@@ -198,6 +212,12 @@ class PolydatumMiddleware:
             TypeError: the meta function returned something that is not a mapping.
         """
         meta = _environ_meta(environ)
+        if self.positions is not None:
+            sent = self.positions.incoming(
+                environ.get("HTTP_COOKIE"), environ.get("HTTP_X_POLYDATUM_POSITION")
+            )
+            if sent is not None:
+                meta["min_position"] = sent
         if self.meta is not None:
             merge_meta(meta, self.meta(Request(environ, populate_request=False)), self.meta)
         return meta
@@ -227,10 +247,6 @@ class PolydatumMiddleware:
         return response
 
 
-#: The name :mod:`polydatum.asgi` mirrors (``PolydatumASGIMiddleware``).
-PolydatumWSGIMiddleware = PolydatumMiddleware
-
-
 class _Response:
     """The response iterable handed to the server; it owns the request's context.
 
@@ -239,7 +255,9 @@ class _Response:
     app fails, or when the server calls :meth:`close` early (the client went
     away). A body with a ``Content-Length`` is read one chunk ahead, so the
     context of a buffered response ends before its only chunk is sent and a
-    failed commit can still become an error response.
+    failed commit can still become an error response. The app's status and
+    headers are held until the first chunk goes out, so that error response
+    is the server's first ``start_response`` call, with no ``exc_info``.
     """
 
     __slots__ = (
@@ -255,11 +273,12 @@ class _Response:
         "lookahead",
         "middleware",
         "sent",
+        "started",
         "status",
     )
 
     def __init__(
-        self, middleware: PolydatumMiddleware, ctx: DataAccessContext, start_response: StartResponse
+        self, middleware: PolydatumWSGIMiddleware, ctx: DataAccessContext, start_response: StartResponse
     ) -> None:
         self.middleware = middleware
         self.ctx = ctx
@@ -269,7 +288,9 @@ class _Response:
         self.iterable: Iterable[bytes] = ()
         self.iterator: Iterator[bytes] = iter(())
         self.exited = False
+        self.started = False  # the server's start_response was called
         self.sent = False  # a non-empty chunk went to the server: headers are out
+        self._write: Callable[[bytes], object] | None = None
         self.lookahead: bool | None = None  # decided at the first chunk
         self.held: bytes | None = None  # the chunk read ahead
         self._token: Token[Exchange | None] | None = current_exchange.set(self)
@@ -277,18 +298,29 @@ class _Response:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        # The app may call it again with exc_info to replace the status; the
-        # last call is the one the veto judges.
+        # Held until the first chunk (or the end of the body) goes to the
+        # server, so an error response can still take its place without
+        # exc_info, which some servers and test clients re-raise. While it is
+        # held the app may call it again to replace the status (with exc_info,
+        # which nothing needs then); the last call is the one the veto judges.
         self.status = status
         self.headers = headers
-        self._write = self._server_start(status, headers, exc_info)
+        if self.started:
+            self._write = self._server_start(status, headers, exc_info)
         return self.write
+
+    def _start(self) -> None:
+        """Hand the held status and headers to the server (once, before any body byte)."""
+        if not self.started and self.status is not None:
+            self.started = True
+            self._write = self._server_start(self.status, self.headers)
 
     def write(self, data: bytes) -> object:
         """The legacy ``write()`` callable: body bytes the app sends itself."""
+        self._start()
         if data:
             self.sent = True
-        return self._write(data)
+        return self._write(data)  # type: ignore[misc]  # set by _start: the app called start_response
 
     # -- iteration, driven by the server -------------------------------------
 
@@ -298,23 +330,25 @@ class _Response:
     def __next__(self) -> bytes:
         if self.exited:
             raise StopIteration
+        last: bytes | None = None
         try:
             if self.lookahead is None:
                 self.lookahead = _has_length(self.headers)
                 if self.lookahead:
                     self.held = next(self.iterator)
             if self.lookahead:
-                chunk = self.held
-                try:
-                    self.held = next(self.iterator)
-                except StopIteration:
-                    return self._end(None, chunk)
+                last = self.held
+                self.held = next(self.iterator)
+                chunk = last
             else:
                 chunk = next(self.iterator)
         except StopIteration:
-            return self._end(None, None)
+            # Outside the try that guards the app's iterator: what the exit
+            # raises (a failed commit) goes to the server as itself.
+            return self._end(None, last)
         except BaseException as exc:
             return self._end(exc, None)
+        self._start()
         if chunk:
             self.sent = True
         return chunk  # type: ignore[return-value]
@@ -323,13 +357,14 @@ class _Response:
         """The body ended (or failed): exit, then hand over the last chunk or the error."""
         final = self._exit(exc)
         if final is None:
+            self._start()
             if last is None:
                 raise StopIteration
             return last
         if self.sent or error_status(final) is None:
             raise final
         # Nothing was sent yet: the mapped error replaces the response.
-        return _error_response(self._server_start, final, self._replaces(final))[0]
+        return self._answer(final)[0]
 
     def close(self) -> None:
         """Called by the server: ends the context if the body was not sent to its end."""
@@ -345,6 +380,7 @@ class _Response:
         """End the context of a complete body now, while the status can still change."""
         final = self._exit(None)
         if final is None:
+            self._start()
             return body
         return self._map(final)
 
@@ -356,14 +392,26 @@ class _Response:
     def _map(self, exc: BaseException) -> Iterable[bytes]:
         if error_status(exc) is None:
             raise exc
-        return _error_response(self._server_start, exc, self._replaces(exc))
+        return self._answer(exc)
 
-    def _replaces(self, exc: BaseException) -> BaseException | None:
-        # exc_info only when the app set a status already: some servers (and
-        # werkzeug's test client) re-raise any exc_info they are given.
-        return exc if self.status is not None else None
+    def _answer(self, exc: BaseException) -> list[bytes]:
+        """Send the mapped error response in place of the app's."""
+        # exc_info only when the server already has a status line to replace:
+        # some servers (and werkzeug's test client) re-raise any exc_info.
+        replaces = exc if self.started else None
+        self.started = True
+        return _error_response(self._server_start, exc, replaces)
 
     # -- the one exit --------------------------------------------------------
+
+    def _add_position(self) -> None:
+        """Give the client the commit position, while the headers are still held."""
+        positions = self.middleware.positions
+        if positions is None or self.started:
+            return
+        header = positions.outgoing(self.ctx)
+        if header is not None:
+            self.headers = [*self.headers, header]
 
     def _exit(self, exc: BaseException | None) -> BaseException | None:
         """Close the app's iterable, exit the context; return what escapes it."""
@@ -387,6 +435,7 @@ class _Response:
             try:
                 if exc is None:
                     self.ctx.__exit__(None, None, None)
+                    self._add_position()
                     return None
                 suppressed = self.ctx.__exit__(type(exc), exc, exc.__traceback__)
                 final: BaseException | None = None if suppressed else exc
@@ -403,7 +452,7 @@ class _Response:
                 except ValueError:
                     # Closed from another thread than the one that called the
                     # app: that thread's variable is not ours to reset, and
-                    # current_context() already refuses an exited response.
+                    # request_context() already refuses an exited response.
                     pass
 
 
@@ -419,8 +468,9 @@ def _status_code(status: str) -> int:
         raise ValueError(msg) from None
 
 
-def _error_response(start_response: StartResponse, exc: BaseException, replaces: BaseException | None
-                    ) -> list[bytes]:
+def _error_response(
+    start_response: StartResponse, exc: BaseException, replaces: BaseException | None
+) -> list[bytes]:
     status = error_status(exc) or 500
     body = error_body(status, exc)
     headers = [*JSON_HEADERS, ("content-length", str(len(body)))]
@@ -439,27 +489,27 @@ def init_app(
     *,
     meta: MetaFactory | None = None,
     veto: Veto | None = None,
-) -> PolydatumMiddleware:
+) -> PolydatumWSGIMiddleware:
     """Serve a Flask app's requests in polydatum contexts.
 
-    Wraps ``app.wsgi_app`` in :class:`PolydatumMiddleware` (so Flask's own
+    Wraps ``app.wsgi_app`` in :class:`PolydatumWSGIMiddleware` (so Flask's own
     middleware and test client go through it), registers an error handler
     turning :class:`~polydatum.errors.ServiceError` raised in views into the
     same JSON responses, and stores the DataManager in
-    ``app.extensions["polydatum"]``. Views use :func:`current_context`.
+    ``app.extensions["polydatum"]``. Views use :func:`request_context`.
 
     Args:
         app: the Flask application.
         data_manager: the DataManager whose contexts the requests get.
-        meta: as for :class:`PolydatumMiddleware`.
-        veto: as for :class:`PolydatumMiddleware`.
+        meta: as for :class:`PolydatumWSGIMiddleware`.
+        veto: as for :class:`PolydatumWSGIMiddleware`.
 
     Returns:
         The installed middleware.
 
     Raises:
         TypeError: ``app`` is not a Flask app (or an argument is wrong, as
-            for :class:`PolydatumMiddleware`).
+            for :class:`PolydatumWSGIMiddleware`).
         RuntimeError: ``init_app`` was already called on this app.
 
     .. versionadded:: 2.0
@@ -467,13 +517,13 @@ def init_app(
     if not callable(getattr(app, "wsgi_app", None)) or not isinstance(getattr(app, "extensions", None), dict):
         msg = (
             f"init_app() needs a Flask app, got {app!r}; "
-            "wrap any other WSGI app with PolydatumMiddleware(app, dm)"
+            "wrap any other WSGI app with PolydatumWSGIMiddleware(app, dm)"
         )
         raise TypeError(msg)
     if "polydatum" in app.extensions:
         msg = f"polydatum is already set up on {app!r}; call init_app() once per Flask app"
         raise RuntimeError(msg)
-    middleware = PolydatumMiddleware(app.wsgi_app, data_manager, meta=meta, veto=veto)
+    middleware = PolydatumWSGIMiddleware(app.wsgi_app, data_manager, meta=meta, veto=veto)
     app.wsgi_app = middleware  # type: ignore[method-assign]
     app.extensions["polydatum"] = data_manager
     app.register_error_handler(ServiceError, _flask_service_error)
@@ -483,3 +533,11 @@ def init_app(
 def _flask_service_error(exc: ServiceError) -> tuple[bytes, int, Sequence[tuple[str, str]]]:
     status = error_status(exc) or 500
     return error_body(status, exc), status, JSON_HEADERS
+
+
+# Names of the 2.0 development releases, kept working with a DeprecationWarning.
+__getattr__ = module_getattr(
+    __name__,
+    {"PolydatumMiddleware": "PolydatumWSGIMiddleware", "current_context": "request_context"},
+    globals(),
+)

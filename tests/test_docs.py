@@ -75,11 +75,17 @@ def _s3(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     }
 
 
+@contextlib.contextmanager
+def _memcached(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    yield {"MEMCACHED_ADDRESS": request.getfixturevalue("memcached_address")}
+
+
 #: What a page may ask for in its marker, and the environment variables each provides.
 NEEDS: dict[str, Callable[[pytest.FixtureRequest], contextlib.AbstractContextManager[dict[str, str]]]] = {
     "postgres": _postgres,  # POSTGRES_URL: a fresh, empty database (SQLAlchemy URL)
     "redis": _redis,  # REDIS_URL
     "rabbitmq": _rabbitmq,  # RABBITMQ_URL (amqp://...)
+    "memcached": _memcached,  # MEMCACHED_ADDRESS (host:port of a private memcached)
     "s3": _s3,  # S3_ENDPOINT_URL, S3_BUCKET (empty, new), AWS_* credentials and region
 }
 
@@ -102,8 +108,10 @@ def needs_of(page: Path) -> list[str]:
     needs = marker(page.read_text(encoding="utf-8")) or []
     unknown = [need for need in needs if need not in NEEDS]
     if unknown:
-        msg = (f"{page.name}: unknown need(s) {unknown} in its first-line <!-- test: ... --> "
-               f"marker; known: {sorted(NEEDS)}")
+        msg = (
+            f"{page.name}: unknown need(s) {unknown} in its first-line <!-- test: ... --> "
+            f"marker; known: {sorted(NEEDS)}"
+        )
         raise ValueError(msg)
     return needs
 
@@ -119,8 +127,9 @@ PAGES = sorted(p for p in CORE_PAGES + INTEGRATION_PAGES if runnable(p))
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_blocks_run(page: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
-                         tmp_path: Path) -> None:
+def test_page_blocks_run(
+    page: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Each python block of the page runs without error, after the ones before it."""
     needs = needs_of(page)
     monkeypatch.chdir(tmp_path)

@@ -44,11 +44,21 @@ again, and a delete waits until the context commits::
     with dm.dal() as dal:
         dal.notes.attach(1, "a.txt", b"...")   # kept: the context commits
 
+:func:`put_hashed` is ``put`` that also records the content's SHA-256 in the
+metadata entry ``sha256`` (:data:`HASH_METADATA`): unlike an etag or a
+modified time, two different stores can both compare it, and
+:mod:`polydatum.sync` does::
+
+    from polydatum.blob import put_hashed
+
+    digest = put_hashed(blobs, "notes/1/hello.txt", b"hello")
+    assert blobs.stat("notes/1/hello.txt").metadata["sha256"] == digest
+
 Keys are checked the same way by every store, so a key that works in tests
 against memory works on disk and on S3: no empty key or segment, no ``.`` or
 ``..`` segment, no leading ``/`` or drive letter, no backslash, NUL or other
-control character, at most 1024 bytes of UTF-8, and nothing under the
-reserved ``.polydatum/`` prefix.
+control character, at most 1024 bytes of UTF-8, and no segment named
+``.polydatum`` (reserved for polydatum's bookkeeping, at any depth).
 
 Errors (all are :class:`~polydatum.errors.ServiceError`, so ``code`` maps to
 an HTTP status)::
@@ -74,11 +84,11 @@ from polydatum.blob._errors import (
     UrlNotSupported,
 )
 from polydatum.blob._filesystem import FileSystemBlobStore
+from polydatum.blob._hashing import HASH_METADATA, put_hashed
 from polydatum.blob._keys import check_key
 from polydatum.blob._memory import MemoryBlobStore
 from polydatum.blob._store import BlobInfo, BlobStore
 from polydatum.blob._streams import BlobData as _BlobData
-from polydatum.blob._streams import _Reader as _Reader  # polydatum.s3 reads streams with it
 from polydatum.blob._transactional import TransactionalBlobStore
 from polydatum.blob._url import from_url
 
@@ -88,6 +98,7 @@ from polydatum.blob._url import from_url
 BlobData: TypeAlias = _BlobData
 
 __all__ = [
+    "HASH_METADATA",
     "BlobData",
     "BlobError",
     "BlobInfo",
@@ -102,4 +113,5 @@ __all__ = [
     "UrlNotSupported",
     "check_key",
     "from_url",
+    "put_hashed",
 ]

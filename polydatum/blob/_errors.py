@@ -8,11 +8,16 @@ from polydatum.errors import NotFound, ServiceError
 class BlobError(ServiceError):
     """A blob store could not do what was asked.
 
+    Its message names the key and the store's root, bucket or endpoint, for
+    the log; clients get only the short :attr:`public_message` of its class.
+
     Attributes:
         key: the key the operation was about, when there is one.
 
     .. versionadded:: 2.0
     """
+
+    public_message = "the blob store could not complete the request"
 
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
@@ -25,6 +30,8 @@ class BlobNotFound(BlobError, NotFound):
     .. versionadded:: 2.0
     """
 
+    public_message = "blob not found"
+
 
 class InvalidKey(BlobError, ValueError):
     """A key was refused: it could escape the store's root or is not portable (HTTP 400).
@@ -33,6 +40,7 @@ class InvalidKey(BlobError, ValueError):
     """
 
     code = 400
+    public_message = "invalid blob key"
 
 
 class InvalidMetadata(BlobError, ValueError):
@@ -42,6 +50,7 @@ class InvalidMetadata(BlobError, ValueError):
     """
 
     code = 400
+    public_message = "invalid blob metadata or content type"
 
 
 class BlobStoreUnavailable(BlobError):
@@ -51,6 +60,7 @@ class BlobStoreUnavailable(BlobError):
     """
 
     code = 503
+    public_message = "the blob store is unavailable; try again later"
 
 
 class UrlNotSupported(BlobError, NotImplementedError):
@@ -60,3 +70,4 @@ class UrlNotSupported(BlobError, NotImplementedError):
     """
 
     code = 501
+    public_message = "this blob store cannot hand out URLs"

@@ -11,19 +11,27 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from polydatum.blob._errors import BlobError, BlobStoreUnavailable, InvalidKey
-from polydatum.blob._keys import RESERVED_PREFIX, UNDO_PREFIX, _guess_type, _join_url
+from polydatum.blob._keys import (
+    RESERVED_NAME,
+    RESERVED_PREFIX,
+    UNDO_PREFIX,
+    guess_type,
+    join_url,
+)
 from polydatum.blob._store import BlobInfo, BlobStore
-from polydatum.blob._streams import _chunks
+from polydatum.blob._streams import chunks
 
 try:  # POSIX: lets several processes share one FileSystemBlobStore root.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-_INTERNAL = ".polydatum"
+_INTERNAL = RESERVED_NAME
+_META_FOLDER = ".d"
+_META_FILE = ".json"
 _MAX_SEGMENT_BYTES = 250  # NAME_MAX is 255; the metadata file adds ".json"
 
 
@@ -34,13 +42,17 @@ class FileSystemBlobStore(BlobStore):
     a temporary file under ``<root>/.polydatum/tmp``, are flushed to disk
     (``fsync``) and moved into place with ``os.replace``, so readers see the
     old blob or the new one and concurrent writers of one key never tear it:
-    the last complete write wins. Content type and metadata live in
-    ``<root>/.polydatum/meta/<key>.json`` when they differ from the defaults;
-    a per-root lock (``fcntl.flock`` where available) swaps blob and metadata
-    together, across threads and processes.
+    the last complete write wins. Content type and metadata live in a JSON
+    sidecar under ``<root>/.polydatum/meta`` when they differ from the
+    defaults: ``notes/1/a.png`` has ``meta/notes.d/1.d/a.png.json`` (folders
+    end in ``.d``, so no key's sidecar is another key's folder); a per-root
+    lock (``fcntl.flock`` where available) swaps blob and metadata together,
+    across threads and processes.
 
     A key is refused (:class:`InvalidKey`) unless it stays inside ``root``
-    (see :func:`check_key`; each segment is also limited to 250 bytes).
+    (see :func:`check_key`; each segment is also limited to 250 bytes). A
+    ``.polydatum`` folder at any depth is bookkeeping (e.g. of a store whose
+    root is that folder's parent): never listed, never swept.
     Symbolic links placed inside ``root`` by someone else are followed.
 
     Unlike S3, a key cannot be both a blob and a "folder" of other blobs:
@@ -79,7 +91,7 @@ class FileSystemBlobStore(BlobStore):
 
     # -- paths and locking -----------------------------------------------------
 
-    def _path(self, key: str, base: str | None = None) -> str:
+    def _segments(self, key: str) -> builtins.list[str]:
         segments = key.split("/")
         for segment in segments:
             if len(segment.encode("utf-8")) > _MAX_SEGMENT_BYTES:
@@ -88,7 +100,9 @@ class FileSystemBlobStore(BlobStore):
                     f"{_MAX_SEGMENT_BYTES} bytes, which filesystems do not allow"
                 )
                 raise InvalidKey(msg, key=key)
-        base = self.root if base is None else base
+        return segments
+
+    def _join(self, key: str, base: str, segments: builtins.list[str]) -> str:
         path = os.path.join(base, *segments)
         # check_key already refused every escape; this guards against a future
         # change to it, at the cost of one string comparison.
@@ -97,8 +111,14 @@ class FileSystemBlobStore(BlobStore):
             raise InvalidKey(msg, key=key)
         return path
 
+    def _path(self, key: str) -> str:
+        return self._join(key, self.root, self._segments(key))
+
     def _meta_path(self, key: str) -> str:
-        return self._path(key, self._meta) + ".json"
+        # Folders end in ".d" and files in ".json", so no key's sidecar can be
+        # another key's folder: "a" -> a.json, "a.json/b" -> a.json.d/b.json.
+        *folders, name = self._segments(key)
+        return self._join(key, self._meta, [*(f + _META_FOLDER for f in folders), name + _META_FILE])
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -147,7 +167,7 @@ class FileSystemBlobStore(BlobStore):
         try:
             with handle:
                 size = 0
-                for chunk in _chunks(body):
+                for chunk in chunks(body):
                     try:
                         handle.write(chunk)
                     except OSError as exc:
@@ -170,14 +190,13 @@ class FileSystemBlobStore(BlobStore):
 
     # -- primitives --------------------------------------------------------------
 
-    def _put(self, key: str, body: bytes | IO[bytes], content_type: str,
-             metadata: dict[str, str]) -> int:
+    def _put(self, key: str, body: bytes | IO[bytes], content_type: str, metadata: dict[str, str]) -> int:
         path = self._path(key)
         meta_path = self._meta_path(key)
         tmp, size = self._write_temp(key, body)
         meta_tmp = None
         try:
-            if metadata or content_type != _guess_type(key):
+            if metadata or content_type != guess_type(key):
                 document = {"content_type": content_type, "metadata": metadata}
                 meta_tmp, _ = self._write_temp(key, json.dumps(document).encode())
             self._install(key, path, tmp, meta_path, meta_tmp)
@@ -188,8 +207,7 @@ class FileSystemBlobStore(BlobStore):
             raise
         return size
 
-    def _install(self, key: str, path: str, tmp: str, meta_path: str,
-                 meta_tmp: str | None) -> None:
+    def _install(self, key: str, path: str, tmp: str, meta_path: str, meta_tmp: str | None) -> None:
         """Move a written temp file (and its metadata) into place, atomically each."""
         directory = os.path.dirname(path)
         with self._locked():
@@ -252,20 +270,37 @@ class FileSystemBlobStore(BlobStore):
                 raise self._unavailable("stat", key, exc) from exc
             if not os.path.isfile(path):
                 raise self._missing(key, repr(self.root))
-            try:
-                with open(self._meta_path(key), "rb") as handle:
-                    document = json.load(handle)
-            except (FileNotFoundError, NotADirectoryError):
-                document = {}
+            document = self._read_meta(key, "stat")
         modified = datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9, datetime.timezone.utc)
         return BlobInfo(
             key=key,
             size=st.st_size,
-            content_type=document.get("content_type") or _guess_type(key),
+            content_type=document.get("content_type") or guess_type(key),
             etag=f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}",
             modified=modified,
             metadata=dict(document.get("metadata") or {}),
         )
+
+    def _read_meta(self, key: str, what: str) -> dict[str, Any]:
+        """The sidecar of ``key`` as a dict; {} when it has none."""
+        try:
+            with open(self._meta_path(key), "rb") as handle:
+                data = handle.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except OSError as exc:
+            raise self._unavailable(what, key, exc) from exc
+        try:
+            document = json.loads(data)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            msg = (
+                f"the metadata of blob {key!r} is damaged (not the JSON polydatum wrote); "
+                "put it again to rewrite its content type and metadata"
+            )
+            raise BlobError(msg, key=key)
+        return document
 
     def _exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
@@ -280,7 +315,10 @@ class FileSystemBlobStore(BlobStore):
                 return False
             except OSError as exc:
                 raise self._unavailable("delete", key, exc) from exc
-            _unlink(meta_path)
+            try:
+                _unlink(meta_path)
+            except OSError as exc:
+                raise self._unavailable("delete the metadata of", key, exc) from exc
             # Empty folders would otherwise pile up, and block a later put of
             # a blob with the folder's name.
             _prune(os.path.dirname(path), self.root)
@@ -294,8 +332,9 @@ class FileSystemBlobStore(BlobStore):
             return self._walk(self._internal, RESERVED_PREFIX, prefix, after, internal=True)
         return self._walk(self.root, "", prefix, after, internal=False)
 
-    def _walk(self, directory: str, base: str, prefix: str, after: str | None,
-              *, internal: bool) -> Iterator[str]:
+    def _walk(
+        self, directory: str, base: str, prefix: str, after: str | None, *, internal: bool
+    ) -> Iterator[str]:
         try:
             with os.scandir(directory) as scan:
                 entries = builtins.list(scan)
@@ -305,7 +344,8 @@ class FileSystemBlobStore(BlobStore):
         # exactly the order S3 lists them.
         items: builtins.list[tuple[str, bool]] = []
         for entry in entries:
-            if not base and entry.name == _INTERNAL:
+            # At any depth: a store rooted in a folder of this one keeps its own there.
+            if not internal and entry.name == _INTERNAL:
                 continue
             key = base + entry.name
             if entry.is_dir():
@@ -320,8 +360,9 @@ class FileSystemBlobStore(BlobStore):
         items.sort()
         for key, is_folder in items:
             if is_folder:
-                yield from self._walk(os.path.join(directory, key[len(base):-1]), key,
-                                      prefix, after, internal=internal)
+                yield from self._walk(
+                    os.path.join(directory, key[len(base) : -1]), key, prefix, after, internal=internal
+                )
             elif not internal or key.startswith(UNDO_PREFIX):
                 yield key
 
@@ -360,13 +401,18 @@ class FileSystemBlobStore(BlobStore):
         except OSError as exc:
             _unlink(tmp)
             raise self._unavailable("copy", source, exc) from exc
-        meta_tmp = None
         try:
             with open(src_meta, "rb") as handle:
-                meta_tmp, _ = self._write_temp(target, handle.read())
+                sidecar: bytes | None = handle.read()
         except (FileNotFoundError, NotADirectoryError):
-            pass
+            sidecar = None
+        except OSError as exc:
+            _unlink(tmp)
+            raise self._unavailable("copy", source, exc) from exc
+        meta_tmp = None
         try:
+            if sidecar is not None:
+                meta_tmp, _ = self._write_temp(target, sidecar)
             self._install(target, dst, tmp, dst_meta, meta_tmp)
         except BaseException:
             _unlink(tmp)
@@ -377,7 +423,7 @@ class FileSystemBlobStore(BlobStore):
     def _url(self, key: str, expires: int) -> str:
         if self.base_url is None:
             return super()._url(key, expires)
-        return _join_url(self.base_url, key)
+        return join_url(self.base_url, key)
 
     def _ping(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import mimetypes
 import re
 import urllib.parse
@@ -12,7 +13,8 @@ from polydatum.blob._errors import InvalidKey, InvalidMetadata
 
 MAX_KEY_BYTES = 1024
 MAX_METADATA_BYTES = 2048
-RESERVED_PREFIX = ".polydatum/"
+RESERVED_NAME = ".polydatum"
+RESERVED_PREFIX = RESERVED_NAME + "/"
 UNDO_PREFIX = RESERVED_PREFIX + "undo/"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
@@ -20,7 +22,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*\Z")
-_CONTENT_TYPE = re.compile(r"[\x21-\x7e]+/[\x21-\x7e]+(;[\x20-\x7e]*)?\Z")
+# No trailing space: S3 strips it from the header, the other stores would keep it.
+_CONTENT_TYPE = re.compile(r"[\x21-\x7e]+/[\x21-\x7e]+(;([\x20-\x7e]*[\x21-\x7e])?)?\Z")
 # Built-in defaults only (no /etc/mime.types): the guess is the same on every machine.
 _MIME = mimetypes.MimeTypes()
 
@@ -50,9 +53,19 @@ def _key_problem(key: str) -> str | None:
             return "it has an empty segment ('//' or a trailing '/')"
         if segment in (".", ".."):
             return f"it has a {segment!r} segment, which could escape the store's root"
-    if key.startswith(RESERVED_PREFIX):
-        return f"keys under {RESERVED_PREFIX!r} are reserved for polydatum's own bookkeeping"
+        # At any depth: a store whose root or prefix is a folder of this one
+        # keeps its undo copies and temporary files there.
+        if segment == RESERVED_NAME:
+            return (
+                f"it has a {RESERVED_NAME!r} segment; that name is reserved for "
+                "polydatum's own bookkeeping (undo copies, metadata, temporary files)"
+            )
     return None
+
+
+def is_reserved(key: str) -> bool:
+    """True when ``key`` has a ``.polydatum`` segment: bookkeeping, never a user's blob."""
+    return f"/{RESERVED_PREFIX}" in f"/{key}/"
 
 
 def check_key(key: object) -> str:
@@ -64,8 +77,8 @@ def check_key(key: object) -> str:
     Raises:
         InvalidKey: the key is not a ``str``, or is empty, absolute, contains
             ``.``/``..``/empty segments, a backslash, NUL or another control
-            character, is longer than 1024 bytes of UTF-8, or lies under the
-            reserved ``.polydatum/`` prefix. The message says which.
+            character, is longer than 1024 bytes of UTF-8, or has a segment
+            named ``.polydatum`` (reserved, at any depth). The message says which.
 
     .. versionadded:: 2.0
     """
@@ -82,7 +95,7 @@ def check_key(key: object) -> str:
     return key
 
 
-def _check_prefix(prefix: object) -> str:
+def check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         msg = f"a list prefix is a str, got {prefix!r} ({type(prefix).__name__})"
         raise InvalidKey(msg)
@@ -94,7 +107,7 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
-def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     if not metadata:
         return {}
     if not isinstance(metadata, Mapping):
@@ -126,6 +139,13 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
                 "HTTP header); encode it first, e.g. urllib.parse.quote(value)"
             )
             raise InvalidMetadata(msg)
+        if value != value.strip(" "):
+            msg = (
+                f"metadata value for {name!r} has a leading or trailing space, which S3 "
+                "drops (HTTP trims header values) and the other stores would keep; strip "
+                "it first, or encode it, e.g. urllib.parse.quote(value)"
+            )
+            raise InvalidMetadata(msg)
         total += len(lowered) + len(value)
         clean[lowered] = value
     if total > MAX_METADATA_BYTES:
@@ -134,30 +154,42 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return clean
 
 
-def _guess_type(key: str) -> str:
+def guess_type(key: str) -> str:
     # The leading "/" keeps a key such as "data:x" from being read as a URL scheme.
     return _MIME.guess_type("/" + key, strict=False)[0] or DEFAULT_CONTENT_TYPE
 
 
-def _content_type(key: str, content_type: str | None) -> str:
+def resolve_content_type(key: str, content_type: str | None) -> str:
     if content_type is None:
-        return _guess_type(key)
+        return guess_type(key)
     if not isinstance(content_type, str) or not _CONTENT_TYPE.match(content_type):
         msg = (
             f"content type {content_type!r} is not a media type such as 'image/png' "
-            "or 'text/plain; charset=utf-8' (printable ASCII, no line breaks)"
+            "or 'text/plain; charset=utf-8' (printable ASCII, no line breaks, no "
+            "trailing space)"
         )
         raise InvalidMetadata(msg)
     return content_type
 
 
-def _expires_seconds(expires: float | datetime.timedelta) -> int:
+def expires_seconds(expires: float | datetime.timedelta) -> int:
     seconds = expires.total_seconds() if isinstance(expires, datetime.timedelta) else expires
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 1:
-        msg = f"expires must be a positive number of seconds or a timedelta, got {expires!r}"
+    # Checked in this order: NaN compares false with everything, and int(inf)
+    # raises OverflowError; math.isfinite would overflow on a huge int.
+    valid = (
+        isinstance(seconds, (int, float))
+        and not isinstance(seconds, bool)
+        and (isinstance(seconds, int) or math.isfinite(seconds))
+        and seconds >= 1
+    )
+    if not valid:
+        msg = (
+            "expires must be a positive, finite number of seconds (at least 1) or a "
+            f"timedelta, got {expires!r}"
+        )
         raise ValueError(msg)
     return int(seconds)
 
 
-def _join_url(base_url: str, key: str) -> str:
+def join_url(base_url: str, key: str) -> str:
     return base_url.rstrip("/") + "/" + urllib.parse.quote(key)

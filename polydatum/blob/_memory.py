@@ -12,9 +12,9 @@ import threading
 from collections.abc import Iterator
 from typing import IO, BinaryIO
 
-from polydatum.blob._keys import _join_url
-from polydatum.blob._store import BlobInfo, BlobStore, _now
-from polydatum.blob._streams import _copy_stream
+from polydatum.blob._keys import join_url
+from polydatum.blob._store import BlobInfo, BlobStore, utc_now
+from polydatum.blob._streams import copy_stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,19 +45,18 @@ class MemoryBlobStore(BlobStore):
     def __repr__(self) -> str:
         return f"<MemoryBlobStore {len(self._blobs)} blobs>"
 
-    def _put(self, key: str, body: bytes | IO[bytes], content_type: str,
-             metadata: dict[str, str]) -> int:
+    def _put(self, key: str, body: bytes | IO[bytes], content_type: str, metadata: dict[str, str]) -> int:
         if isinstance(body, bytes):
             data = body
         else:
             # BytesIO hands its buffer over without a copy in getvalue().
             buffer = io.BytesIO()
-            _copy_stream(body, buffer)
+            copy_stream(body, buffer)
             data = buffer.getvalue()
             del buffer
         with self._lock:
             etag = f"{next(self._versions):016x}"
-            blob = _MemoryBlob(data, content_type, dict(metadata), etag, _now())
+            blob = _MemoryBlob(data, content_type, dict(metadata), etag, utc_now())
             if key not in self._blobs:
                 bisect.insort(self._keys, key)
             self._blobs[key] = blob
@@ -77,8 +76,7 @@ class MemoryBlobStore(BlobStore):
 
     def _stat(self, key: str) -> BlobInfo:
         blob = self._blob(key)
-        return BlobInfo(key, len(blob.data), blob.content_type, blob.etag, blob.modified,
-                        dict(blob.metadata))
+        return BlobInfo(key, len(blob.data), blob.content_type, blob.etag, blob.modified, dict(blob.metadata))
 
     def _exists(self, key: str) -> bool:
         return key in self._blobs
@@ -98,7 +96,7 @@ class MemoryBlobStore(BlobStore):
                     index = bisect.bisect_right(self._keys, after)
                 else:
                     index = bisect.bisect_left(self._keys, prefix)
-                page = self._keys[index:index + page_size]
+                page = self._keys[index : index + page_size]
             for key in page:
                 if not key.startswith(prefix):
                     return
@@ -114,4 +112,4 @@ class MemoryBlobStore(BlobStore):
     def _url(self, key: str, expires: int) -> str:
         if self.base_url is None:
             return super()._url(key, expires)
-        return _join_url(self.base_url, key)
+        return join_url(self.base_url, key)

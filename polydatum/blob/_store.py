@@ -8,19 +8,25 @@ import dataclasses
 import datetime
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
-from polydatum.blob._errors import BlobNotFound, UrlNotSupported
+from polydatum import _telemetry
+from polydatum.blob._errors import BlobError, BlobNotFound, UrlNotSupported
 from polydatum.blob._keys import (
-    RESERVED_PREFIX,
     UNDO_PREFIX,
-    _check_metadata,
-    _check_prefix,
-    _content_type,
-    _expires_seconds,
     check_key,
+    check_metadata,
+    check_prefix,
+    expires_seconds,
+    is_reserved,
+    resolve_content_type,
 )
-from polydatum.blob._streams import BlobData, _as_body, _copy_stream
+from polydatum.blob._streams import BlobData, as_body, copy_stream
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from polydatum.types import ResourceRegistry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +53,8 @@ class BlobInfo:
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _now() -> datetime.datetime:
+def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
-
-
-class _Registry(Protocol):
-    def register_resources(self, **resources: Any) -> Any: ...
 
 
 class BlobStore(abc.ABC):
@@ -98,9 +100,12 @@ class BlobStore(abc.ABC):
             BlobError: the store failed; the message names the key.
         """
         key = check_key(key)
-        resolved = _content_type(key, content_type)
-        clean = _check_metadata(metadata)
-        return self._put(key, _as_body(data), resolved, clean)
+        resolved = resolve_content_type(key, content_type)
+        clean = check_metadata(metadata)
+        size = self._put(key, as_body(data), resolved, clean)
+        if _telemetry.sink is not None:
+            _telemetry.sink.blob_bytes("in", size)
+        return size
 
     def get(self, key: str) -> bytes:
         """Return the whole blob as bytes; use :meth:`open` for large blobs.
@@ -108,7 +113,10 @@ class BlobStore(abc.ABC):
         Raises:
             BlobNotFound: nothing is stored under ``key``.
         """
-        return self._get(check_key(key))
+        data = self._get(check_key(key))
+        if _telemetry.sink is not None:
+            _telemetry.sink.blob_bytes("out", len(data))
+        return data
 
     def open(self, key: str) -> BinaryIO:
         """Open the blob for reading as a binary stream; close it when done.
@@ -128,7 +136,10 @@ class BlobStore(abc.ABC):
         Raises:
             BlobNotFound: nothing is stored under ``key``.
         """
-        return self._download(check_key(key), target)
+        size = self._download(check_key(key), target)
+        if _telemetry.sink is not None:
+            _telemetry.sink.blob_bytes("out", size)
+        return size
 
     def stat(self, key: str) -> BlobInfo:
         """Return size, content type, etag, modified time and metadata.
@@ -146,9 +157,7 @@ class BlobStore(abc.ABC):
         """Delete the blob; True if there was one, False if there was nothing to delete."""
         return self._delete(check_key(key))
 
-    def list(
-        self, prefix: str = "", after: str | None = None, limit: int | None = None
-    ) -> Iterator[str]:
+    def list(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> Iterator[str]:
         """Yield keys starting with ``prefix`` in ascending (code point) order, lazily.
 
         Pages are fetched as the iterator is consumed, so listing a huge
@@ -160,20 +169,17 @@ class BlobStore(abc.ABC):
             after: only keys strictly greater than this one.
             limit: stop after this many keys.
         """
-        prefix = _check_prefix(prefix)
+        prefix = check_prefix(prefix)
         if after is not None and not isinstance(after, str):
             msg = f"after must be a key (str) or None, got {after!r}"
             raise TypeError(msg)
-        if limit is not None and (
-            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
-        ):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
             msg = f"limit must be a non-negative int or None, got {limit!r}"
             raise ValueError(msg)
         page_size = 1000 if limit is None else max(1, min(1000, limit))
-        keys = (
-            k for k in self._list(prefix, after or None, page_size)
-            if not k.startswith(RESERVED_PREFIX)
-        )
+        # Objects another store (or tool) keeps under a '.polydatum' segment
+        # are not blobs of this one, and must never reach sweep_orphans.
+        keys = (k for k in self._list(prefix, after or None, page_size) if not is_reserved(k))
         return keys if limit is None else itertools.islice(keys, limit)
 
     def copy(self, source: str, target: str) -> None:
@@ -192,16 +198,36 @@ class BlobStore(abc.ABC):
 
         Raises:
             UrlNotSupported: the store cannot serve URLs.
-            ValueError: ``expires`` is not positive.
+            ValueError: ``expires`` is not a finite number of seconds of at least 1
+                (NaN, infinity, zero, negative, a bool or not a number at all),
+                or, on S3, more than 7 days.
         """
-        return self._url(check_key(key), _expires_seconds(expires))
+        return self._url(check_key(key), expires_seconds(expires))
 
-    def ping(self) -> None:
-        """Check that the storage is reachable and usable; return None or raise.
+    def ping(self) -> bool:
+        """Whether the storage is reachable and usable now, for health checks; never raises for an outage.
+
+        Returns:
+            True when it is; False when it does not answer, refuses writes or
+            is misconfigured (a missing bucket). :meth:`check` says which.
+
+        .. versionchanged:: 2.0
+           Returns a bool; the raising form is :meth:`check`.
+        """
+        try:
+            self._ping()
+        except BlobError:
+            return False
+        return True
+
+    def check(self) -> None:
+        """Check that the storage is reachable and usable; return None or raise saying why.
 
         Raises:
             BlobStoreUnavailable: the storage does not answer or refuses writes.
             BlobError: it answers but is misconfigured (e.g. the bucket is missing).
+
+        .. versionadded:: 2.0
         """
         self._ping()
 
@@ -238,7 +264,7 @@ class BlobStore(abc.ABC):
         if batch_size < 1:
             msg = f"batch_size must be at least 1, got {batch_size!r}"
             raise ValueError(msg)
-        cutoff = _now() - older_than
+        cutoff = utc_now() - older_than
         removed: builtins.list[str] = []
         batch: builtins.list[str] = []
         keys = self.list(prefix)
@@ -261,46 +287,68 @@ class BlobStore(abc.ABC):
         removed.extend(self._sweep_internal(cutoff, dry_run))
         return removed
 
-    def install(self, dm: _Registry, name: str = "blobs", *, transactional: bool = True) -> None:
-        """Register this store as the resource ``name`` of a DataManager.
+    def install(
+        self,
+        dm: ResourceRegistry,
+        *,
+        name: str = "blobs",
+        transactional: bool = True,
+        outbox: Any = None,
+        orphan_after: float = 900.0,
+    ) -> Self:
+        """Register this store as the resource ``name`` of a DataManager; return the store.
 
         Inside a context, ``ctx.<name>`` is a :class:`TransactionalBlobStore`:
         blobs written in a context that fails are removed (or restored, for an
         overwrite), and deletes happen only once the context committed. With
         ``transactional=False`` it is this store itself, with no such help.
 
+        Every store installs the same way, a context's view included: its
+        view then nests a unit of work inside the outer context's.
+
         Args:
-            dm: the :class:`~polydatum.dal.DataManager`.
+            dm: the :class:`~polydatum.dal.DataManager` (any
+                :class:`~polydatum.types.ResourceRegistry`).
             name: the resource name services use: ``self._ctx.blobs``.
             transactional: wrap the store in a unit of work per context.
+            outbox: a :class:`polydatum.outbox.Outbox` installed on ``dm``:
+                deletes that wait for the commit (and the removal of undo
+                copies) become outbox rows of the context's transaction, so a
+                store that is down or a process that dies does not lose them;
+                and each first write of a key in a context is preceded by a
+                cleanup row committed on its own and cancelled by the
+                context's commit, so the writes of a context that rolled back
+                or died are undone (by a relay, after ``orphan_after``
+                seconds) even when the rollback hook could not. On SQLite the
+                cleanup row is written only before the context's first SQL
+                statement (SQLite has one write lock, which the context then holds).
+            orphan_after: seconds before a relay undoes the writes of a context
+                that did not commit; longer than any context runs.
+
+        Returns:
+            this store, so ``blobs = FileSystemBlobStore(root).install(dm)`` works.
+
+        Raises:
+            TypeError: ``outbox`` is not a :class:`polydatum.outbox.Outbox`.
+            ValueError: ``outbox`` without ``transactional``, or ``orphan_after``
+                not a number of seconds > 0.
         """
-        # Imported here: its module imports this one (TransactionalBlobStore is a BlobStore).
-        from polydatum.blob._transactional import TransactionalBlobStore
+        # Imported here: that module builds on this one (a view is a BlobStore).
+        from polydatum.blob._transactional import blob_resource
 
-        store = self
-
-        if transactional:
-
-            def blob_resource(ctx: Any) -> Iterator[BlobStore]:
-                view = TransactionalBlobStore(store, ctx, name=name)
-                try:
-                    yield view
-                finally:
-                    view.close()
-
-        else:
-
-            def blob_resource(ctx: Any) -> Iterator[BlobStore]:
-                yield store
-
-        blob_resource.__qualname__ = f"{type(self).__name__}.install.<{name}>"
-        dm.register_resources(**{name: blob_resource})
+        dm.register_resources(
+            **{
+                name: blob_resource(
+                    self, name, transactional=transactional, outbox=outbox, orphan_after=orphan_after
+                )
+            }
+        )
+        return self
 
     # -- primitives ------------------------------------------------------------
 
     @abc.abstractmethod
-    def _put(self, key: str, body: bytes | IO[bytes], content_type: str,
-             metadata: dict[str, str]) -> int:
+    def _put(self, key: str, body: bytes | IO[bytes], content_type: str, metadata: dict[str, str]) -> int:
         """Store ``body`` (bytes or a binary stream) atomically; return the byte count."""
 
     @abc.abstractmethod
@@ -336,7 +384,7 @@ class BlobStore(abc.ABC):
 
     def _download(self, key: str, target: IO[bytes]) -> int:
         with self._open(key) as stream:
-            return _copy_stream(stream, target)
+            return copy_stream(stream, target)
 
     def _snapshot(self, source: str, target: str) -> None:
         """Copy for the unit of work's undo area; stores may do it more cheaply."""
@@ -361,7 +409,7 @@ class BlobStore(abc.ABC):
         """Remove undo copies left behind by units of work older than ``cutoff``."""
         removed = []
         for key in builtins.list(self._list(UNDO_PREFIX, None, 1000)):
-            stamp = key[len(UNDO_PREFIX):].split("-", 1)[0]
+            stamp = key[len(UNDO_PREFIX) :].split("-", 1)[0]
             try:
                 created = datetime.datetime.fromtimestamp(int(stamp) / 1e9, datetime.timezone.utc)
             except ValueError:

@@ -12,7 +12,7 @@ BlobData: TypeAlias = bytes | bytearray | memoryview | IO[bytes] | Iterable[byte
 CHUNK_SIZE = 1024 * 1024
 
 
-class _Reader(io.RawIOBase):
+class Reader(io.RawIOBase):
     """Reads an iterable of bytes, or a stream that may return short reads, as a stream.
 
     ``read(n)`` returns exactly ``n`` bytes until the end: boto3's multipart
@@ -80,7 +80,7 @@ class _Reader(io.RawIOBase):
         return self.read(-1)
 
 
-def _as_body(data: object) -> bytes | IO[bytes]:
+def as_body(data: object) -> bytes | IO[bytes]:
     """Turn what ``put`` accepts into bytes or a readable binary stream."""
     if isinstance(data, bytes):
         return data
@@ -96,15 +96,12 @@ def _as_body(data: object) -> bytes | IO[bytes]:
     if hasattr(data, "read"):
         return data  # type: ignore[return-value]
     if isinstance(data, Iterable):
-        return cast("IO[bytes]", _Reader(data))
-    msg = (
-        f"blob data must be bytes, a binary stream or an iterable of bytes, "
-        f"got {type(data).__name__}"
-    )
+        return cast("IO[bytes]", Reader(data))
+    msg = f"blob data must be bytes, a binary stream or an iterable of bytes, got {type(data).__name__}"
     raise TypeError(msg)
 
 
-def _chunks(body: bytes | IO[bytes]) -> Iterator[bytes]:
+def chunks(body: bytes | IO[bytes]) -> Iterator[bytes]:
     if isinstance(body, bytes):
         yield body
         return
@@ -118,7 +115,7 @@ def _chunks(body: bytes | IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def _copy_stream(source: IO[bytes], target: IO[bytes] | Any) -> int:
+def copy_stream(source: IO[bytes], target: IO[bytes] | Any) -> int:
     total = 0
     while True:
         chunk = source.read(CHUNK_SIZE)

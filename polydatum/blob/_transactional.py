@@ -12,7 +12,7 @@ from typing import IO, Any, BinaryIO
 
 from polydatum.blob._errors import BlobError
 from polydatum.blob._keys import UNDO_PREFIX
-from polydatum.blob._store import BlobInfo, BlobStore, _Registry
+from polydatum.blob._store import BlobInfo, BlobStore
 from polydatum.errors import ContextStateError
 
 logger = logging.getLogger("polydatum.blob")
@@ -50,7 +50,15 @@ class TransactionalBlobStore(BlobStore):
     .. versionadded:: 2.0
     """
 
-    def __init__(self, store: BlobStore, ctx: Any, *, name: str = "blobs") -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        ctx: Any,
+        *,
+        name: str = "blobs",
+        outbox: Any = None,
+        orphan_after: float = 900.0,
+    ) -> None:
         self.store = store
         self.name = name
         self._ctx = ctx
@@ -58,6 +66,9 @@ class TransactionalBlobStore(BlobStore):
         self._doomed: dict[str, None] = {}  # pending deletes, in order
         self._hooked = False
         self._closed = False
+        self._outbox = outbox
+        self._orphan_after = orphan_after
+        self._cleanups: list[int] = []  # outbox rows that undo this context's writes if it fails
 
     def __repr__(self) -> str:
         return f"<TransactionalBlobStore {self.name!r} over {self.store!r}>"
@@ -65,11 +76,6 @@ class TransactionalBlobStore(BlobStore):
     def close(self) -> None:
         """Refuse further use: the context this view belongs to has ended."""
         self._closed = True
-
-    def install(self, dm: _Registry, name: str = "blobs", *, transactional: bool = True) -> None:
-        """Not available here: install the underlying store instead."""
-        msg = "install the store itself (store.install(dm)), not the view a context gives you"
-        raise TypeError(msg)
 
     def _live(self) -> BlobStore:
         if self._closed:
@@ -90,15 +96,25 @@ class TransactionalBlobStore(BlobStore):
         if key in self._undo:
             return
         self._hook()
+        undo = None
         if store._exists(key):
             undo = f"{UNDO_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex}"
+        outbox = self._outbox
+        if outbox is not None and outbox.can_write_detached(self._ctx):
+            # Committed before the write: if this context never commits
+            # (rollback, crash), a relay undoes the write after orphan_after.
+            row = outbox.add_detached(
+                blob_topic(self.name), {"restore": key, "undo": undo}, delay=self._orphan_after
+            )
+            self._cleanups.append(row)
+            outbox.cancel(self._ctx, row)  # gone with this context's commit
+        if undo is not None:
             store._snapshot(key, undo)
-            self._undo[key] = undo
-        else:
-            self._undo[key] = None
+            if outbox is not None:
+                outbox.add(self._ctx, blob_topic(self.name), {"discard": [undo]})
+        self._undo[key] = undo
 
-    def _put(self, key: str, body: bytes | IO[bytes], content_type: str,
-             metadata: dict[str, str]) -> int:
+    def _put(self, key: str, body: bytes | IO[bytes], content_type: str, metadata: dict[str, str]) -> int:
         store = self._live()
         self._before_write(store, key)
         self._doomed.pop(key, None)
@@ -122,6 +138,8 @@ class TransactionalBlobStore(BlobStore):
             return True
         self._hook()
         self._doomed[key] = None
+        if self._outbox is not None:
+            self._outbox.add(self._ctx, blob_topic(self.name), {"discard": [key]})
         return True
 
     def _visible(self, key: str) -> BlobStore:
@@ -166,7 +184,10 @@ class TransactionalBlobStore(BlobStore):
             except Exception as exc:  # every step gets its chance
                 failures.append((key, exc))
                 logger.warning(
-                    "blob %s of %r failed: %s", what, key, exc,
+                    "blob %s of %r failed: %s",
+                    what,
+                    key,
+                    exc,
                     extra={"polydatum_resource": self.name},
                 )
         if failures:
@@ -179,11 +200,17 @@ class TransactionalBlobStore(BlobStore):
             raise BlobError(msg, key=failures[0][0]) from failures[0][1]
 
     def _on_commit(self) -> None:
+        if self._outbox is not None:  # its rows delete what waited for the commit
+            self._doomed.clear()
+            self._undo.clear()
+            self._cleanups.clear()
+            return
         store = self.store
         steps = [(key, functools.partial(store._discard, key)) for key in self._doomed]
         steps += [
             (undo, functools.partial(store._discard, undo))
-            for undo in self._undo.values() if undo is not None
+            for undo in self._undo.values()
+            if undo is not None
         ]
         self._doomed.clear()
         self._undo.clear()
@@ -199,10 +226,81 @@ class TransactionalBlobStore(BlobStore):
                 store._snapshot(undo, key)
                 store._discard(undo)
 
-        steps = [
-            (key, functools.partial(restore, key, undo))
-            for key, undo in reversed(self._undo.items())
-        ]
+        steps = [(key, functools.partial(restore, key, undo)) for key, undo in reversed(self._undo.items())]
         self._doomed.clear()
         self._undo.clear()
+        cleanups, self._cleanups = self._cleanups, []
         self._run("compensation after rollback", steps)
+        if cleanups and self._outbox is not None:
+            # Compensated: the relay has nothing left to undo. (Had a step
+            # failed, _run raised and the rows stay for the relay to retry.)
+            self._outbox.remove(cleanups)
+
+
+def blob_resource(
+    store: BlobStore, name: str, *, transactional: bool, outbox: Any, orphan_after: float
+) -> Callable[[Any], Iterator[BlobStore]]:
+    """The resource factory :meth:`BlobStore.install` registers: the one place that decides the wrapping.
+
+    With ``transactional``, each context gets its own :class:`TransactionalBlobStore`
+    over ``store`` (closed when the context ends); without, ``store`` itself.
+
+    Raises:
+        TypeError: ``outbox`` is not a :class:`polydatum.outbox.Outbox`.
+        ValueError: ``outbox`` without ``transactional``, or ``orphan_after`` not
+            a number of seconds > 0.
+    """
+    if outbox is not None:
+        from polydatum.outbox import Outbox  # the outbox needs SQLAlchemy: only when asked
+
+        if not isinstance(outbox, Outbox):
+            msg = f"outbox must be a polydatum.outbox.Outbox, got {type(outbox).__name__}"
+            raise TypeError(msg)
+        if not transactional:
+            msg = "outbox= needs transactional=True: without a unit of work nothing waits for a commit"
+            raise ValueError(msg)
+        number = isinstance(orphan_after, (int, float)) and not isinstance(orphan_after, bool)
+        if not number or orphan_after <= 0:
+            msg = f"orphan_after must be a number of seconds > 0, got {orphan_after!r}"
+            raise ValueError(msg)
+        outbox.add_handler(blob_topic(name), outbox_handler(store))
+
+    if transactional:
+
+        def blob_resource(ctx: Any) -> Iterator[BlobStore]:
+            view = TransactionalBlobStore(store, ctx, name=name, outbox=outbox, orphan_after=orphan_after)
+            try:
+                yield view
+            finally:
+                view.close()
+
+    else:
+
+        def blob_resource(ctx: Any) -> Iterator[BlobStore]:
+            yield store
+
+    blob_resource.__qualname__ = f"{type(store).__name__}.install.<{name}>"
+    return blob_resource
+
+
+def blob_topic(name: str) -> str:
+    """The outbox topic of the blob store installed as ``name``."""
+    return f"polydatum.blob:{name}"
+
+
+def outbox_handler(store: BlobStore) -> Callable[[Any], None]:
+    """Deliver the blob store's outbox rows: deletes after a commit, undoing a failed context's writes."""
+
+    def deliver_blob_effect(effect: Any) -> None:
+        payload = effect.payload
+        for key in payload.get("discard", ()):
+            store._discard(key)
+        if "restore" in payload:
+            key, undo = payload["restore"], payload["undo"]
+            if undo is None:
+                store._discard(key)  # written by a context that never committed
+            elif store._exists(undo):
+                store._snapshot(undo, key)
+                store._discard(undo)
+
+    return deliver_blob_effect

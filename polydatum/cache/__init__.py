@@ -3,8 +3,9 @@
 
 :class:`Cache` stores Python values under string keys, with an optional TTL,
 in a *backend*. The embedded default is :class:`MemoryBackend` (in-process,
-thread-safe, bounded); :mod:`polydatum.redis` provides a Redis backend with the
-same interface. Nothing here imports a third-party package::
+thread-safe, bounded); :class:`FileSystemBackend` keeps entries in files that
+several processes share; :mod:`polydatum.redis` and :mod:`polydatum.memcached`
+provide Redis and memcached backends with the same interface. Nothing here imports a third-party package::
 
     from polydatum import DataManager, Service
     from polydatum.cache import Cache, cached
@@ -47,6 +48,8 @@ dead server costs each request nothing. Deletes are not dropped: they are
 kept (up to ``max_undelivered`` keys, then as one clear of the namespace) and
 replayed before the cache's next operation once the backend answers, and by
 a background retry every ``retry_interval``. Locks never degrade: they raise.
+A backend that is up but has no free connection in time (a full pool) raises
+:class:`CacheBusy`; that is not an outage and never degrades the cache.
 
 .. versionadded:: 2.0
 """
@@ -54,22 +57,34 @@ a background retry every ``retry_interval``. Locks never degrade: they raise.
 from polydatum.cache._backends import (
     AsyncCacheBackend,
     AsyncMemoryBackend,
-    AsyncMemoryLock,
     CacheBackend,
     CacheLock,
     MemoryBackend,
-    MemoryLock,
 )
 from polydatum.cache._cache import AsyncCache, Cache
 from polydatum.cache._cached import CachedFunction, CacheMiddleware, CachePolicy, cached
 from polydatum.cache._errors import (
+    CacheBusy,
     CacheError,
     CacheUnavailable,
     CounterError,
+    ItemTooLarge,
     LockError,
     LockExpired,
     LockNotAcquired,
+    RecordExists,
+    RecordMissing,
     SerializationError,
+    UpdateConflict,
+)
+from polydatum.cache._filesystem import AsyncFileSystemBackend, FileSystemBackend, FileSystemLock
+from polydatum.cache._locks import (
+    AsyncLockBase,
+    AsyncMemoryLock,
+    BackendLock,
+    LockBase,
+    MemoryLock,
+    TokenLock,
 )
 from polydatum.cache._serializers import (
     JSONSerializer,
@@ -79,14 +94,19 @@ from polydatum.cache._serializers import (
     get_serializer,
     register_serializer,
 )
+from polydatum.cache._threaded import ThreadedAsyncBackend, ThreadedAsyncLock
 
 __all__ = [
     "AsyncCache",
     "AsyncCacheBackend",
+    "AsyncFileSystemBackend",
+    "AsyncLockBase",
     "AsyncMemoryBackend",
     "AsyncMemoryLock",
+    "BackendLock",
     "Cache",
     "CacheBackend",
+    "CacheBusy",
     "CacheError",
     "CacheLock",
     "CacheMiddleware",
@@ -94,7 +114,11 @@ __all__ = [
     "CacheUnavailable",
     "CachedFunction",
     "CounterError",
+    "FileSystemBackend",
+    "FileSystemLock",
+    "ItemTooLarge",
     "JSONSerializer",
+    "LockBase",
     "LockError",
     "LockExpired",
     "LockNotAcquired",
@@ -102,8 +126,14 @@ __all__ = [
     "MemoryLock",
     "MsgpackSerializer",
     "PickleSerializer",
+    "RecordExists",
+    "RecordMissing",
     "SerializationError",
     "Serializer",
+    "ThreadedAsyncBackend",
+    "ThreadedAsyncLock",
+    "TokenLock",
+    "UpdateConflict",
     "cached",
     "get_serializer",
     "register_serializer",

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from polydatum.cache._errors import CounterError, LockError, LockExpired, LockNotAcquired
+from polydatum.cache._errors import CounterError
+from polydatum.cache._locks import AsyncMemoryLock, MemoryLock
 
 _INT64 = (-(2**63), 2**63 - 1)
 _INTEGER = re.compile(rb"-?[0-9]+")
@@ -63,13 +62,29 @@ class CacheBackend(Protocol):
     def incr(self, key: str, delta: int) -> int: ...
     def pttl(self, key: str) -> int | None:
         """Milliseconds left, -1 when the key never expires, None when it is missing."""
+
     def clear(self, prefix: str) -> int: ...
-    def set_guarded(
-        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
-    ) -> bool:
+    def set_guarded(self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes) -> bool:
         """Atomically: if ``guard`` holds ``token``, store ``value`` and delete ``guard``."""
+
     def delete_if(self, key: str, token: bytes) -> bool:
         """Atomically delete ``key`` if it holds ``token``; True when deleted."""
+
+    def compare_and_set(self, key: str, expected: bytes, value: bytes) -> bool:
+        """Atomically: if ``key`` holds ``expected``, store ``value`` keeping the key's TTL.
+
+        False when the key holds anything else or is missing. Cache models
+        build atomic partial updates and counters on it (read, change, retry).
+
+        .. versionadded:: 2.0
+        """
+
+    def touch(self, key: str, ttl_ms: int | None) -> bool:
+        """Give ``key`` a new TTL (None: never expire); False when it is missing.
+
+        .. versionadded:: 2.0
+        """
+
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> CacheLock: ...
     def ping(self) -> bool: ...
 
@@ -92,6 +107,8 @@ class AsyncCacheBackend(Protocol):
         self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
     ) -> bool: ...
     async def delete_if(self, key: str, token: bytes) -> bool: ...
+    async def compare_and_set(self, key: str, expected: bytes, value: bytes) -> bool: ...
+    async def touch(self, key: str, ttl_ms: int | None) -> bool: ...
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> Any: ...
     async def ping(self) -> bool: ...
 
@@ -110,9 +127,7 @@ class MemoryBackend:
     .. versionadded:: 2.0
     """
 
-    def __init__(
-        self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.monotonic) -> None:
         if max_entries < 1:
             msg = f"max_entries must be at least 1, got {max_entries!r}"
             raise ValueError(msg)
@@ -219,9 +234,7 @@ class MemoryBackend:
                 del self._data[key]
             return len(doomed)
 
-    def set_guarded(
-        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
-    ) -> bool:
+    def set_guarded(self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes) -> bool:
         """If ``guard`` holds ``token``: store ``value`` at ``key``, delete ``guard``, True."""
         with self._lock:
             now = self._clock()
@@ -234,7 +247,30 @@ class MemoryBackend:
 
     def delete_if(self, key: str, token: bytes) -> bool:
         """Delete ``key`` if it holds ``token``; True when deleted."""
-        return self._release_if(key, token)
+        with self._lock:
+            entry = self._live(key, self._clock())
+            if entry is None or entry[0] != token:
+                return False
+            del self._data[key]
+            return True
+
+    def compare_and_set(self, key: str, expected: bytes, value: bytes) -> bool:
+        """If ``key`` holds ``expected``: store ``value`` (same TTL), True."""
+        with self._lock:
+            entry = self._live(key, self._clock())
+            if entry is None or entry[0] != expected:
+                return False
+            self._store(key, value, entry[1])
+            return True
+
+    def touch(self, key: str, ttl_ms: int | None) -> bool:
+        """Give ``key`` a new TTL (None: never expire); False when missing."""
+        with self._lock:
+            entry = self._live(key, self._clock())
+            if entry is None:
+                return False
+            self._store(key, entry[0], self._expiry(ttl_ms))
+            return True
 
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> MemoryLock:
         """An in-process lock stored in this backend (see :class:`MemoryLock`)."""
@@ -243,89 +279,6 @@ class MemoryBackend:
     def ping(self) -> bool:
         """Always True: the memory is right here."""
         return True
-
-    def _release_if(self, key: str, token: bytes) -> bool:
-        with self._lock:
-            entry = self._live(key, self._clock())
-            if entry is None or entry[0] != token:
-                return False
-            del self._data[key]
-            return True
-
-
-class MemoryLock:
-    """A lock in a :class:`MemoryBackend`, with the semantics of redis-py's ``Lock``.
-
-    It expires ``timeout`` seconds after it was taken, so a holder that dies
-    never blocks the others for good; releasing an expired lock raises
-    :class:`LockExpired`.
-
-    .. versionadded:: 2.0
-    """
-
-    def __init__(
-        self, backend: MemoryBackend, name: str, timeout: float, blocking_timeout: float | None
-    ) -> None:
-        self.name = name
-        self.timeout = timeout
-        self.blocking_timeout = blocking_timeout
-        self._backend = backend
-        self._local = threading.local()
-
-    def acquire(self, blocking: bool = True) -> bool:
-        """Take the lock; with ``blocking``, retry until ``blocking_timeout`` passes."""
-        token = uuid.uuid4().hex.encode()
-        ttl_ms = max(1, int(self.timeout * 1000))
-        deadline = _deadline(self.blocking_timeout)
-        while True:
-            if self._backend.set(self.name, token, ttl_ms, "absent"):
-                self._local.token = token
-                return True
-            if not blocking or (deadline is not None and time.monotonic() >= deadline):
-                return False
-            time.sleep(0.005)
-
-    def release(self) -> None:
-        """Release the lock; :class:`LockExpired` when it expired first."""
-        token = getattr(self._local, "token", None)
-        self._local.token = None
-        if token is None:
-            msg = f"lock {self.name!r} is not held by this thread; acquire it before releasing"
-            raise LockError(msg)
-        if not self._backend._release_if(self.name, token):
-            raise LockExpired(_expired_message(self.name, self.timeout))
-
-    def locked(self) -> bool:
-        """True when anyone holds the lock."""
-        return self._backend.get(self.name) is not None
-
-    def __enter__(self) -> MemoryLock:
-        if not self.acquire():
-            raise LockNotAcquired(_not_acquired_message(self.name, self.blocking_timeout))
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-
-def _deadline(blocking_timeout: float | None) -> float | None:
-    return None if blocking_timeout is None else time.monotonic() + blocking_timeout
-
-
-def _not_acquired_message(name: str, blocking_timeout: float | None) -> str:
-    return (
-        f"could not acquire lock {name!r} within blocking_timeout={blocking_timeout}s: another "
-        "holder has it; retry later or pass a longer blocking_timeout"
-    )
-
-
-def _expired_message(name: str, timeout: float) -> str:
-    return (
-        f"lock {name!r} expired before it was released (held longer than timeout={timeout}s), "
-        "so another holder may have run at the same time; pass a longer timeout"
-    )
 
 
 class AsyncMemoryBackend:
@@ -369,15 +322,21 @@ class AsyncMemoryBackend:
         """See :meth:`MemoryBackend.clear`."""
         return self.sync.clear(prefix)
 
-    async def set_guarded(
-        self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes
-    ) -> bool:
+    async def set_guarded(self, key: str, value: bytes, ttl_ms: int | None, guard: str, token: bytes) -> bool:
         """See :meth:`MemoryBackend.set_guarded`."""
         return self.sync.set_guarded(key, value, ttl_ms, guard, token)
 
     async def delete_if(self, key: str, token: bytes) -> bool:
         """See :meth:`MemoryBackend.delete_if`."""
         return self.sync.delete_if(key, token)
+
+    async def compare_and_set(self, key: str, expected: bytes, value: bytes) -> bool:
+        """See :meth:`MemoryBackend.compare_and_set`."""
+        return self.sync.compare_and_set(key, expected, value)
+
+    async def touch(self, key: str, ttl_ms: int | None) -> bool:
+        """See :meth:`MemoryBackend.touch`."""
+        return self.sync.touch(key, ttl_ms)
 
     def lock(self, key: str, timeout: float, blocking_timeout: float | None) -> AsyncMemoryLock:
         """An awaitable in-process lock (``async with``)."""
@@ -386,47 +345,3 @@ class AsyncMemoryBackend:
     async def ping(self) -> bool:
         """Always True."""
         return True
-
-
-class AsyncMemoryLock:
-    """``async with`` face of :class:`MemoryLock`; waits with ``asyncio.sleep``.
-
-    .. versionadded:: 2.0
-    """
-
-    def __init__(self, lock: MemoryLock) -> None:
-        self._lock = lock
-        self.name = lock.name
-        self._token: bytes | None = None
-
-    async def acquire(self, blocking: bool = True) -> bool:
-        """Take the lock without blocking the event loop."""
-        lock = self._lock
-        deadline = _deadline(lock.blocking_timeout)
-        while True:
-            if lock.acquire(blocking=False):
-                # Tasks share a thread, so keep the token here, not thread-locally.
-                self._token = lock._local.token
-                return True
-            if not blocking or (deadline is not None and time.monotonic() >= deadline):
-                return False
-            await asyncio.sleep(0.005)
-
-    async def release(self) -> None:
-        """Release the lock; :class:`LockExpired` when it expired first."""
-        self._lock._local.token, self._token = self._token, None
-        self._lock.release()
-
-    async def locked(self) -> bool:
-        """True when anyone holds the lock."""
-        return self._lock.locked()
-
-    async def __aenter__(self) -> AsyncMemoryLock:
-        if not await self.acquire():
-            raise LockNotAcquired(_not_acquired_message(self.name, self._lock.blocking_timeout))
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.release()

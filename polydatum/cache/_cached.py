@@ -11,8 +11,10 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from polydatum.cache._cache import MISS, TTL, AsyncCache, Cache, _CacheBase
+from polydatum.cache._base import MISS, TTL, CacheBase
+from polydatum.cache._cache import AsyncCache, Cache
 from polydatum.cache._errors import CacheError, SerializationError
+from polydatum.cache._keys import hash_tag, slot_safe
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -20,6 +22,35 @@ if TYPE_CHECKING:
 
 KeySpec = str | Callable[..., str] | None
 _MAX_KEY = 200
+# A str argument is escaped before it fills a key template, so that it cannot
+# write the separator (":" by convention), the mark of a hashed key ("#") or a
+# Redis Cluster hash tag ("{...}", which only the template may set): with
+# "user:{name}", name="ada:friends" must not reach "user:{name}:friends".
+_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "#": "%23", "{": "%7B", "}": "%7D"})
+_SPECIAL = frozenset("%:#{}")
+
+
+def _escaped(named: dict[str, Any]) -> dict[str, Any]:
+    for value in named.values():
+        if isinstance(value, str) and not _SPECIAL.isdisjoint(value):
+            return {k: v.translate(_ESCAPES) if isinstance(v, str) else v for k, v in named.items()}
+    return named  # the common case: nothing to escape, no copy
+
+
+def _hashed(text: str, head: str = "") -> str:
+    # Starts with "#" (after head), which no escaped argument can write, so no
+    # short key is ever one of these; the same text always hashes to the same
+    # key, as it would be. A hash tag is kept, so the key stays in its slot.
+    digest = head + "#" + hashlib.sha256(text.encode()).hexdigest()
+    tag = hash_tag(text)
+    return digest if tag is None else f"{digest}{{{tag}}}"
+
+
+def _fit(text: str, head: str = "") -> str:
+    """``text`` as a key: hashed when too long, or when no claim could share its slot."""
+    if len(text) <= _MAX_KEY and slot_safe(text):
+        return text
+    return _hashed(text, head)
 
 
 def cached(
@@ -47,6 +78,12 @@ def cached(
     :meth:`str.format` template over their names (``"{0}"`` also works for
     the first one), or a callable taking the same arguments. Without ``key``
     the method's qualified name and the ``repr`` of its arguments are used.
+    In a template, ``%``, ``:``, ``#``, ``{`` and ``}`` in a str argument
+    are percent-escaped, so no argument can write a key of another shape or
+    pick its Redis Cluster slot; only the template sets a hash tag
+    (``key="{{user:{user_id}}}:posts"`` keeps a user's keys in one slot). A
+    key longer than 200 characters, or with a ``}`` outside a hash tag, is
+    replaced by ``"#"``, its SHA-256 and its hash tag (``"{...}"``) if any.
     ``None`` results are cached too; exceptions never are.
 
     Invalidate with ``self.get.invalidate(user_id)`` inside a service (or
@@ -85,8 +122,14 @@ class CachePolicy:
     """
 
     def __init__(
-        self, ttl: TTL, *, key: KeySpec, using: str | Cache | AsyncCache, stale: float,
-        wait: float, lock_timeout: float,
+        self,
+        ttl: TTL,
+        *,
+        key: KeySpec,
+        using: str | Cache | AsyncCache,
+        stale: float,
+        wait: float,
+        lock_timeout: float,
     ) -> None:
         seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
         if seconds is None or not seconds > 0:
@@ -115,10 +158,7 @@ class CachePolicy:
     def middleware(self, *paths: str) -> CacheMiddleware:
         """DAL method middleware caching the DAL methods at ``paths`` (``"users.get"``)."""
         if not paths:
-            msg = (
-                "middleware() needs at least one DAL path, e.g. "
-                'cached(ttl=60).middleware("users.get")'
-            )
+            msg = 'middleware() needs at least one DAL path, e.g. cached(ttl=60).middleware("users.get")'
             raise ValueError(msg)
         return CacheMiddleware(self, paths)
 
@@ -136,7 +176,7 @@ class CachePolicy:
             )
             raise CacheError(msg)
         cache = getattr(ctx, using)
-        if not isinstance(cache, _CacheBase):
+        if not isinstance(cache, CacheBase):
             msg = (
                 f"ctx.{using} is {cache!r}, not a Cache; install one with "
                 f"Cache(...).install(dm, name={using!r})"
@@ -150,9 +190,7 @@ class CachePolicy:
     def _unstorable(self, exc: SerializationError, where: str) -> SerializationError:
         return SerializationError(f"the result of {where} cannot be cached: {exc}")
 
-    def run(
-        self, cache: Cache, ctx: Any, key: str, compute: Callable[[], Any], where: str
-    ) -> Any:
+    def run(self, cache: Cache, ctx: Any, key: str, compute: Callable[[], Any], where: str) -> Any:
         """Return the cached value of ``key``, or compute, store and return it.
 
         Only a caller holding the key's claim stores, and only while the claim
@@ -182,6 +220,12 @@ class CachePolicy:
             token = cache._claim(key, self.lock_timeout)
             if token is None:
                 return compute()  # still claimed (or cache down): compute, never store unguarded
+        # Another caller may have stored and released between our read and our
+        # claim (its store deletes its claim in the same step): read once more.
+        fresh = _unpack(cache.get(key, MISS))
+        if fresh is not None and fresh[0] > time.time():
+            cache._release_claim(key, token)
+            return fresh[1]
         try:
             value = compute()
             cache._store_claimed(key, self._entry(value), self.ttl + self.stale, token)
@@ -231,6 +275,10 @@ class CachePolicy:
             token = await call("_claim", key, self.lock_timeout)
             if token is None:
                 return await compute()
+        fresh = _unpack(await call("get", key, MISS))  # see run()
+        if fresh is not None and fresh[0] > time.time():
+            await call("_release_claim", key, token)
+            return fresh[1]
         try:
             value = await compute()
             await call("_store_claimed", key, self._entry(value), self.ttl + self.stale, token)
@@ -269,25 +317,25 @@ class _KeyMaker:
     def __call__(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         spec = self.spec
         if callable(spec):
-            return spec(*args, **kwargs)
+            made: str = spec(*args, **kwargs)
+            return _fit(made)
         names = self.positional
         if names is not None and not kwargs and len(args) == len(names):
             named = dict(zip(names, args, strict=True))
         else:
             named = self._bind(args, kwargs)
         if spec is None:
-            text = f"{self.prefix}:{tuple(named.values())!r}"
-            if len(text) > _MAX_KEY:
-                text = f"{self.prefix}:#{hashlib.sha256(text.encode()).hexdigest()}"
-            return text
+            return _fit(f"{self.prefix}:{tuple(named.values())!r}", f"{self.prefix}:")
+        safe = _escaped(named)
         try:
-            return spec.format(*named.values(), **named)
+            text = spec.format(*safe.values(), **safe)
         except (KeyError, IndexError) as exc:
             msg = (
                 f"cached(key={spec!r}) on {self.prefix} names {exc}, which is not one of its "
                 f"arguments: {', '.join(named) or 'none'}"
             )
             raise CacheError(msg) from None
+        return _fit(text)
 
     def _bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         full = (None, *args) if self.drop_first else args
@@ -340,10 +388,7 @@ class CachedFunction:
 
 def _sync(cache: Cache | AsyncCache, where: str) -> Cache:
     if isinstance(cache, AsyncCache):
-        msg = (
-            f"{where} is not async, so it cannot use an AsyncCache; make it `async def` "
-            "or use a Cache"
-        )
+        msg = f"{where} is not async, so it cannot use an AsyncCache; make it `async def` or use a Cache"
         raise CacheError(msg)
     return cache
 
@@ -431,9 +476,7 @@ class CacheMiddleware:
             self._keys[func] = maker
         return maker
 
-    def __call__(
-        self, request: DalCommandRequest, handler: Callable[[DalCommandRequest], Any]
-    ) -> Any:
+    def __call__(self, request: DalCommandRequest, handler: Callable[[DalCommandRequest], Any]) -> Any:
         """Serve ``request`` from the cache when its path is one of ours."""
         path = request.path_name
         if path not in self.paths:

@@ -84,7 +84,6 @@ def _to_json(value: Any) -> Any:
     raise _unsupported(value, "json", _JSON_HINT)
 
 
-
 def _exact_offset(text: str) -> timezone | None:
     """The UTC offset at the end of an ISO string, when it has a fraction of a second.
 
@@ -200,14 +199,24 @@ class PickleSerializer:
 
 # msgpack extension codes for the types it lacks natively.
 _EXT_CODES: dict[type, int] = {
-    datetime: 1, date: 2, dt_time: 3, Decimal: 4, uuid.UUID: 5,
-    tuple: 6, set: 7, frozenset: 8, int: 9,
+    datetime: 1,
+    date: 2,
+    dt_time: 3,
+    Decimal: 4,
+    uuid.UUID: 5,
+    tuple: 6,
+    set: 7,
+    frozenset: 8,
+    int: 9,
 }
 
 
 _EXT_PARSERS: dict[int, Callable[[str], Any]] = {
-    1: _datetime_from_iso, 2: date.fromisoformat, 3: _time_from_iso,
-    4: Decimal, 9: int,
+    1: _datetime_from_iso,
+    2: date.fromisoformat,
+    3: _time_from_iso,
+    4: Decimal,
+    9: int,
 }
 
 
@@ -266,9 +275,7 @@ class MsgpackSerializer:
 
     def loads(self, data: bytes) -> Any:
         """Deserialize msgpack written by :meth:`dumps`."""
-        return self._msgpack.unpackb(
-            data, ext_hook=self._ext_hook, strict_map_key=False, raw=False
-        )
+        return self._msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False)
 
 
 _SERIALIZERS: dict[str, Callable[[], Serializer]] = {

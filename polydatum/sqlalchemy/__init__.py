@@ -34,9 +34,13 @@ ready-made service for one mapped class::
         assert dal.notes.require(note.id).text == "hello"
         page = dal.notes.search({"text__startswith": "he"}, order_by="-id", limit=20)
 
-Also here: :class:`AsyncDatabase` and :class:`AsyncStore` for asyncio,
-:class:`Dataset` for read-only SQLite files, :func:`read_only` for one
-context, :class:`Versioned` for optimistic concurrency
+Also here: :class:`AsyncDatabase` and :class:`AsyncStore` for asyncio (an
+AsyncDatabase serves ``with`` contexts too, through a sync engine on the same
+data, so one DataManager serves a FastAPI app and its Celery workers),
+:class:`Dataset` for read-only SQLite files (built from CSV or JSON lines
+by :meth:`Dataset.build`, or ``python -m polydatum.sqlalchemy build-dataset``), :func:`read_only` for one
+context, read replicas (``Database(url, replicas=[...])``, :func:`use_primary`,
+``docs/scaling.md``), :class:`Versioned` for optimistic concurrency
 (:class:`~polydatum.errors.ConcurrencyConflict`), and :func:`retry` for
 serialization failures. The guide is ``docs/integrations/sqlalchemy.md``.
 
@@ -48,10 +52,7 @@ from __future__ import annotations
 try:
     import sqlalchemy
 except ImportError:  # pragma: no cover - exercised only without the extra
-    msg = (
-        "polydatum.sqlalchemy needs SQLAlchemy 2; "
-        'install it with: pip install "polydatum[sqlalchemy]"'
-    )
+    msg = 'polydatum.sqlalchemy needs SQLAlchemy 2; install it with: pip install "polydatum[sqlalchemy]"'
     raise ImportError(msg) from None
 
 if not sqlalchemy.__version__.startswith("2."):  # pragma: no cover
@@ -61,15 +62,18 @@ if not sqlalchemy.__version__.startswith("2."):  # pragma: no cover
     )
     raise ImportError(msg)
 
+from polydatum.errors import DatasetError, ReadOnlyError, ReplicaMismatch
 from polydatum.sqlalchemy._database import (
     AsyncDatabase,
     Database,
     Dataset,
-    ReadOnlyError,
     async_transaction_middleware,
     read_only,
     transaction_middleware,
+    use_primary,
 )
+from polydatum.sqlalchemy._datasets import DatasetSpec
+from polydatum.sqlalchemy._replicas import NodeStatus
 from polydatum.sqlalchemy._retry import aretry, is_transient, retry
 from polydatum.sqlalchemy._store import AsyncStore, Page, Store
 from polydatum.sqlalchemy._versioned import Versioned
@@ -79,8 +83,12 @@ __all__ = [
     "AsyncStore",
     "Database",
     "Dataset",
+    "DatasetError",
+    "DatasetSpec",
+    "NodeStatus",
     "Page",
     "ReadOnlyError",
+    "ReplicaMismatch",
     "Store",
     "Versioned",
     "aretry",
@@ -89,4 +97,5 @@ __all__ = [
     "read_only",
     "retry",
     "transaction_middleware",
+    "use_primary",
 ]

@@ -40,9 +40,7 @@ def is_transient(exc: BaseException) -> bool:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         orig = current.orig if isinstance(current, DBAPIError) else current
-        if (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in (
-            _TRANSIENT_SQLSTATES
-        ):
+        if (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in (_TRANSIENT_SQLSTATES):
             return True
         if isinstance(orig, sqlite3.Error):
             code = getattr(orig, "sqlite_errorcode", None)
@@ -78,8 +76,9 @@ def _should_retry(
 ) -> bool:
     if acknowledged or attempt >= attempts or not retry_if(exc):
         return False
-    logger.info("retrying a unit of work after %s (attempt %d of %d)",
-                type(exc).__name__, attempt + 1, attempts)
+    logger.info(
+        "retrying a unit of work after %s (attempt %d of %d)", type(exc).__name__, attempt + 1, attempts
+    )
     return True
 
 

@@ -1,155 +1,32 @@
-"""``Store[Model]``: a generic service for one mapped class, with validated queries."""
+"""``Store[Model]``: a generic service for one mapped class, with validated queries.
+
+The filter language (names, values, order, page conditions) lives in
+``_filters`` and the page cursor format in ``_cursor``; this module adds the
+statements and the services.
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime as dt
-import json
 import typing
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    ColumnElement,
-    Integer,
-    SmallInteger,
-    and_,
-    false,
-    func,
-    inspect,
-    or_,
-    select,
-)
-from sqlalchemy.orm import InstrumentedAttribute, Mapper
+from sqlalchemy import func, inspect, select
 
 from polydatum import Service
-from polydatum.errors import ConcurrencyConflict, NotFound
+from polydatum.errors import ConcurrencyConflict, InvalidInput, NotFound
+from polydatum.sqlalchemy._database import use_primary
+from polydatum.sqlalchemy._filters import SMALL_INT, Filters, Keys, OrderBy, Schema, show
 
 if TYPE_CHECKING:
     from sqlalchemy import Select
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import Mapper, Session
 
 M = TypeVar("M")
-
-Filters = Mapping[str, Any]
-OrderBy = str | Sequence[str]
-
-
-def _in(col: Any, value: Any) -> ColumnElement[bool]:
-    return col.in_(_sequence(value))  # type: ignore[no-any-return]
-
-
-def _not_in(col: Any, value: Any) -> ColumnElement[bool]:
-    return col.not_in(_sequence(value))  # type: ignore[no-any-return]
-
-
-def _is_null(col: Any, value: Any) -> ColumnElement[bool]:
-    if not isinstance(value, bool):
-        msg = f"the is_null operator takes True or False, got {value!r}"
-        raise ValueError(msg)
-    return col.is_(None) if value else col.is_not(None)  # type: ignore[no-any-return]
-
-
-def _sequence(value: Any) -> list[Any]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset)):
-        msg = f"the in/not_in operators take a list, tuple or set of values, got {value!r}"
-        raise ValueError(msg)
-    return list(value)
-
-
-# The integers each dialect can bind for an integer column; a value outside makes
-# PostgreSQL fail the statement (SQLSTATE 22003, aborting the transaction) and
-# sqlite3 raise OverflowError, so such values are answered without asking.
-_INT64 = (-(2**63), 2**63 - 1)
-_POSTGRES_INTS: tuple[tuple[type[Any], tuple[int, int]], ...] = (
-    (SmallInteger, (-(2**15), 2**15 - 1)),
-    (BigInteger, _INT64),
-    (Integer, (-(2**31), 2**31 - 1)),
-)
-# Below this magnitude an int fits every integer column, so no bounds are looked up.
-_SMALL = 2**15
-
-
-def _int_range(type_: Any, dialect: str) -> tuple[int, int] | None:
-    """The values an integer column of ``type_`` holds on ``dialect``; None if unknown or not an integer."""
-    if not isinstance(type_, Integer):
-        return None
-    if dialect == "sqlite":
-        return _INT64  # any integer type is a 64-bit INTEGER there
-    if dialect == "postgresql":
-        for kind, bounds in _POSTGRES_INTS:
-            if isinstance(type_, kind):
-                return bounds
-    return None  # other dialects (e.g. MySQL's unsigned types) are left to the database
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _large(value: Any) -> bool:
-    """Whether ``value`` (or an item of it, for in/not_in) is an int some integer column cannot hold."""
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return any(_large(v) for v in value)
-    return _is_int(value) and not -_SMALL < value < _SMALL
-
-
-def _outside(value: Any, bounds: tuple[int, int]) -> bool:
-    return _is_int(value) and not bounds[0] <= value <= bounds[1]
-
-
-def _bounded(
-    op: str, col: Any, value: Any, bounds: tuple[int, int]
-) -> ColumnElement[bool] | None:
-    """``col <op> value`` for an int out of the column's range, decided without the database.
-
-    None when the value is in range (or not an int): then the operator runs as usual.
-    """
-    if op in ("in", "not_in"):
-        values = _sequence(value)
-        if not any(_outside(v, bounds) for v in values):
-            return None
-        kept = [v for v in values if not _outside(v, bounds)]
-        if op == "in":
-            return col.in_(kept) if kept else false()
-        # No row holds the dropped values, so only the kept ones can exclude a row.
-        return col.not_in(kept) if kept else col.is_not(None)  # type: ignore[no-any-return]
-    if not _outside(value, bounds):
-        return None
-    above = value > bounds[1]
-    if op == "eq":
-        return false()
-    if op == "ne":
-        return col.is_not(None)  # type: ignore[no-any-return]
-    if op in ("lt", "lte"):
-        return col.is_not(None) if above else false()
-    if op in ("gt", "gte"):
-        return false() if above else col.is_not(None)
-    return None
-
-
-_OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
-    "eq": lambda c, v: c.is_(None) if v is None else c == v,
-    "ne": lambda c, v: c.is_not(None) if v is None else c != v,
-    "lt": lambda c, v: c < v,
-    "lte": lambda c, v: c <= v,
-    "gt": lambda c, v: c > v,
-    "gte": lambda c, v: c >= v,
-    "in": _in,
-    "not_in": _not_in,
-    "like": lambda c, v: c.like(v),
-    "ilike": lambda c, v: c.ilike(v),
-    "contains": lambda c, v: c.contains(v, autoescape=True),
-    "startswith": lambda c, v: c.startswith(v, autoescape=True),
-    "is_null": _is_null,
-}
 
 
 @dataclass(frozen=True)
@@ -173,6 +50,37 @@ class Page(Generic[M]):
         return len(self.items)
 
 
+def _protected(mapper: Mapper[Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The attributes create and update refuse unless asked for, each with the reason.
+
+    Both refuse the version column (writing it would rewind the optimistic lock)
+    and columns marked ``info={"read_only": True}``. Update also refuses the
+    primary key; create refuses only a key the database generates (an
+    autoincrement or defaulted column), since a natural key must be given.
+    """
+    create: dict[str, str] = {}
+    update: dict[str, str] = {}
+    for prop in mapper.column_attrs:
+        # getattr: a column_property may map an expression, which has no info.
+        if any(getattr(c, "info", {}).get("read_only") for c in prop.columns):
+            create[prop.key] = update[prop.key] = "it is marked read-only"
+    for column in mapper.primary_key:
+        key = mapper.get_property_by_column(column).key
+        update[key] = "it is the primary key"
+        generated = (
+            column.default is not None
+            or column.server_default is not None
+            or column is column.table.autoincrement_column
+        )
+        if generated:
+            create[key] = "the database generates it"
+    version = mapper.version_id_col
+    if version is not None:
+        key = mapper.get_property_by_column(version).key
+        create[key] = update[key] = "it is the optimistic-lock version, set by every write"
+    return create, update
+
+
 class _Queries:
     """Statements for one mapped class; everything user-supplied is checked against the mapper."""
 
@@ -180,190 +88,41 @@ class _Queries:
         mapper: Mapper[Any] = inspect(model)
         self.model = model
         self.name = model.__name__
+        self.schema = Schema.for_model(model)
         self.attributes = frozenset(mapper.attrs.keys())
-        self.columns: dict[str, InstrumentedAttribute[Any]] = {}
-        self.nullable: dict[str, bool] = {}
-        for prop in mapper.column_attrs:
-            self.columns[prop.key] = getattr(model, prop.key)
-            self.nullable[prop.key] = any(getattr(c, "nullable", True) for c in prop.columns)
-        self.primary_key = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
-        self.types: dict[str, Any] = {
-            prop.key: prop.columns[0].type for prop in mapper.column_attrs if len(prop.columns) == 1
-        }
-        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}
+        self.primary_key = self.schema.primary_key
+        self.protected_on_create, self.protected_on_update = _protected(mapper)
         version = mapper.version_id_col
         self.version = None if version is None else mapper.get_property_by_column(version).key
 
-    def _unknown(self, what: str, name: str, known: Any) -> ValueError:
-        return ValueError(
-            f"unknown {what} {name!r} for {self.name}; known: {', '.join(sorted(known))}"
-        )
-
-    def check_values(self, values: Mapping[str, Any]) -> None:
-        for key in values:
-            if key not in self.attributes:
-                raise self._unknown("attribute", key, self.attributes)
-
-    def ranges(self, dialect: str) -> dict[str, tuple[int, int]]:
-        """The bounds of this model's integer columns on ``dialect``, by attribute name."""
-        ranges = self._ranges.get(dialect)
-        if ranges is None:
-            ranges = {}
-            for name, type_ in self.types.items():
-                bounds = _int_range(type_, dialect)
-                if bounds is not None:
-                    ranges[name] = bounds
-            self._ranges[dialect] = ranges
-        return ranges
-
-    def _key_values(self, ident: Any) -> dict[str, Any]:
-        """The primary key's values by attribute name; {} for a shape Session.get will refuse."""
-        pk = self.primary_key
-        if isinstance(ident, Mapping):
-            return {name: ident[name] for name in pk if name in ident}
-        if isinstance(ident, (tuple, list)):
-            return dict(zip(pk, ident, strict=False)) if len(ident) == len(pk) else {}
-        return {pk[0]: ident} if len(pk) == 1 else {}
-
-    def absent_key(self, ident: Any, dialect: Callable[[], str]) -> bool:
-        """Whether ``ident`` has an int no key column can hold, so no row can have it.
-
-        ``dialect`` is called only for large ints, keeping the usual lookup free of work.
-        """
-        values = self._key_values(ident)
-        if not any(_large(v) for v in values.values()):
-            return False
-        ranges = self.ranges(dialect())
-        return any(name in ranges and _outside(v, ranges[name]) for name, v in values.items())
-
-    def where(
-        self, filters: Filters | None, dialect: Callable[[], str] | None = None
-    ) -> list[ColumnElement[bool]]:
-        """The clauses of ``filters``; with ``dialect``, out-of-range ints are decided here."""
-        if filters is None:
-            return []
-        if not isinstance(filters, Mapping):
-            msg = (
-                "filters must be a mapping like {'name': 'x', 'age__gte': 18}, "
-                f"got {type(filters).__name__}"
-            )
-            raise TypeError(msg)
-        clauses = []
-        for key, value in filters.items():
-            name, op = (key, "eq") if key in self.columns else _split(key)
-            column = self.columns.get(name)
-            if column is None:
+    def check_values(
+        self, values: Mapping[str, Any], protected: Mapping[str, str], allowed: Collection[str] | str
+    ) -> None:
+        """Refuse unknown names, and protected ones that ``allowed`` does not name."""
+        names = (allowed,) if isinstance(allowed, str) else allowed
+        if names:
+            for name in names:
+                if name not in protected:
+                    msg = (
+                        f"allow_protected names {name!r}, which is not a protected attribute of "
+                        f"{self.name} here; protected: {', '.join(sorted(protected)) or 'none'}"
+                    )
+                    raise ValueError(msg)
+        attributes = self.attributes
+        for key in values:  # one pass, two dict lookups a name: create/update stay cheap
+            if key not in attributes:
+                known = ", ".join(sorted(attributes))
+                msg = f"unknown attribute {key!r} for {self.name}; known: {known}"
+                raise InvalidInput(msg)
+            if key in protected and key not in names:
                 msg = (
-                    f"unknown column {name!r} in filter {key!r} for {self.name}; "
-                    f"known columns: {', '.join(sorted(self.columns))}"
+                    f"{self.name}.{key} cannot be set here: {protected[key]}; pass "
+                    f"allow_protected={{{key!r}}} if this call really means to write it"
                 )
-                raise ValueError(msg)
-            operator = _OPERATORS.get(op)
-            if operator is None:
-                msg = (
-                    f"unknown operator {op!r} in filter {key!r}; "
-                    f"known operators: {', '.join(sorted(_OPERATORS))}"
-                )
-                raise ValueError(msg)
-            bounds = None
-            if dialect is not None and name in self.types and _large(value):
-                bounds = self.ranges(dialect()).get(name)
-            clause = None if bounds is None else _bounded(op, column, value, bounds)
-            clauses.append(operator(column, value) if clause is None else clause)
-        return clauses
+                raise InvalidInput(msg)
 
-    def order(self, order_by: OrderBy | None) -> tuple[tuple[str, bool], ...]:
-        """(column, descending) pairs, ending with the primary key so the order is total."""
-        names = [order_by] if isinstance(order_by, str) else list(order_by or ())
-        keys: list[tuple[str, bool]] = []
-        for spec in names:
-            if not isinstance(spec, str):
-                msg = f"order_by takes column names like 'name' or '-created', got {spec!r}"
-                raise TypeError(msg)
-            desc = spec.startswith("-")
-            name = spec[1:] if desc else spec
-            if name not in self.columns:
-                msg = (
-                    f"unknown column {name!r} in order_by for {self.name}; "
-                    f"known columns: {', '.join(sorted(self.columns))}"
-                )
-                raise ValueError(msg)
-            if any(name == k for k, _ in keys):
-                msg = f"column {name!r} appears twice in order_by"
-                raise ValueError(msg)
-            keys.append((name, desc))
-        keys.extend((k, False) for k in self.primary_key if all(k != n for n, _ in keys))
-        return tuple(keys)
-
-    def order_clauses(self, keys: tuple[tuple[str, bool], ...]) -> list[Any]:
-        clauses = []
-        for name, desc in keys:
-            col = self.columns[name]
-            clause = col.desc() if desc else col.asc()
-            # One NULL placement for every backend, which the keyset relies on.
-            clauses.append(clause.nulls_last() if self.nullable[name] else clause)
-        return clauses
-
-    def after(self, keys: tuple[tuple[str, bool], ...], cursor: str) -> ColumnElement[bool]:
-        """Rows strictly after the cursor's row in ``keys`` order (NULLs last)."""
-        values = _decode_cursor(cursor, keys)
-        alternatives = []
-        for i, (name, desc) in enumerate(keys):
-            ties = [self._equal(n, values[j]) for j, (n, _) in enumerate(keys[:i])]
-            alternatives.append(and_(*ties, self._beyond(name, desc, values[i])))
-        return or_(*alternatives)
-
-    def _equal(self, name: str, value: Any) -> ColumnElement[bool]:
-        col = self.columns[name]
-        return col.is_(None) if value is None else col == value
-
-    def _beyond(self, name: str, desc: bool, value: Any) -> ColumnElement[bool]:
-        col = self.columns[name]
-        if value is None:
-            return false()  # NULLs sort last: nothing comes after them in this column
-        beyond = col < value if desc else col > value
-        return or_(beyond, col.is_(None)) if self.nullable[name] else beyond
-
-    def search(
-        self,
-        filters: Filters | None,
-        order_by: OrderBy | None,
-        limit: int | None,
-        after: str | None,
-        max_limit: int,
-        dialect: Callable[[], str] | None = None,
-    ) -> tuple[Select[Any], tuple[tuple[str, bool], ...]]:
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit
-        ):
-            msg = f"limit must be an int from 1 to {max_limit}, got {limit!r}"
-            raise ValueError(msg)
-        keys = self.order(order_by)
-        stmt = select(self.model).where(*self.where(filters, dialect))
-        if after is not None:
-            stmt = stmt.where(self.after(keys, after))
-        stmt = stmt.order_by(*self.order_clauses(keys))
-        if limit is not None:
-            stmt = stmt.limit(limit + 1)  # one more tells whether a next page exists
-        return stmt, keys
-
-    def page(
-        self, rows: list[Any], limit: int | None, keys: tuple[tuple[str, bool], ...]
-    ) -> Page[Any]:
-        if limit is None or len(rows) <= limit:
-            return Page(rows)
-        rows = rows[:limit]
-        last = rows[-1]
-        return Page(rows, _encode_cursor(keys, [getattr(last, name) for name, _ in keys]))
-
-    def count(self, filters: Filters | None, dialect: Callable[[], str] | None = None) -> Select[Any]:
-        return select(func.count()).select_from(self.model).where(*self.where(filters, dialect))
-
-    def exists(self, filters: Filters | None, dialect: Callable[[], str] | None = None) -> Select[Any]:
-        pk = self.columns[self.primary_key[0]]
-        return select(select(pk).where(*self.where(filters, dialect)).exists())
-
-    def check_version(self, obj: Any, ident: Any, expected: int | None) -> None:
+    def check_expected(self, expected: Any) -> None:
+        """Refuse an ``expected_version`` that is not an int, before any SQL."""
         if expected is None:
             return
         if self.version is None:
@@ -372,7 +131,18 @@ class _Queries:
                 "add the Versioned mixin to the model"
             )
             raise ValueError(msg)
-        current = getattr(obj, self.version)
+        if not isinstance(expected, int) or isinstance(expected, bool):
+            msg = (
+                f"expected_version must be the int version the caller saw, got {show(expected)}; "
+                "convert a form or query-string value with int() "
+                "and answer a non-number as a bad request"
+            )
+            raise InvalidInput(msg)
+
+    def check_version(self, obj: Any, ident: Any, expected: int | None) -> None:
+        if expected is None:
+            return
+        current = getattr(obj, str(self.version))
         if current != expected:
             msg = (
                 f"{self.name} {ident!r} is at version {current}, not {expected}: someone else "
@@ -380,75 +150,59 @@ class _Queries:
             )
             raise ConcurrencyConflict(msg)
 
+    def absent_key(self, ident: Any, dialect: Callable[[], Dialect]) -> bool:
+        """Whether ``ident`` has an int no key column can hold, so no row can have it.
 
-def _split(key: str) -> tuple[str, str]:
-    name, sep, op = key.rpartition("__")
-    return (name, op) if sep else (key, "eq")
+        ``dialect`` is called only for large ints, keeping the usual lookup free of work.
+        """
+        if type(ident) is int and -SMALL_INT < ident < SMALL_INT:
+            return False  # the usual key: nothing to build or look up
+        pk = self.primary_key
+        if isinstance(ident, Mapping):
+            values = {name: ident[name] for name in pk if name in ident}
+        elif isinstance(ident, (tuple, list)):
+            # A shape Session.get will refuse is left to it.
+            values = dict(zip(pk, ident, strict=False)) if len(ident) == len(pk) else {}
+        else:
+            values = {pk[0]: ident} if len(pk) == 1 else {}
+        return self.schema.holds_no_row(values, dialect)
 
+    def search(
+        self,
+        filters: Filters | None,
+        order_by: OrderBy | None,
+        limit: int | None,
+        after: str | None,
+        max_limit: int,
+        dialect: Callable[[], Dialect],
+    ) -> tuple[Select[Any], Keys]:
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit
+        ):
+            msg = f"limit must be an int from 1 to {max_limit}, got {limit!r}"
+            raise InvalidInput(msg)
+        schema = self.schema
+        keys = schema.order(order_by)
+        stmt = select(self.model).where(*schema.where(filters, dialect))
+        if after is not None:
+            stmt = stmt.where(schema.after(keys, after, dialect))
+        stmt = stmt.order_by(*schema.order_clauses(keys, dialect))
+        if limit is not None:
+            stmt = stmt.limit(limit + 1)  # one more tells whether a next page exists
+        return stmt, keys
 
-# -- cursors ---------------------------------------------------------------------
-# A cursor is the sort key of the last row of a page plus the order it was made
-# for, as base64url JSON. It is opaque to callers but not secret or signed:
-# forging one only lets a caller start a page elsewhere, which filters allow anyway.
+    def page(self, rows: list[Any], limit: int | None, keys: Keys) -> Page[Any]:
+        if limit is None or len(rows) <= limit:
+            return Page(rows)
+        rows = rows[:limit]
+        return Page(rows, self.schema.cursor(keys, rows[-1]))
 
-_TAGS: dict[str, Callable[[str], Any]] = {
-    "datetime": dt.datetime.fromisoformat,
-    "date": dt.date.fromisoformat,
-    "time": dt.time.fromisoformat,
-    "decimal": Decimal,
-    "uuid": uuid.UUID,
-    "bytes": lambda s: base64.b64decode(s.encode()),
-}
+    def count(self, filters: Filters | None, dialect: Callable[[], Dialect]) -> Select[Any]:
+        return select(func.count()).select_from(self.model).where(*self.schema.where(filters, dialect))
 
-
-def _encode_value(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    for tag, kind in (("datetime", dt.datetime), ("date", dt.date), ("time", dt.time)):
-        if isinstance(value, kind):
-            return {tag: value.isoformat()}
-    if isinstance(value, Decimal):
-        return {"decimal": str(value)}
-    if isinstance(value, uuid.UUID):
-        return {"uuid": str(value)}
-    if isinstance(value, bytes):
-        return {"bytes": base64.b64encode(value).decode()}
-    msg = (
-        f"cannot make a page cursor from a {type(value).__name__} value; order by columns "
-        "holding numbers, strings, dates, times, decimals, UUIDs or bytes"
-    )
-    raise TypeError(msg)
-
-
-def _encode_cursor(keys: tuple[tuple[str, bool], ...], values: list[Any]) -> str:
-    order = [("-" if desc else "") + name for name, desc in keys]
-    payload = json.dumps([order, [_encode_value(v) for v in values]], separators=(",", ":"))
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str, keys: tuple[tuple[str, bool], ...]) -> list[Any]:
-    order = [("-" if desc else "") + name for name, desc in keys]
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        made_for, values = json.loads(raw)
-        decoded = [_decode_value(v) for v in values]
-    except (ValueError, TypeError, KeyError, ArithmeticError, binascii.Error):
-        msg = "invalid page cursor; pass the next_cursor of a previous page unchanged"
-        raise ValueError(msg) from None
-    if made_for != order or len(decoded) != len(keys):
-        msg = (
-            f"this cursor was made for order_by {made_for!r}, not {order!r}; "
-            "search with the same filters and order_by as the page it came from"
-        )
-        raise ValueError(msg)
-    return decoded
-
-
-def _decode_value(value: Any) -> Any:
-    if not isinstance(value, dict):
-        return value
-    ((tag, text),) = value.items()
-    return _TAGS[tag](text)
+    def exists(self, filters: Filters | None, dialect: Callable[[], Dialect]) -> Select[Any]:
+        pk = self.schema.columns[self.primary_key[0]].attribute
+        return select(select(pk).where(*self.schema.where(filters, dialect)).exists())
 
 
 # -- the services ------------------------------------------------------------------
@@ -492,9 +246,9 @@ class _StoreBase(Service, Generic[M]):
     def _queries(self) -> _Queries:
         return _Queries(self.model)
 
-    def _dialect(self, session: Session | AsyncSession) -> Callable[[], str]:
-        """A function naming the dialect ``session`` uses for this model (no round trip)."""
-        return lambda: session.get_bind(self.model).dialect.name
+    def _dialect(self, session: Session | AsyncSession) -> Callable[[], Dialect]:
+        """A function giving the dialect ``session`` uses for this model (no round trip)."""
+        return lambda: session.get_bind(self.model).dialect
 
 
 class Store(_StoreBase[M]):
@@ -511,7 +265,14 @@ class Store(_StoreBase[M]):
     Filters map ``"column"`` or ``"column__operator"`` to a value; operators are
     ``eq ne lt lte gt gte in not_in like ilike contains startswith is_null``.
     Every name is checked against the mapper, so no SQL is ever built from
-    strings: an unknown column or operator is a ValueError naming it.
+    strings, and every value against its column's type before any SQL: an
+    unknown column or operator, or a value its column cannot hold, is
+    :class:`~polydatum.errors.InvalidInput` (a ValueError, HTTP 400) naming the
+    filter and the column. Page cursors are checked the same way.
+
+    ``create`` and ``update`` refuse the version column, columns marked
+    ``info={"read_only": True}``, and the primary key (on create, only a key
+    the database generates) unless the call names them in ``allow_protected``.
 
     Class attributes: ``model``, ``database`` (the resource name) and
     ``max_limit`` (the largest page, 1000).
@@ -548,38 +309,58 @@ class Store(_StoreBase[M]):
             raise NotFound(msg)
         return obj
 
-    def create(self, **values: Any) -> M:
+    def create(self, *, allow_protected: Collection[str] | str = (), **values: Any) -> M:
         """Add a new object and flush it, so defaults and the primary key are set.
 
+        Args:
+            allow_protected: protected attributes this call may set (see the class).
+            **values: the attributes to set.
+
         Raises:
-            ValueError: a name in ``values`` is not a mapped attribute.
+            InvalidInput: a name in ``values`` is not a mapped attribute, or is
+                protected and not in ``allow_protected``.
         """
-        self._queries.check_values(values)
+        q = self._queries
+        q.check_values(values, q.protected_on_create, allow_protected)
         obj = self.model(**values)
         session = self.session
         session.add(obj)
         session.flush()
         return obj
 
-    def update(self, ident: Any, /, *, expected_version: int | None = None, **values: Any) -> M:
+    def update(
+        self,
+        ident: Any,
+        /,
+        *,
+        expected_version: int | None = None,
+        allow_protected: Collection[str] | str = (),
+        **values: Any,
+    ) -> M:
         """Set attributes of an existing object and flush.
 
         Args:
             ident: the primary key.
-            expected_version: for :class:`Versioned` models, the version the
+            expected_version: for :class:`Versioned` models, the int version the
                 caller saw (e.g. sent back by a form); another version means
                 someone else changed the row first.
+            allow_protected: protected attributes this call may set (see the class).
             **values: the attributes to set.
 
         Raises:
             NotFound: no such object.
             ConcurrencyConflict: the version differs, or the row changed
                 while this context was writing it.
-            ValueError: a name in ``values`` is not a mapped attribute.
+            InvalidInput: a name in ``values`` is not a mapped attribute, or is
+                protected and not in ``allow_protected``; ``expected_version``
+                is not an int (a string from a form: convert it first).
         """
-        self._queries.check_values(values)
+        q = self._queries
+        q.check_values(values, q.protected_on_update, allow_protected)
+        q.check_expected(expected_version)
+        use_primary(self.session)  # with replicas: the row a write starts from is the newest
         obj = self.require(ident)
-        self._queries.check_version(obj, ident, expected_version)
+        q.check_version(obj, ident, expected_version)
         for key, value in values.items():
             setattr(obj, key, value)
         self.session.flush()
@@ -595,7 +376,10 @@ class Store(_StoreBase[M]):
         Raises:
             ConcurrencyConflict: the version differs, or the row changed
                 while this context was deleting it.
+            InvalidInput: ``expected_version`` is not an int.
         """
+        self._queries.check_expected(expected_version)
+        use_primary(self.session)
         obj = self.get(ident)
         if obj is None:
             return False
@@ -623,8 +407,9 @@ class Store(_StoreBase[M]):
             after: the ``next_cursor`` of the previous page.
 
         Raises:
-            ValueError: unknown column or operator, bad limit, or a cursor made
-                for another order.
+            InvalidInput: unknown column or operator, a value its column
+                cannot hold, a bad limit, or a cursor that is garbled, forged
+                or made for another order. It is a ValueError (HTTP 400).
         """
         q = self._queries
         session = self.session
@@ -670,9 +455,10 @@ class AsyncStore(_StoreBase[M]):
             raise NotFound(msg)
         return obj
 
-    async def create(self, **values: Any) -> M:
+    async def create(self, *, allow_protected: Collection[str] | str = (), **values: Any) -> M:
         """Add a new object and flush it (see :meth:`Store.create`)."""
-        self._queries.check_values(values)
+        q = self._queries
+        q.check_values(values, q.protected_on_create, allow_protected)
         obj = self.model(**values)
         session = await self.session()
         session.add(obj)
@@ -680,12 +466,21 @@ class AsyncStore(_StoreBase[M]):
         return obj
 
     async def update(
-        self, ident: Any, /, *, expected_version: int | None = None, **values: Any
+        self,
+        ident: Any,
+        /,
+        *,
+        expected_version: int | None = None,
+        allow_protected: Collection[str] | str = (),
+        **values: Any,
     ) -> M:
         """Set attributes of an existing object and flush (see :meth:`Store.update`)."""
-        self._queries.check_values(values)
+        q = self._queries
+        q.check_values(values, q.protected_on_update, allow_protected)
+        q.check_expected(expected_version)
+        use_primary(await self.session())
         obj = await self.require(ident)
-        self._queries.check_version(obj, ident, expected_version)
+        q.check_version(obj, ident, expected_version)
         for key, value in values.items():
             setattr(obj, key, value)
         await (await self.session()).flush()
@@ -693,6 +488,8 @@ class AsyncStore(_StoreBase[M]):
 
     async def delete(self, ident: Any, /, *, expected_version: int | None = None) -> bool:
         """Delete the object with this primary key; False if there was none (see :meth:`Store.delete`)."""
+        self._queries.check_expected(expected_version)
+        use_primary(await self.session())
         obj = await self.get(ident)
         if obj is None:
             return False

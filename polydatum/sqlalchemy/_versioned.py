@@ -28,6 +28,10 @@ class Versioned:
     A class that needs its own ``__mapper_args__`` must repeat
     ``"version_id_col": __table__.c.version`` in them, since they replace the mixin's.
 
+    ``Store.create`` and ``Store.update`` refuse to write ``version`` (setting
+    it back would let a stale ``expected_version`` pass) unless the call says
+    ``allow_protected={"version"}``; ``expected_version`` must be an int.
+
     .. versionadded:: 2.0
     """
 
@@ -46,4 +50,6 @@ def conflict_from(exc: StaleDataError) -> ConcurrencyConflict:
         f"a row was changed or deleted by another unit of work since it was read ({exc}); "
         "reload it and apply the change again"
     )
-    return ConcurrencyConflict(msg)
+    # SQLAlchemy's text names the table: the log gets it, the client does not.
+    public = "the record was changed by someone else since it was read; reload it and try again"
+    return ConcurrencyConflict(msg, public_message=public)

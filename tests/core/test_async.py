@@ -1,4 +1,4 @@
-"""The async side of the core contract (DESIGN §1.8, with §1.3-§1.6 seen from ``async with``).
+"""The async side of the core (docs/concepts/async.md): contexts, resources, hooks under ``async with``.
 
 Every test runs on pytest-asyncio's loop (``asyncio_mode = auto``); the
 scenarios use real generators, services and middleware, no mocks.
@@ -7,6 +7,7 @@ scenarios use real generators, services and middleware, no mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,6 +27,7 @@ from polydatum.errors import (
     ResourceSetupException,
 )
 from polydatum.middleware import DalCommandRequest
+from polydatum.observer import Observer
 from polydatum.resources import Resource
 
 Log = list[Any]
@@ -62,6 +64,8 @@ def async_resource(
 
 
 def sync_resource(log: Log, name: str) -> Callable[[DataAccessContext], Iterator[Any]]:
+    """The sync twin of ``async_resource``: records setup, the error thrown in and teardown."""
+
     def resource(ctx: DataAccessContext) -> Iterator[Any]:
         log.append(f"{name} setup")
         try:
@@ -92,6 +96,8 @@ def async_middleware(log: Log, name: str) -> Callable[[DataAccessContext], Async
 
 
 def sync_middleware(log: Log, name: str) -> Callable[[DataAccessContext], Iterator[None]]:
+    """The sync twin of ``async_middleware``: lets exceptions through, recording them."""
+
     def middleware(ctx: DataAccessContext) -> Iterator[None]:
         log.append(f"{name} setup")
         try:
@@ -133,6 +139,7 @@ class Users(Service):
 
 @pytest.fixture(name="dm")
 def fixture_dm() -> DataManager:
+    """A DataManager with the ``users`` service and its ``profile`` sub-service."""
     dm = DataManager()
     dm.register_services(users=Users().register_services(profile=Profiles()))
     return dm
@@ -142,6 +149,7 @@ def fixture_dm() -> DataManager:
 
 
 async def test_async_with_context_is_active_and_carries_meta(dm: DataManager) -> None:
+    """``async with dm.context(meta)`` is active, across awaits, with that meta, and is popped at exit."""
     assert dm.get_active_context() is None
     async with dm.context({"user": "ann"}) as ctx:
         assert isinstance(ctx, DataAccessContext)
@@ -154,6 +162,8 @@ async def test_async_with_context_is_active_and_carries_meta(dm: DataManager) ->
 
 
 async def test_async_with_dal_awaits_async_service_methods(dm: DataManager) -> None:
+    """Under ``async with dm.dal()``, async methods are awaited (nested, by path,
+    from a service), sync ones not."""
     async with dm.dal({"user": "ann"}) as dal:
         assert dal is dm.get_dal()
         assert await dal.users.get(1) == {"id": 1, "user": "ann"}
@@ -167,6 +177,7 @@ async def test_async_with_dal_awaits_async_service_methods(dm: DataManager) -> N
 
 
 async def test_async_service_error_propagates_out_of_the_context(dm: DataManager) -> None:
+    """An async service's error goes through the context middleware and out of ``async with dm.dal()``."""
     log: Log = []
     dm.register_context_middleware(async_middleware(log, "mw"))
     with pytest.raises(Boom, match="service"):
@@ -176,6 +187,8 @@ async def test_async_service_error_propagates_out_of_the_context(dm: DataManager
 
 
 async def test_async_contexts_nest_with_their_own_meta_and_resources(dm: DataManager) -> None:
+    """A nested async context has its own meta and resources, torn down at its exit, and then
+    the outer one is active again."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"))
     async with dm.dal({"user": "outer"}) as dal:
@@ -199,6 +212,7 @@ async def test_async_contexts_nest_with_their_own_meta_and_resources(dm: DataMan
 
 
 async def test_async_resource_is_created_lazily_once_per_context(dm: DataManager) -> None:
+    """An async resource is set up at the first ``aget()``, shared in its context, made anew in the next."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"))
     async with dm.context() as ctx:
@@ -218,6 +232,7 @@ async def test_async_resource_is_created_lazily_once_per_context(dm: DataManager
 
 
 async def test_async_resource_never_accessed_is_never_created(dm: DataManager) -> None:
+    """An async resource that nobody asks for is never set up or torn down."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"))
     async with dm.context() as ctx:
@@ -227,6 +242,7 @@ async def test_async_resource_never_accessed_is_never_created(dm: DataManager) -
 
 
 async def test_resources_are_torn_down_in_reverse_order_of_creation(dm: DataManager) -> None:
+    """Async and sync resources are torn down in reverse order of creation, not of registration."""
     log: Log = []
     dm.register_resources(
         a=async_resource(log, "a"),
@@ -241,13 +257,21 @@ async def test_resources_are_torn_down_in_reverse_order_of_creation(dm: DataMana
         await ctx.aget("a")
         log.append("body")
     assert log == [
-        "b setup", "s setup", "c setup", "a setup", "body",
-        "a teardown", "c teardown", "s teardown", "b teardown",
+        "b setup",
+        "s setup",
+        "c setup",
+        "a setup",
+        "body",
+        "a teardown",
+        "c teardown",
+        "s teardown",
+        "b teardown",
     ]
     assert ctx.get_resource_exit_errors() == []
 
 
 async def test_body_exception_is_thrown_into_async_resources_and_still_propagates(dm: DataManager) -> None:
+    """The body's error is thrown into each async resource and propagates even if a resource swallows it."""
     log: Log = []
     seen: Log = []
 
@@ -276,6 +300,7 @@ async def test_body_exception_is_thrown_into_async_resources_and_still_propagate
 async def test_async_resource_teardown_error_is_collected_logged_never_raised(
     dm: DataManager, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An async resource's teardown error is collected and logged, not raised; later teardowns still run."""
     log: Log = []
 
     async def broken(ctx: DataAccessContext) -> AsyncIterator[str]:
@@ -306,6 +331,7 @@ async def test_async_resource_teardown_error_is_collected_logged_never_raised(
 
 
 async def test_async_resource_setup_error_propagates_from_aget(dm: DataManager) -> None:
+    """An async resource's setup error raises from ``aget()`` and is thrown into resources already made."""
     log: Log = []
 
     async def failing(ctx: DataAccessContext) -> AsyncIterator[str]:
@@ -331,6 +357,8 @@ async def test_async_resource_setup_error_propagates_from_aget(dm: DataManager) 
 
 
 async def test_async_resource_that_does_not_yield(dm: DataManager) -> None:
+    """``aget()`` of an async resource that never yields raises ResourceSetupException and stores nothing."""
+
     async def empty(ctx: DataAccessContext) -> AsyncIterator[str]:
         if False:  # pragma: no cover
             yield "never"
@@ -343,6 +371,7 @@ async def test_async_resource_that_does_not_yield(dm: DataManager) -> None:
 
 
 async def test_async_resource_that_yields_twice_is_an_exit_error(dm: DataManager) -> None:
+    """An async resource that yields twice is closed and collected as a RuntimeError naming it."""
     closed: Log = []
 
     async def twice(ctx: DataAccessContext) -> AsyncIterator[str]:
@@ -363,6 +392,8 @@ async def test_async_resource_that_yields_twice_is_an_exit_error(dm: DataManager
 
 
 async def test_async_resource_that_yields_again_after_an_exception(dm: DataManager) -> None:
+    """An async resource yielding again after the body's error was thrown in is collected as RuntimeError."""
+
     async def stubborn(ctx: DataAccessContext) -> AsyncIterator[str]:
         try:
             yield "one"
@@ -385,6 +416,7 @@ async def test_async_resource_that_yields_again_after_an_exception(dm: DataManag
 
 
 async def test_sync_resources_work_in_async_contexts(dm: DataManager) -> None:
+    """A sync resource in an async context is one shared value, by attribute and through ``aget()``."""
     log: Log = []
     dm.register_resources(s=sync_resource(log, "s"))
     async with dm.context() as ctx:
@@ -396,6 +428,7 @@ async def test_sync_resources_work_in_async_contexts(dm: DataManager) -> None:
 
 
 async def test_asynccontextmanager_and_class_based_async_resources(dm: DataManager) -> None:
+    """``@asynccontextmanager`` functions and Resource classes with an async ``__call__`` are resources."""
     log: Log = []
 
     @asynccontextmanager
@@ -418,6 +451,7 @@ async def test_asynccontextmanager_and_class_based_async_resources(dm: DataManag
 
 
 async def test_async_service_creates_resources_through_self_ctx(dm: DataManager) -> None:
+    """An async service gets a resource through ``self._ctx.aget()``: the same one the context hands out."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"))
     async with dm.dal() as dal:
@@ -432,6 +466,7 @@ async def test_async_service_creates_resources_through_self_ctx(dm: DataManager)
 
 
 async def test_context_middleware_set_up_in_order_torn_down_in_reverse(dm: DataManager) -> None:
+    """Sync and async context middleware set up in order and tear down in reverse, before the resources."""
     log: Log = []
     dm.register_context_middleware(
         async_middleware(log, "m1"), sync_middleware(log, "m2"), async_middleware(log, "m3")
@@ -442,12 +477,20 @@ async def test_context_middleware_set_up_in_order_torn_down_in_reverse(dm: DataM
         await ctx.aget("conn")
     # Middleware teardown (step 4) comes before resource teardown (step 6).
     assert log == [
-        "m1 setup", "m2 setup", "m3 setup", "body", "conn setup",
-        "m3 teardown", "m2 teardown", "m1 teardown", "conn teardown",
+        "m1 setup",
+        "m2 setup",
+        "m3 setup",
+        "body",
+        "conn setup",
+        "m3 teardown",
+        "m2 teardown",
+        "m1 teardown",
+        "conn teardown",
     ]
 
 
 async def test_body_exception_is_thrown_into_each_middleware_in_reverse(dm: DataManager) -> None:
+    """The body's error is thrown into each sync and async context middleware, innermost first."""
     log: Log = []
     dm.register_context_middleware(async_middleware(log, "m1"), sync_middleware(log, "m2"))
     with pytest.raises(Boom, match="body"):
@@ -456,7 +499,9 @@ async def test_body_exception_is_thrown_into_each_middleware_in_reverse(dm: Data
     assert log == ["m1 setup", "m2 setup", "m2 teardown Boom('body')", "m1 teardown Boom('body')"]
 
 
-async def test_async_middleware_may_suppress_the_exception(dm: DataManager) -> None:
+async def test_async_middleware_cannot_suppress_the_exception(dm: DataManager) -> None:
+    """A middleware that swallows the body's error leaves it in flight: outer middleware, resources
+    and the caller see it, and the outcome is rollback."""
     log: Log = []
 
     async def suppress(ctx: DataAccessContext) -> AsyncIterator[None]:
@@ -468,18 +513,23 @@ async def test_async_middleware_may_suppress_the_exception(dm: DataManager) -> N
 
     dm.register_context_middleware(async_middleware(log, "outer"), suppress)
     dm.register_resources(conn=async_resource(log, "conn"))
-    async with dm.context() as ctx:
-        ctx.on_commit(log.append, "commit")
-        ctx.on_rollback(log.append, "rollback")
-        await ctx.aget("conn")
-        raise Boom("body")
-    # Nothing escaped: the outer middleware, the hooks and the resources all see success.
-    assert log == [
-        "outer setup", "conn setup", "suppressed body", "outer teardown", "commit", "conn teardown"
-    ]
+
+    async def body() -> None:
+        async with dm.context() as ctx:
+            ctx.on_commit(log.append, "commit")
+            ctx.on_rollback(log.append, "rollback")
+            await ctx.aget("conn")
+            raise Boom("body")
+
+    with pytest.raises(Boom, match="body"):
+        await body()
+    assert log[:3] == ["outer setup", "conn setup", "suppressed body"]
+    assert "commit" not in log
+    assert "rollback" in log
 
 
 async def test_async_middleware_may_replace_the_exception(dm: DataManager) -> None:
+    """An async middleware may replace the body's error; outer middleware, resources and caller see that."""
     log: Log = []
 
     async def replace(ctx: DataAccessContext) -> AsyncIterator[None]:
@@ -490,6 +540,7 @@ async def test_async_middleware_may_replace_the_exception(dm: DataManager) -> No
 
     dm.register_context_middleware(async_middleware(log, "outer"), replace)
     dm.register_resources(conn=async_resource(log, "conn"))
+
     async def body() -> None:
         async with dm.context() as ctx:
             await ctx.aget("conn")
@@ -499,12 +550,15 @@ async def test_async_middleware_may_replace_the_exception(dm: DataManager) -> No
         await body()
     assert isinstance(raised.value.__cause__, Boom)
     assert log == [
-        "outer setup", "conn setup",
-        "outer teardown ValueError('replaced body')", "conn teardown ValueError",
+        "outer setup",
+        "conn setup",
+        "outer teardown ValueError('replaced body')",
+        "conn teardown ValueError",
     ]
 
 
 async def test_async_middleware_teardown_error_replaces_success(dm: DataManager) -> None:
+    """An async middleware failing after a clean body raises through outer ones; the rollback hooks run."""
     log: Log = []
 
     async def failing_commit(ctx: DataAccessContext) -> AsyncIterator[None]:
@@ -513,6 +567,7 @@ async def test_async_middleware_teardown_error_replaces_success(dm: DataManager)
         raise Boom("commit failed")
 
     dm.register_context_middleware(async_middleware(log, "outer"), failing_commit)
+
     async def body() -> None:
         async with dm.context() as ctx:
             ctx.on_commit(log.append, "commit")
@@ -524,6 +579,7 @@ async def test_async_middleware_teardown_error_replaces_success(dm: DataManager)
 
 
 async def test_async_middleware_setup_error_tears_down_earlier_ones(dm: DataManager) -> None:
+    """An async middleware's setup error is thrown into the middleware and resources set up before it."""
     log: Log = []
 
     async def failing(ctx: DataAccessContext) -> AsyncIterator[None]:
@@ -545,7 +601,11 @@ async def test_async_middleware_setup_error_tears_down_earlier_ones(dm: DataMana
         async with ctx:
             log.append("body")  # pragma: no cover
     assert log == [
-        "m1 setup", "conn setup", "failing setup", "m1 teardown Boom('setup')", "conn teardown Boom"
+        "m1 setup",
+        "conn setup",
+        "failing setup",
+        "m1 teardown Boom('setup')",
+        "conn teardown Boom",
     ]
     assert dm.get_active_context() is None
     with pytest.raises(ContextStateError):
@@ -553,6 +613,7 @@ async def test_async_middleware_setup_error_tears_down_earlier_ones(dm: DataMana
 
 
 async def test_async_middleware_that_does_not_yield(dm: DataManager) -> None:
+    """An async middleware that never yields raises MiddlewareSetupException naming it, via earlier ones."""
     log: Log = []
 
     async def empty(ctx: DataAccessContext) -> AsyncIterator[None]:
@@ -570,6 +631,7 @@ async def test_async_middleware_that_does_not_yield(dm: DataManager) -> None:
 
 
 async def test_async_middleware_that_yields_twice(dm: DataManager) -> None:
+    """An async middleware that yields twice is closed; a RuntimeError naming it goes through outer ones."""
     log: Log = []
 
     async def twice(ctx: DataAccessContext) -> AsyncIterator[None]:
@@ -589,6 +651,7 @@ async def test_async_middleware_that_yields_twice(dm: DataManager) -> None:
 
 
 async def test_async_middleware_that_yields_again_after_an_exception(dm: DataManager) -> None:
+    """An async middleware yielding again after the body's error was thrown in raises a RuntimeError."""
     log: Log = []
 
     async def stubborn(ctx: DataAccessContext) -> AsyncIterator[None]:
@@ -606,6 +669,7 @@ async def test_async_middleware_that_yields_again_after_an_exception(dm: DataMan
 
 
 async def test_async_middleware_reads_meta_and_resources(dm: DataManager) -> None:
+    """An async middleware reads the meta and awaits a resource, which is still there at its teardown."""
     log: Log = []
     seen: Log = []
 
@@ -627,6 +691,7 @@ async def test_async_middleware_reads_meta_and_resources(dm: DataManager) -> Non
 
 
 async def test_async_method_middleware_chain_runs_outermost_first(dm: DataManager) -> None:
+    """Async and sync method middleware run outermost first and may change the arguments and the result."""
     log: Log = []
 
     async def outer(request: DalCommandRequest, handler: Callable[..., Awaitable[Any]]) -> Any:
@@ -652,11 +717,17 @@ async def test_async_method_middleware_chain_runs_outermost_first(dm: DataManage
     dm.register_method_middleware(outer, middle, inner)
     async with dm.dal({"user": "ann"}) as dal:
         assert await dal.users.get(1) == {"id": 10, "user": "ann", "outer": True}
-    assert log == [("outer in", "users.get", True), ("middle in", (10,)), "inner", "middle out",
-                       ("outer out", True)]
+    assert log == [
+        ("outer in", "users.get", True),
+        ("middle in", (10,)),
+        "inner",
+        "middle out",
+        ("outer out", True),
+    ]
 
 
 async def test_async_method_middleware_around_a_sync_method(dm: DataManager) -> None:
+    """Under async method middleware, a sync service method returns a coroutine that gives its result."""
     calls: Log = []
 
     async def audit(request: DalCommandRequest, handler: Callable[..., Awaitable[Any]]) -> Any:
@@ -672,6 +743,8 @@ async def test_async_method_middleware_around_a_sync_method(dm: DataManager) -> 
 
 
 async def test_class_based_async_method_middleware_is_instantiated(dm: DataManager) -> None:
+    """A class given as async method middleware is instantiated once, and its instance wraps every call."""
+
     class Tag:
         instances = 0
 
@@ -689,6 +762,8 @@ async def test_class_based_async_method_middleware_is_instantiated(dm: DataManag
 
 
 async def test_async_method_middleware_sees_and_may_translate_service_errors(dm: DataManager) -> None:
+    """Async method middleware may turn a service error into another; unknown methods raise DalMethodError."""
+
     async def translate(request: DalCommandRequest, handler: Callable[..., Awaitable[Any]]) -> Any:
         try:
             return await handler(request)
@@ -704,6 +779,8 @@ async def test_async_method_middleware_sees_and_may_translate_service_errors(dm:
 
 
 async def test_async_method_middleware_refuses_calls_from_a_sync_context(dm: DataManager) -> None:
+    """Under async method middleware, a DAL call in a sync context raises NoActiveContextError."""
+
     async def audit(request: DalCommandRequest, handler: Callable[..., Awaitable[Any]]) -> Any:
         return await handler(request)  # pragma: no cover - never reached
 
@@ -726,6 +803,7 @@ async def test_async_method_middleware_refuses_calls_from_a_sync_context(dm: Dat
 async def test_commit_hooks_sync_and_async_run_in_order_after_middleware_before_resources(
     dm: DataManager,
 ) -> None:
+    """After a clean body, sync and async commit hooks run in order, after middleware, before resources."""
     log: Log = []
 
     async def async_hook(*args: Any, **kwargs: Any) -> None:
@@ -743,14 +821,18 @@ async def test_commit_hooks_sync_and_async_run_in_order_after_middleware_before_
         ctx.on_rollback(log.append, "rollback")
         ctx.on_commit(sync_hook, 2)
     assert log == [
-        "mw setup", "conn setup", "mw teardown",
-        ("async hook", (1,), {"key": "a"}), ("sync hook", (2,), {}),
+        "mw setup",
+        "conn setup",
+        "mw teardown",
+        ("async hook", (1,), {"key": "a"}),
+        ("sync hook", (2,), {}),
         "conn teardown",
     ]
     assert ctx.get_hook_errors() == []
 
 
 async def test_rollback_hooks_run_when_the_context_ends_with_an_exception(dm: DataManager) -> None:
+    """When the body raises, the sync and async rollback hooks run in order, and the commit hooks do not."""
     log: Log = []
 
     async def async_rollback(tag: str) -> None:
@@ -772,6 +854,7 @@ async def test_rollback_hooks_run_when_the_context_ends_with_an_exception(dm: Da
 async def test_hook_errors_are_collected_and_logged_and_later_hooks_still_run(
     dm: DataManager, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Sync and async hook errors are collected and logged, not raised, and the hooks after them still run."""
     log: Log = []
 
     async def async_failing() -> None:
@@ -796,6 +879,7 @@ async def test_hook_errors_are_collected_and_logged_and_later_hooks_still_run(
 
 
 async def test_hooks_may_use_resources_and_register_more_hooks(dm: DataManager) -> None:
+    """A commit hook may create a resource, torn down after the hooks, and register a hook that runs too."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"))
 
@@ -810,6 +894,7 @@ async def test_hooks_may_use_resources_and_register_more_hooks(dm: DataManager) 
 
 
 async def test_an_async_hook_in_a_sync_context_is_a_collected_type_error(dm: DataManager) -> None:
+    """An async hook in a sync context is closed unrun and collected as a TypeError naming ``async with``."""
     ran: Log = []
 
     async def async_hook() -> None:
@@ -829,6 +914,7 @@ async def test_an_async_hook_in_a_sync_context_is_a_collected_type_error(dm: Dat
 
 
 async def test_async_resource_read_as_an_attribute_is_refused(dm: DataManager) -> None:
+    """Reading an async resource as an attribute raises ResourceException pointing at ``aget()``."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"))
     async with dm.context() as ctx:
@@ -843,6 +929,7 @@ async def test_async_resource_read_as_an_attribute_is_refused(dm: DataManager) -
 
 
 async def test_awaiting_an_async_resource_in_a_sync_context_is_refused(dm: DataManager) -> None:
+    """In a sync context, ``aget()`` refuses an async resource with ResourceException but gives a sync one."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"), s=sync_resource(log, "s"))
     with dm.context() as ctx:
@@ -855,7 +942,8 @@ async def test_awaiting_an_async_resource_in_a_sync_context_is_refused(dm: DataM
 
 
 async def test_async_service_reaching_an_async_resource_from_a_sync_context(dm: DataManager) -> None:
-    # DESIGN is silent on async def services in a sync context: the DAL hands back
+    """An async service awaited in a sync context gets ResourceException from an async resource."""
+    # The docs are silent on async def services in a sync context: the DAL hands back
     # the coroutine (no async method middleware, so nothing refuses it); the async
     # resource it reaches for is refused with the same clear message.
     dm.register_resources(conn=async_resource([], "conn"))
@@ -864,8 +952,10 @@ async def test_async_service_reaching_an_async_resource_from_a_sync_context(dm: 
 
 
 async def test_async_context_middleware_in_a_sync_context_is_refused(dm: DataManager) -> None:
+    """Async context middleware under plain ``with`` raises MiddlewareSetupException through earlier ones."""
     log: Log = []
     dm.register_context_middleware(sync_middleware(log, "m1"), async_middleware(log, "am"))
+
     def body() -> None:
         with dm.context():
             log.append("body")  # pragma: no cover
@@ -883,6 +973,7 @@ async def test_async_context_middleware_in_a_sync_context_is_refused(dm: DataMan
 
 
 async def test_unknown_resource_through_aget(dm: DataManager) -> None:
+    """``aget()`` of an unregistered name raises AttributeError listing the registered resources."""
     dm.register_resources(conn=async_resource([], "conn"))
     async with dm.context() as ctx:
         with pytest.raises(AttributeError, match=r"no resource named 'nope'.*registered resources: conn"):
@@ -890,6 +981,7 @@ async def test_unknown_resource_through_aget(dm: DataManager) -> None:
 
 
 async def test_a_context_cannot_be_used_after_it_exited(dm: DataManager) -> None:
+    """An exited context cannot be re-entered, read, given hooks or exited again; its DAL commands fail."""
     log: Log = []
     dm.register_resources(conn=async_resource(log, "conn"), s=sync_resource(log, "s"))
     ctx = dm.context()
@@ -915,6 +1007,7 @@ async def test_a_context_cannot_be_used_after_it_exited(dm: DataManager) -> None
 
 
 async def test_a_context_that_was_never_entered_says_so(dm: DataManager) -> None:
+    """``aget()`` on a context that was never entered raises ContextStateError saying so."""
     dm.register_resources(conn=async_resource([], "conn"))
     ctx = dm.context()
     with pytest.raises(ContextStateError, match="never entered"):
@@ -922,6 +1015,7 @@ async def test_a_context_that_was_never_entered_says_so(dm: DataManager) -> None
 
 
 async def test_a_coroutine_awaited_after_its_context_exited(dm: DataManager) -> None:
+    """A service coroutine awaited after its context exited raises NoActiveContextError."""
     async with dm.dal({"user": "ann"}) as dal:
         pending = dal.users.get(1)  # created inside, awaited outside
     with pytest.raises(NoActiveContextError, match="no active polydatum context"):
@@ -929,6 +1023,7 @@ async def test_a_coroutine_awaited_after_its_context_exited(dm: DataManager) -> 
 
 
 async def test_a_kept_dal_command_works_in_a_later_context(dm: DataManager) -> None:
+    """A DAL command kept from one context runs in whichever context is active when it is called."""
     async with dm.dal({"user": "ann"}) as dal:
         get = dal.users.get
         assert await get(1) == {"id": 1, "user": "ann"}
@@ -937,6 +1032,7 @@ async def test_a_kept_dal_command_works_in_a_later_context(dm: DataManager) -> N
 
 
 async def test_a_plain_async_context_lets_the_body_exception_through_and_pops(dm: DataManager) -> None:
+    """Async contexts without middleware, resources or hooks let the body's error out and are popped."""
     # No middleware, resources or hooks: the cheap exit path.
     outer = dm.context()
 
@@ -952,7 +1048,9 @@ async def test_a_plain_async_context_lets_the_body_exception_through_and_pops(dm
         await outer.__aenter__()
 
 
-async def test_dal_scope_suppression_by_async_middleware(dm: DataManager) -> None:
+async def test_dal_scope_error_survives_an_async_middleware_that_swallows_it(dm: DataManager) -> None:
+    """``async with dm.dal()`` lets the body's error out even when a middleware swallowed it."""
+
     async def suppress(ctx: DataAccessContext) -> AsyncIterator[None]:
         try:
             yield
@@ -960,15 +1058,14 @@ async def test_dal_scope_suppression_by_async_middleware(dm: DataManager) -> Non
             pass
 
     dm.register_context_middleware(suppress)
-    reached = []
-    async with dm.dal() as dal:
-        await dal.users.fail()
-    reached.append("after")
-    assert reached == ["after"]
+    with pytest.raises(Boom):
+        async with dm.dal() as dal:
+            await dal.users.fail()
     assert dm.get_active_context() is None
 
 
 async def test_per_context_async_middleware_from_get_middleware() -> None:
+    """A DataManager's ``get_middleware()`` override picks each context's async middleware from its meta."""
     log: Log = []
 
     class PerTenant(DataManager):
@@ -985,3 +1082,94 @@ async def test_per_context_async_middleware_from_get_middleware() -> None:
     async with dm.dal({"tenant": "other"}):
         log.append("plain body")
     assert log == ["audit setup", "audit teardown", "plain body"]
+
+
+# -- the lean exit: a context whose only teardown is its async resources ---------------------
+
+
+class ExitRecorder(Observer):
+    """Records the context events, with the resources' log interleaved."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    def context_entered(self, ctx: DataAccessContext) -> Any:
+        self.log.append("entered")
+        return "state"
+
+    def context_exiting(self, ctx: DataAccessContext, state: Any) -> None:
+        self.log.append(f"exiting {state}")
+
+    def context_exited(self, ctx: DataAccessContext, state: Any, exc: BaseException | None) -> None:
+        self.log.append(f"exited {state} {type(exc).__name__ if exc else None}")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_observer_sees_a_context_with_only_async_resources_exit_before_they_close(
+    dm: DataManager, fail: bool
+) -> None:
+    """With an observer and no middleware or hooks, it is told of the exit, then the resource closes."""
+    log: Log = []
+    dm.register_resources(conn=async_resource(log, "conn"))
+    dm.set_observer(ExitRecorder(log))
+    with pytest.raises(Boom) if fail else contextlib.nullcontext():
+        async with dm.context() as ctx:
+            await ctx.aget("conn")
+            if fail:
+                raise Boom("body")
+    outcome = ["exited state Boom", "conn teardown Boom"] if fail else ["exited state None", "conn teardown"]
+    assert log == ["entered", "conn setup", "exiting state", *outcome]
+    assert dm.get_active_context() is None
+    assert "conn" not in ctx
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+async def test_interrupt_in_an_async_resource_teardown_without_hooks_propagates_after_the_rest(
+    dm: DataManager, interrupt: type[BaseException]
+) -> None:
+    """No hooks or middleware: an interrupt in one async resource's teardown closes the rest, then rises."""
+    log: Log = []
+
+    async def interrupted(ctx: DataAccessContext) -> AsyncIterator[str]:
+        yield "x"
+        await asyncio.sleep(0)
+        raise interrupt()
+
+    dm.register_resources(a=async_resource(log, "a"), x=interrupted, c=async_resource(log, "c"))
+    ctx = dm.context()
+
+    async def body() -> None:
+        async with ctx:
+            for name in ("a", "x", "c"):
+                await ctx.aget(name)
+
+    with pytest.raises(interrupt):
+        await body()
+    assert log == ["a setup", "c setup", "c teardown", "a teardown"]
+    [(exc_type, _, _)] = ctx.get_resource_exit_errors()
+    assert exc_type is interrupt
+    assert dm.get_active_context() is None
+
+
+async def test_context_with_async_resources_exited_in_another_task_closes_them_and_is_not_left_active(
+    dm: DataManager,
+) -> None:
+    """Entered in one task, exited in another: the resources close and neither task sees it active after."""
+    log: Log = []
+    dm.register_resources(conn=async_resource(log, "conn"))
+    ctx = dm.context()
+    await ctx.__aenter__()
+    await ctx.aget("conn")
+
+    async def exit_elsewhere() -> DataAccessContext | None:
+        await ctx.__aexit__(None, None, None)
+        return dm.get_active_context()
+
+    # The task runs in a copy of this task's contextvars, so the stack's token is not its own.
+    assert await asyncio.create_task(exit_elsewhere()) is None
+    assert dm.get_active_context() is None
+    assert log == ["conn setup", "conn teardown"]
+    assert repr(ctx).startswith(f"<{type(ctx).__name__} exited")
+    with pytest.raises(ContextStateError, match="already used"):
+        async with ctx:
+            pass

@@ -1,4 +1,4 @@
-"""DESIGN §1.1: code written for polydatum 1.0 runs unchanged.
+"""Code written for polydatum 1.0 runs unchanged (docs/migrating-from-1.0.md).
 
 The tests below are written the way 1.0 applications and their tests were:
 a module-level DataManager, ``dm.dal()`` blocks, services reaching
@@ -71,11 +71,9 @@ MODULE_NAMES = {
 }
 
 
-@pytest.mark.parametrize(
-    ("module", "name"), [(m, n) for m, names in MODULE_NAMES.items() for n in names]
-)
+@pytest.mark.parametrize(("module", "name"), [(m, n) for m, names in MODULE_NAMES.items() for n in names])
 def test_1_0_names_importable_where_they_were(module: str, name: str) -> None:
-    """Every 1.0 public name is importable from its 1.0 module (DESIGN §1.1 table)."""
+    """Every 1.0 public name is importable from its 1.0 module (the table in docs/migrating-from-1.0.md)."""
     __import__(module)
     assert getattr(sys.modules[module], name) is not None
 

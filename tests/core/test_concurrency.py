@@ -1,6 +1,6 @@
 """Isolation of contexts across threads, tasks and DataManagers; cancellation and interrupts.
 
-DESIGN §1.2: each DataManager keeps its active-context stack in its own
+Each DataManager (docs/concepts/data-manager.md) keeps its active-context stack in its own
 ContextVar, so threads and asyncio tasks are isolated. §1.8: a context is
 never shared across tasks by accident: using an exited context raises.
 
@@ -450,9 +450,17 @@ async def test_cancelled_task_tears_down_its_three_async_resources(dm: DataManag
     task = await run_until_cancelled(body, ready)
     assert task.cancelled()
     assert log == [
-        "mw setup", "a setup", "b setup", "c setup",
-        "mw saw CancelledError", "rollback",
-        "c saw CancelledError", "c closed", "b saw CancelledError", "b closed", "a saw CancelledError",
+        "mw setup",
+        "a setup",
+        "b setup",
+        "c setup",
+        "mw saw CancelledError",
+        "rollback",
+        "c saw CancelledError",
+        "c closed",
+        "b saw CancelledError",
+        "b closed",
+        "a saw CancelledError",
         "a closed",
     ]
     [ctx] = contexts
@@ -493,8 +501,15 @@ async def test_cancelled_during_an_async_resource_setup(dm: DataManager) -> None
     task = await run_until_cancelled(body, ready)
     assert task.cancelled()
     assert log == [
-        "a setup", "b setup", "slow setup started", "slow setup cancelled", ("slow created", False),
-        "b saw CancelledError", "b closed", "a saw CancelledError", "a closed",
+        "a setup",
+        "b setup",
+        "slow setup started",
+        "slow setup cancelled",
+        ("slow created", False),
+        "b saw CancelledError",
+        "b closed",
+        "a saw CancelledError",
+        "a closed",
     ]
     assert contexts[0].get_resource_exit_errors() == []
 
@@ -551,9 +566,16 @@ async def test_cancelled_during_an_async_middleware_teardown(dm: DataManager) ->
     assert task.cancelled()
     # The cancellation replaces the success: the rest of the teardown sees it.
     assert log == [
-        "outer setup", "slow setup", "r setup", "body done",
-        "slow teardown started", "slow teardown cancelled",
-        "outer saw CancelledError", "rollback", "r saw CancelledError", "r closed",
+        "outer setup",
+        "slow setup",
+        "r setup",
+        "body done",
+        "slow teardown started",
+        "slow teardown cancelled",
+        "outer saw CancelledError",
+        "rollback",
+        "r saw CancelledError",
+        "r closed",
     ]
 
 
@@ -582,7 +604,7 @@ async def test_cancelled_during_an_async_resource_teardown(dm: DataManager) -> N
     task = await run_until_cancelled(body, ready)
     assert task.cancelled()
     # The remaining resource is still closed, then the cancellation propagates.
-    # DESIGN is silent on interrupts in resource teardown; the code collects the
+    # The docs are silent on interrupts in resource teardown; the code collects the
     # CancelledError as an exit error and re-raises it once everything is closed.
     assert log == ["a setup", "c setup", "c closed", "slow closing", "a closed"]
     [(exc_type, _, _)] = contexts[0].get_resource_exit_errors()
@@ -619,9 +641,20 @@ async def test_interrupt_in_an_async_body_tears_everything_down(
     assert caught.value is raised
     name = interrupt.__name__
     assert log == [
-        "m1 setup", "m2 setup", "a setup", "b setup", "c setup",
-        f"m2 saw {name}", f"m1 saw {name}", "rollback",
-        f"c saw {name}", "c closed", f"b saw {name}", "b closed", f"a saw {name}", "a closed",
+        "m1 setup",
+        "m2 setup",
+        "a setup",
+        "b setup",
+        "c setup",
+        f"m2 saw {name}",
+        f"m1 saw {name}",
+        "rollback",
+        f"c saw {name}",
+        "c closed",
+        f"b saw {name}",
+        "b closed",
+        f"a saw {name}",
+        "a closed",
     ]
     assert ctx.get_resource_exit_errors() == []
     assert dm.get_active_context() is None
@@ -631,7 +664,7 @@ async def test_interrupt_in_an_async_body_tears_everything_down(
 async def test_interrupt_in_an_async_resource_teardown_propagates_after_the_rest(
     dm: DataManager, interrupt: type[BaseException]
 ) -> None:
-    # DESIGN says resource exit errors are never raised; it is silent on
+    # docs/hooks.md says resource exit errors are never raised; it is silent on
     # interrupts. The code collects the interrupt and re-raises it once every
     # resource is closed, so Ctrl-C is not swallowed.
     log: Log = []
@@ -728,8 +761,14 @@ def test_interrupt_out_of_asyncio_run(interrupt: type[BaseException]) -> None:
         asyncio.run(main())
     name = interrupt.__name__
     assert log == [
-        "mw setup", "a setup", "b setup", f"mw saw {name}",
-        f"b saw {name}", "b closed", f"a saw {name}", "a closed",
+        "mw setup",
+        "a setup",
+        "b setup",
+        f"mw saw {name}",
+        f"b saw {name}",
+        "b closed",
+        f"a saw {name}",
+        "a closed",
     ]
 
 
@@ -755,8 +794,17 @@ def test_ctrl_c_in_asyncio_run_tears_everything_down() -> None:
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(main())
     assert log == [
-        "mw setup", "a setup", "b setup", "c setup", "mw saw CancelledError", "rollback",
-        "c saw CancelledError", "c closed", "b saw CancelledError", "b closed", "a saw CancelledError",
+        "mw setup",
+        "a setup",
+        "b setup",
+        "c setup",
+        "mw saw CancelledError",
+        "rollback",
+        "c saw CancelledError",
+        "c closed",
+        "b saw CancelledError",
+        "b closed",
+        "a saw CancelledError",
         "a closed",
     ]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

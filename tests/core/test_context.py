@@ -1,4 +1,4 @@
-"""DESIGN §1.3 and §1.4: the context lifecycle, resources and context middleware (sync)."""
+"""The context lifecycle, resources and context middleware, sync (docs/concepts/contexts.md, resources.md)."""
 
 from __future__ import annotations
 
@@ -270,21 +270,25 @@ class TestExceptionsAndMiddleware:
             raise error
         assert info.value is error
 
-    def test_middleware_may_suppress(self, events: list[str]) -> None:
-        """A middleware that swallows the exception ends the context cleanly; outer ones see nothing."""
+    def test_middleware_cannot_suppress(self, events: list[str]) -> None:
+        """A middleware that swallows the exception leaves it in flight: outer ones, resources and
+        the caller still see it (as in 1.0)."""
         dm = DataManager()
         dm.register_context_middleware(
             middleware(events, "outer"), middleware(events, "inner", suppress=True)
         )
         dm.register_resources(a=resource(events, "a"))
-        with dm.context() as ctx:
-            ctx.a
-            raise Boom
+
+        def body() -> None:
+            with dm.context() as ctx:
+                ctx.a
+                raise Boom
+
+        with pytest.raises(Boom):
+            body()
         assert "inner got Boom" in events
-        assert "outer got Boom" not in events
-        # Resources see the outcome after middleware: no exception.
-        assert "a got Boom" not in events
-        assert events[-1] == "close a"
+        assert "outer got Boom" in events
+        assert "a got Boom" in events
         assert dm.get_active_context() is None
 
     def test_middleware_may_replace(self, events: list[str]) -> None:

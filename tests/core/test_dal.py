@@ -1,4 +1,4 @@
-"""DESIGN §1.5 (DAL): deferred commands, string paths, errors, method middleware, caching and patching."""
+"""The DAL (docs/concepts/services.md): commands, string paths, errors, middleware, caching, patching."""
 
 from __future__ import annotations
 
@@ -381,7 +381,13 @@ class TestMethodMiddleware:
         with dm.dal() as dal:
             assert dal.users.get(1) == "user 1"
         assert events == [
-            "outer in", "middle in", "inner in", "method", "inner out", "middle out", "outer out"
+            "outer in",
+            "middle in",
+            "inner in",
+            "method",
+            "inner out",
+            "middle out",
+            "outer out",
         ]
 
     def test_request_fields(self) -> None:
@@ -724,9 +730,7 @@ class TestPatching:
             assert dal.users.profile.get(3) == "profile 3"
 
     @CHAIN
-    def test_nested_service_swapped_on_parent(
-        self, chain: bool, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_nested_service_swapped_on_parent(self, chain: bool, monkeypatch: pytest.MonkeyPatch) -> None:
         """Patching the sub-service attribute itself (users.profile = fake) is used, then undone."""
         dm, users = make(chain)
 

@@ -1,4 +1,4 @@
-"""DESIGN §1.2: the DataManager registry, contexts and the active-context stack."""
+"""The DataManager registry (docs/concepts/data-manager.md), contexts and the active-context stack."""
 
 from __future__ import annotations
 
@@ -476,7 +476,7 @@ class TestContexts:
     def test_require_active_context_outside(self) -> None:
         """Outside a context it raises NoActiveContextError (a RuntimeError) saying how to open one."""
         dm = DataManager()
-        with pytest.raises(NoActiveContextError, match=r'with dm\.context\(\):') as info:
+        with pytest.raises(NoActiveContextError, match=r"with dm\.context\(\):") as info:
             dm.require_active_context()
         assert isinstance(info.value, RuntimeError)
 
@@ -537,3 +537,68 @@ class TestContexts:
         assert dm.ctx_stack.top is None
         with dm.context() as ctx:
             assert dm.ctx_stack.top is ctx
+
+
+# -- outermost middleware and removing middleware (the seam polydatum.otel installs through) --
+
+
+def test_outermost_context_middleware_wraps_the_ones_registered_before() -> None:
+    """register_context_middleware(outermost=True) sets up first and tears down last."""
+    order: list[str] = []
+
+    def named(label: str) -> Any:
+        def middleware(ctx: DataAccessContext) -> Iterator[None]:
+            order.append(f"{label} in")
+            yield
+            order.append(f"{label} out")
+
+        return middleware
+
+    dm = DataManager()
+    dm.register_context_middleware(named("a"))
+    dm.register_context_middleware(named("outer"), outermost=True)
+    dm.register_context_middleware(named("b"))
+    with dm.context():
+        pass
+    assert order == ["outer in", "a in", "b in", "b out", "a out", "outer out"]
+
+
+def test_remove_context_middleware_restores_the_plain_path() -> None:
+    """Removing the only context middleware makes contexts plain again; removing it twice is refused."""
+    dm = DataManager()
+    dm.register_context_middleware(noop_middleware)
+    assert not dm.wiring.plain
+    dm.remove_context_middleware(noop_middleware)
+    assert dm.wiring.plain
+    assert dm.get_middleware(dm.context()) == []
+    with pytest.raises(ValueError, match="is not registered; nothing to remove"):
+        dm.remove_context_middleware(noop_middleware)
+
+
+def test_outermost_method_middleware_and_removing_it() -> None:
+    """register_method_middleware(outermost=True) runs outside earlier ones; once removed, calls skip it."""
+    order: list[str] = []
+
+    def named(label: str) -> Any:
+        def middleware(request: Any, handler: Any) -> Any:
+            order.append(label)
+            return handler(request)
+
+        return middleware
+
+    dm = DataManager()
+    dm.register_services(greeter=Greeter())
+    inner, outer = named("inner"), named("outer")
+    dm.register_method_middleware(inner)
+    dm.register_method_middleware(outer, outermost=True)
+    with dm.dal() as dal:
+        dal.greeter.hello("ann")
+    assert order == ["outer", "inner"]
+    dm.remove_method_middleware(outer)
+    dm.remove_method_middleware(inner)
+    assert dm.get_dal()._direct
+    with dm.dal() as dal:
+        assert dal.greeter.hello("bob") == "hello bob"
+    assert order == ["outer", "inner"]
+    with pytest.raises(ValueError, match="is not registered; nothing to remove"):
+        dm.remove_method_middleware(inner)

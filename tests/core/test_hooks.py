@@ -1,4 +1,4 @@
-"""DESIGN §1.6: on_commit / on_rollback hooks (sync contexts)."""
+"""on_commit / on_rollback hooks in sync contexts (docs/hooks.md)."""
 
 from __future__ import annotations
 
@@ -200,8 +200,8 @@ class TestWhenHooksRun:
             body(dm, lambda c: c.on_rollback(events.append, "rolled back"), Boom())
         assert events == ["rolled back"]
 
-    def test_middleware_suppressing_exception_means_commit(self) -> None:
-        """If a middleware suppresses the exception, the context ended cleanly: on_commit runs."""
+    def test_middleware_swallowing_the_exception_still_means_rollback(self) -> None:
+        """A middleware that swallows the exception cannot suppress it: on_rollback runs, not on_commit."""
         events: list[str] = []
 
         def swallow(ctx: DataAccessContext) -> Iterator[None]:
@@ -212,12 +212,14 @@ class TestWhenHooksRun:
 
         dm = DataManager()
         dm.register_context_middleware(swallow)
+
         def register(ctx: DataAccessContext) -> None:
             ctx.on_commit(events.append, "commit")
             ctx.on_rollback(events.append, "rb")
 
-        body(dm, register, Boom())
-        assert events == ["swallowed", "commit"]
+        with pytest.raises(Boom):
+            body(dm, register, Boom())
+        assert events == ["swallowed", "rb"]
 
     def test_failed_commit_runs_rollback_hooks(self) -> None:
         """If committing raises in middleware teardown, the context failed: on_rollback runs."""

@@ -1,9 +1,9 @@
-"""The context lifecycle (DESIGN §1.3, §1.4, §1.6) against a reference model.
+"""The context lifecycle (docs/concepts/contexts.md, docs/hooks.md) against a reference model.
 
 Random mixes of context middleware and resources, each with a behaviour
 drawn from :data:`BEHAVIOURS`, around a body that succeeds or raises, run
 for real (sync and async) and compared, event by event, with what
-:func:`model` says DESIGN §1.3 requires:
+:func:`model` says the lifecycle requires:
 
 1. middleware is set up in registration order; a setup error stops there,
    the body never runs, the middleware already set up is torn down with the
@@ -11,8 +11,9 @@ for real (sync and async) and compared, event by event, with what
 2. the body runs and creates resources, in order, on first access; a
    resource setup error propagates from the access (so it ends the body);
 3. middleware is torn down in reverse, the exception in flight thrown into
-   each; one may suppress it (None), replace it, or raise while tearing down
-   (which replaces it too); one yielding twice turns into a RuntimeError;
+   each; one may replace it, or raise while tearing down (which replaces it
+   too), but one that swallows it leaves it in flight (a middleware cannot
+   suppress, as in polydatum 1.0); one yielding twice turns into a RuntimeError;
 4. ``on_commit`` hooks run when the context ends without an exception,
    ``on_rollback`` hooks when it ends with one, in registration order; hook
    errors are collected and logged, never raised;
@@ -21,12 +22,12 @@ for real (sync and async) and compared, event by event, with what
    ``get_resource_exit_errors()`` and logged, never raised, and a resource
    cannot suppress or replace the context's exception.
 
-Where DESIGN is silent the model follows the code, and says so:
+Where the docs are silent the model follows the code, and says so:
 - the exception thrown into resources is the one left after middleware
   teardown (what escapes), not the body's original one;
 - when middleware setup fails, what the earlier middleware do with the setup
   error while being torn down (suppress, replace, raise) does not change what
-  escapes: the setup error (DESIGN: "its setup exception propagates"), and a
+  escapes: the setup error (docs/concepts/contexts.md: "its setup exception propagates"), and a
   replacement raised there is dropped without being logged.
 """
 
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from polydatum import DataManager
@@ -53,7 +54,6 @@ BEHAVIOURS = ("ok", "raise_setup", "raise_teardown", "suppress", "replace", "no_
 # failed middleware setup"): cases in that region are checked by the xfail
 # tests at the end. Once the core is fixed they XPASS (strict, so they fail):
 # remove their xfail marks and set this to False.
-SKIP_KNOWN_BUG_REGION = False
 
 
 class Boom(Exception):
@@ -107,11 +107,9 @@ def _middleware_teardown(i: int, behaviour: str, exc: str | None) -> str | None:
         return f"mw{i}.teardown"
     if behaviour == "replace":
         return f"mw{i}.replace" if exc is not None else None
-    if behaviour == "suppress":
-        return None
     if behaviour == "yield_twice":
         return "RuntimeError"
-    return exc  # "ok": lets it through
+    return exc  # "ok" lets it through; "suppress" swallows it, which leaves it in flight
 
 
 def _resource_exit_error(j: int, behaviour: str, exc: str | None) -> str | None:
@@ -125,8 +123,8 @@ def _resource_exit_error(j: int, behaviour: str, exc: str | None) -> str | None:
     return None  # "ok" re-raises the very exception thrown in; "suppress" cannot suppress
 
 
-def model(s: Scenario) -> tuple[Outcome, bool]:
-    """What DESIGN says must happen; and whether the case is in the known-bug region."""
+def model(s: Scenario) -> Outcome:
+    """What the lifecycle rules above say must happen."""
     out = Outcome()
     hook_owners: list[str] = []
     started: list[int] = []
@@ -169,9 +167,6 @@ def model(s: Scenario) -> tuple[Outcome, bool]:
         exc = _middleware_teardown(i, s.middleware[i].behaviour, exc)
 
     out.escaped = setup_error if setup_error is not None else exc
-    # Code and DESIGN part ways here: the code decides commit/rollback on what
-    # the middleware teardown left, even when a setup error escapes anyway.
-    known_bug = setup_error is not None and exc is None
 
     kind = "commit" if out.escaped is None else "rollback"
     for owner in hook_owners:
@@ -186,7 +181,7 @@ def model(s: Scenario) -> tuple[Outcome, bool]:
             out.exit_errors.append(err)
 
     out.logged = [("hook", t) for t in out.hook_errors] + [("resource", t) for t in out.exit_errors]
-    return out, known_bug
+    return out
 
 
 # -- the real thing ----------------------------------------------------------------------
@@ -295,8 +290,12 @@ def _build(s: Scenario) -> tuple[DataManager, Recorder]:
 
 
 def _observe(
-    s: Scenario, dm: DataManager, rec: Recorder, ctx: DataAccessContext,
-    escaped: BaseException | None, body_exc: Boom,
+    s: Scenario,
+    dm: DataManager,
+    rec: Recorder,
+    ctx: DataAccessContext,
+    escaped: BaseException | None,
+    body_exc: Boom,
 ) -> Outcome:
     assert dm.get_active_context() is None
     if tag(escaped) == "body":
@@ -429,34 +428,32 @@ def fixture_runner() -> Iterator[asyncio.Runner]:
 @example(s=Scenario((Part("replace"), Part("ok")), (Part("replace"),), body_raises=True, hook_raises=True))
 @example(s=Scenario((Part("ok"), Part("raise_setup")), (), body_raises=False))
 @example(s=Scenario((Part("yield_twice"),), (Part("yield_twice"), Part("no_yield")), body_raises=False))
-@example(s=Scenario(
-    (), (Part("ok"), Part("raise_teardown"), Part("replace")), body_raises=True, body_hooks=False
-))
+@example(
+    s=Scenario((), (Part("ok"), Part("raise_teardown"), Part("replace")), body_raises=True, body_hooks=False)
+)
 def test_sync_lifecycle_matches_the_model(s: Scenario) -> None:
-    expected, known_bug = model(s)
-    if SKIP_KNOWN_BUG_REGION:
-        assume(not known_bug)
+    expected = model(s)
     assert_matches(run_sync(s), expected)
 
 
 @settings(PROPERTY, max_examples=1000)
 @given(s=async_scenarios)
-@example(s=Scenario(
-    (Part("ok", True), Part("suppress", False)), (Part("ok", True), Part("raise_teardown", False)),
-    body_raises=True, async_hooks=True,
-))
-@example(s=Scenario(
-    (Part("replace", True), Part("raise_setup", True)), (), body_raises=False, hook_raises=True
-))
+@example(
+    s=Scenario(
+        (Part("ok", True), Part("suppress", False)),
+        (Part("ok", True), Part("raise_teardown", False)),
+        body_raises=True,
+        async_hooks=True,
+    )
+)
+@example(
+    s=Scenario((Part("replace", True), Part("raise_setup", True)), (), body_raises=False, hook_raises=True)
+)
 @example(s=Scenario((Part("yield_twice", True),), (Part("yield_twice", True),), body_raises=True))
 @example(s=Scenario((), (Part("replace"), Part("raise_teardown")), body_raises=True, body_hooks=False))
-@example(s=Scenario(
-    (), (Part("replace", True), Part("raise_teardown")), body_raises=True, body_hooks=False
-))
+@example(s=Scenario((), (Part("replace", True), Part("raise_teardown")), body_raises=True, body_hooks=False))
 def test_async_lifecycle_matches_the_model(s: Scenario, runner: asyncio.Runner) -> None:
-    expected, known_bug = model(s)
-    if SKIP_KNOWN_BUG_REGION:
-        assume(not known_bug)
+    expected = model(s)
     assert_matches(runner.run(run_async(s)), expected)
 
 
@@ -474,35 +471,23 @@ def small_scenarios() -> Iterator[Scenario]:
 
 def test_every_small_sync_scenario_matches_the_model() -> None:
     mismatches = []
-    checked = skipped = 0
+    checked = 0
     for s in small_scenarios():
-        expected, known_bug = model(s)
-        if known_bug and SKIP_KNOWN_BUG_REGION:
-            skipped += 1
-            continue
+        expected = model(s)
         checked += 1
         actual = run_sync(s)
         if actual != expected:
             mismatches.append((s, actual, expected))
     assert checked > 20_000
     assert mismatches[:3] == []
-    # The bug region exists in this sweep; the xfail test below covers it.
-    assert skipped > 0 or not SKIP_KNOWN_BUG_REGION
 
 
-# -- known core bugs (logged in /work/brief/core_bugs.md) -----------------------------------------------
-
-
-def test_known_bug_region_sync_matches_the_model() -> None:
-    cases = [s for s in small_scenarios() if model(s)[1]]
-    assert cases
-    mismatches = [s for s in cases if run_sync(s) != model(s)[0]]
-    assert mismatches == []
+# -- setup failures under a middleware that swallows ---------------------------------------
 
 
 def test_setup_failure_after_a_suppressing_middleware_runs_rollback_hooks() -> None:
     # Minimal repro: the setup error escapes, so the context ended with an
-    # exception and DESIGN §1.6 says on_rollback hooks run, not on_commit.
+    # exception and docs/hooks.md says on_rollback hooks run, not on_commit.
     dm = DataManager()
     ran: list[str] = []
 

@@ -1,4 +1,4 @@
-"""DESIGN §1.7: Meta is a read-only mapping built from a dict."""
+"""Meta is a read-only mapping built from a dict (docs/concepts/meta.md)."""
 
 from __future__ import annotations
 

@@ -21,21 +21,14 @@ CORE_MODULES = [
     "polydatum.middleware",
     "polydatum.resources",
     "polydatum.services",
+    "polydatum.sync",
     "polydatum.types",
-]
-
-# polydatum.errors has no __all__: its public names are those DESIGN §1.1 lists, plus the 2.0 ones.
-ERRORS = [
-    "PolydatumException", "ServiceError", "NotFound", "ConcurrencyConflict", "AlreadyExistsException",
-    "NoActiveContextError", "ContextStateError", "DalMethodError", "MiddlewareException",
-    "MiddlewareSetupException", "InvalidMiddleware", "ResourceException", "ResourceSetupException",
-    "InvalidResource", "ErrorsOnClose",
 ]
 
 
 def exported(module: str) -> list[str]:
     names = getattr(importlib.import_module(module), "__all__", None)
-    return list(names) if names is not None else ERRORS if module == "polydatum.errors" else []
+    return list(names) if names is not None else []
 
 
 EXPORTS = [(module, name) for module in CORE_MODULES for name in exported(module)]
@@ -76,7 +69,7 @@ def test_export_importable_and_documented(module: str, name: str) -> None:
 
 
 def test_package_all_matches_design() -> None:
-    """polydatum exports DataManager, DataAccessLayer and Service (DESIGN §1.1), and nothing private."""
+    """polydatum exports DataManager, DataAccessLayer and Service (as in 1.0), and nothing private."""
     for name in ("DataManager", "DataAccessLayer", "Service"):
         assert name in polydatum.__all__
     assert all(not name.startswith("_") for name in polydatum.__all__)
@@ -86,9 +79,7 @@ def test_package_all_matches_design() -> None:
 def test_package_all_is_complete() -> None:
     """Every public class re-exported by polydatum is listed in __all__."""
     public = {
-        name
-        for name, value in vars(polydatum).items()
-        if not name.startswith("_") and inspect.isclass(value)
+        name for name, value in vars(polydatum).items() if not name.startswith("_") and inspect.isclass(value)
     }
     assert public <= set(polydatum.__all__)
 
@@ -119,3 +110,141 @@ def test_public_callables_are_annotated() -> None:
             if "return" not in func.__annotations__:
                 missing.append(f"{name}.{member}")
     assert missing == []
+
+
+# The packages behind the extras; the core must import none of them.
+OPTIONAL = (
+    "sqlalchemy",
+    "redis",
+    "boto3",
+    "botocore",
+    "celery",
+    "kombu",
+    "werkzeug",
+    "msgpack",
+    "starlette",
+    "fastapi",
+    "pytest",
+    "aiosqlite",
+    "psycopg",
+    "opentelemetry",
+    "structlog",
+)
+
+
+def test_importing_the_core_loads_no_optional_extra() -> None:
+    """``import polydatum`` and its core modules leave every optional package out of sys.modules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        f"import {', '.join(CORE_MODULES)}\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({OPTIONAL!r})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def public_modules() -> list[str]:
+    """Every public polydatum module (no segment starting with ``_``), and the web signals' ``_web``."""
+    import pkgutil
+
+    names = [
+        module.name
+        for module in pkgutil.walk_packages(polydatum.__path__, "polydatum.")
+        if not any(part.startswith("_") for part in module.name.split("."))
+    ]
+    return ["polydatum._web", *names]
+
+
+def polydatum_errors() -> dict[str, type[BaseException]]:
+    """Every exception class polydatum's modules export (by name), base classes of web signals included."""
+    from polydatum import _web
+
+    found: dict[str, type[BaseException]] = {}
+    for module in ("polydatum.errors", *public_modules()):
+        mod = importlib.import_module(module)
+        for name in getattr(mod, "__all__", ()):
+            value = getattr(mod, name)
+            if inspect.isclass(value) and issubclass(value, BaseException):
+                found[name] = value
+    assert {"ResponseIncomplete", "RollbackResponse"} <= set(_web.__all__)
+    return found
+
+
+def test_every_error_is_reachable_from_polydatum_errors() -> None:
+    """Each error class a polydatum module exports is the same class, same name, in polydatum.errors."""
+    import polydatum.errors
+
+    missing = [
+        name for name, cls in polydatum_errors().items() if getattr(polydatum.errors, name, None) is not cls
+    ]
+    assert missing == []
+
+
+def test_errors_all_lists_every_error_but_the_redis_one() -> None:
+    """polydatum.errors.__all__ names every error; only PoolTimeout, which needs redis-py, is left out."""
+    import polydatum.errors
+
+    assert set(polydatum_errors()) - set(polydatum.errors.__all__) == {"PoolTimeout"}
+    assert sorted(polydatum.errors.__all__) == polydatum.errors.__all__
+
+
+def test_naming_an_integration_error_imports_only_what_it_needs() -> None:
+    """``from polydatum.errors import *`` and naming a blob or cache error import no optional package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from polydatum.errors import *\n"
+        "from polydatum.errors import BlobNotFound, CacheError, RollbackResponse\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({OPTIONAL!r})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_an_unknown_error_name_is_an_attribute_error() -> None:
+    """A name polydatum.errors does not have raises AttributeError naming it."""
+    import polydatum.errors
+
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        _ = polydatum.errors.Nope  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("module", "defines"),
+    [
+        ("polydatum._factories", ["ACCEPTED", "Dual", "Factory", "afinish", "as_factory", "astart"]),
+        ("polydatum._web", ["Exchange", "Positions", "request_context", "RollbackResponse"]),
+    ],
+)
+def test_internal_all_lists_what_the_module_defines(module: str, defines: list[str]) -> None:
+    """The internal modules' __all__ list the public names they define, and nothing they only import."""
+    mod = importlib.import_module(module)
+    own = {
+        name
+        for name, value in vars(mod).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", None) == module
+    }
+    assert own <= set(mod.__all__), own - set(mod.__all__)
+    assert set(defines) <= set(mod.__all__)
+    imported = [
+        n
+        for n in mod.__all__
+        if (inspect.isclass(getattr(mod, n)) or inspect.isfunction(getattr(mod, n)))
+        and getattr(mod, n).__module__ != module
+    ]
+    assert imported == []
+
+
+def test_a_data_manager_is_a_resource_registry() -> None:
+    """polydatum.ResourceRegistry, what install(dm) takes, is met by a DataManager, not by other objects."""
+    from polydatum import DataManager, ResourceRegistry
+
+    assert isinstance(DataManager(), ResourceRegistry)
+    assert not isinstance(object(), ResourceRegistry)

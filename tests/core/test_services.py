@@ -1,4 +1,4 @@
-"""DESIGN §1.5 (services): nesting, self._ctx/_dal/_data_manager, 1.0-style _services, plain objects."""
+"""Services (docs/concepts/services.md): nesting, self._ctx and _dal, 1.0 _services, plain objects."""
 
 from __future__ import annotations
 
@@ -35,9 +35,7 @@ class Root(Service):
 
 def tree() -> Root:
     """root -> a -> b -> c (a Leaf), four levels deep."""
-    return Root().register_services(
-        a=Branch().register_services(b=Branch().register_services(c=Leaf()))
-    )
+    return Root().register_services(a=Branch().register_services(b=Branch().register_services(c=Leaf())))
 
 
 class TestNesting:

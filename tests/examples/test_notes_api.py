@@ -11,6 +11,8 @@ check what the API cannot show.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ import httpx
 import pytest
 from notes import Settings, build
 from notes.app import NotesApp
+from notes.auth import BadRequest
 from notes.web import make_wsgi_app
 from sqlalchemy import text
 
@@ -48,25 +51,31 @@ def _embedded(stack: ExitStack, tmp: Path) -> NotesApp:
 
 
 def _servers(stack: ExitStack, request: pytest.FixtureRequest) -> NotesApp:
-    from celery.contrib.testing.worker import start_worker
+    from tests.support.celery_worker import in_thread_worker
 
     postgres = stack.enter_context(fresh_postgres_database(request.getfixturevalue("postgres_url")))
     moto: MotoServer = request.getfixturevalue("moto_server")
     bucket = moto.create_bucket(f"notes-{uuid.uuid4().hex[:12]}")
     env = stack.enter_context(pytest.MonkeyPatch.context())
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", REGION)):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", REGION),
+    ):
         env.setenv(name, value)
     run = uuid.uuid4().hex[:10]
-    app = _start(stack, {
-        "DATABASE_URL": postgres,
-        "REDIS_URL": request.getfixturevalue("redis_url"),
-        "CACHE_NAMESPACE": f"notes-test-{run}",
-        "BLOB_URL": f"s3://{bucket}/notes-app",
-        "AWS_ENDPOINT_URL": moto.endpoint_url,
-        "CELERY_BROKER_URL": request.getfixturevalue("rabbitmq_url"),
-        "CELERY_QUEUE": f"notes-test-{run}",
-    })
+    app = _start(
+        stack,
+        {
+            "DATABASE_URL": postgres,
+            "REDIS_URL": request.getfixturevalue("redis_url"),
+            "CACHE_NAMESPACE": f"notes-test-{run}",
+            "BLOB_URL": f"s3://{bucket}/notes-app",
+            "AWS_ENDPOINT_URL": moto.endpoint_url,
+            "CELERY_BROKER_URL": request.getfixturevalue("rabbitmq_url"),
+            "CELERY_QUEUE": f"notes-test-{run}",
+        },
+    )
     stack.callback(app.cache.clear)
 
     def delete_queue() -> None:
@@ -76,7 +85,7 @@ def _servers(stack: ExitStack, request: pytest.FixtureRequest) -> NotesApp:
     stack.callback(delete_queue)
     # No AMQP heartbeats for the in-thread worker: stopping it would wait for one (~10 s).
     app.celery.conf.broker_heartbeat = 0
-    stack.enter_context(start_worker(app.celery, pool="solo", perform_ping_check=False, shutdown_timeout=20))
+    stack.enter_context(in_thread_worker(app.celery))
     return app
 
 
@@ -136,8 +145,9 @@ def wait_for_index(user: User, note_id: int, version: int) -> dict[str, Any]:
 
 def blob_key(notes: SimpleNamespace, attachment_id: int) -> str:
     with notes.app.db.engine.connect() as conn:
-        return str(conn.execute(text("SELECT key FROM attachments WHERE id = :i"), {"i": attachment_id})
-                   .scalar_one())
+        return str(
+            conn.execute(text("SELECT key FROM attachments WHERE id = :i"), {"i": attachment_id}).scalar_one()
+        )
 
 
 # -- users and auth ------------------------------------------------------------
@@ -163,6 +173,30 @@ def test_sign_up_and_tokens(notes: SimpleNamespace) -> None:
     assert wrong_scheme.status_code == 401
 
 
+@pytest.mark.parametrize(
+    "user_part",
+    [b"1" * 4301, b"9" * 11, str(2**31).encode(), b"\xb2", b"0", b"-1", b"+1", b" 1", b"1_0"],
+    # b"\xb2" reaches the app as "²" (WSGI decodes headers as Latin-1): isdigit() says yes, int() fails.
+    ids=[
+        "4301-digits",
+        "11-digits",
+        "beyond-int4",
+        "superscript-two",
+        "zero",
+        "negative",
+        "plus",
+        "space",
+        "underscore",
+    ],
+)
+def test_a_token_whose_user_part_is_no_id_is_a_401(notes: SimpleNamespace, user_part: bytes) -> None:
+    """A bearer token whose user id part cannot be a user id is a 401, however int() would take it."""
+    header = b"Bearer " + user_part + b"." + b"0" * 64
+    response = notes.http.get("/me", headers={"Authorization": header})
+    assert response.status_code == 401, response.text
+    assert response.json()["message"] == "invalid API token; use the token POST /users returned"
+
+
 def test_simultaneous_sign_ups_of_one_name_one_wins(notes: SimpleNamespace) -> None:
     name = f"racer-{uuid.uuid4().hex[:8]}"
     barrier = threading.Barrier(4)
@@ -186,8 +220,14 @@ def test_notes_with_attachments(notes: SimpleNamespace) -> None:
     note = ann.note(inbox, "shopping", "milk and bread")
     assert note["version"] == 1
     payload = b"\x89PNG fake image " * 1000
-    attachment = ann.ok("POST", f"/notes/{note['id']}/attachments", 201, params={"name": "list photo.png"},
-                        content=payload, headers={"Content-Type": "image/png"})
+    attachment = ann.ok(
+        "POST",
+        f"/notes/{note['id']}/attachments",
+        201,
+        params={"name": "list photo.png"},
+        content=payload,
+        headers={"Content-Type": "image/png"},
+    )
     assert attachment["size"] == len(payload)
     download = ann.request("GET", attachment["url"])
     assert download.status_code == 200
@@ -218,6 +258,42 @@ def test_pages_of_notes(notes: SimpleNamespace) -> None:
     assert third["next"] is None
     assert ann.request("GET", f"/notebooks/{inbox}/notes", params={"limit": 0}).status_code == 400
     assert ann.request("GET", f"/notebooks/{inbox}/notes", params={"after": "junk"}).status_code == 400
+
+
+def forged_cursor(values: Any, raw: str | None = None) -> str:
+    """A page cursor for the notes' order (newest first) holding ``values``, or the ``raw`` JSON."""
+    payload = json.dumps([["-id"], values]) if raw is None else raw
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def test_forged_page_cursors_are_400_and_leave_the_transaction_usable(notes: SimpleNamespace) -> None:
+    """Each forged cursor is a 400 before any SQL; a context that met them still reads and writes."""
+    ann = User(notes)
+    inbox = ann.notebook()
+    kept = ann.note(inbox, "kept")["id"]
+    forged = [
+        forged_cursor([2**63]),
+        forged_cursor(["abc"]),
+        forged_cursor([[1, 2]]),
+        forged_cursor([{"decimal": "1e999999"}]),
+        forged_cursor([{"bytes": "AAAA"}]),
+        forged_cursor(None, raw="[" * 3000 + "]" * 3000),
+    ]
+    if notes.kind == "servers":  # an INTEGER key is 32-bit on PostgreSQL, 64-bit on SQLite
+        forged.append(forged_cursor([2**31]))
+    for cursor in forged:
+        response = ann.request("GET", f"/notebooks/{inbox}/notes", params={"after": cursor})
+        assert response.status_code == 400, (cursor[:40], response.status_code, response.text[:200])
+        assert "cursor" in response.text
+    assert [n["id"] for n in ann.ok("GET", f"/notebooks/{inbox}/notes")["notes"]] == [kept]
+    # In one context: each refusal leaves its transaction usable, so the write after them commits.
+    with notes.app.dm.dal(meta={"user": ann.id}) as dal:
+        for cursor in forged:
+            with pytest.raises(BadRequest, match="cursor"):
+                dal.notebooks.notes(inbox, after=cursor)
+        assert [n["id"] for n in dal.notebooks.notes(inbox)["notes"]] == [kept]
+        dal.notebooks.add("after the forged cursors")
+    assert "after the forged cursors" in [n["name"] for n in ann.ok("GET", "/notebooks")["notebooks"]]
 
 
 # -- concurrency -----------------------------------------------------------------
@@ -264,8 +340,9 @@ def test_other_users_notes_are_not_found_and_profiles_forbidden(notes: SimpleNam
     ann, bob = User(notes), User(notes)
     inbox = ann.notebook()
     note = ann.note(inbox, "secret", "ann's plans")
-    attachment = ann.ok("POST", f"/notes/{note['id']}/attachments", 201, params={"name": "a.txt"},
-                        content=b"private")
+    attachment = ann.ok(
+        "POST", f"/notes/{note['id']}/attachments", 201, params={"name": "a.txt"}, content=b"private"
+    )
     for method, path, body in [
         ("GET", f"/notes/{note['id']}", None),
         ("PUT", f"/notes/{note['id']}", {"version": 1, "text": "bob was here"}),
@@ -292,8 +369,9 @@ def test_other_users_notes_are_not_found_and_profiles_forbidden(notes: SimpleNam
 def test_deleting_a_note_removes_its_attachment_after_commit(notes: SimpleNamespace) -> None:
     ann = User(notes)
     note = ann.note(ann.notebook(), "with files", "see attached")
-    attachment = ann.ok("POST", f"/notes/{note['id']}/attachments", 201, params={"name": "a.bin"},
-                        content=b"bytes" * 100)
+    attachment = ann.ok(
+        "POST", f"/notes/{note['id']}/attachments", 201, params={"name": "a.bin"}, content=b"bytes" * 100
+    )
     key = blob_key(notes, attachment["id"])
     assert notes.app.blobs.exists(key)
 
@@ -358,8 +436,13 @@ def test_counts_and_reads_are_cached_and_invalidated_on_commit(notes: SimpleName
 
     # Behind the cache's back: the cached answers stay as they were.
     with notes.app.db.engine.begin() as conn:
-        conn.execute(text("INSERT INTO notes (notebook_id, owner_id, title, text, version) "
-                          "VALUES (:b, :u, 'sneaky', '', 1)"), {"b": inbox, "u": ann.id})
+        conn.execute(
+            text(
+                "INSERT INTO notes (notebook_id, owner_id, title, text, version) "
+                "VALUES (:b, :u, 'sneaky', '', 1)"
+            ),
+            {"b": inbox, "u": ann.id},
+        )
         conn.execute(text("UPDATE notes SET title = 'changed behind' WHERE id = :i"), {"i": note["id"]})
     assert ann.ok("GET", "/me")["note_count"] == 1
     assert ann.ok("GET", f"/notes/{note['id']}")["title"] == "cached"

@@ -24,8 +24,17 @@ from tests.examples.conftest import EXAMPLE, serving
 from tests.support.s3 import REGION, MotoServer
 from tests.support.s3 import moto_server_fixture as moto_server_fixture
 
-VARIABLES = ("NOTES_DATA", "DATABASE_URL", "REDIS_URL", "CACHE_NAMESPACE", "BLOB_URL", "AWS_ENDPOINT_URL",
-             "CELERY_BROKER_URL", "CELERY_QUEUE", "SECRET_KEY")
+VARIABLES = (
+    "NOTES_DATA",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "CACHE_NAMESPACE",
+    "BLOB_URL",
+    "AWS_ENDPOINT_URL",
+    "CELERY_BROKER_URL",
+    "CELERY_QUEUE",
+    "SECRET_KEY",
+)
 
 
 @pytest.fixture
@@ -59,10 +68,14 @@ def start_up_error(capsys: pytest.CaptureFixture[str]) -> str:
     [
         ({"DATABASE_URL": "not a url"}, "DATABASE_URL='not a url' is not a database URL; use e.g."),
         ({"DATABASE_URL": "mysql://app@db/notes"}, "DATABASE_URL uses 'mysql', which this example does not"),
-        ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/notes"},
-         "cannot use the database at postgresql+psycopg://postgres@127.0.0.1:1/notes: "),
-        ({"DATABASE_URL": "sqlite:////proc/no-such-dir/notes.db"},
-         "cannot create '/proc/no-such-dir' for the SQLite database"),
+        (
+            {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/notes"},
+            "cannot use the database at postgresql+psycopg://postgres@127.0.0.1:1/notes: ",
+        ),
+        (
+            {"DATABASE_URL": "sqlite:////proc/no-such-dir/notes.db"},
+            "cannot create '/proc/no-such-dir' for the SQLite database",
+        ),
         ({"REDIS_URL": "http://cache:6379"}, "REDIS_URL='http://cache:6379' is not a Redis URL"),
         ({"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL='redis://127.0.0.1:port/0' is not usable"),
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis at redis://127.0.0.1:1/0; start it"),
@@ -73,8 +86,10 @@ def start_up_error(capsys: pytest.CaptureFixture[str]) -> str:
         ({"BLOB_URL": "file:///proc/no-such-dir/blobs"}, "blob root '/proc/no-such-dir/blobs' cannot be"),
         ({"CELERY_BROKER_URL": "rabbitmq"}, "CELERY_BROKER_URL='rabbitmq' is not a broker URL"),
         ({"CELERY_BROKER_URL": "bogus://broker"}, "cannot reach the Celery broker at bogus://broker: "),
-        ({"CELERY_BROKER_URL": "amqp://guest:secret@127.0.0.1:1//"},
-         "cannot reach the Celery broker at amqp://guest:***@127.0.0.1:1//: "),
+        (
+            {"CELERY_BROKER_URL": "amqp://guest:secret@127.0.0.1:1//"},
+            "cannot reach the Celery broker at amqp://guest:***@127.0.0.1:1//: ",
+        ),
     ],
     ids=lambda v: next(iter(v.items()))[0] + "=" + next(iter(v.items()))[1] if isinstance(v, dict) else "",
 )
@@ -100,7 +115,9 @@ def test_a_missing_postgres_database(
 
 
 def test_a_missing_bucket(
-    environ: Callable[..., None], capsys: pytest.CaptureFixture[str], moto_server: MotoServer,
+    environ: Callable[..., None],
+    capsys: pytest.CaptureFixture[str],
+    moto_server: MotoServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -148,7 +165,11 @@ def test_check_reports_every_part(environ: Callable[..., None], capsys: pytest.C
     assert main(["check"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [
-        ["ok", "database"], ["ok", "cache"], ["ok", "blobs"], ["ok", "jobs"]]
+        ["ok", "database"],
+        ["ok", "cache"],
+        ["ok", "blobs"],
+        ["ok", "jobs"],
+    ]
 
     environ(REDIS_URL="redis://127.0.0.1:1/0", CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//")
     assert main(["check"]) == 1
@@ -171,10 +192,20 @@ def test_build_refuses_a_missing_driver() -> None:
 
 def test_the_console_entry_point_prints_one_line(tmp_path: Path) -> None:
     """The real command in a fresh process: exit status 2 and one line on stderr."""
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(EXAMPLE), "NOTES_DATA": str(tmp_path),
-           "REDIS_URL": "redis://127.0.0.1:1/0"}
-    done = subprocess.run([sys.executable, "-m", "notes", "serve", "--port", "0"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(EXAMPLE),
+        "NOTES_DATA": str(tmp_path),
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "notes", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == EXIT_CONFIG
     assert done.stdout == ""
     assert done.stderr == (
@@ -206,8 +237,11 @@ def test_health_is_503_while_a_part_is_down_and_the_api_keeps_working(tmp_path: 
 
 def test_a_database_that_goes_away_after_start_up_is_a_503(tmp_path: Path) -> None:
     """Built without the start-up check, as if the server died later: requests get 503, not 500."""
-    app = build(Settings.from_env({"NOTES_DATA": str(tmp_path),
-                                   "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/notes"}))
+    app = build(
+        Settings.from_env(
+            {"NOTES_DATA": str(tmp_path), "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/notes"}
+        )
+    )
     try:
         with serving(app.wsgi()) as url:
             response = httpx.post(f"{url}/users", json={"name": "nobody"}, timeout=30)

@@ -43,8 +43,11 @@ class Racy:
             # Celery is eager here: the note's index job runs right after this commit.
             self.note_id: int = dal.notes.add(notebook["id"], "racy", "alpha beta beta")["id"]
 
-    def race(self, first: tuple[dict[str, Any], Callable[[Any], Any]],
-             second: tuple[dict[str, Any], Callable[[Any], Any]]) -> tuple[Any, Any]:
+    def race(
+        self,
+        first: tuple[dict[str, Any], Callable[[Any], Any]],
+        second: tuple[dict[str, Any], Callable[[Any], Any]],
+    ) -> tuple[Any, Any]:
         """Run ``first`` up to its commit, ``second`` until it waits for a lock, then commit ``first``.
 
         Returns ``first``'s result and ``second``'s result or exception.
@@ -75,10 +78,13 @@ class Racy:
         try:
             with engine.connect() as conn:
                 while time.monotonic() < deadline:
-                    waiting = conn.execute(text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = :d AND wait_event_type = 'Lock'"
-                    ), {"d": make_url(self.database_url).database}).scalar_one()
+                    waiting = conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE datname = :d AND wait_event_type = 'Lock'"
+                        ),
+                        {"d": make_url(self.database_url).database},
+                    ).scalar_one()
                     conn.rollback()
                     if waiting:
                         return

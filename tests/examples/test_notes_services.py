@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from notes import NotesApp, Settings, build
-from notes.auth import Unauthorized
+from notes.auth import Forbidden, Unauthorized
 from notes.services import words_of
 
 from polydatum import DataManager
@@ -82,5 +82,37 @@ def test_the_auth_middleware_guards_direct_dal_calls(
 
 
 def test_words_are_lower_cased_and_counted() -> None:
-    assert words_of("It's a dog's day: DOG, dog; a cat.") == {"it's": 1, "dog's": 1, "day": 1, "dog": 2,
-                                                               "cat": 1}
+    assert words_of("It's a dog's day: DOG, dog; a cat.") == {
+        "it's": 1,
+        "dog's": 1,
+        "day": 1,
+        "dog": 2,
+        "cat": 1,
+    }
+
+
+def test_a_cached_count_is_refused_to_another_user(
+    polydatum_dal: Any, polydatum_data_manager: DataManager, user: dict[str, Any], app: NotesApp
+) -> None:
+    """Once a user's note count is cached, another user asking for it through the DAL is refused."""
+    inbox = polydatum_dal.notebooks.add("inbox")
+    polydatum_dal.notes.add(inbox["id"], "mine")
+    with polydatum_data_manager.dal(meta={"user": user["id"]}) as dal:
+        assert dal.notes.count_for(user["id"]) == 1
+        other = dal.users.sign_up("someone else")
+    assert app.cache.get(f"count:{user['id']}") is not None  # what a check in the body would miss
+    as_other = {"user": other["id"]}
+    refused = "count_for is only for your own account"
+    with pytest.raises(Forbidden, match=refused), polydatum_data_manager.dal(meta=as_other) as dal:
+        dal.notes.count_for(user["id"])
+    with pytest.raises(Forbidden, match=refused), polydatum_data_manager.dal(meta=as_other) as dal:
+        dal.notes.count_for(user_id=user["id"])  # by name: no way around the check
+    with (
+        pytest.raises(Forbidden, match="profile is only for your own account"),
+        polydatum_data_manager.dal(meta=as_other) as dal,
+    ):
+        dal.users.profile(user["id"])
+    with pytest.raises(Unauthorized), polydatum_data_manager.dal() as anonymous:
+        anonymous.notes.count_for(user["id"])
+    with polydatum_data_manager.dal(meta=as_other) as dal:
+        assert dal.notes.count_for(other["id"]) == 0

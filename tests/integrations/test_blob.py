@@ -77,10 +77,14 @@ class TestRoundTrip:
         body: Any = {
             "bytes": data,
             "file": io.BytesIO(data),
-            "generator": (data[i:i + MiB] for i in range(0, size, MiB)),
+            "generator": (data[i : i + MiB] for i in range(0, size, MiB)),
         }[source]
-        written = store.put("rt/blob.bin", body, content_type="application/x-test",
-                            metadata={"Origin": "test", "size": str(size)})
+        written = store.put(
+            "rt/blob.bin",
+            body,
+            content_type="application/x-test",
+            metadata={"Origin": "test", "size": str(size)},
+        )
         assert written == size
         assert store.get("rt/blob.bin") == data
         info = store.stat("rt/blob.bin")
@@ -112,7 +116,7 @@ class TestRoundTrip:
 
             def read(self, size: int = -1) -> bytes:
                 size = 100_003 if size < 0 else min(size, 100_003)
-                chunk = data[self.position:self.position + size]
+                chunk = data[self.position : self.position + size]
                 self.position += len(chunk)
                 return chunk
 
@@ -201,14 +205,14 @@ class TestRoundTrip:
         assert not store.exists("del/x")
 
     def test_ping(self, store: BlobStore) -> None:
-        """ping() succeeds on a healthy store."""
-        assert store.ping() is None
+        """ping() is True and check() returns None on a healthy store."""
+        assert store.ping() is True
+        assert store.check() is None
 
 
 class TestMissing:
     @pytest.mark.parametrize("operation", ["get", "open", "stat"])
-    def test_reading_a_missing_key_raises_not_found(self, store: BlobStore,
-                                                    operation: str) -> None:
+    def test_reading_a_missing_key_raises_not_found(self, store: BlobStore, operation: str) -> None:
         """get/open/stat of a missing key raise BlobNotFound, a 404 NotFound naming the key."""
         with pytest.raises(BlobNotFound, match="'no/such-key'") as info:
             getattr(store, operation)("no/such-key")
@@ -238,8 +242,14 @@ class TestMissing:
 class TestBadInput:
     @pytest.mark.parametrize(
         "data",
-        [lambda: "text", lambda: io.StringIO("text"), lambda: 42, lambda: None,
-         lambda: (c for c in ["a", "b"]), lambda: [b"ok", 3]],
+        [
+            lambda: "text",
+            lambda: io.StringIO("text"),
+            lambda: 42,
+            lambda: None,
+            lambda: (c for c in ["a", "b"]),
+            lambda: [b"ok", 3],
+        ],
         ids=["str", "text-stream", "int", "none", "generator-of-str", "list-with-int"],
     )
     def test_non_bytes_data_is_refused(self, store: BlobStore, data: Any) -> None:
@@ -255,27 +265,41 @@ class TestBadInput:
             ({"bad name": "x"}, "not portable"),
             ({"x": "caf\u00e9"}, "printable ASCII"),
             ({"x": "line\nbreak"}, "printable ASCII"),
+            ({"x": " leading"}, "leading or trailing space"),
+            ({"x": "trailing "}, "leading or trailing space"),
+            ({"x": " "}, "leading or trailing space"),
             ({"A": "1", "a": "2"}, "only in case"),
             ({"big": "x" * 3000}, "at most 2048"),
             (["a", "b"], "mapping of str to str"),
         ],
     )
-    def test_bad_metadata_is_refused(self, store: BlobStore, metadata: Any,
-                                     problem: str) -> None:
+    def test_bad_metadata_is_refused(self, store: BlobStore, metadata: Any, problem: str) -> None:
         """Metadata S3 could not keep raises InvalidMetadata (a ValueError) and stores nothing."""
         with pytest.raises(InvalidMetadata, match=problem) as info:
             store.put("bad/meta", b"x", metadata=metadata)
         assert isinstance(info.value, ValueError)
         assert not store.exists("bad/meta")
 
-    @pytest.mark.parametrize("content_type", ["png", "text/plain\r\nX-Evil: 1", "", 5])
+    @pytest.mark.parametrize(
+        "content_type", ["png", "text/plain\r\nX-Evil: 1", "", 5, "text/plain; charset=utf-8 "]
+    )
     def test_bad_content_type_is_refused(self, store: BlobStore, content_type: Any) -> None:
         """A content type that is not a one-line media type raises InvalidMetadata."""
         with pytest.raises(InvalidMetadata, match="media type"):
             store.put("bad/ct", b"x", content_type=content_type)
 
+    def test_inner_spaces_in_metadata_round_trip(self, store: BlobStore) -> None:
+        """Spaces inside a metadata value or content type come back unchanged from every store."""
+        store.put(
+            "meta/spaces", b"x", content_type="text/plain; a=b  c", metadata={"title": "two  spaces inside"}
+        )
+        info = store.stat("meta/spaces")
+        assert info.metadata == {"title": "two  spaces inside"}
+        assert info.content_type == "text/plain; a=b  c"
+
     def test_a_failing_stream_stores_nothing(self, store: BlobStore) -> None:
         """When the data stream raises halfway, its own error propagates and no blob appears."""
+
         def broken() -> Iterator[bytes]:
             yield b"x" * MiB
             raise OSError("client went away")
@@ -298,6 +322,7 @@ class TestBadInput:
 
     def test_a_stream_returning_text_is_refused(self, store: BlobStore) -> None:
         """A file-like object whose read() returns str raises TypeError and stores nothing."""
+
         class TextReader:
             def read(self, size: int = -1) -> str:
                 return "text"
@@ -308,12 +333,16 @@ class TestBadInput:
 
     @pytest.mark.parametrize(
         ("kwargs", "error"),
-        [({"limit": -1}, ValueError), ({"limit": "3"}, ValueError), ({"after": 5}, TypeError),
-         ({"prefix": "../"}, InvalidKey), ({"prefix": "a//"}, InvalidKey),
-         ({"prefix": 5}, InvalidKey)],
+        [
+            ({"limit": -1}, ValueError),
+            ({"limit": "3"}, ValueError),
+            ({"after": 5}, TypeError),
+            ({"prefix": "../"}, InvalidKey),
+            ({"prefix": "a//"}, InvalidKey),
+            ({"prefix": 5}, InvalidKey),
+        ],
     )
-    def test_bad_list_arguments(self, store: BlobStore, kwargs: Any,
-                                error: type[Exception]) -> None:
+    def test_bad_list_arguments(self, store: BlobStore, kwargs: Any, error: type[Exception]) -> None:
         """list() refuses bad prefixes, limits and 'after' values with clear errors."""
         with pytest.raises(error):
             list(store.list(**kwargs))
@@ -334,6 +363,8 @@ BAD_KEYS = {
     "trailing-slash": ("a/", "empty segment"),
     "drive": ("C:/Windows", "drive letter"),
     "reserved": (".polydatum/undo/x", "reserved"),
+    "reserved-name": (".polydatum", "reserved"),
+    "reserved-segment": ("notes/.polydatum/x", "reserved"),
     "too-long": ("k" * 1025, "limit is 1024"),
     "surrogate": ("a\udcff", "surrogate"),
 }
@@ -341,8 +372,7 @@ BAD_KEYS = {
 
 class TestKeys:
     @pytest.mark.parametrize(("key", "problem"), BAD_KEYS.values(), ids=BAD_KEYS.keys())
-    def test_bad_keys_are_refused_everywhere(self, store: BlobStore, key: str,
-                                             problem: str) -> None:
+    def test_bad_keys_are_refused_everywhere(self, store: BlobStore, key: str, problem: str) -> None:
         """Every operation refuses the key with InvalidKey saying why, and writes nothing."""
         operations = [
             lambda: store.put(key, b"x"),
@@ -378,6 +408,38 @@ class TestKeys:
             assert store.get(key) == key.encode()
         assert sorted(store.list()) == sorted(keys)
 
+    @pytest.mark.parametrize("order", [1, -1], ids=["forward", "reverse"])
+    def test_keys_shaped_like_bookkeeping_paths_keep_their_own_metadata(
+        self, store: BlobStore, order: int
+    ) -> None:
+        """Keys ending in '.json' or '.d', beside or under look-alikes, each keep content and metadata."""
+        # 'a' and 'a.json/b' once shared the file storing a's metadata on disk.
+        keys = ["a", "a.json/b", "b.json", "b.json.json", "c.d", "c/d", "e/f.json", "e/f", ".hidden/x.json"][
+            ::order
+        ]
+        for number, key in enumerate(keys):
+            store.put(key, key.encode(), content_type=f"text/x-{number}", metadata={"key": key})
+        for number, key in enumerate(keys):
+            info = store.stat(key)
+            assert store.get(key) == key.encode()
+            assert (info.content_type, dict(info.metadata)) == (f"text/x-{number}", {"key": key})
+        assert sorted(store.list()) == sorted(keys)
+        assert store.sweep_orphans(lambda batch: batch) == []
+        assert sorted(
+            store.sweep_orphans(lambda batch: [], older_than=datetime.timedelta(seconds=-60))
+        ) == sorted(keys)
+        assert list(store.list()) == []
+
+    def test_reserved_segments_are_never_listed_or_swept(self, store: BlobStore) -> None:
+        """Bookkeeping under 'x/.polydatum/' (a store rooted at 'x') is never listed or swept."""
+        store._put("x/.polydatum/undo/00000000000000000001-old", b"u", "text/plain", {})
+        store.put("x/k", b"mine")
+        assert list(store.list()) == ["x/k"]
+        assert list(store.list("x/.polyd")) == []
+        removed = store.sweep_orphans(lambda batch: [], older_than=datetime.timedelta(seconds=-60))
+        assert removed == ["x/k"]
+        assert store._exists("x/.polydatum/undo/00000000000000000001-old")
+
 
 # -- listing -----------------------------------------------------------------------
 
@@ -385,8 +447,7 @@ LISTED = [f"page/{i:05d}" for i in range(2500)] + ["pa", "page-x", "pagez/1", "o
 
 
 @pytest.fixture(name="listed", scope="module", params=BACKENDS)
-def listed_fixture(request: pytest.FixtureRequest,
-                   tmp_path_factory: pytest.TempPathFactory) -> BlobStore:
+def listed_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BlobStore:
     """A store holding 2,504 keys, filled once per backend (in parallel threads)."""
     store = make_store(request.param, tmp_path_factory.mktemp("listed"), request)
     with ThreadPoolExecutor(16) as pool:
@@ -421,8 +482,15 @@ class TestListing:
 
     @pytest.mark.parametrize(
         ("prefix", "expected"),
-        [("page/000", 100), ("page/0249", 10), ("page/", 2500), ("pag", 2502),
-         ("page", 2502), ("other/", 1), ("nothing", 0)],
+        [
+            ("page/000", 100),
+            ("page/0249", 10),
+            ("page/", 2500),
+            ("pag", 2502),
+            ("page", 2502),
+            ("other/", 1),
+            ("nothing", 0),
+        ],
     )
     def test_prefixes(self, listed: BlobStore, prefix: str, expected: int) -> None:
         """A prefix selects keys starting with it, even in the middle of a segment."""
@@ -492,18 +560,48 @@ def test_url(store: BlobStore) -> None:
         assert response.read() == b"hello"
 
 
-@pytest.mark.parametrize("expires", [0, -5, "soon"])
+@pytest.mark.parametrize(
+    "expires",
+    [
+        0,
+        -5,
+        0.5,
+        "soon",
+        None,
+        True,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        datetime.timedelta(0),
+        datetime.timedelta(seconds=-1),
+    ],
+)
 def test_url_expiry_must_be_positive(store: BlobStore, expires: Any) -> None:
-    """url() refuses an expiry that is not a positive duration."""
-    with pytest.raises(ValueError, match="expires"):
+    """url() refuses an expiry that is not a positive, finite duration with ValueError naming it."""
+    with pytest.raises(ValueError, match="expires must be a positive, finite number") as info:
+        store.url("u/x", expires=expires)
+    assert type(info.value) is ValueError
+
+
+@pytest.mark.parametrize("expires", [10**400, 1e300, datetime.timedelta.max])
+def test_url_expiry_far_in_the_future(store: BlobStore, expires: Any) -> None:
+    """A huge but finite expiry: S3 refuses it (7 days at most), a base_url store has no expiry to set."""
+    if isinstance(store, (MemoryBlobStore, FileSystemBlobStore)):
+        store.base_url = "https://cdn.example/b"
+        assert store.url("u/x", expires=expires) == "https://cdn.example/b/u/x"
+        return
+    with pytest.raises(ValueError, match="at most 7 days"):
         store.url("u/x", expires=expires)
 
 
 @pytest.mark.parametrize("kind", ["memory", "fs"])
 def test_base_url(kind: str, tmp_path: Path) -> None:
     """With base_url, memory and filesystem stores return base_url plus the quoted key."""
-    store: BlobStore = (MemoryBlobStore(base_url="https://cdn.example/b/") if kind == "memory"
-                        else FileSystemBlobStore(tmp_path, base_url="https://cdn.example/b"))
+    store: BlobStore = (
+        MemoryBlobStore(base_url="https://cdn.example/b/")
+        if kind == "memory"
+        else FileSystemBlobStore(tmp_path, base_url="https://cdn.example/b")
+    )
     assert store.url("a b/ü.png") == "https://cdn.example/b/a%20b/%C3%BC.png"
 
 
@@ -555,8 +653,14 @@ class DictStore(BlobStore):
         if key not in self.blobs:
             raise self._missing(key, "a dict")
         data, content_type, metadata = self.blobs[key]
-        return BlobInfo(key, len(data), content_type, str(hash(data)),
-                        datetime.datetime.now(datetime.timezone.utc), metadata)
+        return BlobInfo(
+            key,
+            len(data),
+            content_type,
+            str(hash(data)),
+            datetime.datetime.now(datetime.timezone.utc),
+            metadata,
+        )
 
     def _delete(self, key: str) -> bool:
         return self.blobs.pop(key, None) is not None
@@ -583,7 +687,7 @@ def test_a_store_needs_only_the_primitives() -> None:
         store.get("k/b.txt")
     with pytest.raises(UrlNotSupported, match="DictStore cannot serve URLs"):
         store.url("k/a.txt")
-    assert store.ping() is None
+    assert store.ping() is True
     dm = DataManager()
     store.install(dm)
 
@@ -607,8 +711,11 @@ def test_abstract_store_cannot_be_built() -> None:
 def test_repr_names_the_place(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Each store's repr says where its blobs live."""
     store = make_store(kind, tmp_path, request)
-    expected = {"memory": "<MemoryBlobStore 0 blobs>", "fs": f"<FileSystemBlobStore '{tmp_path}/root'>",
-                "s3": "<S3BlobStore s3://test-"}[kind]
+    expected = {
+        "memory": "<MemoryBlobStore 0 blobs>",
+        "fs": f"<FileSystemBlobStore '{tmp_path}/root'>",
+        "s3": "<S3BlobStore s3://test-",
+    }[kind]
     assert repr(store).startswith(expected)
 
 
@@ -658,6 +765,44 @@ class TestFromUrl:
         """A URL that names no usable store fails at once, saying what a good one looks like."""
         with pytest.raises(error, match=match):
             from_url(url)
+
+    @pytest.mark.parametrize(
+        ("url", "match"),
+        [
+            ("s3://AKIAEXAMPLE:hunter2@bucket/p", "user name or password.*AWS credential chain"),
+            ("s3://:hunter2@bucket", "user name or password"),
+            ("s3://AKIAEXAMPLE:hun@ter2@bucket", "user name or password"),
+            ("s3://AKIAEXAMPLE:hun%40ter2@bucket", "user name or password"),
+            ("file://admin:hunter2@localhost/srv/blobs", "user name or password"),
+            ("memory://admin:hunter2@", "user name or password"),
+            ("ftp://admin:hunter2@host/x", "user name or password"),
+            ("AKIAEXAMPLE:hunter2@bucket/p", "unsupported blob store URL '\\*\\*\\*@bucket/p'"),
+            ("s3://AKIAEXAMPLE:hun/ter2@bucket", "names a port"),
+            ("s3://AKIAEXAMPLE:hun?ter2@bucket", "query or fragment"),
+            ("file://admin:hun/ter2@host/x", "names the host '\\*\\*\\*@host'"),
+            ("s3://bucket/p?aws_secret_access_key=hunter2", "query or fragment"),
+            ("s3://bucket/p#hunter2", "query or fragment"),
+        ],
+    )
+    def test_credentials_are_refused_and_never_echoed(self, url: str, match: str) -> None:
+        """A URL carrying a password is refused, and neither the error nor its repr repeats it."""
+        with pytest.raises(ValueError, match=match) as info:
+            from_url(url)
+        for text in (str(info.value), repr(info.value)):
+            assert "hun" not in text
+            assert "AKIAEXAMPLE" not in text
+        assert info.value.__context__ is None
+
+    def test_a_refused_non_str_url_is_not_echoed(self) -> None:
+        """A URL given as bytes is refused by its type alone, without repeating its content."""
+        with pytest.raises(TypeError, match="got bytes") as info:
+            from_url(b"s3://AKIAEXAMPLE:hunter2@bucket")  # type: ignore[arg-type]
+        assert "hunter2" not in str(info.value)
+
+    def test_an_s3_url_with_a_port_points_to_endpoint_url(self) -> None:
+        """s3://host:port is refused: a bucket has no port; the endpoint is an option."""
+        with pytest.raises(ValueError, match=r"port.*endpoint_url="):
+            from_url("s3://minio:9000/bucket")
 
     def test_options_the_store_does_not_take(self) -> None:
         """Options go to the constructor: one it does not know is a TypeError."""

@@ -83,6 +83,18 @@ class TestLayout:
         fs.put("rich.txt", b"y")
         assert not (meta / "rich.txt.json").exists()
 
+    def test_metadata_paths_mark_folders_and_files_apart(self, fs: FileSystemBlobStore) -> None:
+        """Sidecar folders end in '.d' and files in '.json': no key's sidecar is another's folder."""
+        meta = Path(fs.root) / ".polydatum" / "meta"
+        fs.put("a", b"1", metadata={"m": "a"})
+        fs.put("a.json/b", b"2", metadata={"m": "b"})
+        assert sorted(tree(meta)) == ["a.json", "a.json.d/b.json"]
+        assert (fs.get("a"), fs.stat("a").metadata) == (b"1", {"m": "a"})
+        assert (fs.get("a.json/b"), fs.stat("a.json/b").metadata) == (b"2", {"m": "b"})
+        fs.delete("a.json/b")
+        assert sorted(tree(meta)) == ["a.json"]
+        assert not (meta / "a.json.d").exists()
+
     def test_delete_prunes_empty_folders(self, fs: FileSystemBlobStore) -> None:
         """Deleting the last blob of a folder removes the folder, so the name is free again."""
         fs.put("x/y/z", b"1", metadata={"m": "1"})
@@ -129,6 +141,14 @@ class TestLayout:
         store.put("k", b"v")
         assert store.get("k") == b"v"
 
+    def test_a_store_nested_in_another_root_keeps_its_bookkeeping(self, fs: FileSystemBlobStore) -> None:
+        """A store rooted in a folder of another: the outer one never lists or sweeps its bookkeeping."""
+        inner = FileSystemBlobStore(Path(fs.root) / "inner")
+        inner.put("k", b"1", content_type="text/csv", metadata={"m": "1"})
+        assert list(fs.list()) == ["inner/k"]
+        assert fs.sweep_orphans(lambda keys: keys, older_than=datetime.timedelta(seconds=-60)) == []
+        assert inner.stat("k").metadata == {"m": "1"}
+
     def test_files_written_by_hand_are_listed(self, fs: FileSystemBlobStore) -> None:
         """Files placed under the root by other tools are blobs too."""
         (Path(fs.root) / "hand").mkdir(parents=True)
@@ -140,22 +160,31 @@ class TestLayout:
 class TestEscapes:
     @pytest.mark.parametrize(
         "key",
-        ["../secret.txt", "../../etc/x", "a/../../secret.txt", "/tmp/x", "a\\..\\..\\x",
-         "..", "a/..", "./x", "a\x00/b", "C:\\x", ".polydatum/lock", ".polydatum/meta/x"],
+        [
+            "../secret.txt",
+            "../../etc/x",
+            "a/../../secret.txt",
+            "/tmp/x",
+            "a\\..\\..\\x",
+            "..",
+            "a/..",
+            "./x",
+            "a\x00/b",
+            "C:\\x",
+            ".polydatum/lock",
+            ".polydatum/meta/x",
+        ],
     )
-    def test_escapes_write_nothing_anywhere(self, fs: FileSystemBlobStore, tmp_path: Path,
-                                            key: str) -> None:
+    def test_escapes_write_nothing_anywhere(self, fs: FileSystemBlobStore, tmp_path: Path, key: str) -> None:
         """Escape attempts raise InvalidKey and change no file inside or outside the root."""
         fs.put("fine", b"ok")
         before = tree(tmp_path)
-        for attempt in (lambda: fs.put(key, b"pwned"), lambda: fs.copy("fine", key),
-                        lambda: fs.delete(key)):
+        for attempt in (lambda: fs.put(key, b"pwned"), lambda: fs.copy("fine", key), lambda: fs.delete(key)):
             with pytest.raises(InvalidKey):
                 attempt()
         assert tree(tmp_path) == before
 
-    @settings(max_examples=300, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(key=st.text(alphabet=st.sampled_from("ab./\\\x00:C~ \n"), min_size=0, max_size=12))
     def test_any_key_stays_inside_the_root(self, tmp_path: Path, key: str) -> None:
         """For any key, put either raises InvalidKey or writes one file inside the root."""
@@ -246,6 +275,7 @@ class TestConcurrency:
 
     def test_an_interrupted_write_leaves_no_temp_file(self, fs: FileSystemBlobStore) -> None:
         """A stream that fails mid-write leaves neither the blob nor a temporary file."""
+
         def broken() -> Iterator[bytes]:
             yield b"x" * MiB
             raise ConnectionResetError("client went away")
@@ -260,15 +290,16 @@ class TestHealthAndSweep:
     def test_ping_creates_the_root(self, tmp_path: Path) -> None:
         """ping() on a missing root creates it and succeeds."""
         store = FileSystemBlobStore(tmp_path / "new" / "root")
-        store.ping()
+        assert store.ping() is True
         assert (tmp_path / "new" / "root").is_dir()
 
     def test_ping_on_a_root_that_is_a_file(self, tmp_path: Path) -> None:
-        """ping() raises BlobStoreUnavailable naming the root when it cannot be a folder."""
+        """ping() is False; check() raises BlobStoreUnavailable naming a root that cannot be a folder."""
         (tmp_path / "file").write_bytes(b"")
         store = FileSystemBlobStore(tmp_path / "file")
+        assert store.ping() is False
         with pytest.raises(BlobStoreUnavailable, match="cannot be created"):
-            store.ping()
+            store.check()
 
     def test_writes_under_a_broken_root_raise_unavailable(self, tmp_path: Path) -> None:
         """A write under a root that is a file raises BlobStoreUnavailable naming the key."""
@@ -283,8 +314,7 @@ class TestHealthAndSweep:
         stale = Path(fs.root) / ".polydatum" / "tmp" / "dead.tmp"
         stale.write_bytes(b"partial")
         assert fs.sweep_orphans(lambda keys: keys) == []
-        removed = fs.sweep_orphans(lambda keys: keys,
-                                   older_than=datetime.timedelta(seconds=-60))
+        removed = fs.sweep_orphans(lambda keys: keys, older_than=datetime.timedelta(seconds=-60))
         assert removed == [".polydatum/tmp/dead.tmp"]
         assert not stale.exists()
 
@@ -298,8 +328,7 @@ class TestHealthAndSweep:
             calls.append(list(keys))
             return [k for k in keys if k.endswith(("1", "3"))]
 
-        removed = fs.sweep_orphans(referenced, older_than=datetime.timedelta(seconds=-60),
-                                   batch_size=2)
+        removed = fs.sweep_orphans(referenced, older_than=datetime.timedelta(seconds=-60), batch_size=2)
         assert removed == ["s/0", "s/2", "s/4"]
         assert [len(c) for c in calls] == [2, 2, 1]
         assert list(fs.list()) == ["s/1", "s/3"]
@@ -347,14 +376,14 @@ class TestDiskFaults:
             assert store.get("big") == b"old"
             assert os.listdir(os.path.join(store.root, ".polydatum", "tmp")) == []
         """)
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
         assert result.returncode == 0, result.stderr
         assert "could not write blob 'big'" in result.stdout
         assert "File too large" in result.stdout
 
-    def test_rollback_restores_a_symlinked_blob(self, fs: FileSystemBlobStore,
-                                                tmp_path: Path) -> None:
+    def test_rollback_restores_a_symlinked_blob(self, fs: FileSystemBlobStore, tmp_path: Path) -> None:
         """A blob that is a symlink placed by hand: put replaces the link (never writes
         through it), and rollback puts the link back; the target is never touched."""
         outside = tmp_path / "shared.bin"
@@ -396,8 +425,11 @@ class TestDiskFaults:
     def test_a_read_only_metadata_folder(self, fs: FileSystemBlobStore) -> None:
         """When only the metadata cannot be written, the error says the content was replaced."""
         fs.put("a/k", b"old", metadata={"v": "1"})
-        with read_only(Path(fs.root) / ".polydatum" / "meta" / "a"), pytest.raises(
-            BlobStoreUnavailable, match=r"metadata of blob 'a/k'.*content was replaced.*put it again"
+        with (
+            read_only(Path(fs.root) / ".polydatum" / "meta" / "a.d"),
+            pytest.raises(
+                BlobStoreUnavailable, match=r"metadata of blob 'a/k'.*content was replaced.*put it again"
+            ),
         ):
             fs.put("a/k", b"new", metadata={"v": "2"})
         assert fs.get("a/k") == b"new"
@@ -406,10 +438,36 @@ class TestDiskFaults:
         fs.put("a/k", b"new", metadata={"v": "2"})
         assert fs.stat("a/k").metadata == {"v": "2"}
 
+    def test_a_damaged_metadata_sidecar(self, fs: FileSystemBlobStore) -> None:
+        """A sidecar replaced by hand with a folder or with non-JSON fails as a BlobError naming the key."""
+        fs.put("k", b"v", metadata={"m": "1"})
+        sidecar = Path(fs.root) / ".polydatum" / "meta" / "k.json"
+        sidecar.write_bytes(b"{not json")
+        with pytest.raises(BlobError, match=r"metadata of blob 'k' is damaged.*put it again"):
+            fs.stat("k")
+        sidecar.unlink()
+        sidecar.mkdir()
+        operations = {
+            "stat": lambda: fs.stat("k"),
+            "copy": lambda: fs.copy("k", "k2"),
+            "sweep": lambda: fs.sweep_orphans(lambda keys: [], older_than=datetime.timedelta(seconds=-60)),
+            "delete": lambda: fs.delete("k"),  # last: the blob itself is gone by then
+        }
+        for name, operation in operations.items():
+            with pytest.raises(BlobStoreUnavailable, match=r"blob 'k'") as info:
+                operation()
+            assert isinstance(info.value.__cause__, IsADirectoryError), name
+        assert not fs.exists("k2")
+        assert not fs.exists("k")
+        sidecar.rmdir()
+        fs.put("k", b"again", metadata={"m": "2"})
+        assert fs.stat("k").metadata == {"m": "2"}
+
     def test_ping_on_a_read_only_root(self, fs: FileSystemBlobStore) -> None:
-        """ping() raises BlobStoreUnavailable when the root exists but cannot be written."""
-        fs.ping()
-        with read_only(Path(fs.root)), pytest.raises(BlobStoreUnavailable,
-                                                     match="is not writable by this process"):
-            fs.ping()
-        fs.ping()
+        """ping() is False and check() raises BlobStoreUnavailable when the root cannot be written."""
+        assert fs.ping() is True
+        with read_only(Path(fs.root)):
+            assert fs.ping() is False
+            with pytest.raises(BlobStoreUnavailable, match="is not writable by this process"):
+                fs.check()
+        assert fs.ping() is True

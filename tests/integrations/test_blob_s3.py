@@ -55,8 +55,7 @@ def bucket_fixture(moto_server: MotoServer) -> str:
 def fast_failing(bucket: str, server: MotoServer | None = None, **options: Any) -> S3BlobStore:
     """A store that gives up quickly: 1 s timeouts, 2 attempts."""
     client_options = server.client_options() if server else options.pop("client_options")
-    return S3BlobStore(bucket, connect_timeout=1, read_timeout=1, max_attempts=2,
-                       **client_options, **options)
+    return S3BlobStore(bucket, connect_timeout=1, read_timeout=1, max_attempts=2, **client_options, **options)
 
 
 OPERATIONS: dict[str, Callable[[S3BlobStore], object]] = {
@@ -104,10 +103,11 @@ class TestUnreachable:
         assert info.value.code == 503
         assert info.value.__cause__ is not None
 
-    def test_ping_says_the_bucket_is_unreachable(self, stopped: S3BlobStore) -> None:
-        """ping() on a stopped server raises BlobStoreUnavailable naming the bucket."""
+    def test_check_says_the_bucket_is_unreachable(self, stopped: S3BlobStore) -> None:
+        """ping() on a stopped server is False; check() raises BlobStoreUnavailable naming the bucket."""
+        assert stopped.ping() is False
         with pytest.raises(BlobStoreUnavailable, match="could not reach bucket 'gone-bucket'"):
-            stopped.ping()
+            stopped.check()
 
     def test_key_is_named(self, stopped: S3BlobStore) -> None:
         """The message and the exception both carry the key."""
@@ -123,9 +123,11 @@ class TestServerGoesAway:
         """A download cut off halfway raises BlobStoreUnavailable naming the key, not a botocore error."""
         server = MotoServer().start()
         try:
-            store = fast_failing(server.create_bucket("cut"), server)
-            store.put("big", b"x" * (32 * MiB))  # far more than the sockets buffer
-            stream = store.open("big")
+            bucket = server.create_bucket("cut")
+            # Written with default timeouts: on a loaded machine a 32 MiB put can take
+            # longer than the 1 s the reading store allows; only the read is under test.
+            S3BlobStore(bucket, **server.client_options()).put("big", b"x" * (32 * MiB))
+            stream = fast_failing(bucket, server).open("big")
             assert stream.read(MiB) == b"x" * MiB
         finally:
             server.stop()  # kills the process: the rest of the response never comes
@@ -134,8 +136,12 @@ class TestServerGoesAway:
             while stream.read(MiB):
                 pass
 
-        with stream, pytest.raises(BlobStoreUnavailable,
-                                   match=r"could not read blob 'big' in bucket 'cut'.*broke mid-transfer"):
+        with (
+            stream,
+            pytest.raises(
+                BlobStoreUnavailable, match=r"could not read blob 'big' in bucket 'cut'.*broke mid-transfer"
+            ),
+        ):
             drain()
 
     def test_rollback_compensation_fails_when_s3_is_gone(self) -> None:
@@ -168,13 +174,44 @@ class TestServerGoesAway:
         assert isinstance(error.__cause__, BlobStoreUnavailable)
 
 
+def test_an_endpoint_password_from_a_client_or_the_environment_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client's endpoint or AWS_ENDPOINT_URL_S3 holding a password is refused, masked, unused."""
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url="http://admin:hunter2@127.0.0.1:9",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
+    with pytest.raises(ValueError, match=r"client given 'http://\*\*\*@127\.0\.0\.1:9' carries") as given:
+        S3BlobStore("b", client=client)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://admin:hunter2@127.0.0.1:9")
+    store = S3BlobStore("b", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    with pytest.raises(BlobError, match=r"configured with 'http://\*\*\*@127\.0\.0\.1:9' carries") as found:
+        store.put("k", b"v")
+    assert store._client is None
+    for error in (given.value, found.value):
+        assert "hunter2" not in str(error)
+        assert "admin" not in str(error)
+        assert error.__cause__ is None
+
+
 class TestCredentialsAndConfiguration:
-    def test_no_credentials(self, moto_server: MotoServer, bucket: str,
-                            monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    def test_no_credentials(
+        self, moto_server: MotoServer, bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    ) -> None:
         """Without any AWS credentials, uploads and URLs raise BlobError saying how to provide them."""
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                     "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                     "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        for name in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+        ):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
@@ -193,31 +230,55 @@ class TestCredentialsAndConfiguration:
             admin.put_object(Bucket=bucket, Key="a", Body=b"a")
             iam = boto3.session.Session().client("iam", **server.client_options())
             iam.create_user(UserName="app")
-            iam.put_user_policy(UserName="app", PolicyName="no-deletes", PolicyDocument=json.dumps({
-                "Version": "2012-10-17",
-                "Statement": [
-                    {"Effect": "Allow", "Action": "s3:*",
-                     "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
-                    {"Effect": "Deny", "Action": "s3:DeleteObject", "Resource": f"arn:aws:s3:::{bucket}/*"},
-                    {"Effect": "Deny", "Action": "s3:PutObject",
-                     "Resource": f"arn:aws:s3:::{bucket}/protected/*"},
-                ],
-            }))
+            iam.put_user_policy(
+                UserName="app",
+                PolicyName="no-deletes",
+                PolicyDocument=json.dumps(
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Action": "s3:*",
+                                "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                            },
+                            {
+                                "Effect": "Deny",
+                                "Action": "s3:DeleteObject",
+                                "Resource": f"arn:aws:s3:::{bucket}/*",
+                            },
+                            {
+                                "Effect": "Deny",
+                                "Action": "s3:PutObject",
+                                "Resource": f"arn:aws:s3:::{bucket}/protected/*",
+                            },
+                        ],
+                    }
+                ),
+            )
             key = iam.create_access_key(UserName="app")["AccessKey"]
             # From now on moto checks every request's credentials against IAM.
-            request = urllib.request.Request(f"{server.endpoint_url}/moto-api/reset-auth", data=b"0",
-                                             headers={"Content-Type": "text/plain"})
+            request = urllib.request.Request(
+                f"{server.endpoint_url}/moto-api/reset-auth",
+                data=b"0",
+                headers={"Content-Type": "text/plain"},
+            )
             urllib.request.urlopen(request, timeout=10).close()
 
             stranger = S3BlobStore(bucket, **server.client_options())  # keys IAM never issued
             with pytest.raises(BlobError, match=r"denied access to upload blob 'k'.*credentials"):
                 stranger.put("k", b"v")
             with pytest.raises(BlobError, match=r"denied access to reach bucket 'locked'"):
-                stranger.ping()
+                stranger.check()
+            assert stranger.ping() is False
 
-            app = S3BlobStore(bucket, **server.client_options(
-                aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"]))
-            app.ping()
+            app = S3BlobStore(
+                bucket,
+                **server.client_options(
+                    aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"]
+                ),
+            )
+            assert app.ping() is True
             assert app.get("a") == b"a"
             with pytest.raises(BlobError, match=r"denied access to delete blob 'a'.*bucket policy"):
                 app.delete("a")
@@ -234,8 +295,9 @@ class TestCredentialsAndConfiguration:
         with pytest.raises(BlobError, match=r"could not upload blob 'k' in bucket 'b': .*region"):
             store.put("k", b"v")
 
-    def test_copy_above_the_single_request_limit(self, moto_server: MotoServer, bucket: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_copy_above_the_single_request_limit(
+        self, moto_server: MotoServer, bucket: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """Copies over CopyObject's 5 GiB limit go multipart and keep content type and metadata."""
         import polydatum.s3
 
@@ -288,12 +350,12 @@ def test_a_silent_server_times_out(black_hole: str, moto_server: MotoServer) -> 
 class TestMissingBucket:
     @pytest.mark.parametrize(
         "operation",
-        [lambda s: s.ping(), lambda s: s.get("k"), lambda s: s.put("k", b"v"),
-         lambda s: list(s.list())],
-        ids=["ping", "get", "put", "list"],
+        [lambda s: s.check(), lambda s: s.get("k"), lambda s: s.put("k", b"v"), lambda s: list(s.list())],
+        ids=["check", "get", "put", "list"],
     )
-    def test_missing_bucket_is_named(self, moto_server: MotoServer,
-                                     operation: Callable[[S3BlobStore], object]) -> None:
+    def test_missing_bucket_is_named(
+        self, moto_server: MotoServer, operation: Callable[[S3BlobStore], object]
+    ) -> None:
         """A missing bucket raises BlobError saying it does not exist and what to do."""
         store = S3BlobStore("no-such-bucket-here", **moto_server.client_options())
         with pytest.raises(BlobError, match=r"'no-such-bucket-here'.*does not exist.*create it"):
@@ -308,8 +370,9 @@ class TestMissingBucket:
 class TestTransfers:
     def test_multipart_above_the_threshold(self, moto_server: MotoServer, bucket: str) -> None:
         """One byte over the threshold is a two-part upload; at the threshold minus one, one PUT."""
-        store = S3BlobStore(bucket, multipart_threshold=5 * MiB,
-                            multipart_chunksize=5 * MiB, **moto_server.client_options())
+        store = S3BlobStore(
+            bucket, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, **moto_server.client_options()
+        )
         store.put("big", b"x" * (5 * MiB + 1))
         store.put("small", b"x" * (5 * MiB - 1))
         assert store.stat("big").etag.endswith("-2")  # S3's multipart ETag
@@ -324,8 +387,9 @@ class TestTransfers:
         store.put("k", b"v")
         assert moto_server.client().get_object(Bucket=bucket, Key="up loads/k")["Body"].read() == b"v"
 
-    def test_seekable_file_uploads_from_its_position(self, moto_server: MotoServer,
-                                                     bucket: str, tmp_path: Any) -> None:
+    def test_seekable_file_uploads_from_its_position(
+        self, moto_server: MotoServer, bucket: str, tmp_path: Any
+    ) -> None:
         """A file is uploaded from its current position, and the size returned matches."""
         path = tmp_path / "f"
         path.write_bytes(b"headerBODY")
@@ -367,14 +431,19 @@ class TestTransfers:
 
     def test_client_configuration(self, moto_server: MotoServer, bucket: str) -> None:
         """Timeouts and retries are set on the client; a user Config is merged over them."""
-        store = S3BlobStore(bucket, connect_timeout=2, read_timeout=7, max_attempts=3,
-                            config=Config(s3={"addressing_style": "path"}),
-                            **moto_server.client_options())
+        store = S3BlobStore(
+            bucket,
+            connect_timeout=2,
+            read_timeout=7,
+            max_attempts=3,
+            config=Config(s3={"addressing_style": "path"}),
+            **moto_server.client_options(),
+        )
         config = store.client.meta.config
         assert (config.connect_timeout, config.read_timeout) == (2, 7)
         assert config.retries["total_max_attempts"] == 3
         assert config.s3 == {"addressing_style": "path"}
-        store.ping()
+        assert store.ping() is True
 
     def test_a_ready_client_is_used_as_is(self, moto_server: MotoServer, bucket: str) -> None:
         """client= is used without change."""
@@ -388,19 +457,41 @@ class TestTransfers:
 class TestArguments:
     @pytest.mark.parametrize(
         ("kwargs", "error", "match"),
-        [({"bucket": ""}, ValueError, "non-empty"),
-         ({"bucket": "b", "multipart_chunksize": MiB}, ValueError, "5 MiB"),
-         ({"bucket": "b", "prefix": "../up"}, InvalidKey, "'..' segment"),
-         ({"bucket": "b", "prefix": 3}, ValueError, "prefix"),
-         ({"bucket": "b", "client": object(), "region_name": "x"}, TypeError, "not both")],
+        [
+            ({"bucket": ""}, ValueError, "non-empty"),
+            ({"bucket": "b", "multipart_chunksize": MiB}, ValueError, "5 MiB"),
+            ({"bucket": "b", "prefix": "../up"}, InvalidKey, "'..' segment"),
+            ({"bucket": "b", "prefix": 3}, ValueError, "prefix"),
+            ({"bucket": "b", "client": object(), "region_name": "x"}, TypeError, "not both"),
+        ],
     )
     def test_bad_arguments(self, kwargs: Any, error: type[Exception], match: str) -> None:
         """Bad constructor arguments fail at once with a message naming the problem."""
         with pytest.raises(error, match=match):
             S3BlobStore(**kwargs)
 
-    def test_url_expiry_is_capped_at_a_week(self, moto_server: MotoServer,
-                                            bucket: str) -> None:
+    def test_credentials_with_the_bucket_are_refused(self) -> None:
+        """A bucket written as 'key:secret@bucket' is refused without repeating it."""
+        with pytest.raises(ValueError, match=r"looks like credentials.*AWS credential chain") as info:
+            S3BlobStore("AKIAEXAMPLE:hunter2@bucket")
+        assert "hunter2" not in str(info.value)
+        assert "AKIAEXAMPLE" not in str(info.value)
+
+    @pytest.mark.parametrize(
+        "build",
+        [
+            lambda url: S3BlobStore("b", endpoint_url=url),
+            lambda url: from_url("s3://b/p", endpoint_url=url),
+        ],
+        ids=["constructor", "from_url"],
+    )
+    def test_credentials_in_endpoint_url_are_refused(self, build: Callable[[str], object]) -> None:
+        """An endpoint_url with a user and password is refused (S3 never sends them), masked."""
+        with pytest.raises(ValueError, match=r"endpoint_url 'http://\*\*\*@minio:9000' carries") as info:
+            build("http://admin:hunter2@minio:9000")
+        assert "hunter2" not in str(info.value)
+
+    def test_url_expiry_is_capped_at_a_week(self, moto_server: MotoServer, bucket: str) -> None:
         """Presigned URLs longer than SigV4's 7 days are refused."""
         store = S3BlobStore(bucket, **moto_server.client_options())
         with pytest.raises(ValueError, match="7 days"):
@@ -409,8 +500,10 @@ class TestArguments:
 
 def client_error(code: str, status: int = 400) -> ClientError:
     """The exception botocore raises for an S3 error response."""
-    response = {"Error": {"Code": code, "Message": f"{code} happened"},
-                "ResponseMetadata": {"HTTPStatusCode": status}}
+    response = {
+        "Error": {"Code": code, "Message": f"{code} happened"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
     return ClientError(response, "GetObject")  # type: ignore[arg-type]
 
 
@@ -426,18 +519,25 @@ class TestErrorTranslation:
             (client_error("SlowDown", 503), BlobStoreUnavailable, "kept failing.*try again"),
             (client_error("InvalidObjectState"), BlobError, "refused to get.*InvalidObjectState"),
             (NoCredentialsError(), BlobError, "no AWS credentials"),
-            (EndpointConnectionError(endpoint_url="http://x"), BlobStoreUnavailable,
-             "did not answer"),
-            (RetriesExceededError(ReadTimeoutError(endpoint_url="http://x")),
-             BlobStoreUnavailable, "did not answer"),
+            (EndpointConnectionError(endpoint_url="http://x"), BlobStoreUnavailable, "did not answer"),
+            (
+                RetriesExceededError(ReadTimeoutError(endpoint_url="http://x")),
+                BlobStoreUnavailable,
+                "did not answer",
+            ),
         ],
     )
     def test_botocore_errors_become_polydatum_errors(
         self, exception: Exception, expected: type[BlobError], match: str
     ) -> None:
         """Each botocore/s3transfer failure maps to the polydatum error that says what to do."""
-        store = S3BlobStore("b", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
-                            aws_access_key_id="x", aws_secret_access_key="y")
+        store = S3BlobStore(
+            "b",
+            endpoint_url="http://127.0.0.1:9",
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="y",
+        )
         error = store._error("get", "k", exception)
         assert type(error) is expected
         assert error.key == "k"

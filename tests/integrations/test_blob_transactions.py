@@ -59,8 +59,7 @@ def reserved_keys(store: BlobStore) -> list[str]:
 
 
 class TestUnitOfWork:
-    def test_the_resource_is_a_transactional_view(self, dm: DataManager,
-                                                  store: BlobStore) -> None:
+    def test_the_resource_is_a_transactional_view(self, dm: DataManager, store: BlobStore) -> None:
         """ctx.blobs is a TransactionalBlobStore over the installed store."""
         with dm.context() as ctx:
             assert isinstance(ctx.blobs, TransactionalBlobStore)
@@ -68,6 +67,7 @@ class TestUnitOfWork:
 
     def test_put_then_raise_removes_the_blob(self, dm: DataManager, store: BlobStore) -> None:
         """A blob put in a context that raises is gone afterwards, and the error propagates."""
+
         def body(ctx: Any) -> None:
             ctx.blobs.put("tx/new", b"data")
             assert store.exists("tx/new")  # written at once, before any SQL commit
@@ -88,8 +88,7 @@ class TestUnitOfWork:
         in_failing_context(dm, lambda ctx: ctx.blobs.delete("tx/old"))
         assert store.get("tx/old") == b"old"
 
-    def test_delete_then_commit_removes_the_blob(self, dm: DataManager,
-                                                 store: BlobStore) -> None:
+    def test_delete_then_commit_removes_the_blob(self, dm: DataManager, store: BlobStore) -> None:
         """A delete in a context that commits happens once the context has ended."""
         store.put("tx/old", b"old")
         with dm.context() as ctx:
@@ -97,8 +96,9 @@ class TestUnitOfWork:
             assert store.exists("tx/old")  # not yet: waits for the commit
         assert not store.exists("tx/old")
 
-    def test_a_pending_delete_reads_as_gone_inside_the_context(self, dm: DataManager,
-                                                               store: BlobStore) -> None:
+    def test_a_pending_delete_reads_as_gone_inside_the_context(
+        self, dm: DataManager, store: BlobStore
+    ) -> None:
         """Inside the context a deleted key is missing for every read, list included."""
         store.put("tx/a", b"a")
         store.put("tx/b", b"b")
@@ -113,10 +113,10 @@ class TestUnitOfWork:
                 ctx.blobs.copy("tx/a", "tx/c")
             assert list(ctx.blobs.list("tx/")) == ["tx/b"]
 
-    def test_overwrite_then_raise_restores_the_previous_blob(self, dm: DataManager,
-                                                             store: BlobStore) -> None:
+    def test_overwrite_then_raise_restores_the_previous_blob(self, dm: DataManager, store: BlobStore) -> None:
         """An overwritten blob gets its content, type and metadata back on rollback."""
         store.put("tx/doc", b"v1", content_type="text/csv", metadata={"v": "1"})
+
         def body(ctx: Any) -> None:
             ctx.blobs.put("tx/doc", b"v2", metadata={"v": "2"})
             ctx.blobs.put("tx/doc", b"v3", metadata={"v": "3"})
@@ -129,8 +129,7 @@ class TestUnitOfWork:
         assert reserved_keys(store) == []
         assert list(store.list()) == ["tx/doc"]
 
-    def test_overwrite_then_commit_drops_the_undo_copy(self, dm: DataManager,
-                                                       store: BlobStore) -> None:
+    def test_overwrite_then_commit_drops_the_undo_copy(self, dm: DataManager, store: BlobStore) -> None:
         """An overwrite that commits keeps the new content and leaves no undo copy."""
         store.put("tx/doc", b"v1")
         with dm.context() as ctx:
@@ -151,6 +150,7 @@ class TestUnitOfWork:
         self, dm: DataManager, store: BlobStore
     ) -> None:
         """A blob created and deleted in the same context is removed at once."""
+
         def body(ctx: Any) -> None:
             ctx.blobs.put("tx/tmp", b"t")
             assert ctx.blobs.delete("tx/tmp") is True
@@ -169,10 +169,10 @@ class TestUnitOfWork:
         assert store.get("tx/k") == b"new"
         assert reserved_keys(store) == []
 
-    def test_put_after_delete_then_raise_restores(self, dm: DataManager,
-                                                  store: BlobStore) -> None:
+    def test_put_after_delete_then_raise_restores(self, dm: DataManager, store: BlobStore) -> None:
         """Deleting then putting a key in a context that raises restores the original."""
         store.put("tx/k", b"old")
+
         def body(ctx: Any) -> None:
             ctx.blobs.delete("tx/k")
             ctx.blobs.put("tx/k", b"new")
@@ -181,8 +181,7 @@ class TestUnitOfWork:
         assert store.get("tx/k") == b"old"
         assert reserved_keys(store) == []
 
-    def test_nested_contexts_are_separate_units_of_work(self, dm: DataManager,
-                                                        store: BlobStore) -> None:
+    def test_nested_contexts_are_separate_units_of_work(self, dm: DataManager, store: BlobStore) -> None:
         """An inner context that fails undoes only its own writes."""
         with dm.context() as outer:
             outer.blobs.put("tx/outer", b"o")
@@ -190,15 +189,14 @@ class TestUnitOfWork:
             assert not store.exists("tx/inner")
         assert store.exists("tx/outer")
 
-    def test_reads_and_health_pass_through_the_view(self, dm: DataManager,
-                                                    store: BlobStore) -> None:
+    def test_reads_and_health_pass_through_the_view(self, dm: DataManager, store: BlobStore) -> None:
         """download, url, ping and sweep_orphans work through ctx.blobs like on the store."""
         store.put("tx/r.txt", b"read me")
         with dm.context() as ctx:
             target = io.BytesIO()
             assert ctx.blobs.download("tx/r.txt", target) == 7
             assert target.getvalue() == b"read me"
-            assert ctx.blobs.ping() is None
+            assert ctx.blobs.ping() is True
             assert ctx.blobs.sweep_orphans(lambda keys: keys) == []
             if isinstance(store, (MemoryBlobStore, FileSystemBlobStore)):
                 with pytest.raises(UrlNotSupported):
@@ -206,15 +204,17 @@ class TestUnitOfWork:
             else:
                 assert "X-Amz-Signature=" in ctx.blobs.url("tx/r.txt")
             ctx.blobs.delete("tx/r.txt")
-            for read in (lambda: ctx.blobs.url("tx/r.txt"),
-                         lambda: ctx.blobs.download("tx/r.txt", io.BytesIO())):
+            for read in (
+                lambda: ctx.blobs.url("tx/r.txt"),
+                lambda: ctx.blobs.download("tx/r.txt", io.BytesIO()),
+            ):
                 with pytest.raises(BlobNotFound, match="deleted in this context"):
                     read()
         assert not store.exists("tx/r.txt")
 
-    def test_an_inner_commit_survives_an_outer_failure(self, dm: DataManager,
-                                                       store: BlobStore) -> None:
+    def test_an_inner_commit_survives_an_outer_failure(self, dm: DataManager, store: BlobStore) -> None:
         """A nested context that committed keeps its blob even when the outer one fails."""
+
         def body(outer: Any) -> None:
             outer.blobs.put("tx/outer", b"o")
             with dm.context() as inner:
@@ -233,15 +233,65 @@ class TestUnitOfWork:
         with pytest.raises(ContextStateError):
             view.exists("tx/late")
 
-    def test_install_is_for_stores_not_views(self, dm: DataManager) -> None:
-        """Installing the per-context view raises TypeError pointing at the store."""
-        with dm.context() as ctx, pytest.raises(TypeError, match="store itself"):
-            ctx.blobs.install(DataManager())
+    def test_install_returns_the_store(self, store: BlobStore) -> None:
+        """install() returns the store itself, so ``blobs = Store(...).install(dm)`` works."""
+        assert store.install(DataManager(), name="files") is store
+
+
+def behaves_as_an_installable_store(store: BlobStore) -> None:
+    """What any BlobStore promises when installed: failed contexts undo writes, committed ones keep them."""
+    inner = DataManager()
+    assert store.install(inner, name="blobs") is store
+    in_failing_context(inner, lambda ctx: ctx.blobs.put("sub/undone", b"x"))
+    assert not store.exists("sub/undone")
+    with inner.context() as ctx:
+        ctx.blobs.put("sub/kept", b"k")
+    assert store.get("sub/kept") == b"k"
+    with inner.context() as ctx:
+        ctx.blobs.delete("sub/kept")
+        assert store.exists("sub/kept")  # deletes wait for the commit
+    assert not store.exists("sub/kept")
+
+
+class TestSubstitutability:
+    """A context's view is a BlobStore: everything a store can do, the view can do, install included."""
+
+    def test_a_store_behaves_as_a_store(self, store: BlobStore) -> None:
+        """The installed store meets the install contract (the baseline for the view)."""
+        behaves_as_an_installable_store(store)
+
+    def test_the_view_behaves_as_a_store(self, dm: DataManager, store: BlobStore) -> None:
+        """A context's view installs like any store: its contexts nest a unit of work in the outer one."""
+        with dm.context() as ctx:
+            behaves_as_an_installable_store(ctx.blobs)
+        assert not store.exists("sub/kept")
+
+    def test_an_outer_rollback_undoes_a_nested_commit(self, dm: DataManager, store: BlobStore) -> None:
+        """Writes committed through an installed view are still undone when the outer context fails."""
+
+        def body(ctx: Any) -> None:
+            inner = DataManager()
+            ctx.blobs.install(inner)
+            with inner.context() as inner_ctx:
+                inner_ctx.blobs.put("nested/a", b"a")
+            assert store.exists("nested/a")
+
+        in_failing_context(dm, body)
+        assert not store.exists("nested/a")
+
+    def test_a_view_installed_past_its_context_refuses_use(self, dm: DataManager) -> None:
+        """A view installed elsewhere is refused once its own context has ended, saying why."""
+        inner = DataManager()
+        with dm.context() as ctx:
+            ctx.blobs.install(inner)
+        with inner.context() as inner_ctx, pytest.raises(ContextStateError, match="context that has ended"):
+            inner_ctx.blobs.put("late", b"x")
 
     def test_non_transactional_install(self, store: BlobStore) -> None:
         """With transactional=False the context gets the store itself and nothing is undone."""
         dm = DataManager()
         store.install(dm, name="files", transactional=False)
+
         def body(ctx: Any) -> None:
             assert ctx.files is store
             ctx.files.put("tx/raw", b"r")
@@ -249,8 +299,7 @@ class TestUnitOfWork:
         in_failing_context(dm, body)
         assert store.exists("tx/raw")
 
-    def test_unused_resource_registers_no_hooks(self, dm: DataManager,
-                                                store: BlobStore) -> None:
+    def test_unused_resource_registers_no_hooks(self, dm: DataManager, store: BlobStore) -> None:
         """Reading in a failing context undoes nothing and reports no hook error."""
         store.put("tx/r", b"r")
         ctx = in_failing_context(dm, lambda ctx: ctx.blobs.get("tx/r"))
@@ -269,13 +318,12 @@ class FlakyStore(MemoryBlobStore):
 
 
 class TestCleanupFailures:
-    def test_failed_compensation_is_logged_and_collected(
-        self, caplog: pytest.LogCaptureFixture
-    ) -> None:
+    def test_failed_compensation_is_logged_and_collected(self, caplog: pytest.LogCaptureFixture) -> None:
         """A rollback cleanup that fails is logged, collected as a hook error, and others run."""
         store = FlakyStore()
         dm = DataManager()
         store.install(dm, name="blobs")
+
         def body(ctx: Any) -> None:
             ctx.blobs.put("fail/a", b"1")
             ctx.blobs.put("ok/b", b"2")
@@ -413,8 +461,9 @@ class TestWithSql:
         # Within the grace period only the (ancient) undo copy goes.
         first = store.sweep_orphans(referenced, prefix="attachments/")
         assert first == [".polydatum/undo/00000000000000000001-dead"]
-        swept = store.sweep_orphans(referenced, prefix="attachments/",
-                                    older_than=datetime.timedelta(seconds=-60), dry_run=True)
+        swept = store.sweep_orphans(
+            referenced, prefix="attachments/", older_than=datetime.timedelta(seconds=-60), dry_run=True
+        )
         assert swept == ["attachments/orphan"]
         assert store.exists("attachments/orphan")
         swept = store.sweep_orphans(referenced, older_than=datetime.timedelta(seconds=-60))

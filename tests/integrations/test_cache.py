@@ -1,4 +1,5 @@
-"""Cache and AsyncCache behaviour, run against Redis and the memory backend alike."""
+"""Cache and AsyncCache behaviour, run against the memory backend and Redis alike: one server,
+a Redis Cluster and a Sentinel group."""
 
 from __future__ import annotations
 
@@ -14,34 +15,44 @@ import pytest
 
 from polydatum.cache import (
     AsyncCache,
+    AsyncLockBase,
     AsyncMemoryBackend,
     Cache,
     CacheError,
     CounterError,
+    LockBase,
     LockError,
     LockExpired,
     LockNotAcquired,
     MemoryBackend,
+    MemoryLock,
     SerializationError,
 )
 from polydatum.redis import AsyncRedis, Redis
+from tests.integrations.conftest import REDIS_KINDS, redis_target
 
-BACKENDS = ["memory", "redis"]
+BACKENDS = ["memory", *REDIS_KINDS]
 
 
-@pytest.fixture(name="redis_pool", scope="module")
-def _redis_pool(redis_url: str) -> Iterator[Redis]:
-    redis = Redis(redis_url)
-    yield redis
-    redis.close()
+@pytest.fixture(name="redis_pools", scope="module")
+def _redis_pools() -> Iterator[dict[str, Redis]]:
+    """One Redis per node kind, made when first needed and closed after the module."""
+    pools: dict[str, Redis] = {}
+    yield pools
+    for redis in pools.values():
+        redis.close()
 
 
 @pytest.fixture(name="cache", params=BACKENDS)
-def _cache(request: pytest.FixtureRequest) -> Iterator[Cache]:
+def _cache(request: pytest.FixtureRequest, redis_pools: dict[str, Redis]) -> Iterator[Cache]:
     """A cache on its own namespace, emptied afterwards."""
     namespace = f"test-{uuid.uuid4().hex[:12]}"
-    if request.param == "redis":
-        cache = request.getfixturevalue("redis_pool").cache(namespace=namespace)
+    kind = request.param
+    if kind in REDIS_KINDS:
+        if kind not in redis_pools:
+            url, options = redis_target(request, kind)
+            redis_pools[kind] = Redis(url, **options)
+        cache = redis_pools[kind].cache(namespace=namespace)
     else:
         cache = Cache(namespace=namespace)
     yield cache
@@ -53,8 +64,9 @@ async def _acache(request: pytest.FixtureRequest) -> AsyncIterator[AsyncCache]:
     """An async cache on its own namespace, emptied afterwards."""
     namespace = f"test-{uuid.uuid4().hex[:12]}"
     redis = None
-    if request.param == "redis":
-        redis = AsyncRedis(request.getfixturevalue("redis_url"))
+    if request.param in REDIS_KINDS:
+        url, options = redis_target(request, request.param)
+        redis = AsyncRedis(url, **options)
         cache = redis.cache(namespace=namespace)
     else:
         cache = AsyncCache(namespace=namespace)
@@ -332,8 +344,9 @@ class TestLock:
         assert lock.locked()
         time.sleep(0.12)
         assert not lock.locked()
-        with cache.lock("job", timeout=5, blocking_timeout=0), pytest.raises(
-            LockExpired, match="longer timeout"
+        with (
+            cache.lock("job", timeout=5, blocking_timeout=0),
+            pytest.raises(LockExpired, match="longer timeout"),
         ):
             lock.release()
 
@@ -346,6 +359,169 @@ class TestLock:
         """A lock without a positive timeout is refused: locks always expire."""
         with pytest.raises(ValueError, match="locks always expire"):
             cache.lock("job", timeout=0)
+
+    def test_clear_leaves_held_locks_held(self, cache: Cache) -> None:
+        """clear() of the namespace, of a parent or of a child drops entries, never a held lock."""
+        child = cache.namespaced("c")
+        lock, child_lock = cache.lock("job", timeout=30), child.lock("job", timeout=30)
+        assert lock.acquire()
+        assert child_lock.acquire()
+        cache.set("k", 1)
+        child.set("k", 2)
+        cache.clear("c")
+        child.clear()
+        cache.clear()
+        assert (cache.get("k"), child.get("k")) == (None, None)
+        assert lock.locked()
+        assert child_lock.locked()
+        assert not cache.lock("job", timeout=30).acquire(blocking=False)  # still taken
+        assert not child.lock("job", timeout=30).acquire(blocking=False)
+        lock.release()  # no LockExpired: the holder still held it
+        child_lock.release()
+        assert not lock.locked()
+        assert not child_lock.locked()
+
+
+class _DictLock(LockBase):
+    """The least a backend's lock supplies: the I/O, here on a shared dict."""
+
+    def __init__(self, store: dict[str, str], name: str) -> None:
+        super().__init__(name, timeout=5, blocking_timeout=0)
+        self.store = store
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if self.name in self.store:
+            return False
+        self.store[self.name] = "held"
+        return True
+
+    def release(self) -> None:
+        if self.store.pop(self.name, None) is None:
+            raise self.not_held_error("releasing")
+
+    def locked(self) -> bool:
+        return self.name in self.store
+
+
+class _AsyncDictLock(AsyncLockBase):
+    """:class:`_DictLock` for ``async with``: only the I/O, awaited."""
+
+    def __init__(self, store: dict[str, str], name: str) -> None:
+        super().__init__(name, timeout=5, blocking_timeout=0)
+        self.store = store
+
+    async def acquire(self, blocking: bool = True) -> bool:
+        if self.name in self.store:
+            return False
+        self.store[self.name] = "held"
+        return True
+
+    async def release(self) -> None:
+        if self.store.pop(self.name, None) is None:
+            raise self.expired_error()
+
+    async def locked(self) -> bool:
+        return self.name in self.store
+
+
+class TestLockBase:
+    """Every backend's lock is a LockBase: the same ``with``, the same errors."""
+
+    def test_every_backend_lock_is_a_lock_base(self, cache: Cache) -> None:
+        """Memory and Redis locks alike subclass LockBase, and entering returns the lock."""
+        lock = cache.lock("base", timeout=5)
+        assert isinstance(lock, LockBase)
+        with lock as entered:
+            assert entered is lock
+            assert lock.locked()
+        assert not lock.locked()
+
+    def test_errors_read_the_same_on_every_backend(self, cache: Cache) -> None:
+        """Not acquired, not held and expired say the same words, naming the lock, whatever the backend."""
+        name = cache.lock("same", timeout=5).name
+        with (
+            cache.lock("same", timeout=5),
+            pytest.raises(LockNotAcquired) as not_acquired,
+            cache.lock("same", timeout=5, blocking_timeout=0),
+        ):
+            pass  # pragma: no cover - never entered
+        assert str(not_acquired.value) == (
+            f"could not acquire lock {name!r} within blocking_timeout=0s: another holder has it; "
+            "retry later or pass a longer blocking_timeout"
+        )
+        with pytest.raises(LockError) as not_held:
+            cache.lock("same", timeout=5).release()
+        assert str(not_held.value) == f"lock {name!r} is not held by this thread; acquire it before releasing"
+        lock = cache.lock("short", timeout=0.05)
+        with pytest.raises(LockExpired) as expired, lock:
+            time.sleep(0.2)
+        assert str(expired.value) == (
+            f"lock {lock.name!r} expired before it was released (held longer than timeout=0.05s), "
+            "so another holder may have run at the same time; pass a longer timeout"
+        )
+
+    def test_a_new_backend_supplies_only_the_io(self) -> None:
+        """A subclass that does only acquire/release/locked gets ``with`` and the standard errors."""
+        store: dict[str, str] = {}
+        lock = _DictLock(store, "job")
+        with lock as entered:
+            assert entered is lock
+            assert lock.locked()
+            with pytest.raises(
+                LockNotAcquired, match="could not acquire lock 'job' within blocking_timeout=0s"
+            ):
+                _DictLock(store, "job").__enter__()
+        assert not lock.locked()
+        with pytest.raises(
+            LockError, match="lock 'job' is not held by this thread; acquire it before releasing"
+        ):
+            lock.release()
+
+    def test_memory_lock_take_and_release_token(self) -> None:
+        """take() tries once and hands back the token; release_token() refuses a missing or stale one."""
+        lock = MemoryLock(MemoryBackend(), "job", timeout=5, blocking_timeout=0)
+        token = lock.take()
+        assert token is not None
+        assert lock.take() is None  # held: one try, no wait
+        with pytest.raises(
+            LockError, match="lock 'job' is not held by this thread; acquire it before releasing"
+        ):
+            lock.release_token(None)
+        with pytest.raises(LockExpired, match="lock 'job' expired before it was released"):
+            lock.release_token(b"someone else's")
+        lock.release_token(token)
+        assert not lock.locked()
+
+    def test_not_held_error_can_leave_the_thread_out(self) -> None:
+        """not_held_error(by_thread=False) is for locks whose tasks share one token."""
+        lock = _DictLock({}, "job")
+        assert str(lock.not_held_error("extending", by_thread=False)) == (
+            "lock 'job' is not held; acquire it before extending"
+        )
+
+    async def test_async_locks_share_the_async_base(self, acache: AsyncCache) -> None:
+        """Memory and Redis async locks subclass AsyncLockBase; ``async with`` returns the lock."""
+        lock = acache.lock("base", timeout=5, blocking_timeout=0)
+        assert isinstance(lock, AsyncLockBase)
+        async with lock as entered:
+            assert entered is lock
+            with pytest.raises(LockNotAcquired, match="within blocking_timeout=0s"):
+                async with acache.lock("base", timeout=5, blocking_timeout=0):
+                    pass  # pragma: no cover - never entered
+        assert not await lock.locked()
+
+    async def test_a_new_async_backend_supplies_only_the_io(self) -> None:
+        """An AsyncLockBase subclass gets ``async with`` and the standard errors."""
+        store: dict[str, str] = {}
+        lock = _AsyncDictLock(store, "job")
+        async with lock as entered:
+            assert entered is lock
+            with pytest.raises(LockNotAcquired, match="could not acquire lock 'job'"):
+                async with _AsyncDictLock(store, "job"):
+                    pass  # pragma: no cover - never entered
+        with pytest.raises(LockExpired, match="lock 'job' expired before it was released"):
+            async with lock:
+                store.clear()  # as if it ran out and nobody held it
 
 
 class TestHealth:
@@ -411,7 +587,14 @@ class TestAsync:
         assert await acache.delete("k")
         assert await acache.delete_many(["x", "y"]) == 2
         assert await acache.get("k") is None
-        assert await acache.aping()
+        assert await acache.ping()
+
+    async def test_aping_is_a_deprecated_ping(self, acache: AsyncCache) -> None:
+        """``aping()`` still answers as ``ping()`` does, with a DeprecationWarning naming the new spelling."""
+        with pytest.warns(
+            DeprecationWarning, match=r"AsyncCache\.aping\(\) is deprecated; use `await cache\.ping\(\)`"
+        ):
+            assert await acache.aping() is True
 
     async def test_namespaces_and_clear(self, acache: AsyncCache) -> None:
         """Child namespaces are cleared with their parent, or alone."""
@@ -431,6 +614,16 @@ class TestAsync:
                     pass
             assert await other.locked()
         assert not await acache.lock("job", timeout=5).locked()
+
+    async def test_clear_leaves_held_locks_held(self, acache: AsyncCache) -> None:
+        """AsyncCache.clear() drops entries, never a held lock."""
+        async with acache.lock("job", timeout=30) as lock:
+            await acache.set("k", 1)
+            await acache.clear()
+            assert await acache.get("k") is None
+            assert await lock.locked()
+            assert not await acache.lock("job", timeout=30).acquire(blocking=False)
+        assert not await lock.locked()
 
     async def test_lock_expiry(self, acache: AsyncCache) -> None:
         """Releasing an async lock after it expired raises LockExpired."""

@@ -29,6 +29,7 @@ import redis as redis_py
 from polydatum import DataManager, Service
 from polydatum.cache import AsyncCache, Cache, CacheUnavailable, cached
 from polydatum.redis import AsyncRedis, Redis
+from tests.integrations.conftest import REDIS_KINDS, redis_target
 from tests.support.servers import PrivateRedis
 
 
@@ -93,11 +94,27 @@ def _redis(redis_url: str) -> Iterator[Redis]:
     redis.close()
 
 
-@pytest.fixture(name="cache", params=["memory", "redis"])
-def _cache(request: pytest.FixtureRequest) -> Iterator[Cache]:
+@pytest.fixture(name="redis_pools", scope="module")
+def _redis_pools() -> Iterator[dict[str, Redis]]:
+    """One Redis per node kind (a cluster, Sentinel), made when first needed."""
+    pools: dict[str, Redis] = {}
+    yield pools
+    for redis in pools.values():
+        redis.close()
+
+
+@pytest.fixture(name="cache", params=["memory", *REDIS_KINDS])
+def _cache(request: pytest.FixtureRequest, redis_pools: dict[str, Redis]) -> Iterator[Cache]:
+    """A cache in memory, then on one Redis server, a Redis Cluster and a Sentinel group."""
     namespace = f"test-{uuid.uuid4().hex[:12]}"
-    if request.param == "redis":
+    kind = request.param
+    if kind == "redis":
         cache = request.getfixturevalue("redis").cache(namespace=namespace)
+    elif kind in REDIS_KINDS:
+        if kind not in redis_pools:
+            url, options = redis_target(request, kind)
+            redis_pools[kind] = Redis(url, **options)
+        cache = redis_pools[kind].cache(namespace=namespace)
     else:
         cache = Cache(namespace=namespace)
     yield cache
@@ -204,10 +221,11 @@ class TestLateReader:
             calls.append(1)
             return len(calls)
 
-        assert cache.add("k:computing", "someone else", ttl=30)
+        theirs = cache._claim("k", 30)
+        assert theirs is not None
         assert compute() == 1
         assert cache.get("k") is None
-        assert cache.get("k:computing") == "someone else"  # their claim is untouched
+        assert cache.backend.get(cache._claim_key("k")) == theirs  # their claim is untouched
 
     def test_failed_compute_releases_only_its_own_claim(self, cache: Cache) -> None:
         """An exception in the method releases the claim, so the next caller computes at once."""
@@ -220,7 +238,7 @@ class TestLateReader:
 
         with pytest.raises(RuntimeError, match="said no"):
             compute(True)
-        assert cache.get("k:computing") is None
+        assert not cache._is_claimed("k")
         assert compute(False) == "ok"
 
     def test_computation_that_outlives_its_claim_is_not_stored(self, cache: Cache) -> None:
@@ -228,7 +246,7 @@ class TestLateReader:
 
         @cached(ttl=60, key="slow", using=cache, lock_timeout=0.05)
         def slow() -> str:
-            until(lambda: cache.get("slow:computing") is None, "the claim to lapse")
+            until(lambda: not cache._is_claimed("slow"), "the claim to lapse")
             return "late"
 
         assert slow() == "late"
@@ -297,6 +315,33 @@ def _outage(private_redis: PrivateRedis) -> Iterator[Outage]:
 
 
 class TestOutage:
+    def test_claim_stranded_by_an_outage_is_deleted_when_redis_returns(self, outage: Outage) -> None:
+        """A claim whose holder could not store or release it is deleted with the replayed deletes."""
+        redis = Redis(outage.server.url)
+        cache = redis.cache(namespace="app", retry_interval=0.05)
+
+        class Reports:
+            outages = 1
+
+            @cached(ttl=60, key="report", using=cache, lock_timeout=60)
+            def build(self) -> str:
+                if self.outages:
+                    self.outages -= 1
+                    outage.stop()  # Redis goes away between the claim and the store
+                return "built"
+
+        reports = Reports()
+        claim = cache._claim_key("report")
+        cache.set("control", 1)
+        assert reports.build() == "built"  # claimed, then could not store nor release
+        outage.start()
+        # The control entry came back with the restart, so the claim did too.
+        assert outage.observer.exists(cache.key("control"))
+        until(lambda: not outage.observer.exists(claim), "the stranded claim to be deleted")
+        assert reports.build() == "built"
+        assert cache.get("report") is not None  # stored: the key is not blocked for lock_timeout
+        redis.close()
+
     def test_invalidation_during_an_outage_reaches_redis_when_it_returns(
         self, outage: Outage, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -308,6 +353,10 @@ class TestOutage:
             assert (dal.profiles.get(1), dal.profiles.get(2)) == ("old", "other")
 
         outage.stop()
+        # The whole test runs under at_level: the replay may be logged by the
+        # background retry after the last cache call, and without at_level that
+        # record would depend on the root logger's level, which an earlier test
+        # may have raised (an in-process Celery worker sets it to ERROR).
         with caplog.at_level(logging.WARNING, logger="polydatum.cache"):
             with dm.dal() as dal:
                 dal.profiles.rename(1, "new")  # commits; the delete cannot be delivered
@@ -318,9 +367,11 @@ class TestOutage:
             with dm.dal() as dal:
                 assert dal.profiles.get(1) == "new"
                 assert dal.profiles.get(2) == "other"
-        # The control entry came back with the restart, so "old" would have too.
-        assert outage.observer.exists("app:1:profile:2")
-        until(lambda: "delivered 2 deletes" in caplog.text, "the replay")  # entry and claim
+            # The control entry came back with the restart, so "old" would have too.
+            assert outage.observer.exists("app:1:profile:2")
+            # Wait on the cache's own state, not on a log record: what was held is delivered.
+            until(lambda: cache._undelivered() == ([], []), "the replay")
+            until(lambda: "delivered 2 deletes" in caplog.text, "the replay's warning")
 
         def cached_fresh() -> bool:
             with dm.dal() as dal:
@@ -407,6 +458,25 @@ class TestOutage:
         assert await acache.get("a") is None
         assert await acache.get("b") == 2
         await aredis.aclose()
+
+    def test_pending_clears_are_bounded_by_max_undelivered(self, outage: Outage) -> None:
+        """5,000 clear(namespace=...) during an outage hold one clear of the namespace, not 5,000."""
+        redis = Redis(outage.server.url)
+        cache = redis.cache(namespace="app", retry_interval=0.05, max_undelivered=100)
+        cache.set("a", 1)
+        cache.namespaced("c1").set("b", 2)
+        outage.stop()
+        for i in range(5000):
+            assert cache.clear(namespace=f"c{i}") == 0
+        keys, prefixes = cache._undelivered()
+        assert keys == []
+        assert prefixes == ["app:"]  # the bound passed: one clear of the namespace covers all
+        cache.delete("a")  # nothing more is held once the whole namespace is to be cleared
+        assert cache._undelivered() == ([], ["app:"])
+        outage.start()
+        until(lambda: not outage.observer.exists("app:c1:1:b"), "the clear of the child")
+        until(lambda: not outage.observer.exists("app:1:a"), "the clear of the namespace")
+        redis.close()
 
     def test_max_undelivered_must_not_be_negative(self) -> None:
         """A negative max_undelivered is refused with what to pass."""

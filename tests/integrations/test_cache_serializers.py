@@ -6,6 +6,7 @@ import enum
 import logging
 import string
 from collections import OrderedDict
+from collections.abc import Iterator
 from datetime import datetime, time, timedelta, timezone
 from typing import Any
 
@@ -19,6 +20,7 @@ from polydatum.cache import (
     MemoryBackend,
     SerializationError,
     Serializer,
+    _serializers,
     get_serializer,
     register_serializer,
 )
@@ -52,8 +54,7 @@ values = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=4)
         | st.tuples(inner, inner)
-        | st.dictionaries(st.text(alphabet=string.ascii_letters + "$", max_size=4), inner,
-                          max_size=4)
+        | st.dictionaries(st.text(alphabet=string.ascii_letters + "$", max_size=4), inner, max_size=4)
         | st.dictionaries(hashables, inner, max_size=3)
         | st.sets(hashables, max_size=3)
         | st.frozensets(hashables, max_size=3)
@@ -181,6 +182,15 @@ class Upper:
 
     def loads(self, data: bytes) -> Any:
         return data.decode()
+
+
+@pytest.fixture(autouse=True)
+def _serializer_registry_restored() -> Iterator[None]:
+    """Serializers a test registers are gone afterwards: the registry is process-wide."""
+    saved = dict(_serializers._SERIALIZERS)
+    yield
+    _serializers._SERIALIZERS.clear()
+    _serializers._SERIALIZERS.update(saved)
 
 
 def test_register_a_serializer() -> None:

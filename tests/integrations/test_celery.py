@@ -8,7 +8,6 @@ anything sent earlier has run.
 
 from __future__ import annotations
 
-import logging
 import pickle
 import re
 import threading
@@ -19,8 +18,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
-from celery import Celery, group
-from celery.contrib.testing.worker import start_worker
+from celery import Celery, _state, group
 from celery.exceptions import Ignore
 from celery.result import AsyncResult
 from kombu.exceptions import EncodeError
@@ -32,11 +30,13 @@ from polydatum.celery import (
     PendingResult,
     PolydatumTask,
     TaskNotSent,
+    check_header,
     install,
     send_immediately,
 )
-from polydatum.errors import AlreadyExistsException
+from polydatum.errors import AlreadyExistsException, InvalidInput
 from polydatum.sqlalchemy import Database
+from tests.support.celery_worker import in_thread_worker, suite_app
 from tests.support.sql import fresh_postgres_database
 
 # Celery's Redis result backend still calls redis-py's deprecated setex().
@@ -53,11 +53,13 @@ RUNS_LOCK = threading.Lock()
 
 
 def remember(token: str, **what: Any) -> None:
+    """Record what a task run saw, under the test's token."""
     with RUNS_LOCK:
         RUNS[token].append(what)
 
 
 def runs(token: str) -> list[dict[str, Any]]:
+    """What task runs recorded under ``token``, in order."""
     with RUNS_LOCK:
         return list(RUNS[token])
 
@@ -77,49 +79,45 @@ def build(database_url: str, broker: str, backend: str, queue: str, prefix: str)
     # A connection of its own, outside every context: the "other transaction".
     other = create_engine(database_url, poolclass=NullPool)
 
-    app = Celery("polydatum_celery_tests", broker=broker, backend=backend, set_as_current=False)
-    app.conf.update(
-        task_default_queue=queue,
-        result_backend_transport_options={"global_keyprefix": prefix},
-        result_expires=600,
-        # One backend for the test and worker threads, so teardown can close its connections.
-        result_backend_thread_safe=True,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        task_serializer="json",
-        result_serializer="json",
+    app = suite_app("polydatum_celery_tests", broker, backend, queue, prefix)
+    install(app, dm, meta=lambda task: {"hostname": task.request.hostname}, headers=("tenant", "user"))
+    # A plain Celery app on the same queue: it sends what polydatum's sending side would refuse.
+    forger = Celery("polydatum_celery_forger", broker=broker, set_as_current=False)
+    forger.conf.update(
+        task_default_queue=queue, task_serializer="json", broker_connection_retry_on_startup=True
     )
-    install(app, dm, meta=lambda task: {"hostname": task.request.hostname}, headers=("tenant",))
 
     def ctx() -> Any:
         return dm.require_active_context()
 
     def add_note(body: str) -> int:
-        return int(ctx().db.execute(
-            text("INSERT INTO notes (body) VALUES (:b) RETURNING id"), {"b": body}
-        ).scalar_one())
+        return int(
+            ctx()
+            .db.execute(text("INSERT INTO notes (body) VALUES (:b) RETURNING id"), {"b": body})
+            .scalar_one()
+        )
 
-    @app.task(name="pdtest.write_note")
+    @app.task(shared=False, name="pdtest.write_note")
     def write_note(body: str) -> int:
         return add_note(body)
 
-    @app.task(name="pdtest.write_then_fail")
+    @app.task(shared=False, name="pdtest.write_then_fail")
     def write_then_fail(body: str) -> None:
         add_note(body)
         raise ValueError(f"failing after writing {body}")
 
-    @app.task(name="pdtest.read_note")
+    @app.task(shared=False, name="pdtest.read_note")
     def read_note(body: str) -> str | None:
         found = ctx().db.execute(text("SELECT body FROM notes WHERE body = :b"), {"b": body})
         return found.scalar_one_or_none()  # type: ignore[no-any-return]
 
-    @app.task(name="pdtest.record", bind=True)
+    @app.task(shared=False, name="pdtest.record", bind=True)
     def record(self: Any, token: str, label: str) -> dict[str, Any]:
         meta = dict(ctx().meta)
         remember(token, label=label, meta=meta)
         return meta
 
-    @app.task(name="pdtest.retry_once", bind=True)
+    @app.task(shared=False, name="pdtest.retry_once", bind=True)
     def retry_once(self: Any, token: str) -> int:
         meta = dict(ctx().meta)
         add_note(f"{token}-attempt-{meta['retries']}")
@@ -142,20 +140,20 @@ def build(database_url: str, broker: str, backend: str, queue: str, prefix: str)
         session.execute(text("UPDATE counters SET value = :v WHERE id = :i"), {"v": value + 1, "i": row})
         return int(retries)
 
-    @app.task(name="pdtest.conflict", retry_transient=2, retry_transient_backoff=0.01)
+    @app.task(shared=False, name="pdtest.conflict", retry_transient=2, retry_transient_backoff=0.01)
     def conflict(token: str, row: int, conflicts: int) -> int:
         return bump_counter(token, row, conflicts)
 
-    @app.task(name="pdtest.conflict_no_retry")
+    @app.task(shared=False, name="pdtest.conflict_no_retry")
     def conflict_no_retry(token: str, row: int, conflicts: int) -> int:
         return bump_counter(token, row, conflicts)
 
-    @app.task(name="pdtest.divide_by_zero", retry_transient=3)
+    @app.task(shared=False, name="pdtest.divide_by_zero", retry_transient=3)
     def divide_by_zero(token: str) -> None:
         remember(token, retries=ctx().meta.retries)
         ctx().db.execute(text("SELECT 1 / 0"))
 
-    @app.task(name="pdtest.spawn", bind=True)
+    @app.task(shared=False, name="pdtest.spawn", bind=True)
     def spawn(self: Any, token: str, fail: bool) -> str:
         child = record.delay(token, "child")
         remember(token, label="parent", child_id=child.id, pending=isinstance(child, PendingResult))
@@ -163,31 +161,45 @@ def build(database_url: str, broker: str, backend: str, queue: str, prefix: str)
             raise RuntimeError("parent fails after sending a child")
         return str(child.id)
 
-    @app.task(name="pdtest.ignore")
+    @app.task(shared=False, name="pdtest.ignore")
     def ignore(body: str) -> None:
         add_note(body)
         raise Ignore()
 
-    @app.task(name="pdtest.commit_fails")
+    @app.task(shared=False, name="pdtest.commit_fails")
     def commit_fails(key: str) -> str:
         for _ in range(2):
             ctx().db.execute(text("INSERT INTO late_checks (k) VALUES (:k)"), {"k": key})
         return "the body returned"
 
-    @app.task(name="pdtest.typed")
+    @app.task(shared=False, name="pdtest.typed")
     def typed(a: int, b: int) -> int:
         return a + b
 
     return SimpleNamespace(
-        dm=dm, db=db, app=app, other=other, write_note=write_note, write_then_fail=write_then_fail,
-        read_note=read_note, record=record, retry_once=retry_once, conflict=conflict,
-        conflict_no_retry=conflict_no_retry, divide_by_zero=divide_by_zero, spawn=spawn,
-        ignore=ignore, typed=typed, commit_fails=commit_fails,
+        dm=dm,
+        db=db,
+        app=app,
+        forger=forger,
+        other=other,
+        write_note=write_note,
+        write_then_fail=write_then_fail,
+        read_note=read_note,
+        record=record,
+        retry_once=retry_once,
+        conflict=conflict,
+        conflict_no_retry=conflict_no_retry,
+        divide_by_zero=divide_by_zero,
+        spawn=spawn,
+        ignore=ignore,
+        typed=typed,
+        commit_fails=commit_fails,
     )
 
 
 @pytest.fixture(scope="module")
 def env(postgres_url: str, rabbitmq_url: str, redis_url: str) -> Iterator[SimpleNamespace]:
+    """The app of :func:`build` on a fresh database, served by one solo worker on a queue of its own."""
     run = uuid.uuid4().hex[:10]
     queue = f"polydatum-test-celery-{run}"
     with fresh_postgres_database(postgres_url) as url:
@@ -197,21 +209,17 @@ def env(postgres_url: str, rabbitmq_url: str, redis_url: str) -> Iterator[Simple
                 conn.execute(text(statement))
         setup.dispose()
         ns = build(url, rabbitmq_url, redis_url, queue, f"polydatum-test-celery-{run}:")
-        # Celery's worker set-up lowers the root logger to its loglevel (ERROR)
-        # for the rest of the process; put it back for the tests that follow.
-        root_level = logging.root.level
         try:
-            with start_worker(ns.app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
-                logging.root.setLevel(root_level)
+            with in_thread_worker(ns.app):
                 yield ns
         finally:
-            logging.root.setLevel(root_level)
             with ns.app.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
             backend = ns.app.backend
             backend.result_consumer.stop()
             backend.client.connection_pool.disconnect()
             ns.app.close()
+            ns.forger.close()
             ns.db.dispose()
             ns.other.dispose()
 
@@ -231,10 +239,12 @@ def rolled_back(dm: DataManager, body: Callable[[Any], T]) -> T:
 
 
 def token() -> str:
+    """A fresh token that names one test's task runs."""
     return uuid.uuid4().hex
 
 
 def note_exists(env: SimpleNamespace, body: str) -> bool:
+    """Whether a committed note with ``body`` exists, seen from outside every context."""
     with env.other.connect() as conn:
         found = conn.execute(text("SELECT count(*) FROM notes WHERE body = :b"), {"b": body})
         return bool(found.scalar_one())
@@ -249,6 +259,7 @@ def drain(env: SimpleNamespace) -> None:
 
 
 def test_a_task_that_writes_commits(env: SimpleNamespace) -> None:
+    """A task that returns commits what it wrote."""
     body = token()
     result = env.write_note.delay(body)
     assert not isinstance(result, PendingResult)  # no context: sent at once
@@ -257,6 +268,7 @@ def test_a_task_that_writes_commits(env: SimpleNamespace) -> None:
 
 
 def test_a_task_that_raises_leaves_nothing(env: SimpleNamespace) -> None:
+    """A task that raises fails and rolls back what it wrote."""
     body = token()
     result = env.write_then_fail.delay(body)
     with pytest.raises(ValueError, match="failing after writing"):
@@ -266,6 +278,7 @@ def test_a_task_that_raises_leaves_nothing(env: SimpleNamespace) -> None:
 
 
 def test_a_task_whose_commit_fails_is_a_failed_task(env: SimpleNamespace) -> None:
+    """A body that returns but whose commit fails is a FAILURE, and nothing is kept."""
     key = token()
     result = env.commit_fails.delay(key)
     result.get(timeout=WAIT, propagate=False)
@@ -277,6 +290,7 @@ def test_a_task_whose_commit_fails_is_a_failed_task(env: SimpleNamespace) -> Non
 
 
 def test_meta_inside_the_task(env: SimpleNamespace) -> None:
+    """A task's meta holds its ids, its retries, the chosen headers and the meta function's keys."""
     result = env.record.delay(token(), "meta")
     meta = result.get(timeout=WAIT)
     assert meta["task_id"] == result.id
@@ -290,6 +304,7 @@ def test_meta_inside_the_task(env: SimpleNamespace) -> None:
 
 
 def test_ignore_is_not_a_failure_and_commits(env: SimpleNamespace) -> None:
+    """Celery's Ignore commits the run's writes."""
     body = token()
     env.ignore.delay(body)
     drain(env)
@@ -300,6 +315,7 @@ def test_ignore_is_not_a_failure_and_commits(env: SimpleNamespace) -> None:
 
 
 def test_a_task_sent_in_a_context_that_rolls_back_never_runs(env: SimpleNamespace) -> None:
+    """A task sent in a context that rolls back is never sent, and its result says so."""
     tok = token()
 
     def body(ctx: Any) -> Any:
@@ -319,6 +335,7 @@ def test_a_task_sent_in_a_context_that_rolls_back_never_runs(env: SimpleNamespac
 
 
 def test_a_task_sent_in_a_context_runs_after_the_commit_is_visible(env: SimpleNamespace) -> None:
+    """A task sent in a context is sent after the commit, so it sees what the sender wrote."""
     body = token()
     with env.dm.context() as ctx:
         ctx.db.execute(text("INSERT INTO notes (body) VALUES (:b)"), {"b": body})
@@ -340,6 +357,7 @@ def test_a_task_sent_in_a_context_runs_after_the_commit_is_visible(env: SimpleNa
 
 
 def test_the_id_is_fixed_up_front(env: SimpleNamespace) -> None:
+    """A task sent in a context has its id (chosen or given) before it is sent."""
     chosen = str(uuid.uuid4())
     with env.dm.context():
         early = env.record.delay(token(), "early")
@@ -351,6 +369,7 @@ def test_the_id_is_fixed_up_front(env: SimpleNamespace) -> None:
 
 
 def test_immediate_send_inside_a_context_that_rolls_back(env: SimpleNamespace) -> None:
+    """polydatum_immediate=True and send_immediately() send at once, even from a context that rolls back."""
     tok = token()
 
     def body(ctx: Any) -> tuple[Any, Any, Any]:
@@ -372,6 +391,7 @@ def test_immediate_send_inside_a_context_that_rolls_back(env: SimpleNamespace) -
 
 
 def test_headers_follow_the_context_meta(env: SimpleNamespace) -> None:
+    """A task sent from a context carries the meta's chosen headers, unless the call gives its own."""
     with env.dm.context({"tenant": "acme"}):
         inherited = env.record.delay(token(), "inherited")
         explicit = env.record.apply_async((token(), "explicit"), headers={"tenant": "other"})
@@ -379,7 +399,96 @@ def test_headers_follow_the_context_meta(env: SimpleNamespace) -> None:
     assert explicit.get(timeout=WAIT)["tenant"] == "other"
 
 
+def forged(env: SimpleNamespace, name: str, args: tuple[Any, ...], **options: Any) -> AsyncResult:
+    """Send ``name`` from the plain app (no polydatum sending side); its result through the real app."""
+    sent = env.forger.send_task(name, args, **options)
+    return env.app.AsyncResult(sent.id)
+
+
+def test_a_forged_header_that_is_valid_reaches_the_meta(env: SimpleNamespace) -> None:
+    """A header from a sender without polydatum still reaches the meta when it keeps the rules."""
+    tok = token()
+    result = forged(env, "pdtest.record", (tok, "forged"), headers={"tenant": "acme", "user": 7})
+    meta = result.get(timeout=WAIT)
+    assert (meta["tenant"], meta["user"]) == ("acme", 7)
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "problem"),
+    [
+        ("user", {"id": 1, "admin": True}, "message header 'user' is a dict; only str, int, float and bool"),
+        ("user", [1, 2], "message header 'user' is a list"),
+        (
+            "tenant",
+            "x" * 100_000,
+            "message header 'tenant' is 100000 characters long; header values have at most 200",
+        ),
+        ("tenant", "acme\x1b[2J\x00", "message header 'tenant' holds an unprintable character"),
+    ],
+    ids=["dict", "list", "100-kB-str", "escapes"],
+)
+def test_a_forged_header_is_refused_before_the_body_runs(
+    env: SimpleNamespace, header: str, value: Any, problem: str
+) -> None:
+    """A message whose header breaks the sending side's rules fails without running the body."""
+    tok = token()
+    # With a valid value of the other header, which must not save the message either.
+    other = "tenant" if header == "user" else "user"
+    result = forged(env, "pdtest.record", (tok, "forged"), headers={header: value, other: 1})
+    result.get(timeout=WAIT, propagate=False)
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, InvalidInput)
+    message = str(result.result)
+    assert message.startswith(f"task pdtest.record refused before it ran: {problem}")
+    # The value is never repeated.
+    assert "xxxx" not in message
+    assert "acme" not in message
+    drain(env)
+    assert runs(tok) == []
+
+
+def test_the_sending_side_refuses_what_the_worker_refuses(env: SimpleNamespace) -> None:
+    """Headers the worker would refuse fail at delay(), from the meta or given, in a context or not."""
+    too_long = "meta 'tenant' is 201 characters long; header values have at most 200: put an id in the meta"
+    with env.dm.context({"tenant": "t" * 201}), pytest.raises(ValueError, match=too_long):
+        env.record.delay(token(), "never")
+    unprintable = "meta 'user' holds an unprintable character"
+    with env.dm.context({"user": "ann\n"}), pytest.raises(ValueError, match=unprintable):
+        env.record.delay(token(), "never")
+    with pytest.raises(TypeError, match="header 'user' is a dict; only str, int, float and bool"):
+        env.record.apply_async((token(), "never"), headers={"user": {"id": 1}})
+    with env.dm.context(), pytest.raises(ValueError, match="header 'tenant' is 300 characters long"):
+        env.record.apply_async((token(), "never"), headers={"tenant": "t" * 300})
+    # A header the app did not name is Celery's business, as before.
+    assert env.record.apply_async((token(), "other"), headers={"other": "o" * 300}).get(timeout=WAIT)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "problem"),
+    [
+        (2**63, ValueError, "is an int beyond 64 bits"),
+        (-(2**63), ValueError, "is an int beyond 64 bits"),
+        (float("nan"), ValueError, "is nan; a float header must be finite"),
+        (float("-inf"), ValueError, "is -inf; a float header must be finite"),
+        (b"bytes", TypeError, "is a bytes; only str, int, float and bool"),
+        ("\ud800", ValueError, "holds an unprintable character"),
+    ],
+    ids=["big-int", "big-negative-int", "nan", "inf", "bytes", "lone-surrogate"],
+)
+def test_check_header_refuses(value: Any, error: type[Exception], problem: str) -> None:
+    """check_header refuses what an AMQP header or a log line cannot take safely."""
+    with pytest.raises(error, match=re.escape(f"header 'h' {problem}")):
+        check_header("header 'h'", value)
+
+
+def test_check_header_accepts_the_edges() -> None:
+    """check_header lets None, bools, 64-bit ints, finite floats and 200 printable characters through."""
+    for value in (None, True, 2**63 - 1, -(2**63 - 1), 1.5, "é" * 200, "a b"):
+        check_header("header 'h'", value)
+
+
 def test_a_child_sent_by_a_task_waits_for_the_task_to_commit(env: SimpleNamespace) -> None:
+    """A task sent by a task body is sent when that run commits, with its parent and root ids."""
     tok = token()
     parent = env.spawn.delay(tok, False)
     child_id = parent.get(timeout=WAIT)
@@ -390,6 +499,7 @@ def test_a_child_sent_by_a_task_waits_for_the_task_to_commit(env: SimpleNamespac
 
 
 def test_a_child_sent_by_a_failing_task_is_never_sent(env: SimpleNamespace) -> None:
+    """A task sent by a task body that fails is never sent."""
     tok = token()
     parent = env.spawn.delay(tok, True)
     with pytest.raises(RuntimeError, match="parent fails"):
@@ -399,6 +509,7 @@ def test_a_child_sent_by_a_failing_task_is_never_sent(env: SimpleNamespace) -> N
 
 
 def test_a_canvas_sent_in_a_context_waits_for_the_commit(env: SimpleNamespace) -> None:
+    """Chains and groups sent in a context are sent on commit, and not at all on rollback."""
     kept, dropped = token(), token()
     with env.dm.context():
         flow = (env.write_note.si(f"{kept}-a") | env.write_note.si(f"{kept}-b")).apply_async()
@@ -423,6 +534,7 @@ def test_a_canvas_sent_in_a_context_waits_for_the_commit(env: SimpleNamespace) -
 
 
 def test_a_retry_gets_a_fresh_context(env: SimpleNamespace) -> None:
+    """Each run of a retried task has its own context, and the headers survive the retry."""
     tok = token()
     with env.dm.context({"tenant": "acme"}):
         result = env.retry_once.delay(tok)
@@ -436,6 +548,7 @@ def test_a_retry_gets_a_fresh_context(env: SimpleNamespace) -> None:
 
 
 def counter(env: SimpleNamespace) -> int:
+    """A fresh counters row at 0; its id."""
     row = uuid.uuid4().int % 2_000_000_000
     with env.other.begin() as conn:
         conn.execute(text("INSERT INTO counters (id, value) VALUES (:i, 0)"), {"i": row})
@@ -443,11 +556,13 @@ def counter(env: SimpleNamespace) -> int:
 
 
 def counter_value(env: SimpleNamespace, row: int) -> int:
+    """The committed value of counters row ``row``."""
     with env.other.connect() as conn:
         return int(conn.execute(text("SELECT value FROM counters WHERE id = :i"), {"i": row}).scalar_one())
 
 
 def test_a_transient_error_is_retried_in_a_fresh_context(env: SimpleNamespace) -> None:
+    """A run that hit SQLSTATE 40001 is rolled back and retried in a fresh context."""
     tok, row = token(), counter(env)
     result = env.conflict.delay(tok, row, 1)  # the first run hits a real SQLSTATE 40001
     assert result.get(timeout=WAIT) == 1
@@ -458,6 +573,7 @@ def test_a_transient_error_is_retried_in_a_fresh_context(env: SimpleNamespace) -
 
 
 def test_transient_retries_run_out(env: SimpleNamespace) -> None:
+    """After retry_transient retries the task fails with the database error, and nothing is kept."""
     tok, row = token(), counter(env)
     result = env.conflict.delay(tok, row, 10)  # retry_transient=2: three runs in all
     result.get(timeout=WAIT, propagate=False)
@@ -468,7 +584,31 @@ def test_transient_retries_run_out(env: SimpleNamespace) -> None:
     assert not any(note_exists(env, f"{tok}-attempt-{n}") for n in range(3))
 
 
+@pytest.mark.parametrize("retries", [-20, "0", 1.0, None], ids=["negative", "str", "float", "null"])
+def test_a_forged_retries_count_is_refused(env: SimpleNamespace, retries: Any) -> None:
+    """A message whose retries is not a count of at least 0 fails before it runs, so it buys no extra runs."""
+    tok, row = token(), counter(env)
+    result = forged(env, "pdtest.conflict", (tok, row, 100), retries=retries)
+    result.get(timeout=WAIT, propagate=False)
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, InvalidInput)
+    assert "refused before it ran: its message's retries is" in str(result.result)
+    drain(env)
+    assert runs(tok) == []
+    assert counter_value(env, row) == 0
+
+
+def test_a_forged_retries_count_only_lowers_the_runs_left(env: SimpleNamespace) -> None:
+    """A message that claims earlier runs gets fewer transient retries, never more than retry_transient."""
+    tok, row = token(), counter(env)
+    result = forged(env, "pdtest.conflict", (tok, row, 100), retries=1)
+    result.get(timeout=WAIT, propagate=False)
+    assert "could not serialize access" in str(result.result)
+    assert [r["retries"] for r in runs(tok)] == [1, 2]
+
+
 def test_no_transient_retry_unless_asked(env: SimpleNamespace) -> None:
+    """A task without retry_transient is not retried after a transient error."""
     tok, row = token(), counter(env)
     result = env.conflict_no_retry.delay(tok, row, 1)
     result.get(timeout=WAIT, propagate=False)
@@ -478,6 +618,7 @@ def test_no_transient_retry_unless_asked(env: SimpleNamespace) -> None:
 
 
 def test_other_database_errors_are_not_retried(env: SimpleNamespace) -> None:
+    """A database error that is not transient is not retried."""
     tok = token()
     result = env.divide_by_zero.delay(tok)
     result.get(timeout=WAIT, propagate=False)
@@ -490,6 +631,7 @@ def test_other_database_errors_are_not_retried(env: SimpleNamespace) -> None:
 
 
 def test_bad_arguments_fail_at_the_call_not_at_commit(env: SimpleNamespace) -> None:
+    """Bad arguments, options and meta headers fail at delay(), not in the commit hook."""
     with env.dm.context({"tenant": object()}) as ctx:
         with pytest.raises(TypeError, match="meta 'tenant' is a object; only str, int, float and bool"):
             env.typed.delay(1, 2)
@@ -508,14 +650,20 @@ def test_bad_arguments_fail_at_the_call_not_at_commit(env: SimpleNamespace) -> N
 
 
 def test_a_send_that_fails_at_commit_is_reported(env: SimpleNamespace) -> None:
+    """A send that fails at commit is a hook error, and the result raises TaskNotSent with the cause."""
     dm = DataManager()
-    app = Celery("polydatum_celery_dead_broker", broker="amqp://guest:guest@127.0.0.1:1//",
-                 set_as_current=False)
-    app.conf.update(task_publish_retry=False, broker_connection_timeout=1, broker_connection_retry=False,
-                    broker_connection_max_retries=0)
+    app = Celery(
+        "polydatum_celery_dead_broker", broker="amqp://guest:guest@127.0.0.1:1//", set_as_current=False
+    )
+    app.conf.update(
+        task_publish_retry=False,
+        broker_connection_timeout=1,
+        broker_connection_retry=False,
+        broker_connection_max_retries=0,
+    )
     install(app, dm)
 
-    @app.task(name="pdtest.nowhere")
+    @app.task(shared=False, name="pdtest.nowhere")
     def nowhere() -> None:  # pragma: no cover - never runs
         pass
 
@@ -533,6 +681,7 @@ def test_a_send_that_fails_at_commit_is_reported(env: SimpleNamespace) -> None:
 
 @pytest.fixture
 def eager() -> SimpleNamespace:
+    """An eager-mode app (no broker, no worker) with a task that records its context."""
     dm = DataManager()
     app = Celery("polydatum_celery_eager", broker="memory://", set_as_current=False)
     app.conf.update(task_always_eager=True, task_store_eager_result=False)
@@ -546,7 +695,7 @@ def eager() -> SimpleNamespace:
 
     install(app, dm, meta=meta)
 
-    @app.task(name="pdtest.eager.note")
+    @app.task(shared=False, name="pdtest.eager.note")
     def note(label: str, bad_meta: bool = False) -> str:
         ctx = dm.require_active_context()
         seen.append({"label": label, "ctx": ctx, "meta": dict(ctx.meta)})
@@ -556,6 +705,7 @@ def eager() -> SimpleNamespace:
 
 
 def test_eager_mode_runs_on_commit(eager: SimpleNamespace) -> None:
+    """In eager mode a task sent in a context runs when it commits, and not at all on rollback."""
     with eager.dm.context():
         result = eager.note.delay("a")
         assert eager.seen == []
@@ -570,6 +720,8 @@ def test_eager_mode_runs_on_commit(eager: SimpleNamespace) -> None:
 
 
 def test_the_send_waits_for_the_innermost_context(eager: SimpleNamespace) -> None:
+    """A send waits for the innermost context: an inner commit sends even if the outer one rolls back."""
+
     def body(ctx: Any) -> tuple[Any, Any]:
         with eager.dm.context():
             inner = eager.note.delay("inner")
@@ -583,6 +735,7 @@ def test_the_send_waits_for_the_innermost_context(eager: SimpleNamespace) -> Non
 
 
 def test_direct_calls_join_the_open_context(eager: SimpleNamespace) -> None:
+    """Calling a task function directly joins the open context, or opens one when none is open."""
     with eager.dm.context() as ctx:
         assert eager.note("inside") == "INSIDE"
     assert eager.seen[0]["ctx"] is ctx
@@ -592,6 +745,7 @@ def test_direct_calls_join_the_open_context(eager: SimpleNamespace) -> None:
 
 
 async def test_a_task_sent_from_an_async_context_waits_for_its_commit(eager: SimpleNamespace) -> None:
+    """A task sent from an async context is sent when that context commits."""
     async with eager.dm.context():
         pending = eager.note.delay("async")
         assert eager.seen == []
@@ -599,20 +753,41 @@ async def test_a_task_sent_from_an_async_context_waits_for_its_commit(eager: Sim
 
 
 def test_a_meta_function_must_return_a_mapping(eager: SimpleNamespace) -> None:
+    """A meta function that returns no mapping fails the task before its body runs."""
     with pytest.raises(TypeError, match="meta\\(task\\) must return a mapping, got list"):
         eager.note.apply(("x",), {"bad_meta": True}).get()
     assert eager.seen == []  # the body never ran
 
 
+@pytest.mark.parametrize(
+    ("retries", "problem"), [(-1, "negative"), (2**63, "beyond 64 bits"), (True, "a bool")]
+)
+def test_apply_refuses_a_retries_count_too(eager: SimpleNamespace, retries: Any, problem: str) -> None:
+    """apply(retries=...) with no count of earlier runs fails before the body, as a message would."""
+    with pytest.raises(
+        InvalidInput,
+        match=f"task pdtest.eager.note refused before it ran: its message's "
+        f"retries is {problem}, not a count",
+    ):
+        eager.note.apply(("x",), retries=retries).get()
+    assert eager.seen == []
+
+
 def test_retry_if_chooses_what_is_transient() -> None:
+    """retry_if chooses which errors are retried, each run in a fresh context, up to the limit."""
     dm = DataManager()
     app = Celery("polydatum_celery_retry_if", broker="memory://", set_as_current=False)
     app.conf.update(task_always_eager=True, task_store_eager_result=False)
-    install(app, dm, retry_transient=2, retry_transient_backoff=0,
-            retry_if=lambda exc: isinstance(exc, ConnectionError))
+    install(
+        app,
+        dm,
+        retry_transient=2,
+        retry_transient_backoff=0,
+        retry_if=lambda exc: isinstance(exc, ConnectionError),
+    )
     contexts: list[Any] = []
 
-    @app.task(name="pdtest.flaky", bind=True)
+    @app.task(shared=False, name="pdtest.flaky", bind=True)
     def flaky(self: Any, failures: int, error: str) -> int:
         contexts.append(dm.require_active_context())
         if self.request.retries < failures:
@@ -635,14 +810,21 @@ def test_retry_if_chooses_what_is_transient() -> None:
 
 
 def test_celery_autoretry_for_gets_a_fresh_context_per_run() -> None:
+    """Celery's autoretry_for retries run in a fresh context each."""
     dm = DataManager()
     app = Celery("polydatum_celery_autoretry", broker="memory://", set_as_current=False)
     app.conf.update(task_always_eager=True, task_store_eager_result=False)
     install(app, dm)
     contexts: list[Any] = []
 
-    @app.task(name="pdtest.auto", bind=True, autoretry_for=(ConnectionError,), max_retries=2,
-              default_retry_delay=0)
+    @app.task(
+        shared=False,
+        name="pdtest.auto",
+        bind=True,
+        autoretry_for=(ConnectionError,),
+        max_retries=2,
+        default_retry_delay=0,
+    )
     def auto(self: Any) -> int:
         contexts.append(dm.require_active_context())
         if self.request.retries < 2:
@@ -655,6 +837,7 @@ def test_celery_autoretry_for_gets_a_fresh_context_per_run() -> None:
 
 
 def test_a_pending_result_pickles_as_a_plain_result(eager: SimpleNamespace) -> None:
+    """A PendingResult pickles as a plain AsyncResult of the same id."""
     with eager.dm.context():
         pending = eager.note.delay("p")
         copy = pickle.loads(pickle.dumps(pending))
@@ -666,6 +849,7 @@ def test_a_pending_result_pickles_as_a_plain_result(eager: SimpleNamespace) -> N
 
 
 def test_install_refuses_bad_input() -> None:
+    """install() refuses bad arguments and installs nothing."""
     dm = DataManager()
     app = Celery("polydatum_celery_bad", broker="memory://", set_as_current=False)
     with pytest.raises(TypeError, match=re.escape("needs a celery.Celery app, got object")):
@@ -692,6 +876,7 @@ def test_install_refuses_bad_input() -> None:
 
 
 def test_install_twice() -> None:
+    """Installing twice on one app raises AlreadyExistsException."""
     app = Celery("polydatum_celery_twice", broker="memory://", set_as_current=False)
     base = install(app, DataManager())
     assert app.Task is base
@@ -700,9 +885,10 @@ def test_install_twice() -> None:
 
 
 def test_install_after_tasks_were_made() -> None:
+    """install() refuses an app that already made tasks, naming them."""
     app = Celery("polydatum_celery_late", broker="memory://", set_as_current=False)
 
-    @app.task(name="pdtest.late.early_bird", lazy=False)
+    @app.task(shared=False, name="pdtest.late.early_bird", lazy=False)
     def early_bird() -> None:  # pragma: no cover - never runs
         pass
 
@@ -711,19 +897,21 @@ def test_install_after_tasks_were_made() -> None:
 
 
 def test_a_bad_task_option_fails_when_the_task_is_made() -> None:
+    """A bad retry_transient task option fails when the task is made."""
     app = Celery("polydatum_celery_option", broker="memory://", set_as_current=False)
     install(app, DataManager())
     with pytest.raises(ValueError, match=re.escape("task pdtest.opt.bad: retry_transient must be an int")):
 
-        @app.task(name="pdtest.opt.bad", retry_transient=-2, lazy=False)
+        @app.task(shared=False, name="pdtest.opt.bad", retry_transient=-2, lazy=False)
         def bad() -> None:  # pragma: no cover - never made
             pass
 
 
 def test_a_polydatum_task_without_install() -> None:
+    """A PolydatumTask with no DataManager fails when run or sent, naming install()."""
     app = Celery("polydatum_celery_bare", broker="memory://", set_as_current=False)
 
-    @app.task(name="pdtest.bare.lonely", base=PolydatumTask, lazy=False)
+    @app.task(shared=False, name="pdtest.bare.lonely", base=PolydatumTask, lazy=False)
     def lonely() -> None:  # pragma: no cover - never runs
         pass
 
@@ -731,3 +919,52 @@ def test_a_polydatum_task_without_install() -> None:
         lonely()
     with pytest.raises(RuntimeError, match="no DataManager"):
         lonely.delay()
+
+
+def test_overlapping_eager_runs_on_two_threads_leave_results_gettable() -> None:
+    """Eager runs that overlap on two threads leave ``AsyncResult.get()`` usable afterwards.
+
+    Celery keeps "inside a task" in one process-wide flag that each eager run
+    saves and restores; the interleaving below (A starts, B starts, A ends,
+    B ends) used to leave it set, and a threaded development server in eager
+    mode then failed every later ``.get()`` with "Never call result.get()
+    within a task!".
+    """
+    dm = DataManager()
+    app = Celery("polydatum_celery_eager_threads", broker="memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_store_eager_result=False)
+    install(app, dm)
+    started = {name: threading.Event() for name in ("a", "b")}
+    go = {name: threading.Event() for name in ("a", "b")}
+
+    @app.task(shared=False, name="pdtest.eager.overlap")
+    def overlap(name: str) -> str:
+        started[name].set()
+        assert go[name].wait(10)
+        return name
+
+    @app.task(shared=False, name="pdtest.eager.plain")
+    def plain() -> int:
+        return 7
+
+    def run(name: str) -> None:
+        with dm.context():  # sent at commit, the way a request sends it
+            overlap.delay(name)
+
+    threads = {name: threading.Thread(target=run, args=(name,)) for name in ("a", "b")}
+    try:
+        threads["a"].start()
+        assert started["a"].wait(10)
+        threads["b"].start()
+        assert started["b"].wait(10)
+        go["a"].set()
+        threads["a"].join(10)
+        go["b"].set()
+        threads["b"].join(10)
+        assert plain.delay().get() == 7
+    finally:
+        for event in go.values():
+            event.set()
+        for thread in threads.values():
+            thread.join(10)
+        _state._set_task_join_will_block(False)  # never leak it to later tests

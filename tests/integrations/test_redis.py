@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,15 +19,18 @@ from polydatum import DataManager, Service
 from polydatum.cache import (
     AsyncCache,
     Cache,
+    CacheBusy,
     CacheError,
     CacheUnavailable,
     LockError,
     LockExpired,
     LockNotAcquired,
+    MemoryBackend,
     SerializationError,
     cached,
 )
-from polydatum.redis import AsyncRedis, Redis, RedisBackend
+from polydatum.redis import AsyncRedis, PoolTimeout, Redis, RedisBackend
+from tests.integrations.conftest import REDIS_KINDS, redis_target
 from tests.support.servers import PrivateRedis
 
 
@@ -89,10 +94,26 @@ def _redis(redis_url: str) -> Iterator[Redis]:
     redis.close()
 
 
-@pytest.fixture(name="cache", params=["memory", "redis"])
-def _cache(request: pytest.FixtureRequest, namespace: str) -> Iterator[Cache]:
-    if request.param == "redis":
+@pytest.fixture(name="redis_pools", scope="module")
+def _redis_pools() -> Iterator[dict[str, Redis]]:
+    """One Redis per node kind (a cluster, Sentinel), made when first needed."""
+    pools: dict[str, Redis] = {}
+    yield pools
+    for redis in pools.values():
+        redis.close()
+
+
+@pytest.fixture(name="cache", params=["memory", *REDIS_KINDS])
+def _cache(request: pytest.FixtureRequest, namespace: str, redis_pools: dict[str, Redis]) -> Iterator[Cache]:
+    """A cache in memory, then on one Redis server, a Redis Cluster and a Sentinel group."""
+    kind = request.param
+    if kind == "redis":
         cache = request.getfixturevalue("redis").cache(namespace=namespace)
+    elif kind in REDIS_KINDS:
+        if kind not in redis_pools:
+            url, options = redis_target(request, kind)
+            redis_pools[kind] = Redis(url, **options)
+        cache = redis_pools[kind].cache(namespace=namespace)
     else:
         cache = Cache(namespace=namespace)
     yield cache
@@ -115,6 +136,30 @@ def _dm(cache: Cache) -> DataManager:
 def users_of(dm: DataManager) -> Users:
     """The Users service registered on ``dm``, to count its calls."""
     return _SERVICES[id(dm)]
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for ``check`` to hold (a deadline, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.005)
+
+
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in another thread and return what it returned or raised."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # handed back to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    return out[0]
 
 
 class TestResources:
@@ -142,7 +187,7 @@ class TestResources:
         fresh.install(dm)
         with dm.context():
             pass
-        assert fresh.pool._created_connections == 0
+        assert not fresh.pool._connections
         fresh.close()
 
     def test_cache_resource_is_bound_to_its_context(self, dm: DataManager, cache: Cache) -> None:
@@ -175,6 +220,131 @@ class TestResources:
         assert not lock.locked()
         with pytest.raises(ValueError, match="locks always expire"):
             redis.lock("x", timeout=0)
+
+
+class WatchedQueue(queue.LifoQueue):  # type: ignore[type-arg]
+    """The blocking pool's queue of free connections, counting takers that found it empty."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.found_empty = 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Count a taker that will have to wait, then take as usual."""
+        with self.mutex:
+            if not self._qsize():
+                self.found_empty += 1
+        return super().get(block, timeout)
+
+
+class TestPool:
+    def test_more_threads_than_connections_all_succeed(
+        self, redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Three times max_connections threads, each in a context, wait for a connection and succeed."""
+        redis = Redis(redis_url, max_connections=2, queue_class=WatchedQueue)
+        cache = redis.cache(namespace=namespace)
+        dm = DataManager()
+        redis.install(dm)
+        cache.install(dm)
+        held = [redis.pool.get_connection() for _ in range(2)]  # the pool is full
+        results: dict[int, tuple[Any, int]] = {}
+
+        def work(i: int) -> None:
+            with dm.context() as ctx:
+                ctx.cache.set(f"k{i}", i)
+                results[i] = (ctx.cache.get(f"k{i}"), ctx.redis.incr(f"{namespace}:n"))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        with caplog.at_level(logging.WARNING, logger="polydatum.cache"):
+            for thread in threads:
+                thread.start()
+            # Each thread's first command found the pool empty and waits in it.
+            until(lambda: redis.pool.pool.found_empty >= len(threads), "every thread to wait")
+            for connection in held:
+                redis.pool.release(connection)
+            for thread in threads:
+                thread.join(10)
+        assert sorted(value for value, _ in results.values()) == list(range(6))
+        assert sorted(n for _, n in results.values()) == list(range(1, 7))
+        assert not cache.is_down()
+        assert "unavailable" not in caplog.text
+        redis.client().delete(f"{namespace}:n")
+        redis.close()
+
+    def test_full_pool_past_its_timeout_raises_pool_timeout_not_an_outage(
+        self, redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A pool that stays full past pool_timeout raises PoolTimeout; the cache never degrades."""
+        redis = Redis(redis_url, max_connections=1, pool_timeout=0.01)
+        cache = redis.cache(namespace=namespace)
+        cache.set("a", 1)
+        held = redis.pool.get_connection()
+        with caplog.at_level(logging.WARNING, logger="polydatum.cache"):
+            with pytest.raises(PoolTimeout, match=r"pool_timeout=0\.01s: all max_connections=1"):
+                cache.get("a")
+            with pytest.raises(PoolTimeout, match="pool_timeout"):
+                redis.client().get(f"{namespace}:raw")  # the raw client as well
+            with pytest.raises(CacheBusy):
+                cache.delete("a")  # kept, and delivered once a connection is free
+            assert not cache.ping()
+            assert not cache.is_down()
+        assert "unavailable" not in caplog.text
+        redis.pool.release(held)
+        assert cache.get("a") is None
+        assert cache.set("b", 2)
+        assert cache.get("b") == 2
+        assert redis.ping()
+        redis.close()
+
+    async def test_async_pool_waits_then_times_out(self, redis_url: str, namespace: str) -> None:
+        """AsyncRedis: tasks beyond max_connections wait their turn; past pool_timeout, PoolTimeout."""
+        aredis = AsyncRedis(redis_url, max_connections=2, pool_timeout=None)
+        acache = aredis.cache(namespace=namespace)
+        held = [await aredis.pool.get_connection() for _ in range(2)]
+
+        async def work(i: int) -> Any:
+            await acache.set(f"k{i}", i)
+            return await acache.get(f"k{i}")
+
+        tasks = [asyncio.create_task(work(i)) for i in range(6)]
+        for _ in range(50):  # let every task run up to the pool
+            await asyncio.sleep(0)
+        assert not any(task.done() for task in tasks)  # waiting, neither failed nor missed
+        for connection in held:
+            await aredis.pool.release(connection)
+        assert await asyncio.gather(*tasks) == list(range(6))
+        assert not acache.is_down()
+        await acache.clear()
+        await aredis.aclose()
+
+        aredis = AsyncRedis(redis_url, max_connections=1, pool_timeout=0.01)
+        acache = aredis.cache(namespace=namespace)
+        held = [await aredis.pool.get_connection()]
+        with pytest.raises(PoolTimeout, match="max_connections=1"):
+            await acache.get("a")
+        assert not acache.is_down()
+        assert not await acache.ping()
+        await aredis.pool.release(held[0])
+        assert await acache.get("a") is None
+        await aredis.aclose()
+
+    @pytest.mark.parametrize(
+        ("options", "error", "match"),
+        [
+            ({"pool_timeout": 0}, ValueError, "pool_timeout must be positive"),
+            ({"pool_timeout": "5"}, ValueError, "pool_timeout must be positive"),
+            ({"timeout": 5}, TypeError, "pool_timeout=.*socket_timeout="),
+        ],
+    )
+    def test_bad_pool_timeout_is_refused(
+        self, options: dict[str, Any], error: type[Exception], match: str
+    ) -> None:
+        """A non-positive pool_timeout, or redis-py's ambiguous timeout=, says what to pass."""
+        with pytest.raises(error, match=match):
+            Redis("redis://127.0.0.1:6379/0", **options)
+        with pytest.raises(error, match=match):
+            AsyncRedis("redis://127.0.0.1:6379/0", **options)
 
 
 class TestCached:
@@ -225,6 +395,7 @@ class TestCached:
         users = users_of(dm)
         with dm.dal() as dal:
             dal.users.get(1)
+
         def failing_unit_of_work() -> None:
             with dm.dal() as dal:
                 dal.users.rename(1, "ann")
@@ -305,13 +476,73 @@ class TestCached:
         with pytest.raises(CacheError, match="using=<a Cache>"):
             square(3)
 
-    @pytest.mark.parametrize(
-        "kwargs", [{"ttl": 0}, {"ttl": 1, "stale": -1}, {"ttl": 1, "key": 42}]
-    )
+    @pytest.mark.parametrize("kwargs", [{"ttl": 0}, {"ttl": 1, "stale": -1}, {"ttl": 1, "key": 42}])
     def test_bad_arguments_are_refused(self, kwargs: dict[str, Any]) -> None:
         """cached() rejects a non-positive ttl, a negative stale and a non-str key."""
         with pytest.raises((ValueError, TypeError)):
             cached(**kwargs)
+
+
+class TestKeys:
+    def test_argument_cannot_take_over_another_keys_claim(self, cache: Cache) -> None:
+        """name="victim:computing" writes neither the claim of "victim" nor stops it being cached."""
+        calls: list[str] = []
+
+        @cached(ttl=60, key="user:{name}", using=cache, wait=0)
+        def get(name: str) -> str:
+            calls.append(name)
+            return name.upper()
+
+        assert get("victim:computing") == "VICTIM:COMPUTING"
+        assert get("victim") == "VICTIM"
+        assert get("victim") == "VICTIM"  # cached at once, not computed again unstored
+        assert calls == ["victim:computing", "victim"]
+
+    def test_argument_cannot_reach_another_templates_entry(self, cache: Cache) -> None:
+        """With "user:{name}" and "user:{name}:friends", name="ada:friends" keeps to its own entry."""
+
+        @cached(ttl=60, key="user:{name}", using=cache)
+        def user(name: str) -> dict[str, str]:
+            return {"user": name}
+
+        @cached(ttl=60, key="user:{name}:friends", using=cache)
+        def friends(name: str) -> list[str]:
+            return ["bob"]
+
+        assert user("ada:friends") == {"user": "ada:friends"}
+        assert friends("ada") == ["bob"]
+        assert user("100%") == {"user": "100%"}
+        assert user("100%25") == {"user": "100%25"}  # the escape itself is escaped
+
+    def test_long_template_key_is_hashed(self, cache: Cache) -> None:
+        """A 5 MB argument gives a short key: past 200 characters the key is "#" and its SHA-256."""
+        calls: list[int] = []
+
+        @cached(ttl=60, key="doc:{text}", using=cache)
+        def size(text: str) -> int:
+            calls.append(1)
+            return len(text)
+
+        big = "x" * 5_000_000
+        assert size(big) == 5_000_000
+        assert size(big) == 5_000_000
+        assert calls == [1]
+        hashed = "#" + hashlib.sha256(f"doc:{big}".encode()).hexdigest()
+        assert cache.get(hashed)[1] == 5_000_000
+        assert cache.get(f"doc:{big}") is None
+        # An argument cannot forge a hashed key: "#" is escaped like ":".
+        assert size(hashed[1:]) == 64
+        assert cache.get(hashed)[1] == 5_000_000
+
+    def test_long_callable_key_is_hashed(self, cache: Cache) -> None:
+        """A key callable returning more than 200 characters is hashed the same way."""
+
+        @cached(ttl=60, key=lambda text: f"doc:{text}", using=cache)
+        def echo(text: str) -> str:
+            return text
+
+        assert echo("y" * 300) == "y" * 300
+        assert cache.get("#" + hashlib.sha256(("doc:" + "y" * 300).encode()).hexdigest())
 
 
 class TestMiddleware:
@@ -342,7 +573,58 @@ class TestMiddleware:
             cached(ttl=1).middleware()
 
 
+class _ClaimRace(MemoryBackend):
+    """A memory backend that, once, lets another caller run just before a claim lands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before_claim: Callable[[], None] | None = None
+
+    def set(self, key: str, value: bytes, ttl_ms: int | None, when: Any) -> bool:
+        hook, self.before_claim = self.before_claim, None
+        if hook is not None and "#claim:" in key and when == "absent":
+            hook()
+        return super().set(key, value, ttl_ms, when)
+
+
 class TestStampede:
+    def test_claim_after_another_caller_stored_does_not_compute_again(self) -> None:
+        """Missed, then another caller stored and released before our claim: we read its value."""
+        backend = _ClaimRace()
+        dm = DataManager()
+        Cache(backend, namespace="race").install(dm)
+        users = Users()
+        dm.register_services(users=users)
+
+        def other() -> None:
+            with dm.dal() as dal:
+                assert dal.users.get(1) == {"id": 1, "name": "ada"}
+
+        backend.before_claim = other
+        with dm.dal() as dal:
+            assert dal.users.get(1) == {"id": 1, "name": "ada"}
+        assert users.calls == 1
+
+    def test_async_claim_after_another_caller_stored_does_not_compute_again(self) -> None:
+        """The same race for an async cached method."""
+        backend = _ClaimRace()
+        dm = DataManager()
+        Cache(backend, namespace="race").install(dm)
+        users = Users()
+        dm.register_services(users=users)
+
+        def other() -> None:
+            with dm.dal() as dal:
+                dal.users.get(1)
+
+        async def main() -> dict[str, Any] | None:
+            async with dm.dal() as dal:
+                return await dal.users.aget(1)
+
+        backend.before_claim = other
+        assert asyncio.run(main()) == {"id": 1, "name": "ada"}
+        assert users.calls == 1
+
     def test_concurrent_misses_compute_once(self, dm: DataManager) -> None:
         """Threads missing the same key at once: one computes, the others wait for it."""
         users = users_of(dm)
@@ -371,9 +653,10 @@ class TestStampede:
 
         assert compute() == 1
         time.sleep(0.1)
-        cache.add("s:computing", 1, ttl=5)  # someone else is refreshing
+        token = cache._claim("s", 5)  # someone else is refreshing
+        assert token is not None
         assert compute() == 1
-        cache.delete("s:computing")
+        cache._release_claim("s", token)
         assert compute() == 2
 
     def test_waiter_computes_itself_when_the_claimer_vanishes(self, cache: Cache) -> None:
@@ -383,16 +666,38 @@ class TestStampede:
         def compute() -> str:
             return "mine"
 
-        cache.add("w:computing", 1, ttl=0.05)  # a claimer that dies
+        assert cache._claim("w", 0.05)  # a claimer that dies
         started = time.monotonic()
         assert compute() == "mine"
         assert time.monotonic() - started < 5
 
 
 class TestAsync:
-    async def test_async_cached_method_and_invalidation(
-        self, namespace: str, redis_url: str
-    ) -> None:
+    async def test_aping_is_a_deprecated_ping(self, redis_url: str) -> None:
+        """AsyncRedis.aping() answers as ping() does (False for a dead server), and warns."""
+        aredis, dead = AsyncRedis(redis_url), AsyncRedis("redis://127.0.0.1:1/0")
+        with pytest.warns(
+            DeprecationWarning, match=r"AsyncRedis\.aping\(\) is deprecated; use `await redis\.ping\(\)`"
+        ):
+            assert await aredis.aping() is True
+        with pytest.warns(DeprecationWarning, match="aping"):
+            assert await dead.aping() is False
+        assert await dead.ping() is False
+        await aredis.aclose()
+        await dead.aclose()
+
+    async def test_install_returns_self_and_takes_name_by_keyword(self, redis_url: str) -> None:
+        """install(dm, name=...) returns the object it was called on; the name is keyword-only."""
+        aredis = AsyncRedis(redis_url)
+        dm = DataManager()
+        assert aredis.install(dm, name="r") is aredis
+        cache = aredis.cache(namespace="install")
+        assert cache.install(dm, name="c") is cache
+        with pytest.raises(TypeError):
+            aredis.install(dm, "other")  # type: ignore[call-arg]
+        await aredis.aclose()
+
+    async def test_async_cached_method_and_invalidation(self, namespace: str, redis_url: str) -> None:
         """An async cached method on an AsyncCache hits, and invalidates at commit."""
         aredis = AsyncRedis(redis_url)
         acache = aredis.cache(namespace=namespace)
@@ -411,7 +716,7 @@ class TestAsync:
             assert await ctx.dal.users.aget(1) == {"id": 1, "name": "ann"}
             assert await ctx.redis.ping()
         assert users.calls == 2
-        assert await aredis.aping()
+        assert await aredis.ping()
         assert await acache.clear() >= 1
         await aredis.aclose()
 
@@ -520,8 +825,8 @@ class TestRedisDown:
             assert await acache.get("k") is None
             assert not await acache.set("k", 2)
             assert await acache.get_many(["k"]) == {}
-        assert not await acache.aping()
-        assert not await aredis.aping()
+        assert not await acache.ping()
+        assert not await aredis.ping()
         private_redis.start()
         await asyncio.sleep(0.06)
         assert await acache.set("k", 3)
@@ -566,7 +871,7 @@ class TestRedisDown:
         observer.close()
         # Our pool's connections plus the observer itself.
         assert len(clients) <= 10 + 1
-        assert redis.pool._created_connections <= 10
+        assert len(redis.pool._connections) <= 10
         redis.close()
 
 
@@ -625,6 +930,23 @@ class TestLocks:
         with pytest.raises(LockError, match="acquire it before extending"):
             redis.lock(f"{namespace}:other", timeout=1).extend(5)
 
+    def test_release_from_another_thread_raises_lock_error(
+        self, cache: Cache, redis: Redis, namespace: str
+    ) -> None:
+        """Releasing or extending a lock another thread holds raises LockError, as MemoryLock does."""
+        for lock in (cache.lock("held", timeout=30), redis.lock(f"{namespace}:held", timeout=30)):
+            assert lock.acquire()
+            error = in_thread(lock.release)
+            assert isinstance(error, LockError)
+            assert "not held by this thread" in str(error)
+            if hasattr(lock, "extend"):
+                error = in_thread(lambda lock=lock: lock.extend(5))
+                assert isinstance(error, LockError)
+                assert "not held by this thread" in str(error)
+            assert lock.locked()  # still held by its owner, who releases it
+            lock.release()
+            assert not lock.locked()
+
     async def test_async_lock_errors(self, redis_url: str, namespace: str) -> None:
         """AsyncRedis locks: positive timeout required, release needs acquire, contention."""
         aredis = AsyncRedis(redis_url)
@@ -670,8 +992,7 @@ class TestLocks:
 class TestMoreErrors:
     def test_call_that_does_not_fit_the_signature_names_the_method(self, dm: DataManager) -> None:
         """Arguments that do not bind to the method raise TypeError naming it."""
-        with pytest.raises(TypeError, match=r"Users\.search\(\) called with arguments"), \
-                dm.dal() as dal:
+        with pytest.raises(TypeError, match=r"Users\.search\(\) called with arguments"), dm.dal() as dal:
             dal.users.search("a", 1, 2, 3)
 
     @pytest.mark.parametrize("kwargs", [{"wait": -1}, {"lock_timeout": 0}])
@@ -705,7 +1026,7 @@ class TestMoreErrors:
 
         with pytest.raises(SerializationError, match=r"bad\(\).*object"):
             await bad()
-        assert await acache.get("k:computing") is None  # the claim was released
+        assert not await acache._is_claimed("k")  # the claim was released
 
     async def test_async_middleware(self, namespace: str) -> None:
         """cached(...).middleware() also caches async DAL methods."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,34 +31,8 @@ from tests.support.sql import (
     Item,
     Items,
     Tags,
-    fresh_postgres_database,
     server_connections,
 )
-
-
-@pytest.fixture(name="pg_url", scope="module")
-def fixture_pg_url(postgres_url: str) -> Iterator[str]:
-    """A PostgreSQL database of this module's own, dropped afterwards."""
-    with fresh_postgres_database(postgres_url) as url:
-        yield url
-
-
-@pytest.fixture(name="url", params=["sqlite", "postgresql"])
-def fixture_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    """The database URL of each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'app.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture(name="db")
-def fixture_db(url: str) -> Iterator[Database]:
-    """A Database with the test tables, emptied afterwards."""
-    db = Database(url)
-    Base.metadata.create_all(db.engine)
-    yield db
-    Base.metadata.drop_all(db.engine)
-    db.dispose()
 
 
 @pytest.fixture(name="dm")
@@ -96,12 +70,13 @@ class TestTransactions:
     def test_clean_context_commits_every_write(self, dm: DataManager, db: Database) -> None:
         """A context that ends cleanly commits all of its writes."""
         with dm.dal() as dal:
-            dal.items.create(name="a", version=1)
+            dal.items.create(name="a")
             dal.items.create(name="b")
         assert names(db) == ["a", "b"]
 
     def test_raising_context_leaves_no_row(self, dm: DataManager, db: Database) -> None:
         """A context that raises rolls back every write it made and re-raises."""
+
         def body(ctx: DataAccessContext) -> None:
             ctx.dal.items.create(name="a")
             ctx.dal.items.create(name="b")
@@ -111,9 +86,7 @@ class TestTransactions:
             run(dm, body)
         assert names(db) == []
 
-    def test_on_commit_hook_runs_after_a_durable_commit(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_on_commit_hook_runs_after_a_durable_commit(self, dm: DataManager, db: Database) -> None:
         """on_commit hooks run after the commit: another connection already sees the row."""
         seen: list[list[str]] = []
         with dm.context() as ctx:
@@ -123,11 +96,10 @@ class TestTransactions:
         assert seen == [["a"]]
         assert ctx.get_hook_errors() == []
 
-    def test_on_rollback_hook_runs_and_nothing_is_committed(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_on_rollback_hook_runs_and_nothing_is_committed(self, dm: DataManager, db: Database) -> None:
         """on_rollback hooks run (and on_commit ones do not) when the context raises."""
         seen: list[str] = []
+
         def body(ctx: DataAccessContext) -> None:
             ctx.dal.items.create(name="a")
             ctx.on_commit(seen.append, "committed")
@@ -139,11 +111,10 @@ class TestTransactions:
         assert seen == ["rolled back"]
         assert names(db) == []
 
-    def test_failed_commit_raises_and_runs_rollback_hooks(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_failed_commit_raises_and_runs_rollback_hooks(self, dm: DataManager, db: Database) -> None:
         """A commit that fails raises from the context, runs on_rollback hooks, keeps nothing."""
         seen: list[str] = []
+
         def body(ctx: DataAccessContext) -> None:
             ctx.db.add_all([Item(name="same"), Item(name="same")])  # flushed at commit
             ctx.on_commit(seen.append, "committed")
@@ -167,9 +138,7 @@ class TestTransactions:
             assert "db" in ctx
         assert len(checkouts) == 1
 
-    def test_error_path_closes_session_and_returns_connection(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_error_path_closes_session_and_returns_connection(self, dm: DataManager, db: Database) -> None:
         """After a raising context the session is closed and its connection is back in the pool."""
         sessions: list[Session] = []
 
@@ -255,10 +224,9 @@ class TestTransactions:
             ctx.dal.items.create(name="after")
         assert names(db) == ["after", "outer"]
 
-    def test_released_savepoint_is_undone_by_the_outer_rollback(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_released_savepoint_is_undone_by_the_outer_rollback(self, dm: DataManager, db: Database) -> None:
         """Work in a released savepoint is still rolled back when the context raises."""
+
         def body(ctx: DataAccessContext) -> None:
             with ctx.db.begin_nested():
                 ctx.dal.items.create(name="inner")
@@ -280,6 +248,7 @@ class TestTransactions:
             ctx.dal.items.create(name="main")
             ctx.dal.stats.create(name="event")
             assert ctx.db is not ctx.analytics
+
         def body(ctx: DataAccessContext) -> None:
             ctx.dal.items.create(name="lost")
             ctx.dal.stats.create(name="lost")
@@ -323,9 +292,7 @@ class TestTransactions:
 
 
 class TestReadOnly:
-    def test_read_only_install_refuses_orm_and_sql_writes(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_read_only_install_refuses_orm_and_sql_writes(self, dm: DataManager, db: Database) -> None:
         """A database installed read-only refuses flushes and raw INSERTs with ReadOnlyError."""
         db.install(dm, name="replica", read_only=True)
         dm.register_services(replica_items=Items(database="replica"))
@@ -335,9 +302,7 @@ class TestReadOnly:
             ctx.replica.execute(insert(Item).values(name="b", version=1))
         assert names(db) == []
 
-    def test_read_only_context_reads_and_is_not_committed(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_read_only_context_reads_and_is_not_committed(self, dm: DataManager, db: Database) -> None:
         """read_only(session) lets a context read, refuses its writes, and rolls it back."""
         with dm.dal() as dal:
             dal.items.create(name="a")
@@ -347,6 +312,7 @@ class TestReadOnly:
             assert ctx.dal.items.count() == 1
             with pytest.raises(ReadOnlyError):
                 ctx.db.execute(insert(Item).values(name="raw", version=1))
+
         def write(ctx: DataAccessContext) -> None:
             read_only(ctx.db)
             ctx.dal.items.require(1).name = "changed"
@@ -358,6 +324,7 @@ class TestReadOnly:
 
     def test_read_only_after_the_first_query_is_refused(self, dm: DataManager) -> None:
         """Calling read_only() once the session began its transaction raises RuntimeError."""
+
         def body(ctx: DataAccessContext) -> None:
             ctx.db.execute(text("SELECT 1"))
             read_only(ctx.db)
@@ -365,9 +332,7 @@ class TestReadOnly:
         with pytest.raises(RuntimeError, match="before the first query"):
             run(dm, body)
 
-    def test_read_only_does_not_leak_into_the_next_context(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_read_only_does_not_leak_into_the_next_context(self, dm: DataManager, db: Database) -> None:
         """A pooled connection used read-only accepts writes again in the next context."""
         with dm.context() as ctx:
             read_only(ctx.db)
@@ -401,12 +366,11 @@ class TestVersioned:
         with dm.dal() as dal:
             assert dal.items.update(item.id, expected_version=1, qty=3).version == 2
 
-    def test_stale_write_raises_conflict_and_rolls_back(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_stale_write_raises_conflict_and_rolls_back(self, dm: DataManager, db: Database) -> None:
         """A flush of a row changed behind the session's back is a ConcurrencyConflict."""
         with dm.dal() as dal:
             item_id = dal.items.create(name="a").id
+
         def body(ctx: DataAccessContext) -> None:
             ctx.dal.items.create(name="half-written")
             item = ctx.dal.items.require(item_id)
@@ -418,9 +382,7 @@ class TestVersioned:
             run(dm, body)
         assert names(db) == ["a"]
 
-    def test_stale_delete_raises_conflict_and_keeps_the_row(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_stale_delete_raises_conflict_and_keeps_the_row(self, dm: DataManager, db: Database) -> None:
         """Deleting a row that another writer changed since it was read is a conflict too."""
         with dm.dal() as dal:
             item_id = dal.items.create(name="a").id
@@ -436,9 +398,7 @@ class TestVersioned:
         assert names(db) == ["a"]
 
     @pytest.mark.parametrize("when", ["body", "commit"])
-    def test_middleware_maps_stale_data_of_plain_sessions(
-        self, db: Database, when: str
-    ) -> None:
+    def test_middleware_maps_stale_data_of_plain_sessions(self, db: Database, when: str) -> None:
         """With a plain Session class the middleware still turns StaleDataError into a conflict."""
         plain = Database(db.url, session_options={"class_": Session})
         dm = DataManager()
@@ -446,6 +406,7 @@ class TestVersioned:
         dm.register_services(items=Items())
         with dm.dal() as dal:
             item_id = dal.items.create(name="a").id
+
         def body(ctx: DataAccessContext) -> None:
             item = ctx.db.get(Item, item_id)
             bump_version_behind_the_session(ctx.db, item_id)
@@ -468,9 +429,7 @@ class TestVersioned:
         with dm.dal() as dal:
             assert dal.items.require(item.id).qty == 1
 
-    def test_delete_with_an_old_expected_version_is_a_conflict(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_delete_with_an_old_expected_version_is_a_conflict(self, dm: DataManager, db: Database) -> None:
         """delete(expected_version=...) refuses to delete a row someone changed since; the row stays."""
         with dm.dal() as dal:
             item = dal.items.create(name="a")
@@ -489,9 +448,7 @@ class TestVersioned:
             with pytest.raises(ValueError, match="Versioned mixin"):
                 dal.tags.update("t", expected_version=1, item_id=None)
 
-    def test_two_threads_updating_the_same_version_one_wins(
-        self, dm: DataManager, db: Database
-    ) -> None:
+    def test_two_threads_updating_the_same_version_one_wins(self, dm: DataManager, db: Database) -> None:
         """Two threads update the same seen version: one commits, the other gets a conflict."""
         with dm.dal() as dal:
             item_id = dal.items.create(name="orig").id
@@ -559,8 +516,9 @@ class TestVersioned:
 
 class TestEngine:
     def test_ping_answers(self, db: Database) -> None:
-        """ping() runs SELECT 1 and returns without error on a reachable database."""
-        db.ping()
+        """ping() runs SELECT 1 and returns True on a reachable database; health() reports the primary."""
+        assert db.ping() is True
+        assert [node.name for node in db.health()] == ["primary"]
         assert db.engine.pool.checkedout() == 0
 
     def test_dispose_closes_pooled_connections_and_the_next_context_reconnects(
@@ -578,13 +536,22 @@ class TestEngine:
             assert dal.items.count() == 1
         assert len(connects) == 1  # the pool made after dispose() connected once
 
-    def test_ping_raises_when_the_server_is_unreachable(self) -> None:
-        """ping() raises SQLAlchemy's OperationalError when nothing listens."""
+    def test_ping_is_false_when_the_server_is_unreachable(self) -> None:
+        """ping() returns False when nothing listens; health() raises OperationalError saying why."""
         db = Database(
             f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
             connect_args={"connect_timeout": 2},
         )
+        assert db.ping() is False
         with pytest.raises(OperationalError):
+            db.health()
+        db.dispose()
+
+    def test_ping_raises_on_a_programming_error(self) -> None:
+        """ping() on an engine whose dialect cannot run SELECT 1 is no outage: the error is raised."""
+        db = Database("sqlite://")
+        event.listen(db.engine, "before_cursor_execute", _refuse_statements)
+        with pytest.raises(RuntimeError, match="no statements here"):
             db.ping()
         db.dispose()
 
@@ -644,14 +611,17 @@ class TestEngine:
             "try:\n    import polydatum.sqlalchemy\n"
             "except ImportError as exc:\n    print(exc)\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
         assert 'pip install "polydatum[sqlalchemy]"' in out.stdout
 
     @pytest.mark.parametrize(
         ("factory", "url", "module"),
-        [(Database, "mysql://app:secret@127.0.0.1/app", "MySQLdb"),
-         (AsyncDatabase, "postgresql+psycopg2://app@127.0.0.1/app", "psycopg2")],
+        [
+            (Database, "mysql://app:secret@127.0.0.1/app", "MySQLdb"),
+            (AsyncDatabase, "postgresql+psycopg2://app@127.0.0.1/app", "psycopg2"),
+        ],
     )
     def test_missing_driver_says_what_to_install(
         self, factory: Callable[[str], object], url: str, module: str
@@ -674,9 +644,46 @@ class TestEngine:
         assert "secret" not in repr(db)
         assert repr(db).startswith("Database('postgresql+psycopg://app:***@")
 
+    @pytest.mark.parametrize(
+        "key",
+        ["password", "PASSWORD", "passwd", "pwd", "sslpassword", "secret", "token", "auth_token", "api_key"],
+    )
+    def test_repr_hides_secrets_in_the_query_string(self, key: str) -> None:
+        """A secret-looking query value is masked in the repr; other query values stay."""
+        db = Database(f"postgresql+psycopg://app@127.0.0.1:1/app?{key}=hunter2&sslmode=require")
+        assert "hunter2" not in repr(db)
+        assert f"{key}=***" in repr(db)
+        assert "sslmode=require" in repr(db)
+        adb = AsyncDatabase(f"postgresql+psycopg://app@127.0.0.1:1/app?{key}=hunter2")
+        assert "hunter2" not in repr(adb)
+        assert "hunter2" not in repr(adb.sync)
+
+    def test_errors_naming_the_url_hide_query_secrets(self, tmp_path: Any) -> None:
+        """The missing-driver, read-only and pinning messages never repeat a query-string password."""
+        with pytest.raises(ModuleNotFoundError) as missing:
+            Database("mysql://app@127.0.0.1/app?password=hunter2")
+        assert "password=***" in str(missing.value)
+        assert "hunter2" not in str(missing.value)
+        db = Database(f"sqlite:///file:{tmp_path / 'x.db'}?uri=true&password=hunter2")
+        Base.metadata.create_all(db.engine)
+        with db.session(read_only=True) as session, pytest.raises(ReadOnlyError) as refused:
+            session.execute(insert(Item).values(name="x"))
+        assert "hunter2" not in str(refused.value)
+        db._pin(db.engine.connect())
+        with pytest.raises(RuntimeError, match="do not nest") as nested:
+            db._refuse_pinned()
+        assert "hunter2" not in str(nested.value)
+        db._pin(None)
+        db.dispose()
+
     def test_session_outside_a_context(self, db: Database) -> None:
         """Database.session() gives an ordinary session for scripts, committed by hand."""
         with db.session() as session:
             session.add(Item(name="script"))
             session.commit()
         assert names(db) == ["script"]
+
+
+def _refuse_statements(*args: object) -> None:
+    msg = "no statements here"
+    raise RuntimeError(msg)

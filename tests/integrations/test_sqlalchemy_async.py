@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from polydatum import DataManager, Service
 from polydatum.context import DataAccessContext
 from polydatum.dal import DataAccessLayer
-from polydatum.errors import ConcurrencyConflict, MiddlewareSetupException, NotFound
+from polydatum.errors import ConcurrencyConflict, NotFound
 from polydatum.sqlalchemy import AsyncDatabase, Database, ReadOnlyError, aretry, read_only
 from tests.support.servers import free_port
 from tests.support.sql import (
@@ -25,16 +25,8 @@ from tests.support.sql import (
     Counter,
     Item,
     Items,
-    fresh_postgres_database,
     server_connections,
 )
-
-
-@pytest.fixture(name="pg_url", scope="module")
-def fixture_pg_url(postgres_url: str) -> Iterator[str]:
-    """A PostgreSQL database of this module's own, dropped afterwards."""
-    with fresh_postgres_database(postgres_url) as url:
-        yield url
 
 
 @pytest.fixture(name="url", params=["aiosqlite", "postgresql"])
@@ -118,9 +110,7 @@ class TestTransactions:
             await run(dm, body)
         assert seen == [["a"], "rolled back"]
 
-    async def test_unused_context_checks_out_nothing(
-        self, dm: DataManager, db: AsyncDatabase
-    ) -> None:
+    async def test_unused_context_checks_out_nothing(self, dm: DataManager, db: AsyncDatabase) -> None:
         """An async context that never asks for the session checks out no connection."""
         async with dm.context() as ctx:
             assert "db" not in ctx
@@ -172,7 +162,6 @@ class TestTransactions:
             session.add(Item(name="dropped"))
         assert await names(db) == ["kept"]
 
-
     async def test_cancelled_task_rolls_back_and_returns_the_connection(
         self, dm: DataManager, db: AsyncDatabase
     ) -> None:
@@ -196,11 +185,10 @@ class TestTransactions:
         assert await names(db) == []
         assert db.engine.pool.checkedout() == 0
 
-    async def test_failed_commit_runs_rollback_hooks(
-        self, dm: DataManager, db: AsyncDatabase
-    ) -> None:
+    async def test_failed_commit_runs_rollback_hooks(self, dm: DataManager, db: AsyncDatabase) -> None:
         """A commit that fails raises from the context, runs on_rollback hooks and keeps nothing."""
         seen: list[str] = []
+
         async def body(ctx: DataAccessContext) -> None:
             session: AsyncSession = await ctx.aget("db")
             session.add_all([Item(name="same"), Item(name="same")])  # flushed at commit
@@ -213,9 +201,7 @@ class TestTransactions:
         assert await names(db) == []
         assert db.engine.pool.checkedout() == 0
 
-    async def test_two_named_databases(
-        self, dm: DataManager, db: AsyncDatabase, tmp_path: Any
-    ) -> None:
+    async def test_two_named_databases(self, dm: DataManager, db: AsyncDatabase, tmp_path: Any) -> None:
         """Two AsyncDatabases under two names: separate sessions, both commit or neither does."""
         analytics = AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path / 'analytics.db'}")
         async with analytics.engine.begin() as conn:
@@ -272,9 +258,7 @@ class TestStore:
 
 
 class TestReadOnly:
-    async def test_read_only_install_refuses_writes(
-        self, dm: DataManager, db: AsyncDatabase
-    ) -> None:
+    async def test_read_only_install_refuses_writes(self, dm: DataManager, db: AsyncDatabase) -> None:
         """An AsyncDatabase installed read-only refuses ORM and raw writes."""
         db.install(dm, name="replica", read_only=True)
         dm.register_services(replica=AsyncItems(database="replica"))
@@ -291,9 +275,7 @@ class TestReadOnly:
                 await run(dm, body)
         assert await names(db) == []
 
-    async def test_read_only_context_is_rolled_back(
-        self, dm: DataManager, db: AsyncDatabase
-    ) -> None:
+    async def test_read_only_context_is_rolled_back(self, dm: DataManager, db: AsyncDatabase) -> None:
         """read_only(async_session) makes one context read-only; the next one writes again."""
         async with dm.context() as ctx:
             session = await ctx.aget("db")
@@ -446,12 +428,18 @@ async def test_aretry_gives_up_after_its_attempts(dm: DataManager, db: AsyncData
         await aretry(dm, work, attempts=0)
 
 
-def test_async_database_in_a_sync_context_says_to_use_async_with(tmp_path: Any) -> None:
-    """An AsyncDatabase installed in a DataManager refuses `with dm.context()`, saying what to use."""
+def test_async_database_in_a_sync_context_gives_a_session(tmp_path: Any) -> None:
+    """An AsyncDatabase serves `with dm.context()` too, with a Session of its sync side."""
     dm = DataManager()
-    AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}").install(dm)
-    with pytest.raises(MiddlewareSetupException, match=r"async with dm\.context"):
-        dm.context().__enter__()
+    db = AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}").install(dm)
+    Base.metadata.create_all(db.sync.engine)
+    dm.register_services(items=Items())
+    with dm.dal() as dal:
+        assert dal.items.create(name="sync").id == 1
+    with dm.context() as ctx:
+        assert isinstance(ctx.db, Session)
+        assert ctx.db.scalars(select(Item.name)).all() == ["sync"]
+    db.sync.dispose()
 
 
 async def test_sync_database_in_an_async_context(tmp_path: Any) -> None:
@@ -476,19 +464,21 @@ async def test_sync_database_in_an_async_context(tmp_path: Any) -> None:
     sync_db.dispose()
 
 
-async def test_aping(db: AsyncDatabase) -> None:
-    """aping() answers on a reachable database."""
-    await db.aping()
+async def test_ping(db: AsyncDatabase) -> None:
+    """await ping() is True on a reachable database; await health() reports the primary."""
+    assert await db.ping() is True
+    assert [node.ok for node in await db.health()] == [True]
 
 
-async def test_aping_raises_when_unreachable() -> None:
-    """aping() raises OperationalError when nothing listens."""
+async def test_ping_is_false_when_unreachable() -> None:
+    """await ping() is False when nothing listens; await health() raises OperationalError saying why."""
     db = AsyncDatabase(
         f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
         connect_args={"connect_timeout": 2},
     )
+    assert await db.ping() is False
     with pytest.raises(OperationalError):
-        await db.aping()
+        await db.health()
     await db.dispose()
 
 

@@ -36,8 +36,9 @@ def make_file(path: Path) -> Path:
     """A small countries database written with the stdlib, as a build step would."""
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE countries (code VARCHAR(2) PRIMARY KEY, name VARCHAR NOT NULL)")
-        conn.executemany("INSERT INTO countries VALUES (?, ?)",
-                         [("fr", "France"), ("de", "Germany"), ("jp", "Japan")])
+        conn.executemany(
+            "INSERT INTO countries VALUES (?, ?)", [("fr", "France"), ("de", "Germany"), ("jp", "Japan")]
+        )
     conn.close()
     return path
 
@@ -74,9 +75,7 @@ class TestFile:
             assert [c.code for c in dal.countries.search(order_by="name")] == ["fr", "de", "jp"]
             assert dal.countries.count({"name__startswith": "G"}) == 1
 
-    def test_every_kind_of_write_is_refused_and_the_file_is_untouched(
-        self, tmp_path: Path
-    ) -> None:
+    def test_every_kind_of_write_is_refused_and_the_file_is_untouched(self, tmp_path: Path) -> None:
         """ORM writes, raw INSERTs, DDL and PRAGMAs raise ReadOnlyError; the bytes never change."""
         path = make_file(tmp_path / "geo.sqlite")
         before = digest(path)
@@ -96,6 +95,46 @@ class TestFile:
         assert digest(path) == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["geo.sqlite"]
 
+    @pytest.mark.parametrize(
+        ("statement", "in_context"),
+        [
+            ("ATTACH DATABASE '{path}' AS extra", "refuses ATTACH"),
+            # SQLite itself refuses VACUUM inside the context's transaction.
+            ("VACUUM INTO '{path}'", "cannot VACUUM from within a transaction"),
+            ("SELECT load_extension('{path}')", "refuses ATTACH"),
+        ],
+    )
+    def test_statements_reaching_other_files_are_refused(
+        self, tmp_path: Path, statement: str, in_context: str
+    ) -> None:
+        """ATTACH, VACUUM INTO and load_extension raise ReadOnlyError and create no file."""
+        dataset = Dataset(make_file(tmp_path / "geo.sqlite"))
+        dm = wire(dataset)
+        target = tmp_path / "elsewhere.db"
+        with pytest.raises((DatabaseError, ReadOnlyError), match=in_context) as refused, dm.context() as ctx:
+            ctx.geo.execute(text(statement.format(path=target)))
+        assert str(tmp_path) not in str(refused.value).split("[SQL:")[0]  # no server path
+        # Outside a transaction too (VACUUM refuses to run inside one anyway).
+        with dataset.engine.connect() as conn, pytest.raises(ReadOnlyError, match="refuses ATTACH"):
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(statement.format(path=target)))
+        assert not target.exists()
+        dataset.dispose()
+
+    def test_a_refused_attach_leaves_the_next_context_clean(self, tmp_path: Path) -> None:
+        """After a refused ATTACH and DETACH, the pooled connection has only its own database."""
+        dataset = Dataset(make_file(tmp_path / "geo.sqlite"))
+        dm = wire(dataset)
+        for statement in (f"ATTACH DATABASE '{tmp_path / 'x.db'}' AS x", "DETACH DATABASE x"):
+            with pytest.raises(ReadOnlyError, match="refuses ATTACH"), dm.context() as ctx:
+                ctx.geo.execute(text(statement))
+        with dm.context() as ctx:
+            listed = ctx.geo.execute(text("PRAGMA database_list")).all()
+            assert [row[1] for row in listed] == ["main"]
+            assert ctx.dal.countries.count() == 3
+        assert dataset.engine.pool.checkedin() == 1  # the same pooled connection both times
+        dataset.dispose()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["geo.sqlite"]
+
     def test_file_is_opened_lazily(self, tmp_path: Path) -> None:
         """Creating and installing a Dataset opens no connection until a context reads."""
         dataset = Dataset(make_file(tmp_path / "geo.sqlite"))
@@ -113,8 +152,9 @@ class TestFile:
         path = tmp_path / "big.sqlite"
         with sqlite3.connect(path) as conn:
             conn.execute("CREATE TABLE countries (code VARCHAR PRIMARY KEY, name VARCHAR NOT NULL)")
-            conn.executemany("INSERT INTO countries VALUES (?, ?)",
-                             ((f"{i:05d}", "x" * 1000) for i in range(16 * 1024)))
+            conn.executemany(
+                "INSERT INTO countries VALUES (?, ?)", ((f"{i:05d}", "x" * 1000) for i in range(16 * 1024))
+            )
         conn.close()
         size = path.stat().st_size
         assert size > 16 * 1024 * 1024
@@ -222,3 +262,11 @@ class TestMemory:
         with dm.dal() as dal:
             assert dal.countries.count() == 1
         assert dataset.path is None
+
+    def test_memory_dataset_refuses_attach(self, tmp_path: Path) -> None:
+        """A Dataset(':memory:') refuses ATTACH too, and no file appears."""
+        dm = wire(Dataset(":memory:", populate=fill))
+        target = tmp_path / "elsewhere.db"
+        with pytest.raises(ReadOnlyError, match="refuses ATTACH"), dm.context() as ctx:
+            ctx.geo.execute(text(f"ATTACH DATABASE '{target}' AS extra"))
+        assert not target.exists()

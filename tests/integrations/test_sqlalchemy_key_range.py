@@ -17,7 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from polydatum import DataManager
 from polydatum.errors import NotFound
 from polydatum.sqlalchemy import AsyncDatabase, Database, Store
-from tests.support.sql import AsyncItems, Base, Item, Items, Memberships, fresh_postgres_database
+from tests.support.sql import AsyncItems, Base, Item, Items, Memberships
 
 OUTSIDE_INT32 = [2**31, -(2**31) - 1]
 OUTSIDE_INT64 = [2**63, -(2**63) - 1, 10**20, -(10**20)]
@@ -47,23 +47,9 @@ class Bigs(Store[Big]):
     pass
 
 
-@pytest.fixture(name="pg_url", scope="module")
-def fixture_pg_url(postgres_url: str) -> Iterator[str]:
-    """A PostgreSQL database of this module's own, dropped afterwards."""
-    with fresh_postgres_database(postgres_url) as url:
-        yield url
-
-
-@pytest.fixture(name="backend", params=["sqlite", "postgresql"])
-def fixture_backend(request: pytest.FixtureRequest) -> str:
-    """The backend's name."""
-    return str(request.param)
-
-
 @pytest.fixture(name="db")
-def fixture_db(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[Database]:
+def fixture_db(url: str) -> Iterator[Database]:
     """A Database with the test tables, dropped afterwards."""
-    url = f"sqlite:///{tmp_path / 'keys.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     db = Database(url)
     Base.metadata.create_all(db.engine)
     OtherBase.metadata.create_all(db.engine)

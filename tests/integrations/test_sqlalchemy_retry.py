@@ -14,14 +14,7 @@ from polydatum import DataManager, Service
 from polydatum.dal import DataAccessLayer
 from polydatum.sqlalchemy import Database, is_transient, retry
 from polydatum.sqlalchemy._retry import _delay
-from tests.support.sql import Base, Counter, Items, fresh_postgres_database
-
-
-@pytest.fixture(name="pg_url", scope="module")
-def fixture_pg_url(postgres_url: str) -> Iterator[str]:
-    """A PostgreSQL database of this module's own, dropped afterwards."""
-    with fresh_postgres_database(postgres_url) as url:
-        yield url
+from tests.support.sql import Base, Counter, Items
 
 
 class Counters(Service):
@@ -46,8 +39,9 @@ def fixture_serializable(request: pytest.FixtureRequest, tmp_path: Any) -> Itera
     either writes, which is what makes them conflict.
     """
     if request.param == "sqlite":
-        db = Database(f"sqlite:///{tmp_path / 'retry.db'}", sqlite_begin="DEFERRED",
-                      isolation_level="SERIALIZABLE")
+        db = Database(
+            f"sqlite:///{tmp_path / 'retry.db'}", sqlite_begin="DEFERRED", isolation_level="SERIALIZABLE"
+        )
     else:
         db = Database(request.getfixturevalue("pg_url"), isolation_level="SERIALIZABLE")
     Base.metadata.create_all(db.engine)
@@ -72,9 +66,7 @@ def in_threads(*targets: Any) -> None:
 
 
 class TestRetry:
-    def test_conflicting_serializable_contexts_both_commit(
-        self, serializable: DataManager
-    ) -> None:
+    def test_conflicting_serializable_contexts_both_commit(self, serializable: DataManager) -> None:
         """Two contexts that read then write one counter both commit, as if run one after other."""
         dm = serializable
         barrier = threading.Barrier(2)
@@ -293,9 +285,7 @@ class TestRetry:
 
 class TestBackoff:
     @pytest.mark.parametrize(("backoff", "max_backoff"), [(0.05, 1.0), (0.2, 0.3), (0.0, 1.0)])
-    def test_waits_double_with_jitter_up_to_the_maximum(
-        self, backoff: float, max_backoff: float
-    ) -> None:
+    def test_waits_double_with_jitter_up_to_the_maximum(self, backoff: float, max_backoff: float) -> None:
         """The wait before attempt n+1 is between half and all of min(max, backoff * 2**(n-1))."""
         for attempt in range(1, 15):
             cap = min(max_backoff, backoff * 2 ** (attempt - 1))
@@ -324,10 +314,9 @@ class TestIsTransient:
             conn.execute(text("SELEC 1"))
         assert not is_transient(syntax.value)
         with db.engine.connect() as conn, pytest.raises(DBAPIError) as failure:
-            conn.execute(text(
-                "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure';"
-                " END $$"
-            ))
+            conn.execute(
+                text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; END $$")
+            )
         assert is_transient(failure.value)
         wrapped = RuntimeError("service failed")
         wrapped.__cause__ = failure.value

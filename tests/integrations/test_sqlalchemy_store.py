@@ -13,30 +13,8 @@ import pytest
 from polydatum import DataManager
 from polydatum.dal import DataAccessLayer
 from polydatum.errors import NotFound
-from polydatum.sqlalchemy import Database, Page, Store
-from polydatum.sqlalchemy._store import _decode_cursor, _encode_cursor, _encode_value
-from tests.support.sql import Base, Item, Items, Memberships, Tags, fresh_postgres_database
-
-
-@pytest.fixture(name="pg_url", scope="module")
-def fixture_pg_url(postgres_url: str) -> Iterator[str]:
-    """A PostgreSQL database of this module's own, dropped afterwards."""
-    with fresh_postgres_database(postgres_url) as url:
-        yield url
-
-
-@pytest.fixture(name="db", params=["sqlite", "postgresql"])
-def fixture_db(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database]:
-    """A Database on each backend with the test tables, emptied afterwards."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    db = Database(url)
-    Base.metadata.create_all(db.engine)
-    yield db
-    Base.metadata.drop_all(db.engine)
-    db.dispose()
+from polydatum.sqlalchemy import Database, Page, Store, _cursor
+from tests.support.sql import Item, Items, Memberships, Tags
 
 
 @pytest.fixture(name="dm")
@@ -106,6 +84,15 @@ class TestCrud:
         with pytest.raises(ValueError, match="'colour'"):
             dal.items.update(item.id, colour="red")
 
+    def test_expected_version_without_a_version_column_is_a_value_error(self, dal: DataAccessLayer) -> None:
+        """expected_version on a model without Versioned is refused, pointing to the mixin."""
+        dal.tags.create(code="red")
+        with pytest.raises(ValueError, match=r"Tag has no version column.*add the Versioned mixin"):
+            dal.tags.update("red", expected_version=1, item_id=None)
+        with pytest.raises(ValueError, match="Tag has no version column"):
+            dal.tags.delete("red", expected_version=1)
+        assert dal.tags.require("red").code == "red"
+
     def test_delete_reports_whether_a_row_went(self, dal: DataAccessLayer) -> None:
         """delete() is True when it removed the object and False when there was none."""
         item = dal.items.create(name="a")
@@ -166,9 +153,7 @@ class TestFilters:
             ({"made": dt.date(2024, 1, 2)}, [1, 5, 9]),
         ],
     )
-    def test_operators(
-        self, dal: DataAccessLayer, filters: dict[str, Any], expected: list[int]
-    ) -> None:
+    def test_operators(self, dal: DataAccessLayer, filters: dict[str, Any], expected: list[int]) -> None:
         """Every filter operator selects the rows it names."""
         items = seed(dal)
         found = dal.items.search(filters)
@@ -213,9 +198,7 @@ class TestFilters:
 
 class TestPagination:
     @pytest.mark.parametrize("order_by", [None, "qty", "-qty", ["-made", "qty"], ["qty", "-name"]])
-    def test_pages_cover_every_row_once_in_order(
-        self, dal: DataAccessLayer, order_by: Any
-    ) -> None:
+    def test_pages_cover_every_row_once_in_order(self, dal: DataAccessLayer, order_by: Any) -> None:
         """Walking the cursors yields every row exactly once, in the order of one big query."""
         seed(dal)
         everything = list(dal.items.search(order_by=order_by))
@@ -300,22 +283,30 @@ class TestCursorValues:
     @pytest.mark.parametrize(
         "value",
         [
-            None, True, 3, 2.5, "x",
+            None,
+            True,
+            3,
+            2.5,
+            "x",
             dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc),
-            dt.date(2024, 5, 6), dt.time(7, 8), Decimal("1.10"), uuid.uuid4(), b"\x00\xff",
+            dt.date(2024, 5, 6),
+            dt.time(7, 8),
+            Decimal("1.10"),
+            uuid.uuid4(),
+            b"\x00\xff",
         ],
     )
     def test_values_round_trip(self, value: Any) -> None:
         """Every supported sort-key type comes back from a cursor equal and of the same type."""
-        keys = (("k", False), ("id", False))
-        decoded = _decode_cursor(_encode_cursor(keys, [value, 1]), keys)
+        order = ["k", "id"]
+        decoded = _cursor.decode(_cursor.encode(order, [value, 1]), order)
         assert decoded == [value, 1]
         assert type(decoded[0]) is type(value)
 
     def test_unsupported_value_is_a_type_error(self) -> None:
         """A sort key of another type (a list) raises TypeError naming what works."""
         with pytest.raises(TypeError, match="order by columns holding numbers"):
-            _encode_value([1])
+            _cursor.encode_value([1])
 
 
 class TestConstruction:

@@ -202,16 +202,12 @@ def test_transactional_database_does_not_nest(database: Database) -> None:
 
 
 @pytest.fixture(params=["aiosqlite", "postgresql"])
-async def async_database(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[AsyncDatabase]:
+async def async_database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncDatabase]:
     with contextlib.ExitStack() as stack:
         if request.param == "aiosqlite":
             url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
         else:
-            url = stack.enter_context(
-                fresh_postgres_database(request.getfixturevalue("postgres_url"))
-            )
+            url = stack.enter_context(fresh_postgres_database(request.getfixturevalue("postgres_url")))
         db = AsyncDatabase(url)
         async with db.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
@@ -266,6 +262,7 @@ async def test_async_transactional_database_undoes_itself_after_an_error(
     dm = DataManager()
     async_database.install(dm)
     dm.register_services(items=AsyncItems())
+
     async def failing_test() -> None:
         async with async_transactional_database(async_database):
             async with dm.dal() as dal:
@@ -294,7 +291,7 @@ async def test_async_transactional_database_does_not_nest(
 # -- the pytest plugin ---------------------------------------------------------
 
 
-APP = '''
+APP = """
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -325,9 +322,9 @@ dm = DataManager()
 db = Database({url!r}).install(dm)
 Base.metadata.create_all(db.engine)
 dm.register_services(notes=Notes(Note), whoami=Whoami())
-'''
+"""
 
-TESTS = '''
+TESTS = """
 import pytest
 from polydatum import Service
 
@@ -363,7 +360,7 @@ def test_override_is_undone(polydatum_overrides, polydatum_data_manager):
 def test_after_override(polydatum_data_manager):
     with polydatum_data_manager.dal({"user": "bob"}) as dal:
         assert dal.whoami.get() == "bob"
-'''
+"""
 
 
 def _project(pytester: pytest.Pytester, url: str, ini: str = "polydatum_data_manager = app:dm") -> None:
@@ -396,7 +393,7 @@ def test_plugin_fixtures(pytester: pytest.Pytester, backend: str, request: pytes
 
 def test_plugin_data_manager_from_a_conftest_fixture(pytester: pytest.Pytester) -> None:
     pytester.makeini(INI)
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 import pytest
 from polydatum import DataManager, Service
 
@@ -409,11 +406,11 @@ def polydatum_data_manager():
     dm = DataManager()
     dm.register_services(hello=Hello())
     return dm
-''')
-    pytester.makepyfile('''
+""")
+    pytester.makepyfile("""
 def test_it(polydatum_dal):
     assert polydatum_dal.hello.get() == "hello"
-''')
+""")
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
@@ -442,14 +439,14 @@ def test_plugin_bad_configuration(pytester: pytest.Pytester, ini: str, message: 
 
 def test_polydatum_db_without_a_database(pytester: pytest.Pytester) -> None:
     pytester.makeini(INI)
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 import pytest
 from polydatum import DataManager
 
 @pytest.fixture
 def polydatum_data_manager():
     return DataManager()
-''')
+""")
     pytester.makepyfile("def test_it(polydatum_db):\n    pass\n")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
@@ -459,7 +456,7 @@ def polydatum_data_manager():
 def test_polydatum_db_with_only_an_async_database(pytester: pytest.Pytester) -> None:
     """polydatum_db in an app with only an AsyncDatabase points to async_transactional_database."""
     pytester.makeini(INI)
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 import pytest
 from polydatum import DataManager
 from polydatum.sqlalchemy import AsyncDatabase
@@ -469,7 +466,7 @@ def polydatum_data_manager():
     dm = DataManager()
     AsyncDatabase("sqlite+aiosqlite://").install(dm)
     return dm
-''')
+""")
     pytester.makepyfile("def test_it(polydatum_db):\n    pass\n")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
@@ -481,7 +478,7 @@ def test_datasets_are_left_alone(tmp_path: Path) -> None:
 
     dm = DataManager()
     db = Database(f"sqlite:///{tmp_path / 'a.db'}").install(dm)
-    Database(f"sqlite:///{tmp_path / 'b.db'}").install(dm, "analytics")
+    Database(f"sqlite:///{tmp_path / 'b.db'}").install(dm, name="analytics")
     Dataset(":memory:").install(dm)
     assert [d.url.database for d in _databases(dm)] == [str(tmp_path / "a.db"), str(tmp_path / "b.db")]
     assert _databases(dm)[0] is db

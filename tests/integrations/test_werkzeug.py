@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
 
 from polydatum import DataManager
@@ -24,15 +26,24 @@ from polydatum.errors import ConcurrencyConflict, NoActiveContextError, NotFound
 from polydatum.sqlalchemy import Database
 from polydatum.werkzeug import (
     ENVIRON_KEY,
-    PolydatumMiddleware,
+    PolydatumWSGIMiddleware,
     ResponseIncomplete,
     RollbackResponse,
-    current_context,
     default_meta,
     init_app,
+    request_context,
 )
 from tests.support.sql import Base, Item, Items, fresh_postgres_database
-from tests.support.web import Probe, Tracker, item_names, record_outcome, wait_until
+from tests.support.web import (
+    Probe,
+    Tracker,
+    every_polydatum_error,
+    item_names,
+    leaked,
+    real_blob_errors,
+    record_outcome,
+    wait_until,
+)
 
 # -- the server ----------------------------------------------------------------
 
@@ -67,6 +78,7 @@ class Reply:
 
 
 def request(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> Reply:
+    """Send one HTTP request on a connection of its own and read the whole reply."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         conn.request(method, path, headers=headers or {})
@@ -88,6 +100,7 @@ def routes(table: dict[str, Callable[[Request], Any]]) -> Any:
 
 
 def json_response(data: Any, status: int = 200) -> Response:
+    """A JSON Response of ``data`` with ``status``."""
     return Response(json.dumps(data), status=status, mimetype="application/json")
 
 
@@ -106,15 +119,18 @@ class Env:
         record_outcome(self.events, name)
 
     def create(self, name: str) -> None:
+        """Create the item ``name`` in the request's context and record its outcome."""
         self.hooks(name)
-        current_context().dal.items.create(name=name, qty=1)
+        request_context().dal.items.create(name=name, qty=1)
 
     def names(self) -> set[str]:
+        """The item names committed to the database."""
         return item_names(self.db.engine)
 
 
 @pytest.fixture(name="db", scope="module")
 def fixture_db(postgres_url: str) -> Iterator[Database]:
+    """A fresh PostgreSQL database with the tables, shared by this module, as a sync Database."""
     with fresh_postgres_database(postgres_url) as url:
         db = Database(url, pool_size=5, max_overflow=20)
         Base.metadata.create_all(db.engine)
@@ -124,6 +140,7 @@ def fixture_db(postgres_url: str) -> Iterator[Database]:
 
 @pytest.fixture(name="env")
 def fixture_env(db: Database) -> Iterator[Env]:
+    """An Env on the module's database; afterwards, checks every context closed and connection returned."""
     dm = DataManager()
     db.install(dm, name="db")
     tracker = Tracker()
@@ -136,6 +153,7 @@ def fixture_env(db: Database) -> Iterator[Env]:
 
 
 def unique(prefix: str) -> str:
+    """``prefix`` with a random suffix, so that rows of different tests never collide."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
@@ -143,28 +161,36 @@ def unique(prefix: str) -> str:
 
 
 def test_concurrent_requests_never_mix_meta(env: Env) -> None:
+    """200 concurrent requests, ten at a time inside their contexts, see only their own meta and context."""
     # Groups of 10 requests wait for each other inside their contexts, so at
     # least 10 contexts are open at once in 10 server threads.
     barrier = threading.Barrier(10)
 
     def who(req: Request) -> Response:
-        ctx = current_context()
+        ctx = request_context()
         handle = ctx.tracker
         before = ctx.dal.probe.who()
         barrier.wait(timeout=30)
         after = env.dm.get_dal().probe.who()
-        return json_response({
-            "before": before, "after": after, "handle_meta": handle.meta.request_id,
-            "same_ctx": env.dm.require_active_context() is ctx and req.environ[ENVIRON_KEY] is ctx,
-        })
+        return json_response(
+            {
+                "before": before,
+                "after": after,
+                "handle_meta": handle.meta.request_id,
+                "same_ctx": env.dm.require_active_context() is ctx and req.environ[ENVIRON_KEY] is ctx,
+            }
+        )
 
-    app = PolydatumMiddleware(routes({"/who": who}), env.dm,
-                              meta=lambda req: {"user": req.headers.get("X-User")})
+    app = PolydatumWSGIMiddleware(
+        routes({"/who": who}), env.dm, meta=lambda req: {"user": req.headers.get("X-User")}
+    )
     with serve(app) as port, ThreadPoolExecutor(max_workers=40) as pool:
-        replies = list(pool.map(
-            lambda i: request(port, "/who", {"X-Request-ID": f"req-{i}", "X-User": f"user-{i}"}),
-            range(200),
-        ))
+        replies = list(
+            pool.map(
+                lambda i: request(port, "/who", {"X-Request-ID": f"req-{i}", "X-User": f"user-{i}"}),
+                range(200),
+            )
+        )
     for i, reply in enumerate(replies):
         assert reply.status == 200
         data = reply.json()
@@ -176,10 +202,12 @@ def test_concurrent_requests_never_mix_meta(env: Env) -> None:
 
 
 def test_default_meta_from_the_request(env: Env) -> None:
-    def meta(req: Request) -> Response:
-        return json_response(dict(current_context().meta))
+    """Default meta holds the given or a fresh request id, client address, method and decoded path."""
 
-    app = PolydatumMiddleware(routes({"/meta": meta, "/café": meta}), env.dm)
+    def meta(req: Request) -> Response:
+        return json_response(dict(request_context().meta))
+
+    app = PolydatumWSGIMiddleware(routes({"/meta": meta, "/café": meta}), env.dm)
     with serve(app) as port:
         given = request(port, "/meta", {"X-Request-ID": "abc-123"}).json()
         fresh = [request(port, "/meta", method="POST").json() for _ in range(2)]
@@ -192,43 +220,63 @@ def test_default_meta_from_the_request(env: Env) -> None:
 
 
 def test_default_meta_matches_the_werkzeug_request() -> None:
-    environ = {"PATH_INFO": "//caf\xc3\xa9", "REQUEST_METHOD": "get", "REMOTE_ADDR": "10.0.0.1",
-               "HTTP_X_REQUEST_ID": "r1", "wsgi.url_scheme": "http", "SERVER_NAME": "x", "SERVER_PORT": "80"}
+    """The meta of a request equals ``default_meta()`` of its werkzeug Request, with the path decoded."""
+    environ = {
+        "PATH_INFO": "//caf\xc3\xa9",
+        "REQUEST_METHOD": "get",
+        "REMOTE_ADDR": "10.0.0.1",
+        "HTTP_X_REQUEST_ID": "r1",
+        "wsgi.url_scheme": "http",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+    }
     seen: list[dict[str, Any]] = []
     dm = DataManager()
 
     def app(environ: Any, start_response: Any) -> list[bytes]:
-        seen.append(dict(current_context().meta))
+        seen.append(dict(request_context().meta))
         start_response("204 No Content", [])
         return []
 
-    PolydatumMiddleware(app, dm)(environ, lambda *a: None)  # type: ignore[arg-type]
+    PolydatumWSGIMiddleware(app, dm)(environ, lambda *a: None)  # type: ignore[arg-type]
     assert seen == [default_meta(Request(environ))]
     assert seen[0]["path"] == "/café"
 
 
 def test_user_meta_function_gets_the_request_and_wins(env: Env) -> None:
-    def meta_fn(req: Request) -> dict[str, Any]:
-        return {"user": req.headers.get("Authorization", "").removeprefix("Bearer "),
-                "request_id": "from-meta", "query": req.args.get("q")}
+    """A meta function gets the werkzeug Request; its keys join the default meta and win on a clash."""
 
-    app = PolydatumMiddleware(
-        routes({"/m": lambda req: json_response(dict(current_context().meta))}), env.dm, meta=meta_fn
+    def meta_fn(req: Request) -> dict[str, Any]:
+        return {
+            "user": req.headers.get("Authorization", "").removeprefix("Bearer "),
+            "request_id": "from-meta",
+            "query": req.args.get("q"),
+        }
+
+    app = PolydatumWSGIMiddleware(
+        routes({"/m": lambda req: json_response(dict(request_context().meta))}), env.dm, meta=meta_fn
     )
     with serve(app) as port:
         data = request(port, "/m?q=z", {"Authorization": "Bearer ann", "X-Request-ID": "x"}).json()
-    assert data == {"request_id": "from-meta", "remote_addr": "127.0.0.1", "method": "GET",
-                    "path": "/m", "user": "ann", "query": "z"}
+    assert data == {
+        "request_id": "from-meta",
+        "remote_addr": "127.0.0.1",
+        "method": "GET",
+        "path": "/m",
+        "user": "ann",
+        "query": "z",
+    }
 
 
 # -- streaming ------------------------------------------------------------------------
 
 
 def test_streamed_response_reads_the_resource_until_the_client_has_every_chunk(env: Env) -> None:
+    """A streamed body keeps the context and its resource open until the client has the last chunk."""
     gate = threading.Semaphore(0)
 
     def stream(req: Request) -> Response:
-        handle = current_context().tracker
+        handle = request_context().tracker
 
         def body() -> Iterator[bytes]:
             for i in range(1000):
@@ -238,7 +286,7 @@ def test_streamed_response_reads_the_resource_until_the_client_has_every_chunk(e
 
         return Response(body(), mimetype="text/plain")
 
-    app = PolydatumMiddleware(routes({"/stream": stream}), env.dm)
+    app = PolydatumWSGIMiddleware(routes({"/stream": stream}), env.dm)
     with serve(app) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         try:
@@ -259,14 +307,15 @@ def test_streamed_response_reads_the_resource_until_the_client_has_every_chunk(e
 
 
 def test_client_disconnect_mid_stream_closes_the_context(env: Env) -> None:
+    """A client leaving mid-stream stops the body, rolls back and returns the session's pooled connection."""
     name = unique("disconnect")
     go_on = threading.Event()
     produced: list[int] = []
 
     def stream(req: Request) -> Response:
         env.create(name)  # a PostgreSQL session holds a pooled connection from here on
-        handle = current_context().tracker
-        session = current_context().db
+        handle = request_context().tracker
+        session = request_context().db
 
         def body() -> Iterator[bytes]:
             for i in range(1000):
@@ -278,7 +327,7 @@ def test_client_disconnect_mid_stream_closes_the_context(env: Env) -> None:
 
         return Response(body(), mimetype="text/plain")
 
-    app = PolydatumMiddleware(routes({"/stream": stream}), env.dm)
+    app = PolydatumWSGIMiddleware(routes({"/stream": stream}), env.dm)
     with serve(app) as port:
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         try:
@@ -298,13 +347,14 @@ def test_client_disconnect_mid_stream_closes_the_context(env: Env) -> None:
 
 
 def test_flask_stream_reads_the_database_to_the_end(env: Env) -> None:
+    """A Flask streamed body reads through the DAL for every chunk, and the context commits after the last."""
     flask = pytest.importorskip("flask")
     app = flask.Flask(__name__)
     init_app(app, env.dm)
 
     @app.get("/rows")
     def rows() -> Any:
-        ctx = current_context()
+        ctx = request_context()
         ids = [ctx.dal.items.create(name=unique("row")).id for _ in range(3)]
         env.hooks("flask-stream")
 
@@ -341,15 +391,17 @@ def writer(env: Env) -> Callable[[Request], Response]:
         env.create(req.args["name"])
         if "raise" in req.args:
             raise errors[req.args["raise"]]()
-        return Response("ok", status=int(req.args.get("status", 200)),
-                        headers={"X-Commit": req.args.get("commit", "")})
+        return Response(
+            "ok", status=int(req.args.get("status", 200)), headers={"X-Commit": req.args.get("commit", "")}
+        )
 
     return write
 
 
 def test_commit_and_rollback_are_visible_in_the_database(env: Env) -> None:
+    """A 200 commits the view's row; an unmapped error rolls it back and answers 500."""
     ok, failed = unique("ok"), unique("failed")
-    app = PolydatumMiddleware(routes({"/w": writer(env)}), env.dm)
+    app = PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm)
     with serve(app) as port:
         assert request(port, f"/w?name={ok}").status == 200
         assert request(port, f"/w?name={failed}&raise=boom").status == 500
@@ -371,8 +423,9 @@ def test_commit_and_rollback_are_visible_in_the_database(env: Env) -> None:
 def test_service_errors_map_to_their_status_after_rollback(
     env: Env, error: str, status: int, message: str
 ) -> None:
+    """A ServiceError rolls back and answers JSON with its code (500 if not an HTTP status) and message."""
     name = unique(error)
-    app = PolydatumMiddleware(routes({"/w": writer(env)}), env.dm)
+    app = PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm)
     with serve(app) as port:
         reply = request(port, f"/w?name={name}&raise={error}")
     assert reply.status == status
@@ -384,8 +437,9 @@ def test_service_errors_map_to_their_status_after_rollback(
 
 
 def test_other_exceptions_reach_the_server_after_rollback(env: Env) -> None:
+    """A non-service error rolls back and reaches the server, which answers with its own 500 page."""
     name = unique("boom")
-    app = PolydatumMiddleware(routes({"/w": writer(env)}), env.dm)
+    app = PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm)
     with serve(app) as port:
         reply = request(port, f"/w?name={name}&raise=boom")
     assert reply.status == 500
@@ -395,8 +449,9 @@ def test_other_exceptions_reach_the_server_after_rollback(env: Env) -> None:
 
 
 def test_error_status_without_raising_rolls_back(env: Env) -> None:
+    """A 4xx response rolls back, while 2xx and 3xx responses commit."""
     bad, fine, redirect = unique("bad"), unique("fine"), unique("redirect")
-    app = PolydatumMiddleware(routes({"/w": writer(env)}), env.dm)
+    app = PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm)
     with serve(app) as port:
         assert request(port, f"/w?name={bad}&status=422").status == 422
         assert request(port, f"/w?name={fine}&status=201").status == 201
@@ -407,6 +462,7 @@ def test_error_status_without_raising_rolls_back(env: Env) -> None:
 
 
 def test_a_veto_decides_which_responses_roll_back(env: Env) -> None:
+    """A veto given the status and headers decides which responses roll back, whatever their status."""
     kept, dropped, failed = unique("kept"), unique("dropped"), unique("failed")
     calls: list[tuple[int, str]] = []
 
@@ -415,7 +471,7 @@ def test_a_veto_decides_which_responses_roll_back(env: Env) -> None:
         # Commit only what the app marked, and never a server error.
         return dict(headers)["X-Commit"] != "yes" or status >= 500
 
-    app = PolydatumMiddleware(routes({"/w": writer(env)}), env.dm, veto=veto)
+    app = PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm, veto=veto)
     with serve(app) as port:
         assert request(port, f"/w?name={kept}&status=409&commit=yes").status == 409
         assert request(port, f"/w?name={dropped}&status=200&commit=no").status == 200
@@ -426,17 +482,18 @@ def test_a_veto_decides_which_responses_roll_back(env: Env) -> None:
 
 
 def test_a_commit_time_conflict_replaces_the_buffered_response(env: Env) -> None:
+    """A version conflict at commit turns the buffered 200 into a 409; the other writer's change stays."""
     with env.dm.dal() as dal:
         item = dal.items.create(name=unique("stale"), qty=1)
 
     def edit(req: Request) -> Response:
-        obj = current_context().dal.items.require(item.id)
+        obj = request_context().dal.items.require(item.id)
         obj.qty = 2  # flushed by the commit, after another writer got there first
         with env.db.engine.begin() as conn:
             conn.execute(update(Item).where(Item.id == item.id).values(qty=3, version=Item.version + 1))
         return Response("saved")  # buffered, with a Content-Length
 
-    app = PolydatumMiddleware(routes({"/edit": edit}), env.dm)
+    app = PolydatumWSGIMiddleware(routes({"/edit": edit}), env.dm)
     with serve(app) as port:
         reply = request(port, "/edit")
     assert reply.status == 409
@@ -446,6 +503,7 @@ def test_a_commit_time_conflict_replaces_the_buffered_response(env: Env) -> None
 
 
 def test_flask_app_through_init_app(env: Env) -> None:
+    """Under ``init_app()`` Flask views get meta and the DAL; successes commit, errors map and roll back."""
     flask = pytest.importorskip("flask")
     app = flask.Flask(__name__)
     middleware = init_app(app, env.dm, meta=lambda req: {"user": req.headers.get("X-User")})
@@ -456,12 +514,12 @@ def test_flask_app_through_init_app(env: Env) -> None:
     @app.post("/items/<name>")
     def create(name: str) -> Any:
         env.create(name)
-        return {"user": current_context().meta.user, "path": current_context().meta.path}, 201
+        return {"user": request_context().meta.user, "path": request_context().meta.path}, 201
 
     @app.get("/items/<name>")
     def read(name: str) -> Any:
         env.create(unique("read"))
-        found = current_context().dal.items.search({"name": name})
+        found = request_context().dal.items.search({"name": name})
         if not found:
             raise NotFound(f"no item {name}")
         return {"name": name}
@@ -492,6 +550,7 @@ def test_flask_app_through_init_app(env: Env) -> None:
 
 
 def plain(environ: Any, start_response: Any) -> list[bytes]:
+    """A bare WSGI app that answers 200 ``plain``."""
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"plain"]
 
@@ -506,12 +565,14 @@ def plain(environ: Any, start_response: Any) -> list[bytes]:
     ],
 )
 def test_bad_constructor_arguments(kwargs: dict[str, Any], message: str) -> None:
+    """PolydatumWSGIMiddleware raises TypeError for an app, data manager, meta or veto of the wrong kind."""
     args: dict[str, Any] = {"app": plain, "data_manager": DataManager(), **kwargs}
     with pytest.raises(TypeError, match=message):
-        PolydatumMiddleware(**args)
+        PolydatumWSGIMiddleware(**args)
 
 
 def test_init_app_refuses_what_is_not_a_flask_app_and_a_second_call() -> None:
+    """``init_app()`` raises TypeError for a non-Flask app and RuntimeError on a second call for one app."""
     flask = pytest.importorskip("flask")
     with pytest.raises(TypeError, match="needs a Flask app"):
         init_app(plain, DataManager())  # type: ignore[arg-type]
@@ -522,17 +583,19 @@ def test_init_app_refuses_what_is_not_a_flask_app_and_a_second_call() -> None:
 
 
 def test_current_context_outside_a_request() -> None:
-    with pytest.raises(NoActiveContextError, match="PolydatumMiddleware"):
-        current_context()
+    """``request_context()`` outside a request raises NoActiveContextError naming PolydatumWSGIMiddleware."""
+    with pytest.raises(NoActiveContextError, match="PolydatumWSGIMiddleware"):
+        request_context()
 
 
 def test_current_context_in_a_thread_the_view_started(env: Env) -> None:
+    """``request_context()`` in a thread the view started raises NoActiveContextError naming dm.context()."""
     seen: list[str] = []
 
     def view(req: Request) -> Response:
         def work() -> None:
             try:
-                current_context()
+                request_context()
             except NoActiveContextError as exc:
                 seen.append(str(exc))
 
@@ -541,13 +604,15 @@ def test_current_context_in_a_thread_the_view_started(env: Env) -> None:
         thread.join()
         return Response("ok")
 
-    with serve(PolydatumMiddleware(routes({"/": view}), env.dm)) as port:
+    with serve(PolydatumWSGIMiddleware(routes({"/": view}), env.dm)) as port:
         assert request(port, "/").status == 200
     assert len(seen) == 1
     assert "dm.context()" in seen[0]
 
 
 def counting_middleware(log: list[str]) -> Callable[[Any], Iterator[None]]:
+    """Context middleware that logs its setup and teardown in ``log``."""
+
     def middleware(ctx: Any) -> Iterator[None]:
         log.append("setup")
         yield
@@ -557,6 +622,7 @@ def counting_middleware(log: list[str]) -> Callable[[Any], Iterator[None]]:
 
 
 def test_meta_function_refusing_with_a_service_error(env: Env) -> None:
+    """A ServiceError from the meta function becomes its JSON error response and opens no context."""
     log: list[str] = []
     env.dm.register_context_middleware(counting_middleware(log))
 
@@ -565,7 +631,7 @@ def test_meta_function_refusing_with_a_service_error(env: Env) -> None:
             raise type("Unauthorized", (ServiceError,), {"code": 401})("log in first")
         return {"user": "ann"}
 
-    app = PolydatumMiddleware(routes({"/": lambda req: Response("ok")}), env.dm, meta=meta_fn)
+    app = PolydatumWSGIMiddleware(routes({"/": lambda req: Response("ok")}), env.dm, meta=meta_fn)
     with serve(app) as port:
         refused = request(port, "/")
         allowed = request(port, "/", {"Authorization": "x"})
@@ -586,29 +652,38 @@ def test_meta_function_refusing_with_a_service_error(env: Env) -> None:
 def test_a_broken_meta_function_is_a_server_error_and_opens_no_context(
     env: Env, meta_fn: Callable[[Request], Any]
 ) -> None:
+    """A meta function that raises or gives no mapping answers 500 and opens no context."""
     log: list[str] = []
     env.dm.register_context_middleware(counting_middleware(log))
-    app = PolydatumMiddleware(routes({"/": lambda req: Response("ok")}), env.dm, meta=meta_fn)
+    app = PolydatumWSGIMiddleware(routes({"/": lambda req: Response("ok")}), env.dm, meta=meta_fn)
     with serve(app) as port:
         assert request(port, "/").status == 500
     assert log == []
 
 
 def test_meta_function_returning_no_mapping_says_so() -> None:
-    app = PolydatumMiddleware(plain, DataManager(), meta=lambda req: None)  # type: ignore[arg-type,return-value]
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http",
-               "SERVER_NAME": "x", "SERVER_PORT": "80"}
+    """A meta function returning None makes the middleware raise TypeError: it must return a mapping."""
+    app = PolydatumWSGIMiddleware(plain, DataManager(), meta=lambda req: None)  # type: ignore[arg-type,return-value]
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "wsgi.url_scheme": "http",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+    }
     with pytest.raises(TypeError, match="it must return a mapping"):
         app(environ, lambda *a: None)  # type: ignore[arg-type]
 
 
 def test_context_middleware_refusing_at_setup(env: Env) -> None:
+    """A ServiceError raised by context middleware at setup answers with its status and message."""
+
     def maintenance(ctx: Any) -> Iterator[None]:
         raise type("Unavailable", (ServiceError,), {"code": 503})("down for maintenance")
         yield
 
     env.dm.register_context_middleware(maintenance)
-    with serve(PolydatumMiddleware(routes({"/": lambda req: Response("ok")}), env.dm)) as port:
+    with serve(PolydatumWSGIMiddleware(routes({"/": lambda req: Response("ok")}), env.dm)) as port:
         reply = request(port, "/")
     assert reply.status == 503
     assert reply.json()["message"] == "down for maintenance"
@@ -627,6 +702,7 @@ def commit_failure(error: BaseException) -> Callable[[Any], Iterator[None]]:
 
 @pytest.mark.parametrize("body", ["list", "response", "generator"])
 def test_a_failed_commit_before_the_body_went_out_becomes_the_error_response(env: Env, body: str) -> None:
+    """A ServiceError at commit, before a list, Response or empty generator body went out, is the response."""
     env.dm.register_context_middleware(commit_failure(ConcurrencyConflict("lost the race")))
 
     def app(environ: Any, start_response: Any) -> Iterable[bytes]:
@@ -638,7 +714,7 @@ def test_a_failed_commit_before_the_body_went_out_becomes_the_error_response(env
         start_response("200 OK", [("Content-Type", "text/plain")])
         return iter([])  # a generator body that turns out empty: nothing sent yet
 
-    wrapped = PolydatumMiddleware(app, env.dm, meta=lambda req: {"fail_commit": True})
+    wrapped = PolydatumWSGIMiddleware(app, env.dm, meta=lambda req: {"fail_commit": True})
     with serve(wrapped) as port:
         reply = request(port, "/")
     assert reply.status == 409
@@ -646,24 +722,27 @@ def test_a_failed_commit_before_the_body_went_out_becomes_the_error_response(env
 
 
 def test_an_unmapped_commit_failure_is_a_server_error(env: Env) -> None:
+    """A non-service error at commit answers 500."""
     env.dm.register_context_middleware(commit_failure(OSError("disk full")))
-    wrapped = PolydatumMiddleware(plain, env.dm, meta=lambda req: {"fail_commit": True})
+    wrapped = PolydatumWSGIMiddleware(plain, env.dm, meta=lambda req: {"fail_commit": True})
     with serve(wrapped) as port:
         assert request(port, "/").status == 500
 
 
 def test_a_commit_failing_after_the_stream_started_breaks_the_response(env: Env) -> None:
+    """A commit failing after a chunked body started leaves the response unfinished: no false success."""
     env.dm.register_context_middleware(commit_failure(ConcurrencyConflict("lost the race")))
 
     def stream(req: Request) -> Response:
         return Response((b"%d\n" % i for i in range(100)), mimetype="text/plain")
 
-    wrapped = PolydatumMiddleware(routes({"/": stream}), env.dm, meta=lambda req: {"fail_commit": True})
+    wrapped = PolydatumWSGIMiddleware(routes({"/": stream}), env.dm, meta=lambda req: {"fail_commit": True})
     with serve(wrapped) as port, pytest.raises(http.client.IncompleteRead):
         request(port, "/")  # the chunked body never gets its end: no false success
 
 
 def test_a_generator_failing_before_its_first_chunk_is_mapped(env: Env) -> None:
+    """A ServiceError from a body generator before its first chunk is mapped to a response and rolls back."""
     name = unique("gen")
 
     def stream(req: Request) -> Response:
@@ -675,7 +754,7 @@ def test_a_generator_failing_before_its_first_chunk_is_mapped(env: Env) -> None:
 
         return Response(body())
 
-    with serve(PolydatumMiddleware(routes({"/": stream}), env.dm)) as port:
+    with serve(PolydatumWSGIMiddleware(routes({"/": stream}), env.dm)) as port:
         reply = request(port, "/")
     assert reply.status == 404
     assert reply.json()["message"] == "nothing to stream"
@@ -683,6 +762,7 @@ def test_a_generator_failing_before_its_first_chunk_is_mapped(env: Env) -> None:
 
 
 def test_a_generator_failing_mid_stream_rolls_back_and_breaks_the_response(env: Env) -> None:
+    """A body generator failing after its first chunk rolls back and leaves the response unfinished."""
     name = unique("mid")
 
     def stream(req: Request) -> Response:
@@ -694,14 +774,17 @@ def test_a_generator_failing_mid_stream_rolls_back_and_breaks_the_response(env: 
 
         return Response(body())
 
-    with serve(PolydatumMiddleware(routes({"/": stream}), env.dm)) as port, \
-            pytest.raises(http.client.IncompleteRead):
+    with (
+        serve(PolydatumWSGIMiddleware(routes({"/": stream}), env.dm)) as port,
+        pytest.raises(http.client.IncompleteRead),
+    ):
         request(port, "/")
     assert name not in env.names()
     assert env.events == [("rollback", name)]
 
 
 def test_a_close_that_raises_rolls_back(env: Env) -> None:
+    """A body whose ``close()`` raises rolls back and leaves the response unfinished."""
     name = unique("close")
 
     class Body:
@@ -716,23 +799,25 @@ def test_a_close_that_raises_rolls_back(env: Env) -> None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return Body()
 
-    with serve(PolydatumMiddleware(app, env.dm)) as port, pytest.raises(http.client.IncompleteRead):
+    with serve(PolydatumWSGIMiddleware(app, env.dm)) as port, pytest.raises(http.client.IncompleteRead):
         request(port, "/")
     assert name not in env.names()
 
 
 def test_a_veto_that_raises_rolls_back_and_is_reported(env: Env) -> None:
+    """A veto that raises rolls back and answers 500."""
     name = unique("veto")
 
     def veto(status: int, headers: Any) -> bool:
         raise ValueError("broken veto")
 
-    with serve(PolydatumMiddleware(routes({"/w": writer(env)}), env.dm, veto=veto)) as port:
+    with serve(PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm, veto=veto)) as port:
         assert request(port, f"/w?name={name}").status == 500
     assert name not in env.names()
 
 
 def test_an_invalid_status_line_rolls_back(env: Env) -> None:
+    """An invalid status line given to ``start_response`` rolls back and answers 500."""
     name = unique("status")
 
     def app(environ: Any, start_response: Any) -> Iterator[bytes]:
@@ -740,12 +825,14 @@ def test_an_invalid_status_line_rolls_back(env: Env) -> None:
         start_response("OK", [("Content-Length", "2")])
         return iter([b"ok"])
 
-    with serve(PolydatumMiddleware(app, env.dm)) as port:
+    with serve(PolydatumWSGIMiddleware(app, env.dm)) as port:
         assert request(port, "/").status == 500
     assert name not in env.names()
 
 
 def test_an_exception_suppressed_by_context_middleware_still_has_no_response(env: Env) -> None:
+    """An error that context middleware swallows still gets its error response: 500, or 404 for NotFound."""
+
     def swallow(ctx: Any) -> Iterator[None]:
         try:
             yield
@@ -753,13 +840,15 @@ def test_an_exception_suppressed_by_context_middleware_still_has_no_response(env
             pass
 
     env.dm.register_context_middleware(swallow)
-    with serve(PolydatumMiddleware(routes({"/w": writer(env)}), env.dm)) as port:
+    with serve(PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm)) as port:
         assert request(port, f"/w?name={unique('x')}&raise=boom").status == 500
         reply = request(port, f"/w?name={unique('x')}&raise=notfound")
     assert reply.status == 404
 
 
 def test_rollback_signals_never_reach_the_server(env: Env) -> None:
+    """Context middleware sees ResponseIncomplete for an early close and RollbackResponse for
+    a 400; the server sees the 400."""
     # The 4xx response and the early close both roll back through signals that
     # context middleware sees, but the server sees only the response.
     seen: list[type[BaseException]] = []
@@ -772,10 +861,18 @@ def test_rollback_signals_never_reach_the_server(env: Env) -> None:
             raise
 
     env.dm.register_context_middleware(observe)
-    app = PolydatumMiddleware(routes({"/": lambda req: Response("no", status=400)}), env.dm)
-    wsgi_iter = app({"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http",
-                     "SERVER_NAME": "x", "SERVER_PORT": "80", "wsgi.input": None},
-                    lambda *a: None)  # type: ignore[arg-type]
+    app = PolydatumWSGIMiddleware(routes({"/": lambda req: Response("no", status=400)}), env.dm)
+    wsgi_iter = app(
+        {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/",
+            "wsgi.url_scheme": "http",
+            "SERVER_NAME": "x",
+            "SERVER_PORT": "80",
+            "wsgi.input": None,
+        },
+        lambda *a: None,
+    )  # type: ignore[arg-type]
     wsgi_iter.close()  # type: ignore[attr-defined]  # closed before its end: incomplete
     with serve(app) as port:
         assert request(port, "/").status == 400
@@ -783,12 +880,11 @@ def test_rollback_signals_never_reach_the_server(env: Env) -> None:
 
 
 def test_mapped_errors_under_a_client_that_reraises_any_exc_info(env: Env) -> None:
+    """A NotFound answers 404 and rolls back under werkzeug's test client, which re-raises any exc_info."""
     # werkzeug's test client re-raises whatever exc_info start_response gets:
-    # the middleware passes one only to replace a status the app had set.
-    from werkzeug.test import Client
-
+    # the middleware passes one only to replace a status the server already has.
     name = unique("client")
-    reply = Client(PolydatumMiddleware(routes({"/w": writer(env)}), env.dm)).get(
+    reply = Client(PolydatumWSGIMiddleware(routes({"/w": writer(env)}), env.dm)).get(
         f"/w?name={name}&raise=notfound"
     )
     assert reply.status_code == 404
@@ -796,6 +892,7 @@ def test_mapped_errors_under_a_client_that_reraises_any_exc_info(env: Env) -> No
 
 
 def test_an_app_returning_no_iterable_rolls_back(env: Env) -> None:
+    """An app returning None instead of a body rolls back and answers 500."""
     name = unique("noiter")
 
     def app(environ: Any, start_response: Any) -> Any:
@@ -803,13 +900,14 @@ def test_an_app_returning_no_iterable_rolls_back(env: Env) -> None:
         start_response("200 OK", [])
         return None  # not a WSGI body
 
-    with serve(PolydatumMiddleware(app, env.dm)) as port:
+    with serve(PolydatumWSGIMiddleware(app, env.dm)) as port:
         assert request(port, "/").status == 500
     assert name not in env.names()
     assert env.events == [("rollback", name)]
 
 
 def test_a_body_closed_from_another_thread(env: Env) -> None:
+    """A body iterated and closed in another thread commits, and ends the request in the calling thread."""
     # Some servers iterate or close the body in another thread than the one
     # that called the app: the context still ends once, and commits. (The
     # DAL itself is only there in the thread that called the app.)
@@ -820,9 +918,14 @@ def test_a_body_closed_from_another_thread(env: Env) -> None:
         start_response("200 OK", [])
         return iter([b"done"])
 
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http",
-               "SERVER_NAME": "x", "SERVER_PORT": "80"}
-    body = PolydatumMiddleware(app, env.dm)(environ, lambda *a: None)  # type: ignore[arg-type]
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "wsgi.url_scheme": "http",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+    }
+    body = PolydatumWSGIMiddleware(app, env.dm)(environ, lambda *a: None)  # type: ignore[arg-type]
     chunks: list[bytes] = []
     thread = threading.Thread(target=lambda: (chunks.extend(body), body.close()))  # type: ignore[attr-defined]
     thread.start()
@@ -830,10 +933,11 @@ def test_a_body_closed_from_another_thread(env: Env) -> None:
     assert chunks == [b"done"]
     assert env.events == [("commit", name)]
     with pytest.raises(NoActiveContextError):
-        current_context()  # this thread's view of the request ended too
+        request_context()  # this thread's view of the request ended too
 
 
 def test_an_app_using_the_write_callable(env: Env) -> None:
+    """Bytes given to the ``write`` callable go out before the returned body, and the row commits."""
     name = unique("write")
 
     def app(environ: Any, start_response: Any) -> list[bytes]:
@@ -842,7 +946,268 @@ def test_an_app_using_the_write_callable(env: Env) -> None:
         write(b"written, ")
         return [b"returned"]
 
-    with serve(PolydatumMiddleware(app, env.dm)) as port:
+    with serve(PolydatumWSGIMiddleware(app, env.dm)) as port:
         reply = request(port, "/")
     assert reply.body == b"written, returned"
     assert name in env.names()
+
+
+# -- a commit failing at the end of a response with a Content-Length (issue 12, A1) ----
+
+
+class Recorder:
+    """A WSGI layer between the server and the app: records what escapes the body to the server."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.escaped: list[BaseException] = []
+
+    def __call__(self, environ: Any, start_response: Any) -> Iterator[bytes]:
+        body = self.app(environ, start_response)
+        try:
+            yield from body
+        except BaseException as exc:
+            self.escaped.append(exc)
+            raise
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+
+def duplicate_at_commit(env: Env, name: str) -> None:
+    """Add an item named like an existing one, unflushed: the commit fails with IntegrityError."""
+    request_context().db.add(Item(name=name, qty=1))
+
+
+def stale_at_commit(env: Env, item_id: int) -> None:
+    """Change an item another writer changes first: the commit fails with ConcurrencyConflict."""
+    request_context().dal.items.require(item_id).qty = 2
+    with env.db.engine.begin() as conn:
+        conn.execute(update(Item).where(Item.id == item_id).values(qty=3, version=Item.version + 1))
+
+
+@pytest.fixture(name="existing")
+def fixture_existing(env: Env) -> Item:
+    """An item already committed, for a later commit to collide with."""
+    with env.dm.dal() as dal:
+        return dal.items.create(name=unique("existing"), qty=1)  # type: ignore[no-any-return]
+
+
+def test_an_integrity_error_at_commit_reaches_the_test_client_as_itself(env: Env, existing: Item) -> None:
+    """A unique violation at the commit of a one-chunk Content-Length response is raised as IntegrityError."""
+
+    def view(req: Request) -> Response:
+        duplicate_at_commit(env, existing.name)
+        return Response("saved")  # one chunk, with a Content-Length
+
+    with pytest.raises(IntegrityError):
+        Client(PolydatumWSGIMiddleware(routes({"/": view}), env.dm)).get("/")
+
+
+def test_a_conflict_at_commit_is_a_409_under_the_test_client(env: Env, existing: Item) -> None:
+    """A conflict at the commit of a one-chunk Content-Length body is a 409 under werkzeug's test client."""
+
+    def view(req: Request) -> Response:
+        stale_at_commit(env, existing.id)
+        return Response("saved")
+
+    reply = Client(PolydatumWSGIMiddleware(routes({"/": view}), env.dm)).get("/")
+    assert reply.status_code == 409
+    assert reply.json["status"] == 409  # type: ignore[index]
+
+
+@pytest.mark.parametrize("failure", ["integrity", "conflict"])
+def test_a_commit_failing_after_the_first_chunk_reaches_the_server_as_itself(
+    env: Env, existing: Item, failure: str
+) -> None:
+    """A commit failing after the first of two Content-Length chunks went out reaches the server unchanged."""
+
+    def app(environ: Any, start_response: Any) -> Iterator[bytes]:
+        if failure == "integrity":
+            duplicate_at_commit(env, existing.name)
+        else:
+            stale_at_commit(env, existing.id)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+        return iter([b"one", b"two"])
+
+    recorder = Recorder(PolydatumWSGIMiddleware(app, env.dm))
+    with serve(recorder) as port, pytest.raises(http.client.IncompleteRead):
+        request(port, "/")  # the headers and "one" went out; the end never does
+    assert len(recorder.escaped) == 1
+    expected = IntegrityError if failure == "integrity" else ConcurrencyConflict
+    assert type(recorder.escaped[0]) is expected
+
+
+def test_flask_jsonify_with_a_failed_commit(env: Env, existing: Item) -> None:
+    """A jsonify response answers 409 for a conflict at commit and raises a database error as itself."""
+
+    flask = pytest.importorskip("flask")
+    app = flask.Flask(__name__)
+    init_app(app, env.dm)
+
+    @app.post("/stale")
+    def stale() -> Any:
+        stale_at_commit(env, existing.id)
+        return flask.jsonify(saved=True)
+
+    @app.post("/duplicate")
+    def duplicate() -> Any:
+        duplicate_at_commit(env, existing.name)
+        return flask.jsonify(saved=True)
+
+    with app.test_client() as client:
+        reply = client.post("/stale")
+        assert reply.status_code == 409
+        assert reply.json is not None
+        assert (reply.json["status"], reply.json["error"]) == (409, "Conflict")
+        with pytest.raises(IntegrityError):
+            client.post("/duplicate")
+    with serve(app) as port:
+        assert request(port, "/stale", method="POST").status == 409
+
+
+# -- X-Request-ID from the client (issue 12, B9) -------------------------------------------
+
+BAD_REQUEST_IDS = {
+    "201 characters": "r" * 201,
+    "1 MB": "r" * 1_000_000,
+    "ANSI escapes": "\x1b[31mred\x1b[0m",
+    "NUL": "a\x00b",
+    "line break": "a\nb",
+    "DEL": "a\x7fb",
+    "non-ASCII": "caf\xc3\xa9",  # UTF-8 bytes, as WSGI gives them (latin-1 decoded)
+    "empty": "",
+}
+
+
+def meta_of(app: Any, headers: dict[str, str]) -> dict[str, Any]:
+    """Call ``app`` through the middleware with ``headers``, as a WSGI server would; return the meta."""
+    seen: list[dict[str, Any]] = []
+    dm = DataManager()
+
+    def view(environ: Any, start_response: Any) -> list[bytes]:
+        seen.append(dict(request_context().meta))
+        start_response("204 No Content", [])
+        return []
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "wsgi.url_scheme": "http",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+        **{"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()},
+    }
+    app(view, dm)(environ, lambda *a: None)
+    return seen[0]
+
+
+@pytest.mark.parametrize("given", list(BAD_REQUEST_IDS.values()), ids=list(BAD_REQUEST_IDS))
+@pytest.mark.parametrize("meta_fn", [None, lambda req: {}], ids=["environ", "request"])
+def test_a_bad_request_id_is_replaced_with_a_fresh_one(given: str, meta_fn: Any) -> None:
+    """An X-Request-ID that is too long, empty, or not printable ASCII becomes a new random id."""
+    meta = meta_of(lambda app, dm: PolydatumWSGIMiddleware(app, dm, meta=meta_fn), {"X-Request-ID": given})
+    assert re.fullmatch(r"[0-9a-f]{32}", meta["request_id"])
+    assert default_meta(Request({"HTTP_X_REQUEST_ID": given}))["request_id"] != given
+
+
+@pytest.mark.parametrize("given", ["r" * 200, "abc-123", "a b~!{}"])
+def test_a_printable_ascii_request_id_of_up_to_200_characters_is_kept(given: str) -> None:
+    """An X-Request-ID of 1 to 200 printable ASCII characters becomes meta.request_id unchanged."""
+    assert meta_of(PolydatumWSGIMiddleware, {"X-Request-ID": given})["request_id"] == given
+    assert default_meta(Request({"HTTP_X_REQUEST_ID": given}))["request_id"] == given
+
+
+def test_bad_request_ids_through_a_real_server(env: Env) -> None:
+    """Over HTTP, an over-long id and one with ANSI escapes or NUL are replaced; a good one is kept."""
+    echo = routes({"/m": lambda req: json_response(request_context().meta.request_id)})
+    app = PolydatumWSGIMiddleware(echo, env.dm)
+    with serve(app) as port:
+        ids = [
+            request(port, "/m", {"X-Request-ID": given}).json()
+            for given in ("r" * 201, "\x1b[2J\x1b[Hgotcha", "a\x00b", "ok-1")
+        ]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", got) for got in ids[:3])
+    assert ids[3] == "ok-1"
+
+
+# -- what error bodies show the client (issue 12, B5) ------------------------------------------
+
+
+def test_error_bodies_show_no_server_details(
+    env: Env, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every polydatum error raised in a view answers without its path, host or bucket; the log has them."""
+    errors = every_polydatum_error() + real_blob_errors(tmp_path)
+    raising: list[BaseException] = []
+
+    def view(req: Request) -> Response:
+        raise raising[0]
+
+    app = PolydatumWSGIMiddleware(routes({"/": view}), env.dm)
+    caplog.set_level("INFO", logger="polydatum")
+    with serve(app) as port:
+        for exc in errors:
+            raising[:] = [exc]
+            if not isinstance(exc, ServiceError):
+                # Not mapped: it goes to the server, which answers with its own page.
+                with pytest.raises(type(exc)):
+                    Client(app).get("/")
+                continue
+            caplog.clear()
+            reply = request(port, "/")
+            assert leaked(reply.body.decode("utf-8", "replace")) == [], exc
+            assert reply.status == exc.code
+            assert reply.json()["message"] == exc.public_message
+            logged = [r for r in caplog.records if r.name == "polydatum"]
+            assert [r.exc_info[1] for r in logged if r.exc_info] == [exc]
+            assert str(exc) in logged[0].getMessage()
+
+
+def test_flask_error_bodies_show_no_server_details(env: Env, tmp_path: Any) -> None:
+    """A polydatum error raised in a Flask view, mapped by init_app's handler, shows no server details."""
+    flask = pytest.importorskip("flask")
+    app = flask.Flask(__name__)
+    init_app(app, env.dm)
+    raising: list[BaseException] = []
+
+    @app.get("/")
+    def view() -> Any:
+        raise raising[0]
+
+    with app.test_client() as client:
+        for exc in every_polydatum_error() + real_blob_errors(tmp_path):
+            if not isinstance(exc, ServiceError):
+                continue
+            raising[:] = [exc]
+            reply = client.get("/")
+            assert reply.status_code == exc.code
+            assert leaked(reply.get_data(as_text=True)) == [], exc
+
+
+def test_a_users_own_error_message_reaches_the_client(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """NotFound("no note 5") shows its message, unlogged; public_message= replaces it and logs the details."""
+    raising: list[BaseException] = []
+
+    def view(req: Request) -> Response:
+        raise raising[0]
+
+    caplog.set_level("INFO", logger="polydatum")
+    outcomes = []
+    with serve(PolydatumWSGIMiddleware(routes({"/": view}), env.dm)) as port:
+        for exc in (
+            NotFound("no note 5"),
+            NotFound("no row in /srv/data", public_message="no such note"),
+            ServiceError("pool of db-7 exhausted", public_message="try again later"),
+        ):
+            raising[:] = [exc]
+            caplog.clear()
+            reply = request(port, "/")
+            levels = [r.levelname for r in caplog.records if r.name == "polydatum"]
+            outcomes.append((reply.status, reply.json()["message"], levels))
+    assert outcomes == [
+        (404, "no note 5", []),
+        (404, "no such note", ["INFO"]),
+        (500, "try again later", ["ERROR"]),
+    ]

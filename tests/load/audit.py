@@ -14,6 +14,9 @@ of the requests (:class:`tests.load.driver.Record`), :func:`audit` checks:
 - **blobs**: every attachment row has its blob (with the right size); blobs
   no row references are orphans, which :meth:`BlobStore.sweep_orphans` must
   find and remove (an orphan it cannot account for fails);
+- **effects**: with the app's outbox, a relay delivers what waits after the
+  load (the index jobs, cache invalidations and blob deletes the faults
+  delayed); a row still undelivered is a lost effect, a dead row a problem;
 - **resources**: the database connections of the app are back in their pool
   (no session of its database is active or idle in a transaction, and
   there are no more than the pools allow), Redis clients are bounded,
@@ -123,6 +126,9 @@ class AuditReport:
     leaked_connections: int = 0
     leaked_fds: int = 0
     leaked_threads: int = 0
+    effects_delivered_late: int = 0
+    effects_undelivered: int = 0
+    effects_dead: int = 0
     problems: list[str] = field(default_factory=list)
 
     def problem(self, message: str) -> None:
@@ -144,8 +150,12 @@ def _marker(note_text: str) -> str | None:
     return word if word.startswith("u-") else None
 
 
-def audit_writes(report: AuditReport, records: Sequence[Record], notes: dict[int, tuple[str, int, str]],
-                 attachments: dict[int, tuple[int, str, str, int]]) -> None:
+def audit_writes(
+    report: AuditReport,
+    records: Sequence[Record],
+    notes: dict[int, tuple[str, int, str]],
+    attachments: dict[int, tuple[int, str, str, int]],
+) -> None:
     """Hold the database's ``notes`` (id -> title, version, text) and ``attachments`` to the log."""
     by_title: defaultdict[str, list[int]] = defaultdict(list)
     for note_id, (title, _, _) in notes.items():
@@ -156,8 +166,9 @@ def audit_writes(report: AuditReport, records: Sequence[Record], notes: dict[int
 
     deleted = {r.note_id for r in records if r.op == "delete" and r.outcome == "acked"}
     maybe_deleted = {r.note_id for r in records if r.op == "delete" and r.outcome in ("failed", "unknown")}
-    report.acked_writes = sum(r.outcome == "acked" and r.op in ("create", "update", "attach", "delete")
-                              for r in records)
+    report.acked_writes = sum(
+        r.outcome == "acked" and r.op in ("create", "update", "attach", "delete") for r in records
+    )
 
     def in_doubt(present: bool) -> None:
         report.in_doubt += 1
@@ -185,8 +196,13 @@ def audit_writes(report: AuditReport, records: Sequence[Record], notes: dict[int
         elif r.op == "delete" and r.outcome == "acked" and r.note_id in notes:
             report.lost_writes += 1
             report.problem(f"delete of note {r.note_id} acknowledged, but the note is still there")
-        elif (r.op == "delete" and r.status == 409 and r.note_id not in notes
-              and r.note_id not in deleted and r.note_id not in maybe_deleted):
+        elif (
+            r.op == "delete"
+            and r.status == 409
+            and r.note_id not in notes
+            and r.note_id not in deleted
+            and r.note_id not in maybe_deleted
+        ):
             report.refused_present += 1
             report.problem(f"delete of note {r.note_id} refused with 409, yet the note is gone")
         elif r.op == "delete" and r.outcome in ("failed", "unknown"):
@@ -203,8 +219,10 @@ def audit_writes(report: AuditReport, records: Sequence[Record], notes: dict[int
                 row = attachments.get(r.attachment_id or 0)
                 if row is None or row[1] != r.marker or row[3] != r.size:
                     report.lost_writes += 1
-                    report.problem(f"attachment {r.marker} acknowledged as {r.attachment_id} "
-                                   f"({r.size} bytes), database has {row}")
+                    report.problem(
+                        f"attachment {r.marker} acknowledged as {r.attachment_id} "
+                        f"({r.size} bytes), database has {row}"
+                    )
             elif r.outcome == "refused" and ids:
                 report.refused_present += 1
                 report.problem(f"attachment {r.marker} refused with {r.status}, yet rows {ids} exist")
@@ -223,8 +241,9 @@ def audit_writes(report: AuditReport, records: Sequence[Record], notes: dict[int
         for version, count in versions.items():
             if count > 1:
                 report.lost_writes += count - 1
-                report.problem(f"note {note_id}: version {version} was acknowledged {count} times "
-                               "(a lost update)")
+                report.problem(
+                    f"note {note_id}: version {version} was acknowledged {count} times (a lost update)"
+                )
         if note_id not in notes:
             continue  # deleted: checked with the deletes
         _, version, note_text = notes[note_id]
@@ -244,16 +263,19 @@ def audit_writes(report: AuditReport, records: Sequence[Record], notes: dict[int
         else:
             committed = version - floor
             if committed > len(doubtful) or marker not in {r.marker for r in doubtful}:
-                report.problem(f"note {note_id} is at version {version} with text {marker}: "
-                               f"{committed} update(s) past the acknowledged v{floor} that no request "
-                               "accounts for")
+                report.problem(
+                    f"note {note_id} is at version {version} with text {marker}: "
+                    f"{committed} update(s) past the acknowledged v{floor} that no request "
+                    "accounts for"
+                )
 
 
 # -- blobs ---------------------------------------------------------------------------
 
 
-def audit_blobs(report: AuditReport, blobs: BlobStore, attachments: dict[int, tuple[int, str, str, int]],
-                referenced: Any) -> None:
+def audit_blobs(
+    report: AuditReport, blobs: BlobStore, attachments: dict[int, tuple[int, str, str, int]], referenced: Any
+) -> None:
     """Every row has its blob; unreferenced blobs are swept, and none is left over."""
     keys = {row[2]: (attachment_id, row[3]) for attachment_id, row in attachments.items()}
     for key, (attachment_id, size) in keys.items():
@@ -265,8 +287,9 @@ def audit_blobs(report: AuditReport, blobs: BlobStore, attachments: dict[int, tu
             continue
         if info.size != size:
             report.missing_blobs += 1
-            report.problem(f"attachment {attachment_id}: blob {key} has {info.size} bytes, "
-                           f"the row says {size}")
+            report.problem(
+                f"attachment {attachment_id}: blob {key} has {info.size} bytes, the row says {size}"
+            )
     stored = set(blobs.list(BLOB_PREFIX))
     orphans = stored - set(keys)
     report.orphans = len(orphans)
@@ -275,7 +298,7 @@ def audit_blobs(report: AuditReport, blobs: BlobStore, attachments: dict[int, tu
     wrongly = swept & set(keys)
     if wrongly:
         report.problem(f"sweep_orphans deleted referenced blobs: {sorted(wrongly)[:5]}")
-    left = (set(blobs.list(BLOB_PREFIX)) - set(keys))
+    left = set(blobs.list(BLOB_PREFIX)) - set(keys)
     if left:
         report.problem(f"{len(left)} orphaned blob(s) the sweep did not remove: {sorted(left)[:5]}")
 
@@ -294,10 +317,17 @@ class Limits:
     thread_slack: int = 0
 
 
-def audit_resources(report: AuditReport, database_url: str, *, redis_url: str | None = None,
-                    pids: Sequence[int] = (), baseline: Sequence[ProcessSnapshot] = (),
-                    server_ports: Iterable[int] = (), limits: Limits | None = None,
-                    settle: float = 10.0) -> list[ProcessSnapshot]:
+def audit_resources(
+    report: AuditReport,
+    database_url: str,
+    *,
+    redis_url: str | None = None,
+    pids: Sequence[int] = (),
+    baseline: Sequence[ProcessSnapshot] = (),
+    server_ports: Iterable[int] = (),
+    limits: Limits | None = None,
+    settle: float = 10.0,
+) -> list[ProcessSnapshot]:
     """Connections, Redis clients, fds and threads, retried for up to ``settle`` seconds to let work end."""
     limits = limits or Limits()
     processes = max(1, len(pids))
@@ -309,23 +339,39 @@ def audit_resources(report: AuditReport, database_url: str, *, redis_url: str | 
         if not found.problems or time.monotonic() > deadline:
             break
         time.sleep(0.25)
-    for name in ("pg_connections", "pg_busy", "redis_clients", "leaked_connections", "leaked_fds",
-                 "leaked_threads"):
+    for name in (
+        "pg_connections",
+        "pg_busy",
+        "redis_clients",
+        "leaked_connections",
+        "leaked_fds",
+        "leaked_threads",
+    ):
         setattr(report, name, getattr(found, name))
     report.problems.extend(found.problems)
     return snapshots
 
 
-def _resources_once(report: AuditReport, database_url: str, redis_url: str | None, pids: Sequence[int],
-                    baseline: Sequence[ProcessSnapshot], ports: list[int], limits: Limits,
-                    processes: int) -> list[ProcessSnapshot]:
+def _resources_once(
+    report: AuditReport,
+    database_url: str,
+    redis_url: str | None,
+    pids: Sequence[int],
+    baseline: Sequence[ProcessSnapshot],
+    ports: list[int],
+    limits: Limits,
+    processes: int,
+) -> list[ProcessSnapshot]:
     url = make_url(database_url)
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT state, query FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
-            ), {"d": url.database}).all()
+            rows = conn.execute(
+                text(
+                    "SELECT state, query FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+                ),
+                {"d": url.database},
+            ).all()
     finally:
         engine.dispose()
     report.pg_connections = len(rows)
@@ -336,8 +382,10 @@ def _resources_once(report: AuditReport, database_url: str, redis_url: str | Non
         report.problem(f"{len(busy)} session(s) of the app's database are not back in a pool: {busy[:3]}")
     if len(rows) > limits.pg * processes:
         report.leaked_connections += len(rows) - limits.pg * processes
-        report.problem(f"{len(rows)} sessions on the app's database, more than its pools allow "
-                       f"({limits.pg} x {processes} processes)")
+        report.problem(
+            f"{len(rows)} sessions on the app's database, more than its pools allow "
+            f"({limits.pg} x {processes} processes)"
+        )
     if redis_url is not None:
         import redis
 
@@ -349,8 +397,9 @@ def _resources_once(report: AuditReport, database_url: str, redis_url: str | Non
         report.redis_clients = clients
         if clients > limits.redis * processes:
             report.leaked_connections += clients - limits.redis * processes
-            report.problem(f"{clients} Redis clients, more than the pools allow "
-                           f"({limits.redis} x {processes})")
+            report.problem(
+                f"{clients} Redis clients, more than the pools allow ({limits.redis} x {processes})"
+            )
     snapshots = []
     before = {s.pid: s for s in baseline}
     for pid in pids:
@@ -362,14 +411,18 @@ def _resources_once(report: AuditReport, database_url: str, redis_url: str | Non
         extra_fds = now.other_fds - then.other_fds - limits.fd_slack
         if extra_fds > 0:
             report.leaked_fds += extra_fds
-            report.problem(f"process {pid} holds {now.other_fds} file descriptors besides pooled sockets, "
-                           f"{then.other_fds} before the load")
+            report.problem(
+                f"process {pid} holds {now.other_fds} file descriptors besides pooled sockets, "
+                f"{then.other_fds} before the load"
+            )
         pooled = sum(now.to_port.values())
         bound = limits.pg + limits.redis + limits.s3
         if pooled > bound:
             report.leaked_fds += pooled - bound
-            report.problem(f"process {pid} holds {pooled} sockets to the servers {now.to_port}, "
-                           f"more than its pools allow ({bound})")
+            report.problem(
+                f"process {pid} holds {pooled} sockets to the servers {now.to_port}, "
+                f"more than its pools allow ({bound})"
+            )
         extra_threads = now.threads - then.threads - limits.thread_slack
         if extra_threads > 0:
             report.leaked_threads += extra_threads
@@ -380,15 +433,20 @@ def _resources_once(report: AuditReport, database_url: str, redis_url: str | Non
 # -- all of it -------------------------------------------------------------------------
 
 
-def read_database(database_url: str) -> tuple[dict[int, tuple[str, int, str]],
-                                               dict[int, tuple[int, str, str, int]]]:
+def read_database(
+    database_url: str,
+) -> tuple[dict[int, tuple[str, int, str]], dict[int, tuple[int, str, str, int]]]:
     engine = create_engine(database_url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            notes = {row[0]: (row[1], row[2], row[3]) for row in
-                     conn.execute(text("SELECT id, title, version, text FROM notes"))}
-            attachments = {row[0]: (row[1], row[2], row[3], row[4]) for row in
-                           conn.execute(text("SELECT id, note_id, name, key, size FROM attachments"))}
+            notes = {
+                row[0]: (row[1], row[2], row[3])
+                for row in conn.execute(text("SELECT id, title, version, text FROM notes"))
+            }
+            attachments = {
+                row[0]: (row[1], row[2], row[3], row[4])
+                for row in conn.execute(text("SELECT id, note_id, name, key, size FROM attachments"))
+            }
     finally:
         engine.dispose()
     return notes, attachments
@@ -401,25 +459,79 @@ def referenced_keys(database_url: str) -> Any:
         engine = create_engine(database_url, poolclass=NullPool)
         try:
             with engine.connect() as conn:
-                return list(conn.execute(text("SELECT key FROM attachments WHERE key = ANY(:keys)"),
-                                         {"keys": list(batch)}).scalars())
+                return list(
+                    conn.execute(
+                        text("SELECT key FROM attachments WHERE key = ANY(:keys)"), {"keys": list(batch)}
+                    ).scalars()
+                )
         finally:
             engine.dispose()
 
     return referenced
 
 
-def audit(database_url: str, blobs: BlobStore, records: Sequence[Record], *, redis_url: str | None = None,
-          pids: Sequence[int] = (), baseline: Sequence[ProcessSnapshot] = (),
-          server_ports: Iterable[int] = (), limits: Limits | None = None,
-          settle: float = 10.0) -> AuditReport:
+def audit_effects(report: AuditReport, outbox: Any, settle: float) -> None:
+    """Effects (outbox rows) after the load: a relay delivers what waits; none may be lost or dead.
+
+    Rows due within a minute must be delivered by then (those the faults
+    delayed); cleanup rows of failed contexts, due after ``orphan_after``,
+    are left alone (the blob audit accounts for their blobs).
+    """
+    from sqlalchemy import false, func, select
+
+    relay = outbox.relay()
+    t = outbox.table
+    deadline = time.monotonic() + max(settle, 30.0)
+    while True:
+        report.effects_delivered_late += relay.run_once()
+        with outbox.begin() as conn:
+            waiting = conn.execute(
+                select(func.count())
+                .select_from(t)
+                .where(t.c.dead == false(), t.c.available_at <= time.time() + 60)
+            ).scalar_one()
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    report.effects_undelivered = int(waiting)
+    report.effects_dead = outbox.status().dead
+    if waiting:
+        report.problem(f"effects: {waiting} outbox rows were still undelivered after the load (lost)")
+    for row in outbox.dead(limit=5):
+        report.problem(f"effects: outbox row {row.id} ({row.topic}) is dead: {row.last_error}")
+
+
+def audit(
+    database_url: str,
+    blobs: BlobStore,
+    records: Sequence[Record],
+    *,
+    redis_url: str | None = None,
+    pids: Sequence[int] = (),
+    baseline: Sequence[ProcessSnapshot] = (),
+    server_ports: Iterable[int] = (),
+    limits: Limits | None = None,
+    settle: float = 10.0,
+    outbox: Any = None,
+) -> AuditReport:
     """Run every check; see the module documentation. Call it once the load has stopped.
 
     ``settle``: how long resource checks are retried while requests still finish.
+    ``outbox``: the app's :class:`polydatum.outbox.Outbox`; its rows are delivered and counted first.
     """
     report = AuditReport()
-    audit_resources(report, database_url, redis_url=redis_url, pids=pids, baseline=baseline,
-                    server_ports=server_ports, limits=limits, settle=settle)
+    if outbox is not None:
+        audit_effects(report, outbox, settle)
+    audit_resources(
+        report,
+        database_url,
+        redis_url=redis_url,
+        pids=pids,
+        baseline=baseline,
+        server_ports=server_ports,
+        limits=limits,
+        settle=settle,
+    )
     notes, attachments = read_database(database_url)
     audit_writes(report, records, notes, attachments)
     audit_blobs(report, blobs, attachments, referenced_keys(database_url))

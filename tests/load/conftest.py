@@ -33,8 +33,15 @@ from tests.support.sql import fresh_postgres_database
 class Stack:
     """One running notes app and the servers behind it; ``load()`` and ``audit()`` it."""
 
-    def __init__(self, stack: ExitStack, *, server_url: str, redis: PrivateRedis, moto: MotoServer,
-                 database_query: str = "") -> None:
+    def __init__(
+        self,
+        stack: ExitStack,
+        *,
+        server_url: str,
+        redis: PrivateRedis,
+        moto: MotoServer,
+        database_query: str = "",
+    ) -> None:
         from notes import Settings, build
 
         self.redis = redis
@@ -44,15 +51,22 @@ class Stack:
         stack.callback(self.proxy.close)
         self.bucket = moto.create_bucket(f"load-{uuid.uuid4().hex[:12]}")
         env = stack.enter_context(pytest.MonkeyPatch.context())
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", REGION)):
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_DEFAULT_REGION", REGION),
+        ):
             env.setenv(name, value)
-        self.app = build(Settings.from_env({
-            "DATABASE_URL": self.database_url + database_query,
-            "REDIS_URL": redis.url,
-            "BLOB_URL": f"s3://{self.bucket}/notes-app",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.proxy.port}",
-        }))
+        self.app = build(
+            Settings.from_env(
+                {
+                    "DATABASE_URL": self.database_url + database_query,
+                    "REDIS_URL": redis.url,
+                    "BLOB_URL": f"s3://{self.bucket}/notes-app",
+                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.proxy.port}",
+                }
+            )
+        )
         stack.callback(self.app.close)
         self.app.check()
         self.app.create_tables()
@@ -69,8 +83,17 @@ class Stack:
 
     def audit(self, records: list[Record], settle: float = 10.0) -> AuditReport:
         """The audit of :mod:`tests.load.audit` for this app, with this process as the server."""
-        return audit(self.database_url, self.app.blobs, records, redis_url=self.redis.url,
-                     pids=[os.getpid()], baseline=self.baseline, server_ports=self.ports, settle=settle)
+        return audit(
+            self.database_url,
+            self.app.blobs,
+            records,
+            redis_url=self.redis.url,
+            pids=[os.getpid()],
+            baseline=self.baseline,
+            server_ports=self.ports,
+            settle=settle,
+            outbox=self.app.outbox,
+        )
 
 
 def _quiet_snapshot(ports: list[int]) -> ProcessSnapshot:
@@ -94,8 +117,9 @@ def load_postgres() -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
-def stack(load_postgres: PrivatePostgres, private_redis: PrivateRedis,
-          moto_server: MotoServer) -> Iterator[Stack]:
+def stack(
+    load_postgres: PrivatePostgres, private_redis: PrivateRedis, moto_server: MotoServer
+) -> Iterator[Stack]:
     """The app on a fresh database of the private PostgreSQL, a private Redis and S3 behind a fault proxy."""
     with ExitStack() as stack:
         yield Stack(stack, server_url=load_postgres.url, redis=private_redis, moto=moto_server)

@@ -75,8 +75,9 @@ class Client:
         self.conn: http.client.HTTPConnection | None = None
         self.headers: dict[str, str] = {}
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
         """Send one request; raises OSError/HTTPException when no response came."""
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
@@ -144,9 +145,16 @@ def sign_up(base_url: str, *, attempts: int = 50) -> Account:
 class Load:
     """``clients`` threads (in pairs per user) sending the mix to ``base_url`` and logging every request."""
 
-    def __init__(self, base_url: str, clients: int = 8, *, mix: dict[str, int] | None = None,
-                 seed: int = 0, attachment_size: tuple[int, int] = (512, 8192),
-                 timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        clients: int = 8,
+        *,
+        mix: dict[str, int] | None = None,
+        seed: int = 0,
+        attachment_size: tuple[int, int] = (512, 8192),
+        timeout: float = 20.0,
+    ) -> None:
         self.base_url = base_url
         self.clients = clients
         self.mix = dict(mix or MIX)
@@ -170,8 +178,10 @@ class Load:
         if not self.accounts:
             self.setup()
         self._stop.clear()
-        threads = [threading.Thread(target=self._client, args=(i,), name=f"load-client-{i}", daemon=True)
-                   for i in range(self.clients)]
+        threads = [
+            threading.Thread(target=self._client, args=(i,), name=f"load-client-{i}", daemon=True)
+            for i in range(self.clients)
+        ]
         deadline = time.monotonic() + duration
         for thread in threads:
             thread.start()
@@ -204,8 +214,15 @@ class Load:
 
     # -- one operation ---------------------------------------------------------
 
-    def step(self, client: Client, account: Account, op: str, rng: random.Random,
-             note: tuple[int, int] | None = None, stale: float = STALE) -> Record:
+    def step(
+        self,
+        client: Client,
+        account: Account,
+        op: str,
+        rng: random.Random,
+        note: tuple[int, int] | None = None,
+        stale: float = STALE,
+    ) -> Record:
         """Do ``op`` for ``account`` through ``client``, log it and return its record.
 
         ``note`` (id, version) picks the note instead of a random one of the account's.
@@ -237,8 +254,9 @@ class Load:
                 if rng.random() < stale and version > 1:
                     version -= 1
                 record.marker = f"u-{uuid.uuid4().hex}"
-                status, body = client.json("PUT", f"/notes/{note_id}",
-                                           {"version": version, "text": f"{record.marker} edited"})
+                status, body = client.json(
+                    "PUT", f"/notes/{note_id}", {"version": version, "text": f"{record.marker} edited"}
+                )
                 record.status = status
                 if status == 200:
                     record.version = body["version"]
@@ -249,8 +267,11 @@ class Load:
                 size = rng.randint(*self.attachment_size)
                 record.marker, record.size = f"a-{uuid.uuid4().hex}.bin", size
                 status, data, _ = client.request(
-                    "POST", f"/notes/{note_id}/attachments?name={quote(record.marker)}",
-                    rng.randbytes(size), {"Content-Type": "application/octet-stream"})
+                    "POST",
+                    f"/notes/{note_id}/attachments?name={quote(record.marker)}",
+                    rng.randbytes(size),
+                    {"Content-Type": "application/octet-stream"},
+                )
                 record.status = status
                 if status == 201:
                     record.attachment_id = json.loads(data)["id"]
@@ -289,8 +310,9 @@ class Load:
     def _create(self, client: Client, account: Account, record: Record, rng: random.Random) -> None:
         record.marker = f"n-{uuid.uuid4().hex}"
         words = " ".join(rng.choice(("alpha", "bravo", "delta", "echo", "kilo")) for _ in range(8))
-        status, body = client.json("POST", f"/notebooks/{account.notebook_id}/notes",
-                                   {"title": record.marker, "text": words})
+        status, body = client.json(
+            "POST", f"/notebooks/{account.notebook_id}/notes", {"title": record.marker, "text": words}
+        )
         record.status = status
         if status == 201:
             record.note_id, record.version = body["id"], body["version"]
@@ -335,8 +357,17 @@ class Load:
                 attachment = done[-1].attachment_id
                 if attachment is not None:
                     status, _data, _ = client.request("GET", f"/attachments/{attachment}")
-                    done.append(Record("fetch", time.monotonic(), 0.0, status, "" if status == 200
-                                       else f"HTTP {status}", note[0], attachment_id=attachment))
+                    done.append(
+                        Record(
+                            "fetch",
+                            time.monotonic(),
+                            0.0,
+                            status,
+                            "" if status == 200 else f"HTTP {status}",
+                            note[0],
+                            attachment_id=attachment,
+                        )
+                    )
                 done.append(self.step(client, account, "delete", rng, note, stale=0.0))
             finally:
                 client.close()

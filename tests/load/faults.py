@@ -86,9 +86,13 @@ def pg_terminate(database_url: str, rounds: int = 2, interval: float = 0.5) -> F
         try:
             for i in range(rounds):
                 with engine.connect() as conn:
-                    killed = conn.execute(text(
-                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": url.database}).scalar_one()
+                    killed = conn.execute(
+                        text(
+                            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = :d AND pid <> pg_backend_pid()"
+                        ),
+                        {"d": url.database},
+                    ).scalar_one()
                 fault.effect.append(killed)
                 if i < rounds - 1:
                     time.sleep(interval)
@@ -152,8 +156,12 @@ class SlowRoute:
         engine = create_engine(database_url, poolclass=NullPool)
         try:
             with engine.connect() as conn:
-                return int(conn.execute(text("SELECT count(*) FROM users WHERE name = ANY(:m)"),
-                                        {"m": [r.marker for r in self.records]}).scalar_one())
+                return int(
+                    conn.execute(
+                        text("SELECT count(*) FROM users WHERE name = ANY(:m)"),
+                        {"m": [r.marker for r in self.records]},
+                    ).scalar_one()
+                )
         finally:
             engine.dispose()
 
@@ -162,13 +170,13 @@ def with_slow_route(app: Any, wsgi: Any) -> Any:
     """``wsgi`` plus ``POST /__test/slow``: a service that inserts a user, then ``pg_sleep``s.
 
     Registered on the built app from outside (the example's code is untouched);
-    its own :class:`~polydatum.werkzeug.PolydatumMiddleware` opens the context.
+    its own :class:`~polydatum.werkzeug.PolydatumWSGIMiddleware` opens the context.
     """
     from notes.auth import public
     from werkzeug.wrappers import Request, Response
 
     from polydatum import Service
-    from polydatum.werkzeug import PolydatumMiddleware, current_context
+    from polydatum.werkzeug import PolydatumWSGIMiddleware, request_context
 
     class Slow(Service):
         @public
@@ -181,10 +189,10 @@ def with_slow_route(app: Any, wsgi: Any) -> Any:
 
     @Request.application  # type: ignore[untyped-decorator]
     def view(request: Request) -> Response:
-        current_context().dal.slow.sleep(request.args["marker"], float(request.args.get("seconds", 3)))
+        request_context().dal.slow.sleep(request.args["marker"], float(request.args.get("seconds", 3)))
         return Response("slept", 200)
 
-    slow_app = PolydatumMiddleware(view, app.dm)
+    slow_app = PolydatumWSGIMiddleware(view, app.dm)
 
     def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO") == "/__test/slow":

@@ -37,8 +37,11 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "tests.load.proxy", str(self.upstream_port)],
-            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self._process.stdout is not None
         line = self._process.stdout.readline()

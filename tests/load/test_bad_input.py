@@ -46,7 +46,8 @@ class World:
             with engine.connect() as conn:
                 state: dict[str, Any] = {
                     table: sorted(map(tuple, conn.execute(text(f"SELECT * FROM {table}"))), key=repr)
-                    for table in TABLES}
+                    for table in TABLES
+                }
         finally:
             engine.dispose()
         state["blobs"] = sorted(self.stack.app.blobs.list(""))
@@ -63,8 +64,9 @@ def world(load_postgres: PrivatePostgres, moto_server: MotoServer) -> Iterator[W
             stack.baseline = []
             client = Client(stack.url)
             client.headers["Authorization"] = f"Bearer {account.token}"
-            status, note = client.json("POST", f"/notebooks/{account.notebook_id}/notes",
-                                       {"title": "target", "text": "hello"})
+            status, note = client.json(
+                "POST", f"/notebooks/{account.notebook_id}/notes", {"title": "target", "text": "hello"}
+            )
             assert status == 201
             status, data, _ = client.request("POST", f"/notes/{note['id']}/attachments?name=a.txt", b"abc")
             assert status == 201
@@ -79,8 +81,9 @@ def raw(world: World, head: str, body: bytes = b"", *, auth: bool = True) -> tup
     port = int(world.stack.url.rsplit(":", 1)[1])
     token = f"Authorization: Bearer {world.account.token}\r\n" if auth else ""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"{head}\r\nHost: 127.0.0.1\r\n{token}Connection: close\r\n".encode("latin-1")
-                     + b"\r\n" + body)
+        sock.sendall(
+            f"{head}\r\nHost: 127.0.0.1\r\n{token}Connection: close\r\n".encode("latin-1") + b"\r\n" + body
+        )
         sock.shutdown(socket.SHUT_WR) if not body else None
         reply = b""
         while chunk := sock.recv(65536):
@@ -89,8 +92,9 @@ def raw(world: World, head: str, body: bytes = b"", *, auth: bool = True) -> tup
     return status, reply.partition(b"\r\n\r\n")[2]
 
 
-def send(world: World, method: str, path: str, body: bytes | None = None, *,
-         content_type: str = "application/json") -> tuple[int, bytes]:
+def send(
+    world: World, method: str, path: str, body: bytes | None = None, *, content_type: str = "application/json"
+) -> tuple[int, bytes]:
     status, data, _ = world.client.request(method, path, body, {"Content-Type": content_type})
     return status, data
 
@@ -124,8 +128,9 @@ CASES: list[Any] = [
     pytest.param("POST", NOTES, b'{"title": "  "}', id="title-blank"),
     pytest.param("POST", NOTES, json.dumps({"title": "x" * 201}).encode(), id="title-too-long"),
     pytest.param("POST", NOTES, json.dumps({"title": "x", "text": {"a": 1}}).encode(), id="text-object"),
-    pytest.param("POST", NOTES, json.dumps({"title": "x", "text": "y" * 100_001}).encode(),
-                 id="text-too-long"),
+    pytest.param(
+        "POST", NOTES, json.dumps({"title": "x", "text": "y" * 100_001}).encode(), id="text-too-long"
+    ),
     pytest.param("POST", NOTES, json.dumps({"title": "x\u0000y"}).encode(), id="title-nul-char"),
     pytest.param("POST", NOTES, b'{"title": "\\ud800"}', id="title-lone-surrogate"),
     pytest.param("POST", NOTES, json.dumps({"title": "x" * (1024 * 1024)}).encode(), id="json-over-1MiB"),
@@ -151,8 +156,9 @@ CASES: list[Any] = [
     pytest.param("GET", "/search", None, id="search-no-word"),
     pytest.param("PATCH", NOTE, b"{}", id="method-not-allowed"),
     pytest.param("POST", "/notes/{note}/attachments", b"abc", id="attachment-without-name"),
-    pytest.param("POST", "/notes/{note}/attachments?name=" + "n" * 201, b"abc",
-                 id="attachment-name-too-long"),
+    pytest.param(
+        "POST", "/notes/{note}/attachments?name=" + "n" * 201, b"abc", id="attachment-name-too-long"
+    ),
     pytest.param("POST", "/notes/{note}/attachments?name=a%00b", b"abc", id="attachment-name-nul"),
 ]
 
@@ -168,10 +174,15 @@ def test_refused_and_nothing_changes(world: World, method: str, path: str, body:
 def test_bad_tokens_are_401(world: World) -> None:
     before = world.snapshot()
     notes = f"/notebooks/{world.account.notebook_id}/notes"
-    for header in ("Authorization: Bearer nonsense", "Authorization: Basic dXNlcjpwYXNz",
-                   f"Authorization: Bearer 99999999999999999999.{'0' * 64}", "Authorization: Bearer "):
-        status, body = raw(world, f"POST {notes} HTTP/1.1\r\n{header}\r\nContent-Length: 15",
-                           b'{"title": "x"} ', auth=False)
+    for header in (
+        "Authorization: Bearer nonsense",
+        "Authorization: Basic dXNlcjpwYXNz",
+        f"Authorization: Bearer 99999999999999999999.{'0' * 64}",
+        "Authorization: Bearer ",
+    ):
+        status, body = raw(
+            world, f"POST {notes} HTTP/1.1\r\n{header}\r\nContent-Length: 15", b'{"title": "x"} ', auth=False
+        )
         assert status == 401, (header, body)
         assert json.loads(body)["message"]
     assert world.snapshot() == before
@@ -180,28 +191,48 @@ def test_bad_tokens_are_401(world: World) -> None:
 def test_a_body_larger_than_announced_limits_is_refused_unread(world: World) -> None:
     """64 MiB + 1 announced: refused from the header, without reading (or storing) a byte of it."""
     before = world.snapshot()
-    status, body = raw(world, f"POST /notes/{world.note_id}/attachments?name=big.bin HTTP/1.1\r\n"
-                              f"Content-Length: {64 * 1024 * 1024 + 1}", b"x" * 1024)
+    status, body = raw(
+        world,
+        f"POST /notes/{world.note_id}/attachments?name=big.bin HTTP/1.1\r\n"
+        f"Content-Length: {64 * 1024 * 1024 + 1}",
+        b"x" * 1024,
+    )
     assert 400 <= status < 500, body
     assert world.snapshot() == before
 
 
 def test_json_with_a_lying_content_length_is_refused(world: World) -> None:
     before = world.snapshot()
-    status, _ = raw(world, f"POST /notebooks/{world.account.notebook_id}/notes HTTP/1.1\r\n"
-                           f"Content-Length: {2 * 1024 * 1024}", b'{"title": "x"}')
+    status, _ = raw(
+        world,
+        f"POST /notebooks/{world.account.notebook_id}/notes HTTP/1.1\r\nContent-Length: {2 * 1024 * 1024}",
+        b'{"title": "x"}',
+    )
     assert 400 <= status < 500
     assert world.snapshot() == before
 
 
-@pytest.mark.parametrize("title", [
-    "😀" * 200, "مرحبا بالعالم", "e\u0301" * 100, "\u202eevil", "\ufeffbom",
-    "\U0001d518\U0001d52b\U0001d526", "a\u200bb",
-], ids=["emoji-200", "rtl", "combining", "rlo-override", "bom", "math-letters", "zero-width"])
+@pytest.mark.parametrize(
+    "title",
+    [
+        "😀" * 200,
+        "مرحبا بالعالم",
+        "e\u0301" * 100,
+        "\u202eevil",
+        "\ufeffbom",
+        "\U0001d518\U0001d52b\U0001d526",
+        "a\u200bb",
+    ],
+    ids=["emoji-200", "rtl", "combining", "rlo-override", "bom", "math-letters", "zero-width"],
+)
 def test_unicode_titles_round_trip_exactly(world: World, title: str) -> None:
     """Not bad input: valid Unicode is stored and read back unchanged (and can be deleted)."""
-    status, data = send(world, "POST", f"/notebooks/{world.account.notebook_id}/notes",
-                        json.dumps({"title": title, "text": title}).encode())
+    status, data = send(
+        world,
+        "POST",
+        f"/notebooks/{world.account.notebook_id}/notes",
+        json.dumps({"title": title, "text": title}).encode(),
+    )
     assert status == 201, data
     note = json.loads(data)
     status, data = send(world, "GET", f"/notes/{note['id']}")
@@ -210,15 +241,30 @@ def test_unicode_titles_round_trip_exactly(world: World, title: str) -> None:
     assert status == 204
 
 
-@pytest.mark.parametrize("name", ["../../../etc/passwd", "..\\..\\boot.ini", "/absolute", "a/../../b",
-                                  ".polydatum/undo/x", "x\r\nSet-Cookie: evil=1", "%2e%2e%2fx"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../../etc/passwd",
+        "..\\..\\boot.ini",
+        "/absolute",
+        "a/../../b",
+        ".polydatum/undo/x",
+        "x\r\nSet-Cookie: evil=1",
+        "%2e%2e%2fx",
+    ],
+)
 def test_attachment_names_never_reach_a_blob_key(world: World, name: str) -> None:
     """A name is only a label: the blob key is the app's own, the download header is quoted."""
     from urllib.parse import quote
 
     before = set(world.stack.app.blobs.list(""))
-    status, data = send(world, "POST", f"/notes/{world.note_id}/attachments?name={quote(name)}", b"payload",
-                        content_type="application/octet-stream")
+    status, data = send(
+        world,
+        "POST",
+        f"/notes/{world.note_id}/attachments?name={quote(name)}",
+        b"payload",
+        content_type="application/octet-stream",
+    )
     assert status == 201, data
     attachment = json.loads(data)
     assert attachment["name"] == name

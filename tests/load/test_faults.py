@@ -46,10 +46,12 @@ def run_scenario(stack: Stack, fault: Fault, *, clients: int = 6) -> tuple[Load,
     stats = load.stats()
     recovery = time_to_recover(load.records, fault.repaired)
     # Shown with pytest -s: what the fault did to the clients.
-    print(f"\n{fault.name}: {stats['requests']} requests, {report.acked_writes} acked writes, "
-          f"{report.in_doubt} in doubt ({report.in_doubt_committed} committed), {report.orphans} orphans "
-          f"swept, errors {stats['errors']}, "
-          f"recovered in {recovery:.2f}s {report.committed_despite_error}")
+    print(
+        f"\n{fault.name}: {stats['requests']} requests, {report.acked_writes} acked writes, "
+        f"{report.in_doubt} in doubt ({report.in_doubt_committed} committed), {report.orphans} orphans "
+        f"swept, errors {stats['errors']}, "
+        f"recovered in {recovery:.2f}s {report.committed_despite_error}"
+    )
     return load, report
 
 
@@ -113,8 +115,13 @@ def test_statement_timeout(load_postgres: PrivatePostgres, private_redis: Any, m
 
     with ExitStack() as es:
         # The timeout as a user would set it: libpq options in DATABASE_URL.
-        stack = Stack(es, server_url=load_postgres.url, redis=private_redis, moto=moto_server,
-                      database_query="?options=-c%20statement_timeout%3D1000")
+        stack = Stack(
+            es,
+            server_url=load_postgres.url,
+            redis=private_redis,
+            moto=moto_server,
+            database_query="?options=-c%20statement_timeout%3D1000",
+        )
         stack.wsgi = with_slow_route(stack.app, stack.wsgi)
         slow = SlowRoute(stack.url)
         fault = FAULTS["slow-query"](slow)
@@ -158,9 +165,14 @@ def test_an_attach_racing_a_delete_is_not_a_500(stack: Stack) -> None:
     body = b"x" * 1000
     with socket.create_connection(("127.0.0.1", int(stack.url.rsplit(":", 1)[1]))) as sock:
         # Headers and half the body: the view runs (ownership checked) and blocks reading the rest.
-        sock.sendall((f"POST /notes/{note['id']}/attachments?name=racy.bin HTTP/1.1\r\nHost: x\r\n"
-                      f"Authorization: Bearer {account.token}\r\nContent-Length: {len(body)}\r\n"
-                      "Connection: close\r\n\r\n").encode() + body[:500])
+        sock.sendall(
+            (
+                f"POST /notes/{note['id']}/attachments?name=racy.bin HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {account.token}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            + body[:500]
+        )
         wait_until_in_transaction(stack.database_url)  # the view checked ownership, now reads the body
         status, _ = client.json("DELETE", f"/notes/{note['id']}")
         assert status == 204
@@ -181,10 +193,13 @@ def wait_until_in_transaction(database_url: str, timeout: float = 30.0) -> None:
     try:
         with engine.connect() as conn:
             while time.monotonic() < deadline:
-                waiting = conn.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = :d AND state = 'idle in transaction'"
-                ), {"d": make_url(database_url).database}).scalar_one()
+                waiting = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = :d AND state = 'idle in transaction'"
+                    ),
+                    {"d": make_url(database_url).database},
+                ).scalar_one()
                 conn.rollback()
                 if waiting:
                     return

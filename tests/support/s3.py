@@ -48,14 +48,16 @@ class MotoServer:
         """The HTTP URL boto3 clients should use as ``endpoint_url``."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, **environ: str) -> MotoServer:
+    def start(self, port: int = 0, **environ: str) -> MotoServer:
         """Start the child process and wait until it accepts connections.
 
-        ``environ`` is added to the child's environment, e.g. moto's
-        ``INITIAL_NO_AUTH_ACTION_COUNT="1"`` to check credentials after the first request.
+        ``port``: 0 for a free one; the previous port to come back after :meth:`stop`
+        (an empty server: moto keeps its state in memory). ``environ`` is added to
+        the child's environment, e.g. moto's ``INITIAL_NO_AUTH_ACTION_COUNT="1"``
+        to check credentials after the first request.
         """
         credentials = {name.upper(): value for name, value in CREDENTIALS.items()}
-        env = dict(os.environ, PYTHONPATH=str(REPO), **credentials, **environ)
+        env = dict(os.environ, PYTHONPATH=str(REPO), POLYDATUM_MOTO_PORT=str(port), **credentials, **environ)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.s3"],
             cwd=REPO,
@@ -110,6 +112,25 @@ class MotoServer:
 
     close = stop
 
+    def snapshot(self) -> dict[str, dict[str, bytes]]:
+        """Every object of every bucket (bucket -> key -> body): moto's state, to :meth:`restore`."""
+        client = self._admin = self._admin or self.client()
+        state: dict[str, dict[str, bytes]] = {}
+        for bucket in client.list_buckets()["Buckets"]:
+            name = bucket["Name"]
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=name)
+            keys = [o["Key"] for page in pages for o in page.get("Contents", ())]
+            state[name] = {k: client.get_object(Bucket=name, Key=k)["Body"].read() for k in keys}
+        return state
+
+    def restore(self, state: dict[str, dict[str, bytes]]) -> None:
+        """Put back what :meth:`snapshot` saw, in a server started again (moto forgets on stop)."""
+        client = self._admin = self._admin or self.client()  # the same port: the same endpoint
+        for name, objects in state.items():
+            client.create_bucket(Bucket=name)
+            for key, body in objects.items():
+                client.put_object(Bucket=name, Key=key, Body=body)
+
 
 @pytest.fixture(name="moto_server", scope="session")
 def moto_server_fixture() -> Iterator[MotoServer]:
@@ -159,7 +180,8 @@ def _serve() -> None:
     backends.list_of_moto_modules = lambda: modules
     logging.getLogger("werkzeug").disabled = True
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    port = int(os.environ.get("POLYDATUM_MOTO_PORT", "0"))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     print(f"PORT {server.get_host_and_port()[1]}", flush=True)
     # Serve until the parent closes our stdin (or dies).

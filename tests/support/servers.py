@@ -62,10 +62,13 @@ def missing(what: str, how: str) -> None:
 class PrivateRedis:
     """A redis-server of our own on a free port, safe to stop and kill."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = False) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="polydatum-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        # persistent: an append-only file in its folder, so a stop and start
+        # keeps the data (a broker's queued messages), as a durable broker would.
+        self.persistent = persistent
 
     @property
     def url(self) -> str:
@@ -76,9 +79,21 @@ class PrivateRedis:
         if exe is None:
             missing("redis-server", "install it with: apt-get install redis-server")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.persistent else "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(self.port)
         return self
@@ -103,6 +118,61 @@ class PrivateRedis:
     def close(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateMemcached:
+    """A memcached of our own on a free loopback port (Debian's ``memcached``), safe to stop."""
+
+    def __init__(self, *, item_size: str = "1m", extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.item_size = item_size
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> PrivateMemcached:
+        exe = shutil.which("memcached") or (
+            "/usr/bin/memcached" if os.path.exists("/usr/bin/memcached") else None
+        )
+        if exe is None:
+            missing(
+                "memcached",
+                "install it with: apt-get update && apt-get install -y memcached "
+                "(scripts/test does so as root)",
+            )
+            raise AssertionError  # missing() fails or skips
+        argv = [
+            exe,
+            "-l",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "0",
+            "-m",
+            "32",
+            "-I",
+            self.item_size,
+            *self.extra,
+        ]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]  # memcached refuses to run as root without -u
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server and wait for it to go away (the port stays ours to restart on)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
 
 
 def _pg_bin(name: str) -> str | None:
@@ -138,8 +208,7 @@ class PrivatePostgres:
         pg_ctl = _pg_bin("pg_ctl")
         assert pg_ctl is not None
         opts = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(pg_ctl, "-D", self.data, "-o", opts, "-l",
-                  os.path.join(self.base, "log"), "-w", *args)
+        self._run(pg_ctl, "-D", self.data, "-o", opts, "-l", os.path.join(self.base, "log"), "-w", *args)
 
     def start(self) -> PrivatePostgres:
         initdb = _pg_bin("initdb")
@@ -147,8 +216,7 @@ class PrivatePostgres:
             missing("PostgreSQL", "install it with: apt-get install postgresql")
         assert initdb is not None
         if not Path(self.data).exists():
-            self._run(initdb, "-D", self.data, "-U", "postgres", "-A", "trust",
-                      "--no-sync", "-E", "UTF8")
+            self._run(initdb, "-D", self.data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
         self._ctl("start")
         wait_for(self.port)
         return self

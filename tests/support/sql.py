@@ -90,8 +90,10 @@ def server_connections(server_url: str, database: str) -> int:
     admin = create_engine(server_url, poolclass=NullPool)
     try:
         with admin.connect() as conn:
-            return int(conn.execute(
-                text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
-            ).scalar_one())
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
+                ).scalar_one()
+            )
     finally:
         admin.dispose()

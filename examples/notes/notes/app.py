@@ -4,6 +4,11 @@
 each integration is installed the same way (``thing.install(dm, name=...)``)
 and only this module knows which implementation was configured. Services
 only ever see ``ctx.db``, ``ctx.cache``, ``ctx.blobs`` and ``ctx.jobs``.
+
+What happens after a commit (the index job, cache invalidations, attachment
+deletes) goes through a transactional outbox: each is a row written in the
+request's own transaction, delivered right after the commit, or by the relay
+thread of ``notes serve`` if Redis, the storage or the broker was down.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from polydatum import DataManager
 from polydatum.blob import BlobError, BlobStore, FileSystemBlobStore
 from polydatum.cache import Cache, MemoryBackend
+from polydatum.outbox import Outbox
 from polydatum.resources import ValueResource
-from polydatum.sqlalchemy import Database
+from polydatum.sqlalchemy import Database, NodeStatus
 
 from notes.auth import AuthMiddleware
 from notes.config import ConfigError, Settings
 from notes.jobs import make_celery
-from notes.models import Base
 from notes.services import Notebooks, Notes, Users
 
 logger = logging.getLogger("notes")
@@ -48,12 +53,35 @@ class NotesApp:
     tasks: SimpleNamespace
     redis: Any = None
     _closers: list[Callable[[], object]] = field(default_factory=list)
+    outbox: Outbox | None = None
 
-    def wsgi(self) -> Any:
-        """The WSGI application (each request in a context of ``dm``)."""
+    def wsgi(self, *, debug: bool = False) -> Any:
+        """The WSGI application (each request in a context of ``dm``).
+
+        Args:
+            debug: also record every context and serve the live page of the
+                recent ones at ``/_polydatum``. Off by default: the page shows
+                service paths, timings and request ids to anyone who can
+                reach it, without authentication.
+        """
         from notes.web import make_wsgi_app
 
-        return make_wsgi_app(self)
+        app = make_wsgi_app(self)
+        if not debug:
+            return app
+        from polydatum.debug import DebugPage
+        from polydatum.recorder import Recorder
+
+        # Installed last, so it counts the SQL of the database installed before it.
+        recorder = Recorder(limit=200).install(self.dm)
+        self._closers.append(recorder.uninstall)
+        return DebugPage(recorder, app)  # outside the contexts: the page is not recorded itself
+
+    def asgi(self) -> Any:
+        """The JSON API as an ASGI application (FastAPI; see :mod:`notes.asgi`)."""
+        from notes.asgi import make_asgi_app
+
+        return make_asgi_app(self)
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Ping every configured part; never raises.
@@ -63,16 +91,28 @@ class NotesApp:
         """
         using = self.settings.describe()
         report: dict[str, dict[str, Any]] = {}
-        for part, ping in (("database", self._ping_database), ("cache", self._ping_cache),
-                           ("blobs", self._ping_blobs), ("jobs", self._ping_jobs)):
+        for part, ping in (
+            ("database", self._ping_database),
+            ("cache", self._ping_cache),
+            ("blobs", self._ping_blobs),
+            ("jobs", self._ping_jobs),
+        ):
             start = time.perf_counter()
             try:
-                ping()
+                nodes = ping()
             except ConfigError as exc:
                 report[part] = {"ok": False, "using": using[part], "error": str(exc)}
                 continue
-            report[part] = {"ok": True, "using": using[part],
-                            "ms": round((time.perf_counter() - start) * 1000, 1)}
+            report[part] = {
+                "ok": True,
+                "using": using[part],
+                "ms": round((time.perf_counter() - start) * 1000, 1),
+            }
+            if nodes:
+                # With replicas: each node's state. A replica down degrades reads, never fails them.
+                report[part]["nodes"] = [
+                    {"name": n.name, "ok": n.ok, "detail": n.detail, "lag": n.lag} for n in nodes
+                ]
         return report
 
     def check(self) -> None:
@@ -86,12 +126,14 @@ class NotesApp:
                 raise ConfigError(part["error"])
 
     def create_tables(self) -> None:
-        """Create the tables that do not exist yet (an example's stand-in for migrations)."""
-        try:
-            Base.metadata.create_all(self.db.engine)
-        except SQLAlchemyError as exc:
-            raise ConfigError(f"cannot create the tables in {self.settings.describe()['database']}: "
-                              f"{_first_line(exc)}; check DATABASE_URL and its permissions") from None
+        """Bring the schema to the newest migration (Alembic, :mod:`notes.migrate`).
+
+        Raises:
+            ConfigError: the database cannot be reached or refused a statement.
+        """
+        from notes.migrate import upgrade
+
+        upgrade(self)
 
     def close(self) -> None:
         """Release pools and connections (tests build many apps in one process)."""
@@ -104,23 +146,29 @@ class NotesApp:
 
     # -- pings -------------------------------------------------------------
 
-    def _ping_database(self) -> None:
+    def _ping_database(self) -> list[NodeStatus] | None:
+        """Ping the primary; with replicas, return each node's state."""
         try:
-            self.db.ping()
+            nodes = self.db.health()  # not ping(): the report says why, and names each node
         except SQLAlchemyError as exc:
-            msg = (f"cannot use the database at {self.settings.describe()['database']}: {_first_line(exc)}; "
-                   "start it or fix DATABASE_URL")
+            msg = (
+                f"cannot use the database at {self.settings.describe()['database']}: {_first_line(exc)}; "
+                "start it or fix DATABASE_URL"
+            )
             raise ConfigError(msg) from None
+        return nodes if len(nodes) > 1 else None
 
     def _ping_cache(self) -> None:
         if not self.cache.ping():
-            msg = (f"cannot reach Redis at {self.settings.describe()['cache']}; start it or fix REDIS_URL "
-                   "(unset REDIS_URL for the in-process cache)")
+            msg = (
+                f"cannot reach Redis at {self.settings.describe()['cache']}; start it or fix REDIS_URL "
+                "(unset REDIS_URL for the in-process cache)"
+            )
             raise ConfigError(msg)
 
     def _ping_blobs(self) -> None:
         try:
-            self.blobs.ping()
+            self.blobs.check()  # not ping(): the error says what to fix
         except BlobError as exc:
             msg = f"BLOB_URL={self.settings.blob_url}: {_first_line(exc)}; fix BLOB_URL or the storage"
             raise ConfigError(msg) from None
@@ -133,8 +181,10 @@ class NotesApp:
                 conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5, timeout=3)
         except Exception as exc:
             broker = self.settings.describe()["jobs"].removeprefix("celery via ")
-            msg = (f"cannot reach the Celery broker at {broker}: {_first_line(exc)}; "
-                   "start it or fix CELERY_BROKER_URL (unset it to run jobs in-process)")
+            msg = (
+                f"cannot reach the Celery broker at {broker}: {_first_line(exc)}; "
+                "start it or fix CELERY_BROKER_URL (unset it to run jobs in-process)"
+            )
             raise ConfigError(msg) from None
 
 
@@ -150,6 +200,9 @@ def build(settings: Settings) -> NotesApp:
     db = _database(settings)
     db.install(dm, name="db")  # ctx.db: a Session per context, committed by middleware
     closers.append(db.dispose)
+    # Effects that must survive a crash or an outage: rows of the request's transaction.
+    outbox = Outbox(db).install(dm, name="outbox")
+    closers.append(outbox.flush)  # closed in reverse: its last deletes before the pool goes
 
     redis = None
     if settings.redis_url is not None:
@@ -162,23 +215,24 @@ def build(settings: Settings) -> NotesApp:
         closers.append(redis.close)
     try:
         if redis is None:
-            cache = Cache(MemoryBackend(), namespace=settings.cache_namespace)
+            cache = Cache(MemoryBackend(), namespace=settings.cache_namespace, outbox=outbox)
         else:
-            cache = redis.cache(namespace=settings.cache_namespace)
+            cache = redis.cache(namespace=settings.cache_namespace, outbox=outbox)
     except ValueError as exc:
         raise ConfigError(f"CACHE_NAMESPACE is not usable: {exc}") from None
     cache.install(dm, name="cache")  # ctx.cache: invalidations wait for the commit
 
     blobs = _blob_store(settings)
-    blobs.install(dm, name="blobs")  # ctx.blobs: puts undone on rollback, deletes on commit
+    # ctx.blobs: puts undone on rollback (or by the relay), deletes after the commit
+    blobs.install(dm, name="blobs", outbox=outbox)
 
-    celery, tasks = make_celery(settings, dm)
+    celery, tasks = make_celery(settings, dm, outbox)
     closers.append(celery.close)
     dm.register_resources(jobs=ValueResource(tasks))  # ctx.jobs.index_note.delay(...)
 
     dm.register_services(users=Users(settings.secret_key), notebooks=Notebooks(), notes=Notes())
     dm.register_method_middleware(AuthMiddleware())  # around every DAL call
-    return NotesApp(settings, dm, db, cache, blobs, celery, tasks, redis, closers)
+    return NotesApp(settings, dm, db, cache, blobs, celery, tasks, redis, closers, outbox)
 
 
 def _database(settings: Settings) -> Database:
@@ -194,9 +248,10 @@ def _database(settings: Settings) -> Database:
             msg = f"cannot create {str(folder)!r} for the SQLite database: {exc.strerror}; fix DATABASE_URL"
             raise ConfigError(msg) from None
     try:
-        return Database(url)
-    except (SQLAlchemyError, ImportError) as exc:
-        msg = f"DATABASE_URL cannot be used: {_first_line(exc)}; install its driver or fix the URL"
+        return Database(url, replicas=list(settings.database_replicas))
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        what = "DATABASE_URL or DATABASE_REPLICAS" if settings.database_replicas else "DATABASE_URL"
+        msg = f"{what} cannot be used: {_first_line(exc)}; install its driver or fix the URL"
         raise ConfigError(msg) from None
 
 
@@ -212,8 +267,9 @@ def _blob_store(settings: Settings) -> BlobStore:
     if settings.aws_endpoint_url:
         options["endpoint_url"] = settings.aws_endpoint_url
     # Fail fast at start-up and in /health rather than retrying for half a minute.
-    return S3BlobStore(parts.netloc, prefix=parts.path.strip("/"), connect_timeout=3, max_attempts=2,
-                       **options)
+    return S3BlobStore(
+        parts.netloc, prefix=parts.path.strip("/"), connect_timeout=3, max_attempts=2, **options
+    )
 
 
 def _ignore_in_git(settings: Settings, path: Path) -> None:
@@ -233,3 +289,11 @@ def _ignore_in_git(settings: Settings, path: Path) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def data_manager() -> DataManager:
+    """The DataManager of the application the environment configures; nothing is contacted.
+
+    For tools that take one: ``polydatum inspect "notes.app:data_manager()"``.
+    """
+    return build(Settings.from_env()).dm

@@ -9,6 +9,9 @@ call, so no service method can forget a check:
 - a method marked :func:`public` runs for anyone;
 - a method marked :func:`job_only` runs only in a background job's context;
 - a method marked :func:`signed_in` needs ``meta.user`` (401 otherwise);
+- a method marked :func:`self_only` needs it too, and its first argument
+  must be that same user id: your own profile, your own counts (403 for
+  someone else's);
 - a method marked :func:`owns` needs it too, and gets its first argument
   checked: the note, notebook or attachment it names must belong to
   ``meta.user``. Someone else's object is reported exactly like a missing
@@ -17,7 +20,10 @@ call, so no service method can forget a check:
   ``Store`` methods (``get``, ``search``…) are not open to every caller.
 
 Caching (``@cached`` on a service method) sits *inside* this middleware, so
-a cached answer is never served to a caller who may not see it.
+a cached answer is never served to a caller who may not see it. That holds
+only for checks made here: a check written in the body of a cached method
+runs only when the answer is computed, not when it is served from the cache.
+So every "may they" belongs in a mark.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _GUARD = "__notes_guard__"
 _OWNED = {"note": Note, "notebook": Notebook, "attachment": Attachment}
 MAX_ID = 2**31 - 1  # the largest key of an SQL INTEGER column (PostgreSQL's is 32 bits)
+_MAX_ID_DIGITS = len(str(MAX_ID))
 
 
 class BadRequest(ServiceError):
@@ -88,11 +95,24 @@ def user_from_token(secret: str, token: str) -> int:
     Raises:
         Unauthorized: the token is malformed or its signature does not match.
     """
-    user, _, _ = token.partition(".")
-    if user.isdigit() and hmac.compare_digest(make_token(secret, int(user)), token):
-        return int(user)
+    user = _user_id(token.partition(".")[0])
+    if user is not None and hmac.compare_digest(make_token(secret, user), token):
+        return user
     msg = "invalid API token; use the token POST /users returned"
     raise Unauthorized(msg)
+
+
+def _user_id(text: str) -> int | None:
+    """``text`` as a user id, or None when it cannot be one.
+
+    Checked before ``int()``: Python refuses to convert more than 4300
+    digits (ValueError), and ``str.isdigit`` is also true for digits such as
+    "²" that ``int()`` cannot read. Only ASCII digits, no more than a key has.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_ID_DIGITS:
+        return None
+    ident = int(text)
+    return ident if 1 <= ident <= MAX_ID else None
 
 
 def _mark(func: F, rule: str, kind: str | None) -> F:
@@ -114,6 +134,11 @@ def public(func: F) -> F:
 def signed_in(func: F) -> F:
     """Mark a service method as callable by any signed-in user."""
     return _mark(func, "user", None)
+
+
+def self_only(func: F) -> F:
+    """Mark a method whose first argument must be the caller's own user id (someone else's: 403)."""
+    return _mark(func, "self", None)
 
 
 def job_only(func: F) -> F:
@@ -145,6 +170,15 @@ def _guard(method: Any) -> Guard | None:
     return guard
 
 
+def _first_argument(request: DalCommandRequest, param: str | None, kind: str) -> Any:
+    # Passed by position or by name: a keyword must not skip the check.
+    ident = request.args[0] if request.args else request.kwargs.get(str(param))
+    if ident is None:
+        msg = f"{request.path_name} needs the id of a {kind}"
+        raise BadRequest(msg)
+    return ident
+
+
 class AuthMiddleware:
     """DAL method middleware enforcing the marks above on every call; see the module docs."""
 
@@ -170,11 +204,13 @@ class AuthMiddleware:
         if user is None:
             msg = f"{request.path_name} needs a signed-in user; send Authorization: Bearer <token>"
             raise Unauthorized(msg)
-        if kind is not None:
-            ident = request.args[0] if request.args else request.kwargs.get(str(param))
-            if ident is None:
-                msg = f"{request.path_name} needs the id of a {kind}"
-                raise BadRequest(msg)
+        if rule == "self":
+            ident = _first_argument(request, param, "user")
+            if isinstance(ident, bool) or ident != user:
+                msg = f"{request.path_name} is only for your own account"
+                raise Forbidden(msg)
+        elif kind is not None:
+            ident = _first_argument(request, param, kind)
             model = _OWNED[kind]
             # An id no key can have is not looked up: PostgreSQL would fail on it
             # ("integer out of range"), where the answer is simply "not found".

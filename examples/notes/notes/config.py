@@ -7,6 +7,7 @@ in-process cache, Celery in eager mode):
 ==================== ====================================================
 ``NOTES_DATA``       directory for the embedded defaults (``./notes-data``)
 ``DATABASE_URL``     SQLAlchemy URL; ``postgresql://`` means psycopg 3
+``DATABASE_REPLICAS`` comma-separated URLs of PostgreSQL read replicas
 ``REDIS_URL``        ``redis://host:6379/0``: the cache lives in Redis
 ``CACHE_NAMESPACE``  prefix of every cache key (``notes``)
 ``BLOB_URL``         ``file:///path`` or ``s3://bucket/prefix``
@@ -42,6 +43,7 @@ class Settings:
     data_dir: Path
     database_url: str
     blob_url: str
+    database_replicas: tuple[str, ...] = ()
     redis_url: str | None = None
     cache_namespace: str = "notes"
     aws_endpoint_url: str | None = None
@@ -64,6 +66,11 @@ class Settings:
 
         data_dir = Path(get("NOTES_DATA") or "notes-data").expanduser().resolve()
         database_url = normalise_database_url(get("DATABASE_URL") or f"sqlite:///{data_dir / 'notes.db'}")
+        replicas = tuple(
+            normalise_database_url(u.strip())
+            for u in (get("DATABASE_REPLICAS") or "").split(",")
+            if u.strip()
+        )
         blob_url = get("BLOB_URL") or (data_dir / "blobs").as_uri()
         check_blob_url(blob_url)
         redis_url = get("REDIS_URL")
@@ -85,6 +92,7 @@ class Settings:
         return cls(
             data_dir=data_dir,
             database_url=database_url,
+            database_replicas=replicas,
             blob_url=blob_url,
             redis_url=redis_url,
             cache_namespace=get("CACHE_NAMESPACE") or "notes",
@@ -100,8 +108,11 @@ class Settings:
             "database": _hide_password(self.database_url),
             "cache": _hide_password(self.redis_url) if self.redis_url else "in-process memory",
             "blobs": self.blob_url,
-            "jobs": (f"celery via {_hide_password(self.celery_broker_url)}"
-                     if self.celery_broker_url else "celery, eager (in-process)"),
+            "jobs": (
+                f"celery via {_hide_password(self.celery_broker_url)}"
+                if self.celery_broker_url
+                else "celery, eager (in-process)"
+            ),
         }
 
 

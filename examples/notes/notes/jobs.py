@@ -1,9 +1,11 @@
 """Background jobs with Celery, through :mod:`polydatum.celery`.
 
 ``index_note.delay(note_id)`` called by a service inside a context is *not*
-sent at once: polydatum.celery sends it when the context commits, so the
-worker always finds the note the request wrote, and a request that failed
-sends nothing. Each run of the task gets a context of its own (meta:
+sent at once: it is an outbox row of the context's transaction, sent right
+after the commit (or by a relay, if the broker was down), so the worker
+always finds the note the request wrote, a request that failed sends
+nothing, and a committed one is never lost. The inbox runs a message that
+arrives twice once. Each run of the task gets a context of its own (meta:
 ``task_id``, ``retries``…), committed when the task returns.
 
 Without ``CELERY_BROKER_URL`` the app runs Celery in eager mode: the job
@@ -19,11 +21,14 @@ from celery import Celery
 
 from polydatum import DataManager
 from polydatum.celery import install
+from polydatum.outbox import Outbox
 
 from notes.config import Settings
 
 
-def make_celery(settings: Settings, dm: DataManager) -> tuple[Celery, SimpleNamespace]:
+def make_celery(
+    settings: Settings, dm: DataManager, outbox: Outbox | None = None
+) -> tuple[Celery, SimpleNamespace]:
     """The Celery app of ``dm`` and its tasks (``tasks.index_note``)."""
     eager = settings.celery_broker_url is None
     app = Celery("notes", broker=settings.celery_broker_url or "memory://localhost/", set_as_current=False)
@@ -41,7 +46,7 @@ def make_celery(settings: Settings, dm: DataManager) -> tuple[Celery, SimpleName
         task_acks_late=True,
     )
     # Database deadlocks and serialization failures are retried in a fresh context.
-    install(app, dm, retry_transient=3)
+    install(app, dm, retry_transient=3, outbox=outbox, inbox=outbox is not None)
 
     # shared=False: the task belongs to this app (and so to this DataManager) only;
     # a shared task would be added to every Celery app made later in the process.

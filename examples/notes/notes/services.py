@@ -15,6 +15,7 @@ they *ask* for it, and the context does it once the unit of work is durable:
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections import Counter
@@ -31,8 +32,10 @@ from polydatum.dal import DataAccessLayer
 from polydatum.errors import ConcurrencyConflict, NotFound
 from polydatum.sqlalchemy import Page, Store
 
-from notes.auth import BadRequest, Conflict, Forbidden, job_only, make_token, owns, public, signed_in
+from notes.auth import BadRequest, Conflict, job_only, make_token, owns, public, self_only, signed_in
 from notes.models import Attachment, Note, Notebook, NoteIndex, NoteWord, User
+
+logger = logging.getLogger("notes.services")
 
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 MAX_TITLE = 200
@@ -107,19 +110,15 @@ class Users(Store[User]):
             raise Conflict(taken) from None
         return {"id": user.id, "name": user.name, "token": make_token(self._secret, user.id)}
 
-    @signed_in
+    @self_only
     def profile(self, user_id: int) -> dict[str, Any]:
-        """A user's profile with their note count; only your own.
+        """A user's profile with their note count; only your own (the auth middleware checks).
 
         Raises:
             Forbidden: ``user_id`` is someone else.
         """
-        me = self._ctx.meta.user
-        if user_id != me:
-            msg = "you can only see your own profile"
-            raise Forbidden(msg)
-        user = self.require(me)
-        return {"id": user.id, "name": user.name, "note_count": _dal(self).notes.count_for(me)}
+        user = self.require(user_id)
+        return {"id": user.id, "name": user.name, "note_count": _dal(self).notes.count_for(user_id)}
 
 
 class Notebooks(Store[Notebook]):
@@ -153,10 +152,15 @@ class Notes(Store[Note]):
     def add(self, notebook_id: int, title: Any, text: Any = "") -> dict[str, Any]:
         """Create a note in one of the caller's notebooks; its word index is built after commit."""
         user = self._ctx.meta.user
-        note = self.create(notebook_id=notebook_id, owner_id=user, title=_text(title, "title", MAX_TITLE),
-                           text=_text(text, "text", MAX_TEXT, empty=True))
+        note = self.create(
+            notebook_id=notebook_id,
+            owner_id=user,
+            title=_text(title, "title", MAX_TITLE),
+            text=_text(text, "text", MAX_TEXT, empty=True),
+        )
         self.count_for.invalidate(user)
         _jobs(self).index_note.delay(note.id)  # sent when this context commits
+        logger.info("note %d added to notebook %d", note.id, notebook_id)
         return self._describe(note)
 
     @owns("notebook")
@@ -168,15 +172,26 @@ class Notes(Store[Note]):
     def add_many(self, notebook_id: int, items: Iterable[Mapping[str, str]]) -> int:
         """Bulk-create notes (for seeding) with their word index built inline, not by jobs."""
         user = self._ctx.meta.user
-        rows = [{"notebook_id": notebook_id, "owner_id": user, "title": _text(i["title"], "title", MAX_TITLE),
-                 "text": _text(i["text"], "text", MAX_TEXT, empty=True), "version": 1} for i in items]
+        rows = [
+            {
+                "notebook_id": notebook_id,
+                "owner_id": user,
+                "title": _text(i["title"], "title", MAX_TITLE),
+                "text": _text(i["text"], "text", MAX_TEXT, empty=True),
+                "version": 1,
+            }
+            for i in items
+        ]
         if not rows:
             return 0
         # Bulk statements, not one ORM object per row: seeding 100,000 notes stays quick.
         session = self.session
         ids = session.scalars(insert(Note).returning(Note.id, sort_by_parameter_order=True), rows).all()
-        words = [{"note_id": i, "word": w, "count": c}
-                 for i, row in zip(ids, rows, strict=True) for w, c in words_of(row["text"]).items()]
+        words = [
+            {"note_id": i, "word": w, "count": c}
+            for i, row in zip(ids, rows, strict=True)
+            for w, c in words_of(row["text"]).items()
+        ]
         if words:
             session.execute(insert(NoteWord), words)
         session.execute(insert(NoteIndex), [{"note_id": i, "version": 1} for i in ids])
@@ -191,7 +206,8 @@ class Notes(Store[Note]):
 
     def _describe(self, note: Note) -> dict[str, Any]:
         attachments = self.session.scalars(
-            select(Attachment).where(Attachment.note_id == note.id).order_by(Attachment.id))
+            select(Attachment).where(Attachment.note_id == note.id).order_by(Attachment.id)
+        )
         index = self.session.get(NoteIndex, note.id)
         return {
             **_summary(note),
@@ -250,8 +266,9 @@ class Notes(Store[Note]):
         self.count_for.invalidate(note.owner_id)
 
     @owns("note")
-    def attach(self, note_id: int, name: Any, data: IO[bytes] | bytes,
-               content_type: str | None = None) -> dict[str, Any]:
+    def attach(
+        self, note_id: int, name: Any, data: IO[bytes] | bytes, content_type: str | None = None
+    ) -> dict[str, Any]:
         """Store ``data`` as an attachment of the note (streamed into the blob store).
 
         Raises:
@@ -265,8 +282,14 @@ class Notes(Store[Note]):
         # Locked only now that the upload is done (holding the lock through it would make a
         # delete of the note wait that long). A shared lock: attaches and edits go on meanwhile.
         self._lock(note_id, shared=True)
-        attachment = Attachment(note_id=note_id, owner_id=self._ctx.meta.user, name=name,
-                                content_type=content_type, size=size, key=key)
+        attachment = Attachment(
+            note_id=note_id,
+            owner_id=self._ctx.meta.user,
+            name=name,
+            content_type=content_type,
+            size=size,
+            key=key,
+        )
         self.session.add(attachment)
         self.session.flush()
         self.read.invalidate(note_id)
@@ -300,20 +323,22 @@ class Notes(Store[Note]):
         self.read.invalidate(attachment.note_id)
 
     @cached(ttl=300, key="count:{user_id}")
-    @signed_in
+    @self_only  # checked by the middleware on every call, cached or not
     def count_for(self, user_id: int) -> int:
-        """How many notes ``user_id`` has: cached, invalidated when one is added or removed."""
-        if user_id != self._ctx.meta.user:
-            msg = "you can only count your own notes"
-            raise Forbidden(msg)
+        """How many notes ``user_id`` has, only your own: cached, invalidated when one is added or removed.
+
+        Raises:
+            Forbidden: ``user_id`` is someone else.
+        """
         return self.count({"owner_id": user_id})
 
     @owns("note")
     def words(self, note_id: int) -> dict[str, Any]:
         """The note's word index, as the background job built it."""
         index = self.session.get(NoteIndex, note_id)
-        rows = self.session.scalars(select(NoteWord).where(NoteWord.note_id == note_id)
-                                    .order_by(NoteWord.count.desc(), NoteWord.word))
+        rows = self.session.scalars(
+            select(NoteWord).where(NoteWord.note_id == note_id).order_by(NoteWord.count.desc(), NoteWord.word)
+        )
         return {
             "note_id": note_id,
             "indexed_version": None if index is None else index.version,

@@ -1,6 +1,8 @@
-"""The JSON HTTP API: Werkzeug routing, one polydatum context per request.
+"""The JSON HTTP API (and, under ``/app/``, the web pages of :mod:`notes.pages`).
 
-:class:`~polydatum.werkzeug.PolydatumMiddleware` opens the request's context
+Werkzeug routing, one polydatum context per request.
+
+:class:`~polydatum.werkzeug.PolydatumWSGIMiddleware` opens the request's context
 (meta: the user from the ``Authorization`` header, a request id…), commits
 it when the response ended, rolls it back on a status >= 400, and turns
 ``ServiceError`` s into JSON errors (``NotFound`` 404, ``ConcurrencyConflict``
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +23,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 from werkzeug.wsgi import wrap_file
 
-from polydatum.werkzeug import PolydatumMiddleware, current_context
+from polydatum.werkzeug import PolydatumWSGIMiddleware, request_context
 
 from notes.auth import MAX_ID, BadRequest, PayloadTooLarge, Unauthorized, Unavailable, user_from_token
 
@@ -38,20 +41,22 @@ MAX_UPLOAD = 64 * 1024 * 1024
 # rather than reaching the database and failing there ("integer out of range", a 500).
 ID = f"int(min=1, max={MAX_ID})"
 
-URLS = Map([
-    Rule("/", endpoint="index", methods=["GET"]),
-    Rule("/health", endpoint="health", methods=["GET"]),
-    Rule("/users", endpoint="sign_up", methods=["POST"]),
-    Rule(f"/users/<{ID}:user_id>", endpoint="profile", methods=["GET"]),
-    Rule("/me", endpoint="me", methods=["GET"]),
-    Rule("/notebooks", endpoint="notebooks", methods=["GET", "POST"]),
-    Rule(f"/notebooks/<{ID}:notebook_id>/notes", endpoint="notebook_notes", methods=["GET", "POST"]),
-    Rule(f"/notes/<{ID}:note_id>", endpoint="note", methods=["GET", "PUT", "DELETE"]),
-    Rule(f"/notes/<{ID}:note_id>/words", endpoint="words", methods=["GET"]),
-    Rule(f"/notes/<{ID}:note_id>/attachments", endpoint="attach", methods=["POST"]),
-    Rule(f"/attachments/<{ID}:attachment_id>", endpoint="attachment", methods=["GET", "DELETE"]),
-    Rule("/search", endpoint="search", methods=["GET"]),
-])
+URLS = Map(
+    [
+        Rule("/", endpoint="index", methods=["GET"]),
+        Rule("/health", endpoint="health", methods=["GET"]),
+        Rule("/users", endpoint="sign_up", methods=["POST"]),
+        Rule(f"/users/<{ID}:user_id>", endpoint="profile", methods=["GET"]),
+        Rule("/me", endpoint="me", methods=["GET"]),
+        Rule("/notebooks", endpoint="notebooks", methods=["GET", "POST"]),
+        Rule(f"/notebooks/<{ID}:notebook_id>/notes", endpoint="notebook_notes", methods=["GET", "POST"]),
+        Rule(f"/notes/<{ID}:note_id>", endpoint="note", methods=["GET", "PUT", "DELETE"]),
+        Rule(f"/notes/<{ID}:note_id>/words", endpoint="words", methods=["GET"]),
+        Rule(f"/notes/<{ID}:note_id>/attachments", endpoint="attach", methods=["POST"]),
+        Rule(f"/attachments/<{ID}:attachment_id>", endpoint="attachment", methods=["GET", "DELETE"]),
+        Rule("/search", endpoint="search", methods=["GET"]),
+    ]
+)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -93,13 +98,19 @@ class Views:
         self.max_upload = max_upload
 
     def index(self, request: Request) -> Response:
-        return _json({
-            "name": "polydatum notes",
-            "health": "/health",
-            "endpoints": sorted({f"{' '.join(sorted(set(r.methods or ()) - {'HEAD', 'OPTIONS'}))} {r.rule}"
-                                 for r in URLS.iter_rules()}),
-            "start": 'curl -X POST -d \'{"name": "ada"}\' ' + request.host_url + "users",
-        })
+        return _json(
+            {
+                "name": "polydatum notes",
+                "health": "/health",
+                "endpoints": sorted(
+                    {
+                        f"{' '.join(sorted(set(r.methods or ()) - {'HEAD', 'OPTIONS'}))} {r.rule}"
+                        for r in URLS.iter_rules()
+                    }
+                ),
+                "start": 'curl -X POST -d \'{"name": "ada"}\' ' + request.host_url + "users",
+            }
+        )
 
     def health(self, request: Request) -> Response:
         report = self.app.health()
@@ -113,7 +124,7 @@ class Views:
         return _json(_dal().users.profile(user_id))
 
     def me(self, request: Request) -> Response:
-        return _json(_dal().users.profile(current_context().meta.user))
+        return _json(_dal().users.profile(request_context().meta.user))
 
     def notebooks(self, request: Request) -> Response:
         if request.method == "POST":
@@ -130,8 +141,11 @@ class Views:
     def note(self, request: Request, note_id: int) -> Response:
         if request.method == "PUT":
             body = _body(request)
-            return _json(_dal().notes.edit(note_id, version=body.get("version"), title=body.get("title"),
-                                           text=body.get("text")))
+            return _json(
+                _dal().notes.edit(
+                    note_id, version=body.get("version"), title=body.get("title"), text=body.get("text")
+                )
+            )
         if request.method == "DELETE":
             _dal().notes.remove(note_id, version=_int_arg(request, "version", None))
             return Response(status=204)
@@ -159,8 +173,9 @@ class Views:
             return Response(status=204)
         info, stream = _dal().notes.open_attachment(attachment_id)
         # Streamed: the context (and the blob stream) stays open until the body is sent.
-        response = Response(wrap_file(request.environ, stream), mimetype=info["content_type"],
-                            direct_passthrough=True)
+        response = Response(
+            wrap_file(request.environ, stream), mimetype=info["content_type"], direct_passthrough=True
+        )
         response.content_length = info["size"]
         response.headers["Content-Disposition"] = _disposition(info["name"])
         return response
@@ -171,8 +186,20 @@ class Views:
         return _json({"notes": _dal().notes.find(request.args.get("word"), limit=limit)})
 
 
+def _route(environ: WSGIEnvironment) -> str | None:
+    """The matched route as a template (``/notes/{note_id}``), never the path: it names contexts."""
+    try:
+        rule, _ = URLS.bind_to_environ(environ).match(return_rule=True)
+    except HTTPException:  # no such route (404), wrong method (405), a redirect
+        return None
+    return _PLACEHOLDER.sub(r"{\1}", rule.rule)
+
+
+_PLACEHOLDER = re.compile(r"<(?:[^:<>]+:)?(\w+)>")
+
+
 def _dal() -> Any:
-    return current_context().dal
+    return request_context().dal
 
 
 def _disposition(name: str) -> str:
@@ -181,18 +208,23 @@ def _disposition(name: str) -> str:
     return f"attachment; filename*=UTF-8''{quote(name)}"
 
 
-def make_wsgi_app(app: NotesApp, *, max_upload: int = MAX_UPLOAD) -> PolydatumMiddleware:
+def make_wsgi_app(app: NotesApp, *, max_upload: int = MAX_UPLOAD) -> PolydatumWSGIMiddleware:
     """The API as a WSGI application, wrapped in polydatum's middleware.
 
     Args:
         app: the built application.
         max_upload: the largest attachment accepted, in bytes (413 beyond).
     """
+    from notes.pages import Pages, is_page, session_user
+
     views = Views(app, max_upload)
+    pages = Pages(app, max_upload)
     secret = app.settings.secret_key
 
     def dispatch(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
+        if is_page(request.path):  # the web pages: HTML, their own errors
+            return pages(request)(environ, start_response)
         request.max_content_length = max_upload if request.path.endswith("/attachments") else MAX_JSON
         adapter = URLS.bind_to_environ(environ)
         try:
@@ -212,13 +244,16 @@ def make_wsgi_app(app: NotesApp, *, max_upload: int = MAX_UPLOAD) -> PolydatumMi
     def meta(request: Request) -> dict[str, Any]:
         # Verified without the database: the token is signed. A bad token is a 401
         # before any context opens.
+        if is_page(request.path):  # the pages' user comes from their session cookie
+            return {"user": session_user(secret, request), "route": pages.route(request)}
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
+        route = _route(request.environ)
         if not header:
-            return {"user": None}
+            return {"user": None, "route": route}
         if scheme.lower() != "bearer" or not token:
             msg = "send the token as Authorization: Bearer <token>"
             raise Unauthorized(msg)
-        return {"user": user_from_token(secret, token.strip())}
+        return {"user": user_from_token(secret, token.strip()), "route": route}
 
-    return PolydatumMiddleware(dispatch, app.dm, meta=meta)
+    return PolydatumWSGIMiddleware(dispatch, app.dm, meta=meta)

@@ -1,4 +1,4 @@
-"""A process-wide version number for everything the DAL's path cache depends on.
+"""The process-wide invalidation counter of the DAL's path cache.
 
 DAL commands remember how their path resolved together with the version they
 saw. Registering or replacing a service, nesting one, re-binding a service

@@ -1,0 +1,143 @@
+"""What polydatum.otel costs: S1, S2 and S4 of core.py, instrumented and not, in one run.
+
+Run: python benchmarks/otel.py [--quick]
+
+Columns (docs/integrations/observability.md):
+  off       not instrumented (core.py's numbers)
+  mw        no OpenTelemetry at all: an outermost context middleware that registers a
+            commit hook and a pass-through method middleware (what instrumenting through
+            middleware costs before any telemetry; polydatum.otel did that until 2.0.dev)
+  seam      no OpenTelemetry at all: a bare polydatum.observer.Observer() (the floor of the
+            observer seam instrument() now uses)
+  no-op     instrument(dm) with the API's global providers, never configured
+            (what a library that always instruments costs an app without an SDK)
+  non-rec   an SDK TracerProvider whose sampler drops everything (ALWAYS_OFF), no metrics
+  sdk       the SDK recording every span through a BatchSpanProcessor (to an
+            exporter that discards) and every metric into an in-memory reader
+Extra per context = S1 - S1(off); extra per DAL call = ((S4 - S1) - (S4 - S1)(off)) / 10.
+
+W: one WSGI request (one DAL call) through polydatum.werkzeug, called directly with a
+prepared environ: not instrumented, with polydatum.otel recording, with
+opentelemetry-instrumentation-wsgi alone recording (if installed), and with both.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from core import LOOPS, ROUNDS, Bench, baseline, make_dm, s1, s2, s4
+
+from polydatum.observer import Observer
+from polydatum.otel import instrument
+
+
+class Discard(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+COLUMNS = ("off", "mw", "seam", "no-op", "non-rec", "sdk")
+
+
+def shape(ctx: Any) -> Iterator[None]:
+    yield
+    ctx.on_commit(int)
+
+
+def passthrough(request: Any, handler: Any) -> Any:
+    return handler(request)
+
+
+def add_wsgi(bench: Bench, off: Any, traced: Any, tracer_provider: Any, reader: Any) -> list[str]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from werkzeug.test import EnvironBuilder
+
+    from polydatum.werkzeug import PolydatumWSGIMiddleware
+
+    def app(dm: Any) -> Any:
+        def view(environ: Any, start_response: Any) -> Any:
+            dm.require_active_context().dal.users.get(1)
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+            return [b"ok"]
+
+        return view
+
+    environ = EnvironBuilder(path="/users/1").get_environ()
+
+    def runner(wsgi: Any) -> Any:
+        def run(n: int) -> None:
+            for _ in range(n):
+                body = wsgi(dict(environ), lambda status, headers, exc_info=None: None)
+                for _chunk in body:
+                    pass
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+
+        return run
+
+    apps = {
+        "off": PolydatumWSGIMiddleware(app(off), off),
+        "polydatum.otel": PolydatumWSGIMiddleware(app(traced), traced),
+    }
+    try:
+        from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+    except ImportError:
+        pass
+    else:
+        meters = MeterProvider(metric_readers=[reader.__class__()])
+        apps["otel-wsgi alone"] = OpenTelemetryMiddleware(
+            apps["off"], tracer_provider=tracer_provider, meter_provider=meters
+        )
+        apps["otel-wsgi + polydatum.otel"] = OpenTelemetryMiddleware(
+            apps["polydatum.otel"], tracer_provider=tracer_provider, meter_provider=meters
+        )
+    for key, wsgi in apps.items():
+        bench.add(f"W {key}", runner(wsgi))
+    return list(apps)
+
+
+def main() -> None:
+    dms = {column: make_dm() for column in COLUMNS}
+    dms["mw"].register_context_middleware(shape, outermost=True)
+    dms["mw"].register_method_middleware(passthrough, outermost=True)
+    dms["seam"].set_observer(Observer())
+    instrument(dms["no-op"])
+    instrument(dms["non-rec"], tracer_provider=TracerProvider(sampler=ALWAYS_OFF))
+    recording = TracerProvider()
+    recording.add_span_processor(BatchSpanProcessor(Discard()))
+    reader = InMemoryMetricReader()
+    instrument(dms["sdk"], tracer_provider=recording, meter_provider=MeterProvider(metric_readers=[reader]))
+    bench = Bench()
+    bench.add("baseline", baseline)
+    for column, dm in dms.items():
+        for key, make in (("S1", s1), ("S2", s2), ("S4", s4)):
+            bench.add(f"{key} {column}", make(dm))
+    wsgi = add_wsgi(bench, dms["off"], dms["sdk"], recording, reader)
+    best = bench.run()
+    recording.shutdown()
+    print(f"baseline {best['baseline']:.0f} ns; {ROUNDS} rounds of {LOOPS}; ns per context")
+    print(f"{'':4}" + "".join(f"{c:>10}" for c in COLUMNS))
+    for key in ("S1", "S2", "S4"):
+        print(f"{key:4}" + "".join(f"{best[f'{key} {c}']:10.0f}" for c in COLUMNS))
+    off_calls = best["S4 off"] - best["S1 off"]
+    print("extra per context " + "".join(f"{best[f'S1 {c}'] - best['S1 off']:10.0f}" for c in COLUMNS))
+    per_call = "".join(f"{((best[f'S4 {c}'] - best[f'S1 {c}']) - off_calls) / 10:10.0f}" for c in COLUMNS)
+    print("extra per call    " + per_call)
+    for key in wsgi:
+        print(f"W {key:28} {best[f'W {key}'] / 1000:6.1f} us per request")
+
+
+if __name__ == "__main__":
+    main()

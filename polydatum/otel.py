@@ -1,0 +1,747 @@
+"""OpenTelemetry: a span per context and per DAL call, metrics, and logs that carry the context.
+
+::
+
+    from polydatum.otel import instrument
+
+    instrument(dm)                      # the global tracer and meter providers
+    with dm.dal(meta={"request_id": "r1"}) as dal:
+        dal.users.get(42)               # span "context" > span "users.get"
+
+Needs the ``otel`` extra (``opentelemetry-api`` only); an SDK, exporters
+and the standard instrumentations are the application's choice. Without a
+configured provider the API's no-op tracer and meter are used, and nothing
+is recorded or sent; without OpenTelemetry installed at all, this module
+still imports and :func:`instrument` changes nothing.
+
+What :func:`instrument` adds to a DataManager, as its
+:class:`~polydatum.observer.Observer` (a manager that is not instrumented
+pays one attribute test on the core's paths):
+
+- **A span per context**, named by what opened it (see
+  :func:`default_span_name`), started before any context middleware is set
+  up and current until the context's commit or rollback hooks have run: DAL
+  calls, SQL statements, cache and Celery spans made meanwhile are its
+  children, and it counts the errors of every hook.
+- **A span per DAL call**, named by its path (``users.get``), around every
+  method middleware, when the context's span records.
+- **Metrics:** ``polydatum.context.count`` (by outcome),
+  ``polydatum.context.duration`` and ``polydatum.dal.call.duration`` (by
+  method), in seconds.
+
+**Privacy.** Meta can hold personal data, so only the meta keys listed in
+``meta_attributes`` become span attributes, and span names never use the
+request path. A telemetry failure (a span processor that raises, an
+exporter that blocks) is logged, never raised into the unit of work.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from inspect import isawaitable
+from time import monotonic, perf_counter
+from types import CoroutineType, NoneType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from polydatum import _telemetry
+from polydatum._commands import path_name
+from polydatum.errors import DalMethodError
+from polydatum.observer import DalPath, Observer, Proceed
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import metrics, propagate, trace
+    from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+except ImportError:  # pragma: no cover - tested in a subprocess without OpenTelemetry
+    # Without the otel extra, instrument() is a no-op: a library can call it
+    # whether or not the application installed OpenTelemetry.
+    HAVE_OTEL = False
+else:
+    HAVE_OTEL = True
+
+if TYPE_CHECKING:
+    from polydatum.context import DataAccessContext
+    from polydatum.dal import DataManager
+    from polydatum.meta import Meta
+    from polydatum.outbox import Outbox
+
+_T = TypeVar("_T")
+
+# What a context's span left for its end: [start, span, token, span records,
+# token of making it current again at exit or None].
+_ContextState = list[Any]
+
+__all__ = [
+    "ContextFilter",
+    "Instrumentation",
+    "default_span_name",
+    "instrument",
+    "instrument_outbox",
+    "structlog_processor",
+    "uninstrument",
+]
+
+logger = logging.getLogger("polydatum.otel")
+
+#: The instrumentation scope name of polydatum's tracer and meter.
+SCOPE = "polydatum"
+
+# Attribute and metric names, in one place (docs/integrations/observability.md lists them).
+OUTCOME = "polydatum.outcome"
+HOOK_ERRORS = "polydatum.hook_errors"
+ERROR_TYPE = "error.type"
+DAL_METHOD = "polydatum.dal.method"
+META_PREFIX = "polydatum.meta."
+CONTEXT_COUNT = "polydatum.context.count"
+CONTEXT_DURATION = "polydatum.context.duration"
+CALL_DURATION = "polydatum.dal.call.duration"
+CACHE_HITS = "polydatum.cache.hits"
+CACHE_MISSES = "polydatum.cache.misses"
+CACHE_NAMESPACE = "polydatum.cache.namespace"
+BLOB_BYTES = "polydatum.blob.bytes"
+BLOB_DIRECTION = "polydatum.blob.direction"
+OUTBOX_PENDING = "polydatum.outbox.pending"
+OUTBOX_OLDEST_AGE = "polydatum.outbox.oldest_pending_age"
+OUTBOX_TABLE = "polydatum.outbox.table"
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+_PLAIN = (str, bool, int, float)
+# Results a DAL call returns that are surely not awaitable: checked before inspect's slower test.
+_NEVER_AWAITABLE = frozenset({NoneType, str, bytes, bool, int, float, dict, list, tuple, set})
+#: The W3C trace-context header that carries a trace into a task.
+TRACEPARENT = "traceparent"
+_PUBLISH = {"messaging.system": "celery", "messaging.operation.name": "publish"}
+_BLOB_IN = {BLOB_DIRECTION: "in"}
+_BLOB_OUT = {BLOB_DIRECTION: "out"}
+_COMMIT = {OUTCOME: "commit"}
+_ROLLBACK = {OUTCOME: "rollback"}
+_UNRESOLVED = "<unresolved>"
+# Method names seen, kept for their metric attributes; bounded like the DAL's own path cache.
+_MAX_NAMES = 1024
+# Seconds an outbox status serves the gauges of one collection.
+_STATUS_REUSE = 1.0
+
+_instrumented: weakref.WeakKeyDictionary[DataManager, Instrumentation] = weakref.WeakKeyDictionary()
+_sinks: list[Instrumentation] = []
+
+
+def default_span_name(meta: Meta) -> str:
+    """The name of a context's span, from what opened it.
+
+    ``task_name`` (polydatum.celery's meta) if set; else the HTTP ``method``
+    followed by ``route`` when the app's meta function supplies a route
+    template (``GET /notes/{id}``), or the method alone (polydatum.werkzeug
+    and polydatum.asgi); else ``"context"``. The request ``path`` is never
+    used: it can hold personal data, and one name per URL would swamp any
+    trace backend.
+
+    .. versionadded:: 2.0
+    """
+    task = meta.get("task_name")
+    if task:
+        return str(task)
+    method = meta.get("method")
+    if method:
+        method = method if method in _HTTP_METHODS else "HTTP"
+        route = meta.get("route")
+        return f"{method} {route}" if route else str(method)
+    return "context"
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+class Instrumentation(Observer, _telemetry.Listener):
+    """What :func:`instrument` did to one DataManager; :meth:`uninstrument` undoes it.
+
+    It is the manager's :class:`~polydatum.observer.Observer`. Also a context
+    manager that undoes it on exit (tests)::
+
+        with instrument(dm, tracer_provider=provider):
+            ...
+
+    Attributes:
+        data_manager: the instrumented DataManager.
+        meta_attributes: the meta keys exported as span attributes.
+    """
+
+    def __init__(
+        self,
+        data_manager: DataManager,
+        tracer_provider: trace.TracerProvider | None,
+        meter_provider: metrics.MeterProvider | None,
+        meta_attributes: Iterable[str],
+        span_name: Callable[[Meta], str],
+    ) -> None:
+        self.data_manager = data_manager
+        self.meta_attributes = tuple(meta_attributes)
+        self._meta_keys = tuple((key, META_PREFIX + key) for key in self.meta_attributes)
+        self._span_name = span_name
+        self._method_attrs: dict[str, dict[str, str]] = {}
+        self._path_names: dict[int, tuple[tuple[Any, ...], str]] = {}
+        self._failures = 0
+        self._active = False
+        if not HAVE_OTEL:
+            return
+        self._tracer = trace.get_tracer(SCOPE, tracer_provider=tracer_provider)
+        self.meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
+        meter = self.meter
+        self._contexts = meter.create_counter(
+            CONTEXT_COUNT, unit="{context}", description="Contexts ended, by outcome (commit or rollback)."
+        )
+        self._context_duration = meter.create_histogram(
+            CONTEXT_DURATION,
+            unit="s",
+            description="Time from entering a context to the end of its commit or rollback hooks.",
+        )
+        self._call_duration = meter.create_histogram(
+            CALL_DURATION, unit="s", description="Duration of DAL calls, by method."
+        )
+        self._cache_hits = meter.create_counter(
+            CACHE_HITS, unit="{key}", description="Cache keys read and found, by namespace."
+        )
+        self._cache_misses = meter.create_counter(
+            CACHE_MISSES, unit="{key}", description="Cache keys read and not found, by namespace."
+        )
+        self._blob_bytes = meter.create_counter(
+            BLOB_BYTES, unit="By", description="Bytes stored in (in) and read from (out) blob stores."
+        )
+        self._namespaces: dict[str, dict[str, str]] = {}
+
+    # -- installing --------------------------------------------------------
+
+    def _install(self) -> None:
+        if not HAVE_OTEL:
+            logger.info(
+                "OpenTelemetry is not installed (the polydatum[otel] extra): instrument() does nothing"
+            )
+            return
+        self.data_manager.set_observer(self)
+        self._active = True
+        # Caches and blob stores are process-wide: they report to the latest
+        # instrumentation still active.
+        if _sinks:
+            _telemetry.unlisten(_sinks[-1])
+        _sinks.append(self)
+        _telemetry.listen(self)
+
+    def uninstrument(self) -> None:
+        """Stop observing the manager; contexts opened from now on are not traced (idempotent)."""
+        dm = self.data_manager
+        if _instrumented.get(dm) is self:
+            del _instrumented[dm]
+        if not self._active:
+            return
+        self._active = False
+        if dm.observer is self:
+            dm.set_observer(None)
+        if self in _sinks:
+            was_latest = _sinks[-1] is self
+            _sinks.remove(self)
+            if was_latest:
+                _telemetry.unlisten(self)
+                if _sinks:
+                    _telemetry.listen(_sinks[-1])
+
+    def __enter__(self) -> Instrumentation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.uninstrument()
+
+    # -- telemetry must never fail the unit of work ---------------------------
+
+    def _failed(self, what: str) -> None:
+        # The first failure is a warning with its traceback; the rest would
+        # flood the log at request rate, so they go to debug.
+        self._failures += 1
+        level = logging.WARNING if self._failures == 1 else logging.DEBUG
+        logger.log(
+            level,
+            "polydatum.otel could not %s; the unit of work goes on (further failures logged at DEBUG)",
+            what,
+            exc_info=True,
+        )
+
+    def _start(self, name: str, current_if_valid: bool) -> tuple[Span | None, object]:
+        """Start a span and make it current; ``(None, None)`` when there is nothing to end.
+
+        The fast path of a tracer that records nothing: a span that does not
+        record is made current only if it carries a sampling decision that
+        children must inherit (``current_if_valid``, for the context span).
+        The API's no-op tracer gives spans with no valid context at all.
+        """
+        try:
+            span = self._tracer.start_span(name)
+            if span.is_recording() or (current_if_valid and span.get_span_context().is_valid):
+                return span, otel_context.attach(trace.set_span_in_context(span))
+        except Exception:
+            self._failed(f"start span {name!r}")
+        return None, None
+
+    def _end(self, span: Span | None, token: object) -> None:
+        if span is not None:
+            try:
+                span.end()
+            except Exception:
+                self._failed("end a span")
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+
+    # -- what the cache and blob integrations report ---------------------------
+
+    def cache_lookup(self, namespace: str, hits: int, misses: int) -> None:
+        """Count a cache read (called by :mod:`polydatum.cache` while instrumented)."""
+        try:
+            attributes = self._namespaces.get(namespace)
+            if attributes is None:
+                if len(self._namespaces) >= _MAX_NAMES:
+                    self._namespaces.clear()
+                attributes = self._namespaces[namespace] = {CACHE_NAMESPACE: namespace}
+            if hits:
+                self._cache_hits.add(hits, attributes)
+            if misses:
+                self._cache_misses.add(misses, attributes)
+        except Exception:
+            self._failed("count a cache read")
+
+    def blob_bytes(self, direction: str, count: int) -> None:
+        """Count bytes moved in or out of a blob store (called by :mod:`polydatum.blob`)."""
+        try:
+            self._blob_bytes.add(count, _BLOB_IN if direction == "in" else _BLOB_OUT)
+        except Exception:
+            self._failed("count blob bytes")
+
+    # -- the trace, carried into Celery tasks (see polydatum.celery) ----------------
+
+    def inject(self, headers: dict[str, Any]) -> None:
+        """Write the current trace context (``traceparent``) into message ``headers``."""
+        try:
+            propagate.inject(headers)
+        except Exception:
+            self._failed("put the trace context in a message's headers")
+
+    def publish(self, task: str, headers: dict[str, Any], send: Callable[[], _T]) -> _T:
+        """Send a task message in a producer span whose context travels in ``headers``.
+
+        ``headers`` that already carry a ``traceparent`` (a message stored in
+        the outbox while its context ran) give the span its parent, so a
+        relay's send stays in the request's trace.
+        """
+        span = None
+        try:
+            parent = propagate.extract(headers) if TRACEPARENT in headers else None
+            span = self._tracer.start_span(
+                f"{task} publish", context=parent, kind=SpanKind.PRODUCER, attributes=_PUBLISH
+            )
+            propagate.inject(headers, context=trace.set_span_in_context(span))
+        except Exception:
+            self._failed(f"start the publish span of task {task!r}")
+        try:
+            return send()
+        except BaseException as exc:
+            if span is not None:
+                try:
+                    if span.is_recording():
+                        span.record_exception(exc)
+                        span.set_status(Status(StatusCode.ERROR, _type_name(exc)))
+                except Exception:
+                    self._failed("record a failed send")
+            raise
+        finally:
+            if span is not None:
+                self._end(span, None)
+
+    def task_started(self, carrier: Mapping[str, Any]) -> object:
+        """Continue the trace a task message carries (unless a span is already current).
+
+        opentelemetry-instrumentation-celery, when installed, has already
+        made its own span of the run current; the context's span is then its child.
+        """
+        try:
+            if not carrier.get(TRACEPARENT) or trace.get_current_span().get_span_context().is_valid:
+                return None
+            return otel_context.attach(propagate.extract(carrier))
+        except Exception:
+            self._failed("continue a task's trace")
+            return None
+
+    def task_ended(self, token: object) -> None:
+        """Undo :meth:`task_started`."""
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+
+    # -- the context span -----------------------------------------------------
+
+    def _meta_attributes(self, meta: Meta) -> dict[str, Any]:
+        attributes: dict[str, Any] = {}
+        for key, name in self._meta_keys:
+            value = meta.get(key)
+            if value is not None:
+                attributes[name] = value if isinstance(value, _PLAIN) else str(value)
+        return attributes
+
+    def context_entered(self, ctx: DataAccessContext) -> _ContextState:
+        """Start the context's span and make it current (see :mod:`polydatum.observer`)."""
+        start = perf_counter()
+        meta = ctx.meta
+        try:
+            name = self._span_name(meta)
+        except Exception:
+            self._failed("name a context span")
+            name = "context"
+        span, token = self._start(name, True)
+        recording = span is not None and span.is_recording()
+        if recording and self._meta_keys:
+            try:
+                span.set_attributes(self._meta_attributes(meta))  # type: ignore[union-attr]
+            except Exception:
+                self._failed("set a context span's meta attributes")
+        return [start, span, token, recording, None]
+
+    def context_exiting(self, ctx: DataAccessContext, state: _ContextState) -> None:
+        """Make the context's span current again for its commit, if something else is now.
+
+        A streaming WSGI response ends its context while the server iterates
+        the body, after opentelemetry-instrumentation-wsgi (say) detached the
+        span current when the context was entered: the COMMIT, the cache
+        deletes and the task sends must still be children of the context's span.
+        """
+        span = state[1]
+        if span is not None and trace.get_current_span() is not span:
+            try:
+                state[4] = otel_context.attach(trace.set_span_in_context(span))
+            except Exception:
+                self._failed("make a context's span current for its commit")
+
+    def context_exited(self, ctx: DataAccessContext, state: _ContextState, exc: BaseException | None) -> None:
+        """Record the context's outcome, end its span (after every hook ran, so hook errors count)."""
+        start, span, token, recording, again = state
+        if again is not None:
+            # Current again since context_exiting: undo that; the entry's token
+            # belongs to a contextvars state that has moved on.
+            token = again
+        outcome = _COMMIT if exc is None else _ROLLBACK
+        try:
+            self._contexts.add(1, outcome)
+            self._context_duration.record(perf_counter() - start, outcome)
+        except Exception:
+            self._failed("record a context's metrics")
+        if span is None:
+            return
+        try:
+            if recording:
+                span.set_attributes(outcome)
+                span.set_attribute(HOOK_ERRORS, len(ctx.get_hook_errors()))
+                if exc is not None:
+                    error = _type_name(exc)
+                    span.set_attribute(ERROR_TYPE, error)
+                    span.set_status(Status(StatusCode.ERROR, error))
+        except Exception:
+            self._failed("record a context's outcome")
+        finally:
+            self._end(span, token)
+
+    # -- the DAL call spans ---------------------------------------------------
+
+    def _name(self, path: tuple[Any, ...]) -> str:
+        # The DAL's commands keep their path tuple, so its name is looked up
+        # by identity; the tuple is kept alive with it so that its id cannot be reused.
+        named = self._path_names.get(id(path))
+        if named is not None and named[0] is path:
+            return named[1]
+        name = path_name(path)
+        if len(self._path_names) >= _MAX_NAMES:
+            self._path_names.clear()
+        self._path_names[id(path)] = (path, name)
+        return name
+
+    def dal_call(
+        self,
+        ctx: DataAccessContext,
+        state: _ContextState | None,
+        path: DalPath,
+        proceed: Proceed,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """A span per DAL call, around every method middleware (see :mod:`polydatum.observer`).
+
+        A call gets a span only when its context's span records: a context
+        sampled out (or traced by the no-op tracer) has calls without spans,
+        as their parent would drop them anyway, and pays only for the
+        duration metric. A context entered before :func:`instrument`
+        (``state`` None) asks the tracer on every call.
+        """
+        start = perf_counter()
+        name = self._name(path)
+        if state is not None and not state[3]:
+            span = token = None
+        else:
+            span, token = self._start(name, False)
+        try:
+            result = proceed(ctx, args, kwargs)
+        except BaseException as exc:
+            self._call_ended(span, token, name, start, exc)
+            raise
+        if type(result) is CoroutineType or (type(result) not in _NEVER_AWAITABLE and isawaitable(result)):
+            # An async method (or chain): the span lasts until it is awaited.
+            if token is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+            return self._awaited(result, span, name, start)
+        attributes = self._method_attrs.get(name)
+        if span is None and attributes is not None:
+            # The common case with nothing recorded: only the duration.
+            try:
+                self._call_duration.record(perf_counter() - start, attributes)
+            except Exception:
+                self._failed(f"record DAL call {name!r}")
+            return result
+        self._call_ended(span, token, name, start, None)
+        return result
+
+    async def _awaited(self, awaitable: Any, span: Span | None, name: str, start: float) -> Any:
+        token = None
+        if span is not None:
+            try:
+                token = otel_context.attach(trace.set_span_in_context(span))
+            except Exception:
+                self._failed("make a DAL call's span current")
+        try:
+            result = await awaitable
+        except BaseException as exc:
+            self._call_ended(span, token, name, start, exc)
+            raise
+        self._call_ended(span, token, name, start, None)
+        return result
+
+    def _call_ended(
+        self, span: Span | None, token: object, name: str, start: float, exc: BaseException | None
+    ) -> None:
+        try:
+            attributes = self._method_attrs.get(name) if exc is None else None
+            if attributes is None:
+                # A path that did not resolve may be anything a client sent:
+                # it gets one shared label, not a time series of its own.
+                unresolved = isinstance(exc, DalMethodError)
+                attributes = {DAL_METHOD: _UNRESOLVED if unresolved else name}
+                if not unresolved:
+                    if len(self._method_attrs) >= _MAX_NAMES:
+                        self._method_attrs.clear()
+                    self._method_attrs[name] = attributes
+            if exc is not None and span is not None and span.is_recording():
+                error = _type_name(exc)
+                if isinstance(exc, DalMethodError):
+                    span.update_name(_UNRESOLVED)
+                span.set_attribute(ERROR_TYPE, error)
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, error))
+            self._call_duration.record(perf_counter() - start, attributes)
+        except Exception:
+            self._failed(f"record DAL call {name!r}")
+        finally:
+            self._end(span, token)
+
+
+def instrument(
+    data_manager: DataManager,
+    tracer_provider: trace.TracerProvider | None = None,
+    meter_provider: metrics.MeterProvider | None = None,
+    meta_attributes: Iterable[str] = ("request_id", "user"),
+    *,
+    span_name: Callable[[Meta], str] = default_span_name,
+) -> Instrumentation:
+    """Trace and measure every context and DAL call of ``data_manager``.
+
+    Args:
+        data_manager: the DataManager to instrument.
+        tracer_provider: where spans go; the global one (a no-op until the
+            application sets one) when None.
+        meter_provider: where metrics go; the global one when None.
+        meta_attributes: the meta keys exported as span attributes
+            (``polydatum.meta.<key>``); no other meta leaves the process.
+            A value that is not a str, bool, int or float is exported as
+            its ``str()``.
+        span_name: ``span_name(meta) -> str`` names each context's span
+            (default :func:`default_span_name`).
+
+    Returns:
+        the :class:`Instrumentation`; its ``uninstrument()`` undoes this.
+
+    Raises:
+        ValueError: ``data_manager`` is already instrumented, or a meta key
+            is not a non-empty string.
+        TypeError: ``span_name`` is not callable.
+
+    .. versionadded:: 2.0
+    """
+    keys = (meta_attributes,) if isinstance(meta_attributes, str) else tuple(meta_attributes)
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            msg = f"meta_attributes must be meta keys (non-empty strings); got {key!r}"
+            raise ValueError(msg)
+    if not callable(span_name):
+        msg = f"span_name must be a callable taking the context's meta and returning a str; got {span_name!r}"
+        raise TypeError(msg)
+    if data_manager in _instrumented:
+        msg = (
+            f"{data_manager!r} is already instrumented; call uninstrument() on it first to change the set-up"
+        )
+        raise ValueError(msg)
+    instrumentation = Instrumentation(data_manager, tracer_provider, meter_provider, keys, span_name)
+    instrumentation._install()
+    _instrumented[data_manager] = instrumentation
+    return instrumentation
+
+
+def instrument_outbox(
+    outbox: Outbox, meter_provider: metrics.MeterProvider | None = None
+) -> Callable[[], None]:
+    """Report ``outbox``'s pending rows and the age of the oldest as gauges.
+
+    ``polydatum.outbox.pending`` (``{row}``) and
+    ``polydatum.outbox.oldest_pending_age`` (``s``), with the table's name as
+    ``polydatum.outbox.table``. They are observed: the outbox's
+    :meth:`~polydatum.outbox.Outbox.status` runs when a metric reader collects
+    (once per collection), never on the way of a unit of work. A status that
+    fails (the database is down) reports nothing for that collection.
+
+    Returns:
+        a function that stops the reporting (OpenTelemetry cannot remove an
+        observed instrument; it then reports nothing).
+
+    .. versionadded:: 2.0
+    """
+    if not HAVE_OTEL:
+        return lambda: None
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    attributes = {OUTBOX_TABLE: outbox.table.name}
+    active = [True]
+    # Both gauges are read in one collection: the first reads the table, the
+    # second takes what it read (if recent), so one collection is one query.
+    last: list[tuple[float, Any]] = []
+
+    def status() -> Any:
+        now = monotonic()
+        if last:
+            read_at, current = last.pop()
+            if now - read_at < _STATUS_REUSE:
+                return current
+        try:
+            current = outbox.status()
+        except Exception:
+            logger.warning("polydatum.otel could not read the outbox's status", exc_info=True)
+            current = None
+        last.append((now, current))
+        return current
+
+    def pending(_options: CallbackOptions) -> Iterable[Observation]:
+        current = status() if active[0] else None
+        return [] if current is None else [Observation(current.pending, attributes)]
+
+    def oldest(_options: CallbackOptions) -> Iterable[Observation]:
+        current = status() if active[0] else None
+        return [] if current is None else [Observation(current.oldest_pending_age, attributes)]
+
+    meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
+    meter.create_observable_gauge(
+        OUTBOX_PENDING, [pending], unit="{row}", description="Outbox rows not delivered yet."
+    )
+    meter.create_observable_gauge(
+        OUTBOX_OLDEST_AGE, [oldest], unit="s", description="Age of the oldest outbox row not delivered yet."
+    )
+
+    def stop() -> None:
+        active[0] = False
+
+    return stop
+
+
+def uninstrument(data_manager: DataManager) -> None:
+    """Undo :func:`instrument` on ``data_manager`` (nothing happens if it is not instrumented).
+
+    .. versionadded:: 2.0
+    """
+    instrumentation = _instrumented.get(data_manager)
+    if instrumentation is not None:
+        instrumentation.uninstrument()
+
+
+# -- logs ------------------------------------------------------------------------
+
+
+def _log_fields(data_manager: DataManager, user: bool) -> dict[str, Any]:
+    ctx = data_manager.get_active_context()
+    meta = ctx.meta if ctx is not None else None
+    fields: dict[str, Any] = {"request_id": meta.get("request_id") if meta is not None else None}
+    if user:
+        fields["user"] = meta.get("user") if meta is not None else None
+    span_context = trace.get_current_span().get_span_context() if HAVE_OTEL else None
+    if span_context is not None and span_context.is_valid:
+        fields["trace_id"] = format(span_context.trace_id, "032x")
+        fields["span_id"] = format(span_context.span_id, "016x")
+    else:
+        fields["trace_id"] = fields["span_id"] = None
+    return fields
+
+
+class ContextFilter(logging.Filter):
+    """A logging filter adding the current context's ids to every record it sees.
+
+    Sets ``request_id`` (from the active context's meta), ``trace_id`` and
+    ``span_id`` (hex, from the current span) and, when ``user=True``,
+    ``user``: None when there is none, so ``%(request_id)s`` always formats.
+    Attach it to a handler (it then sees records of every logger)::
+
+        handler.addFilter(ContextFilter(dm))
+
+    Args:
+        data_manager: whose active context to read.
+        user: also add meta ``user`` (opt-in: it can be personal data).
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(self, data_manager: DataManager, *, user: bool = False) -> None:
+        super().__init__()
+        self.data_manager = data_manager
+        self.user = user
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Add the fields to ``record``; never drops it."""
+        try:
+            fields = _log_fields(self.data_manager, self.user)
+        except Exception:  # a log line is never lost to its decoration
+            return True
+        record.__dict__.update(fields)
+        return True
+
+
+def structlog_processor(
+    data_manager: DataManager, *, user: bool = False
+) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
+    """A structlog processor adding what :class:`ContextFilter` adds to every event.
+
+    Keys the event already has are kept. structlog itself is not imported::
+
+        structlog.configure(processors=[structlog_processor(dm), structlog.processors.JSONRenderer()])
+
+    .. versionadded:: 2.0
+    """
+
+    def add_context(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        try:
+            fields = _log_fields(data_manager, user)
+        except Exception:
+            return event
+        for key, value in fields.items():
+            event.setdefault(key, value)
+        return event
+
+    return add_context

@@ -1,0 +1,238 @@
+"""The observer seam: what a DataManager's observer is told, and when."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from polydatum import DataManager, Service
+from polydatum.errors import DalMethodError, NotFound
+from polydatum.observer import Observer, Proceed
+
+
+class Users(Service):
+    def get(self, user_id: int) -> int:
+        if user_id < 0:
+            raise NotFound(f"no user {user_id}")
+        return user_id
+
+    def twice(self, user_id: int) -> list[int]:
+        return [self._dal.users.get(user_id), self._dal.users.get(user_id)]
+
+    async def aget(self, user_id: int) -> int:
+        await asyncio.sleep(0)
+        return user_id
+
+
+class Recorder(Observer):
+    """Writes every event to a list."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.count = 0
+
+    def context_entered(self, ctx: Any) -> Any:
+        self.count += 1
+        self.events.append(("enter", self.count))
+        return self.count
+
+    def context_exited(self, ctx: Any, state: Any, exc: BaseException | None) -> None:
+        self.events.append(("exit", state, type(exc).__name__ if exc else None, len(ctx.get_hook_errors())))
+
+    def dal_call(self, ctx: Any, state: Any, path: Any, proceed: Proceed, args: Any, kwargs: Any) -> Any:
+        name = ".".join(p.name for p in path)
+        self.events.append(("call", state, name, args))
+        try:
+            return proceed(ctx, args, kwargs)
+        finally:
+            self.events.append(("done", name))
+
+
+@pytest.fixture(name="dm")
+def fixture_dm() -> DataManager:
+    """A DataManager with the Users service."""
+    dm = DataManager()
+    dm.register_services(users=Users())
+    return dm
+
+
+def test_the_observer_sees_contexts_calls_and_nested_calls_in_order(dm: DataManager) -> None:
+    """An observer is told of the context's entry, each call around its nested calls, and the exit."""
+    recorder = Recorder()
+    dm.set_observer(recorder)
+    with dm.dal() as dal:
+        assert dal.users.twice(3) == [3, 3]
+    assert recorder.events == [
+        ("enter", 1),
+        ("call", 1, "users.twice", (3,)),
+        ("call", 1, "users.get", (3,)),
+        ("done", "users.get"),
+        ("call", 1, "users.get", (3,)),
+        ("done", "users.get"),
+        ("done", "users.twice"),
+        ("exit", 1, None, 0),
+    ]
+
+
+def test_exit_comes_after_middleware_and_hooks_and_sees_the_final_exception(dm: DataManager) -> None:
+    """The observer is outside every context middleware: it sees a commit that failed, and hook errors."""
+    recorder = Recorder()
+    order: list[str] = []
+
+    def failing_commit(ctx: Any) -> Iterator[None]:
+        order.append("middleware in")
+        yield
+        order.append("middleware out")
+        raise RuntimeError("commit failed")
+
+    def broken() -> None:
+        raise ValueError("hook")
+
+    dm.register_context_middleware(failing_commit)
+    dm.set_observer(recorder)
+    with pytest.raises(RuntimeError), dm.context() as ctx:
+        ctx.on_rollback(broken)
+    assert order == ["middleware in", "middleware out"]
+    assert recorder.events == [("enter", 1), ("exit", 1, "RuntimeError", 1)]
+
+
+def test_method_middleware_runs_inside_the_observer(dm: DataManager) -> None:
+    """Method middleware registered before and after the observer runs inside its dal_call."""
+    recorder = Recorder()
+
+    def middleware(request: Any, handler: Any) -> Any:
+        recorder.events.append(("middleware", request.path_name))
+        return handler(request)
+
+    dm.register_method_middleware(middleware)
+    dm.set_observer(recorder)
+    with dm.dal() as dal:
+        dal.users.get(1)
+    assert recorder.events[1:4] == [
+        ("call", 1, "users.get", (1,)),
+        ("middleware", "users.get"),
+        ("done", "users.get"),
+    ]
+
+
+async def test_async_contexts_and_calls_are_observed(dm: DataManager) -> None:
+    """``async with`` contexts are observed; an async call's proceed() gives the awaitable."""
+    recorder = Recorder()
+    dm.set_observer(recorder)
+    async with dm.dal() as dal:
+        assert await dal.users.aget(2) == 2
+    assert [e[0] for e in recorder.events] == ["enter", "call", "done", "exit"]
+
+
+def test_failing_calls_and_unknown_paths_go_through_the_observer(dm: DataManager) -> None:
+    """A call that raises and a path that does not resolve are both observed, and raise as before."""
+    recorder = Recorder()
+    dm.set_observer(recorder)
+    with pytest.raises(NotFound), dm.dal() as dal:
+        dal.users.get(-1)
+    with pytest.raises(DalMethodError, match="did you mean"), dm.dal() as dal:
+        dal.users.gett(1)
+    calls = [e[2] for e in recorder.events if e[0] == "call"]
+    assert calls == ["users.get", "users.gett"]
+    assert [e[2] for e in recorder.events if e[0] == "exit"] == ["NotFound", "DalMethodError"]
+
+
+def test_removing_the_observer_restores_the_fast_paths(dm: DataManager) -> None:
+    """Setting None stops observing; the manager is plain and its calls direct again."""
+    recorder = Recorder()
+    dal = dm.get_dal()
+    with dm.context():
+        dal.users.get(1)  # a cached direct route, re-routed by set_observer
+    dm.set_observer(recorder)
+    assert not dm.wiring.plain
+    assert dm.observer is recorder
+    with dm.context():
+        dal.users.get(1)
+    dm.set_observer(None)
+    assert dm.wiring.plain
+    assert dm.observer is None
+    with dm.context():
+        dal.users.get(1)
+    assert [e[0] for e in recorder.events] == ["enter", "call", "done", "exit"]
+
+
+def test_a_context_entered_before_the_observer_gives_calls_no_state(dm: DataManager) -> None:
+    """Calls in a context opened before set_observer are observed with state None; its exit is not."""
+    recorder = Recorder()
+    with dm.dal() as dal:
+        dm.set_observer(recorder)
+        dal.users.get(1)
+    assert recorder.events == [("call", None, "users.get", (1,)), ("done", "users.get")]
+
+
+def test_an_observer_failing_on_exit_is_collected_like_a_hook_error(
+    dm: DataManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """context_exited raising does not fail the context: the error is logged and collected."""
+
+    class Broken(Observer):
+        def context_exited(self, ctx: Any, state: Any, exc: BaseException | None) -> None:
+            raise RuntimeError("observer broke")
+
+    dm.set_observer(Broken())
+    with dm.context() as ctx:
+        pass
+    assert [type(e[1]) for e in ctx.get_hook_errors()] == [RuntimeError]
+
+
+def test_set_observer_refuses_a_second_observer_and_non_observers(dm: DataManager) -> None:
+    """One observer per manager: a second is refused naming the first; a non-Observer is a TypeError."""
+    first = Recorder()
+    dm.set_observer(first)
+    dm.set_observer(first)  # the same one again: nothing changes
+    with pytest.raises(ValueError, match="already has the observer"):
+        dm.set_observer(Recorder())
+    with pytest.raises(TypeError, match=r"must be a polydatum\.observer\.Observer"):
+        dm.set_observer(object())  # type: ignore[arg-type]
+    assert dm.observer is first
+
+
+def test_the_base_observer_changes_nothing(dm: DataManager) -> None:
+    """Observer() itself passes every call through and commits as usual."""
+    dm.set_observer(Observer())
+    committed: list[int] = []
+    with dm.dal() as dal:
+        assert dal.users.twice(4) == [4, 4]
+        dm.require_active_context().on_commit(committed.append, 1)
+    assert committed == [1]
+
+
+def test_a_string_path_and_a_1_0_dal_subclass_are_observed() -> None:
+    """dal["users.get"] and a DAL subclass that overrides _call (1.0 style) both reach the observer."""
+    from polydatum import DataAccessLayer
+
+    class LoggingDAL(DataAccessLayer):
+        def _call(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+            return super()._call(path, *args, **kwargs)
+
+    class Manager(DataManager):
+        DataAccessLayer = LoggingDAL
+
+    dm = Manager()
+    dm.register_services(users=Users())
+    recorder = Recorder()
+    dm.set_observer(recorder)
+    with dm.dal() as dal:
+        assert dal["users.get"](5) == 5
+        assert dal.users.get(6) == 6
+    assert [e[3] for e in recorder.events if e[0] == "call"] == [(5,), (6,)]
+
+
+def test_a_new_observer_never_gets_the_state_of_the_one_before(dm: DataManager) -> None:
+    """Calls in a context entered under one observer get state None once another is set."""
+    first, second = Recorder(), Recorder()
+    dm.set_observer(first)
+    with dm.dal() as dal:
+        dm.set_observer(None)
+        dm.set_observer(second)
+        dal.users.get(1)
+    assert second.events == [("call", None, "users.get", (1,)), ("done", "users.get")]
+    assert first.events == [("enter", 1), ("exit", 1, None, 0)]

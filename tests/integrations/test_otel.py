@@ -1,0 +1,706 @@
+"""polydatum.otel: spans, metrics and log fields, read back from the real OpenTelemetry SDK.
+
+Spans go to the SDK's in-memory exporter and metrics to its in-memory
+reader; nothing is mocked. The global tracer provider is never set, so tests
+cannot leak into each other through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from opentelemetry import trace
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace import StatusCode
+from werkzeug.test import Client
+from werkzeug.wrappers import Request, Response
+
+from polydatum import DataManager, Service
+from polydatum.asgi import PolydatumASGIMiddleware
+from polydatum.errors import NotFound
+from polydatum.meta import Meta
+from polydatum.otel import (
+    ContextFilter,
+    Instrumentation,
+    default_span_name,
+    instrument,
+    structlog_processor,
+    uninstrument,
+)
+from polydatum.sqlalchemy import Database
+from polydatum.werkzeug import PolydatumWSGIMiddleware
+from tests.support.otel import Telemetry, in_memory_telemetry
+from tests.support.sql import Items
+
+SECRET = "sk_live_51Hs3cr3tV4lu3DoNotExport"
+
+
+class Users(Service):
+    def get(self, user_id: int) -> dict[str, int]:
+        if user_id < 0:
+            raise NotFound(f"no user {user_id}")
+        return {"id": user_id}
+
+    def get_twice(self, user_id: int) -> list[dict[str, int]]:
+        return [self._dal.users.get(user_id), self._dal.users.get(user_id)]
+
+    async def aget(self, user_id: int) -> dict[str, int]:
+        await asyncio.sleep(0)
+        return {"id": user_id}
+
+    async def aget_both(self, user_id: int) -> list[Any]:
+        return list(await asyncio.gather(self._dal.users.aget(user_id), self._dal.users.aget(user_id + 1)))
+
+    async def afail(self) -> None:
+        await asyncio.sleep(0)
+        raise NotFound("nothing here")
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent else None
+
+
+@pytest.fixture(name="telemetry")
+def fixture_telemetry() -> Iterator[Telemetry]:
+    """A TracerProvider exporting to memory and a MeterProvider read from memory, shut down afterwards."""
+    with in_memory_telemetry() as telemetry:
+        yield telemetry
+
+
+@pytest.fixture(name="dm")
+def fixture_dm() -> DataManager:
+    """A DataManager with the Users service."""
+    dm = DataManager()
+    dm.register_services(users=Users())
+    return dm
+
+
+@pytest.fixture(name="traced")
+def fixture_traced(dm: DataManager, telemetry: Telemetry) -> Iterator[Instrumentation]:
+    """``dm`` instrumented with the in-memory telemetry; undone afterwards."""
+    with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider) as instrumentation:
+        yield instrumentation
+
+
+# -- the span tree ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("traced")
+def test_sync_context_span_with_nested_dal_call_spans(dm: DataManager, telemetry: Telemetry) -> None:
+    """A ``with`` context gives one root span; a DAL call is its child and a call made inside that call nests
+    under it."""
+    with dm.dal(meta={"request_id": "r-1"}) as dal:
+        assert dal.users.get_twice(7) == [{"id": 7}, {"id": 7}]
+    context = telemetry.span("context")
+    outer = telemetry.span("users.get_twice")
+    inner = [s for s in telemetry.spans() if s.name == "users.get"]
+    assert context.parent is None
+    assert parent_of(outer) == context.context.span_id
+    assert [parent_of(s) for s in inner] == [outer.context.span_id] * 2
+    assert {s.context.trace_id for s in telemetry.spans()} == {context.context.trace_id}
+    assert context.attributes is not None
+    assert context.attributes["polydatum.outcome"] == "commit"
+    assert context.attributes["polydatum.hook_errors"] == 0
+    assert context.attributes["polydatum.meta.request_id"] == "r-1"
+    assert context.status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.usefixtures("traced")
+async def test_async_context_spans_nest_across_awaits_and_gathered_calls(
+    dm: DataManager, telemetry: Telemetry
+) -> None:
+    """In an ``async with`` context an async DAL call's span lasts until awaited, and calls gathered inside
+    it are its children."""
+    async with dm.dal() as dal:
+        assert await dal.users.aget_both(1) == [{"id": 1}, {"id": 2}]
+    context = telemetry.span("context")
+    both = telemetry.span("users.aget_both")
+    gathered = [s for s in telemetry.spans() if s.name == "users.aget"]
+    assert parent_of(both) == context.context.span_id
+    assert len(gathered) == 2
+    assert all(parent_of(s) == both.context.span_id for s in gathered)
+    assert all(s.end_time is not None and s.end_time <= both.end_time for s in gathered)  # type: ignore[operator]
+    assert context.attributes is not None
+    assert context.attributes["polydatum.outcome"] == "commit"
+
+
+@pytest.mark.usefixtures("traced")
+def test_rollback_records_outcome_error_type_and_the_dal_call_exception(
+    dm: DataManager, telemetry: Telemetry
+) -> None:
+    """A context ended by an exception is a rollback with its type; the failing DAL call's span records the
+    exception."""
+    with pytest.raises(NotFound), dm.dal() as dal:
+        dal.users.get(-1)
+    context = telemetry.span("context")
+    call = telemetry.span("users.get")
+    assert context.attributes is not None
+    assert context.attributes["polydatum.outcome"] == "rollback"
+    assert context.attributes["error.type"] == "polydatum.errors.NotFound"
+    assert context.status.status_code is StatusCode.ERROR
+    assert call.status.status_code is StatusCode.ERROR
+    assert [e.name for e in call.events] == ["exception"]
+    assert call.events[0].attributes is not None
+    assert call.events[0].attributes["exception.type"] == "polydatum.errors.NotFound"
+
+
+@pytest.mark.usefixtures("traced")
+async def test_async_dal_call_exception_is_recorded(dm: DataManager, telemetry: Telemetry) -> None:
+    """An async DAL call that raises records the exception on its span once awaited."""
+    with pytest.raises(NotFound):
+        async with dm.dal() as dal:
+            await dal.users.afail()
+    call = telemetry.span("users.afail")
+    assert call.status.status_code is StatusCode.ERROR
+    assert [e.name for e in call.events] == ["exception"]
+    assert telemetry.span("context").attributes["polydatum.outcome"] == "rollback"  # type: ignore[index]
+
+
+@pytest.mark.usefixtures("traced")
+def test_hook_errors_are_counted_and_hook_work_is_a_child(dm: DataManager, telemetry: Telemetry) -> None:
+    """Commit hooks run while the context span is current (their DAL calls are children), and the errors of
+    every hook are counted."""
+
+    def broken() -> None:
+        raise RuntimeError("hook failed")
+
+    with dm.context() as ctx:
+        ctx.on_commit(broken)
+        ctx.on_commit(ctx.dal.users.get, 1)
+        ctx.on_commit(broken)
+    context = telemetry.span("context")
+    assert context.attributes is not None
+    assert context.attributes["polydatum.hook_errors"] == 2
+    assert context.attributes["polydatum.outcome"] == "commit"
+    assert parent_of(telemetry.span("users.get")) == context.context.span_id
+
+
+def test_context_span_is_outermost_and_sees_a_failed_commit(dm: DataManager, telemetry: Telemetry) -> None:
+    """Context middleware registered before instrument() runs inside the span, so a commit that fails in
+    teardown is a rollback."""
+
+    class CommitFailed(Exception):
+        pass
+
+    def failing_commit(ctx: Any) -> Iterator[None]:
+        yield
+        raise CommitFailed("the database went away")
+
+    dm.register_context_middleware(failing_commit)
+    traced = instrument(dm, telemetry.tracer_provider, telemetry.meter_provider)
+    with traced, pytest.raises(CommitFailed), dm.context():
+        pass
+    context = telemetry.span("context")
+    assert context.attributes is not None
+    assert context.attributes["polydatum.outcome"] == "rollback"
+    assert context.attributes["error.type"].endswith("CommitFailed")  # type: ignore[union-attr]
+
+
+def test_method_middleware_before_and_after_instrument_runs_inside_the_call_span(
+    dm: DataManager, telemetry: Telemetry
+) -> None:
+    """Method middleware registered before and after instrument() both see the DAL call's span as current."""
+    seen: list[tuple[str, int]] = []
+
+    def make(label: str) -> Any:
+        def middleware(request: Any, handler: Any) -> Any:
+            seen.append((label, trace.get_current_span().get_span_context().span_id))
+            return handler(request)
+
+        return middleware
+
+    dm.register_method_middleware(make("before"))
+    with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider):
+        dm.register_method_middleware(make("after"))
+        with dm.dal() as dal:
+            dal.users.get(1)
+    call_id = telemetry.span("users.get").context.span_id
+    assert seen == [("before", call_id), ("after", call_id)]
+
+
+@pytest.mark.usefixtures("traced")
+def test_manual_child_span_parents_on_the_context_span(dm: DataManager, telemetry: Telemetry) -> None:
+    """A span started by any instrumentation inside the body (here by hand) is a child of the context span."""
+    tracer = telemetry.tracer_provider.get_tracer("some.instrumentation")
+    with dm.context(), tracer.start_as_current_span("manual"):
+        pass
+    assert parent_of(telemetry.span("manual")) == telemetry.span("context").context.span_id
+
+
+@pytest.mark.usefixtures("traced")
+def test_the_context_span_nests_under_an_enclosing_server_span(dm: DataManager, telemetry: Telemetry) -> None:
+    """Opened inside a span (a WSGI instrumentation's server span, say), the context span is its child."""
+    tracer = telemetry.tracer_provider.get_tracer("server")
+    with tracer.start_as_current_span("GET /users"), dm.context():
+        pass
+    assert parent_of(telemetry.span("context")) == telemetry.span("GET /users").context.span_id
+
+
+def test_sqlalchemy_instrumentation_statements_are_children_of_dal_calls(
+    db: Database, telemetry: Telemetry
+) -> None:
+    """With opentelemetry-instrumentation-sqlalchemy on the engine, each statement's span is a child of the
+    DAL call that ran it."""
+    dm = DataManager()
+    db.install(dm)
+    dm.register_services(items=Items())
+    instrumentor = SQLAlchemyInstrumentor()
+    # Its declared range stops below SQLAlchemy 2.1, which it instruments fine: skip that check.
+    instrumentor.instrument(engine=db.engine, tracer_provider=telemetry.tracer_provider, skip_dep_check=True)
+    try:
+        with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider):
+            with dm.dal() as dal:
+                item = dal.items.create(name="otel", qty=1)
+            with dm.dal() as dal:
+                assert dal.items.get(item.id).name == "otel"
+    finally:
+        instrumentor.uninstrument()
+    calls = {s.context.span_id: s.name for s in telemetry.spans() if s.name.startswith("items.")}
+    sql = [
+        s
+        for s in telemetry.spans()
+        if s.instrumentation_scope.name.startswith("opentelemetry.instrumentation")
+    ]  # type: ignore[union-attr]
+    statements = {s.name.split()[0] for s in sql if parent_of(s) in calls}
+    assert {"INSERT", "SELECT"} <= statements
+    # The COMMIT runs in the transaction middleware, inside the context span but outside any call.
+    contexts = {s.context.span_id for s in telemetry.spans() if s.name == "context"}
+    assert all(parent_of(s) in calls or parent_of(s) in contexts for s in sql)
+
+
+def test_wsgi_request_gives_a_context_span_with_dal_children(dm: DataManager, telemetry: Telemetry) -> None:
+    """A request through polydatum.werkzeug makes one span named by its method, with the request id, and DAL
+    call children."""
+
+    def app(environ: Any, start_response: Any) -> Any:
+        request = Request(environ)
+        ctx = dm.require_active_context()
+        user = ctx.dal.users.get(int(request.args["id"]))
+        return Response(json.dumps(user), mimetype="application/json")(environ, start_response)
+
+    wsgi = PolydatumWSGIMiddleware(app, dm)
+    with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider):
+        response = Client(wsgi).get("/users/secret-path?id=3", headers={"X-Request-ID": "req-42"})
+        assert response.status_code == 200
+        missing = Client(wsgi).get("/users?id=-1")
+        assert missing.status_code == 404
+    ok, failed = [s for s in telemetry.spans() if s.name == "GET"]
+    assert ok.attributes is not None
+    assert ok.attributes["polydatum.meta.request_id"] == "req-42"
+    assert ok.attributes["polydatum.outcome"] == "commit"
+    assert failed.attributes["polydatum.outcome"] == "rollback"  # type: ignore[index]
+    calls = [s for s in telemetry.spans() if s.name == "users.get"]
+    assert [parent_of(s) for s in calls] == [ok.context.span_id, failed.context.span_id]
+    assert "secret-path" not in "".join(s.to_json() for s in telemetry.spans())
+
+
+async def test_asgi_request_gives_an_async_context_span_with_dal_children(
+    dm: DataManager, telemetry: Telemetry
+) -> None:
+    """A request through polydatum.asgi makes an async context span with its request id and DAL children."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        user = await dm.require_active_context().dal.users.aget(4)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps(user).encode()})
+
+    transport = httpx.ASGITransport(app=PolydatumASGIMiddleware(app, dm))
+    with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/users/4", headers={"x-request-id": "a-1"})
+    assert response.json() == {"id": 4}
+    context = telemetry.span("GET")
+    assert context.attributes is not None
+    assert context.attributes["polydatum.meta.request_id"] == "a-1"
+    assert context.attributes["polydatum.outcome"] == "commit"
+    assert parent_of(telemetry.span("users.aget")) == context.context.span_id
+
+
+# -- names and privacy --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("meta", "name"),
+    [
+        ({"task_name": "notes.send_email", "method": "GET"}, "notes.send_email"),
+        ({"method": "GET", "route": "/notes/{id}", "path": "/notes/12"}, "GET /notes/{id}"),
+        ({"method": "POST", "path": "/users/ann@example.com"}, "POST"),
+        ({"method": "BREW", "path": "/pot"}, "HTTP"),
+        ({"path": "/x", "user": "ann"}, "context"),
+        ({}, "context"),
+    ],
+)
+def test_default_span_name(meta: dict[str, Any], name: str) -> None:
+    """A context span is named by its task, its HTTP method and route, or "context", never by its path."""
+    assert default_span_name(Meta(meta)) == name
+
+
+def test_meta_keys_not_listed_never_reach_the_exporter(dm: DataManager, telemetry: Telemetry) -> None:
+    """Only meta keys in meta_attributes are exported: a secret in another key is in no span or metric."""
+    with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider, meta_attributes=("tenant",)):
+        with dm.dal(meta={"tenant": 7, "api_key": SECRET, "user": SECRET, "request_id": SECRET}) as dal:
+            dal.users.get(1)
+        with pytest.raises(NotFound), dm.dal(meta={"api_key": SECRET}) as dal:
+            dal.users.get(-1)
+    exported = "".join(s.to_json() for s in telemetry.spans())
+    exported += telemetry.reader.get_metrics_data().to_json()  # type: ignore[union-attr]
+    assert SECRET not in exported
+    assert telemetry.spans()[1].attributes == {
+        "polydatum.meta.tenant": 7,
+        "polydatum.outcome": "commit",
+        "polydatum.hook_errors": 0,
+    }
+
+
+def test_meta_values_that_are_not_plain_are_exported_as_text(dm: DataManager, telemetry: Telemetry) -> None:
+    """A listed meta value that OpenTelemetry cannot carry (an object) is exported as its str(); None is left
+    out."""
+
+    class User:
+        def __str__(self) -> str:
+            return "user:42"
+
+    traced = instrument(dm, telemetry.tracer_provider, meta_attributes=("user", "request_id"))
+    with traced, dm.context(meta={"user": User(), "request_id": None}):
+        pass
+    assert telemetry.span("context").attributes == {
+        "polydatum.meta.user": "user:42",
+        "polydatum.outcome": "commit",
+        "polydatum.hook_errors": 0,
+    }
+
+
+def test_custom_span_name_and_a_failing_one(dm: DataManager, telemetry: Telemetry) -> None:
+    """span_name names the context span; one that raises falls back to "context" and the context still
+    commits."""
+
+    def broken(meta: Meta) -> str:
+        raise KeyError("route")
+
+    named = instrument(dm, telemetry.tracer_provider, span_name=lambda meta: f"job {meta['job']}")
+    with named, dm.context(meta={"job": "nightly"}):
+        pass
+    with instrument(dm, telemetry.tracer_provider, span_name=broken):
+        committed = []
+        with dm.context() as ctx:
+            ctx.on_commit(committed.append, True)
+    assert [s.name for s in telemetry.spans()] == ["job nightly", "context"]
+    assert committed == [True]
+
+
+@pytest.mark.usefixtures("traced")
+def test_an_unknown_dal_path_gets_one_shared_name(dm: DataManager, telemetry: Telemetry) -> None:
+    """A DAL path that does not resolve (anything a client could send) is named "<unresolved>" in spans and
+    metrics."""
+    from polydatum.errors import DalMethodError
+
+    with pytest.raises(DalMethodError), dm.dal() as dal:
+        dal["users.drop_everything_" + SECRET]()
+    assert telemetry.span("<unresolved>").status.status_code is StatusCode.ERROR
+    methods = {
+        p.attributes["polydatum.dal.method"] for p in telemetry.metrics()["polydatum.dal.call.duration"]
+    }
+    assert methods == {"<unresolved>"}
+
+
+# -- metrics ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("traced")
+async def test_metrics_count_contexts_by_outcome_and_time_contexts_and_calls(
+    dm: DataManager, telemetry: Telemetry
+) -> None:
+    """Contexts are counted by outcome; context and DAL call durations are histograms in seconds, calls by
+    method."""
+    for _ in range(2):
+        with dm.dal() as dal:
+            dal.users.get(1)
+    with pytest.raises(NotFound), dm.dal() as dal:
+        dal.users.get(-1)
+    async with dm.dal() as adal:
+        await adal.users.aget(1)
+    points = telemetry.metrics()
+    counts = {p.attributes["polydatum.outcome"]: p.value for p in points["polydatum.context.count"]}
+    assert counts == {"commit": 3, "rollback": 1}
+    durations = {p.attributes["polydatum.outcome"]: p.count for p in points["polydatum.context.duration"]}
+    assert durations == {"commit": 3, "rollback": 1}
+    calls = {p.attributes["polydatum.dal.method"]: p.count for p in points["polydatum.dal.call.duration"]}
+    assert calls == {"users.get": 3, "users.aget": 1}
+    assert all(p.sum >= 0 for p in points["polydatum.dal.call.duration"])
+
+
+# -- safety -----------------------------------------------------------------------
+
+
+def test_without_a_provider_everything_is_a_no_op(dm: DataManager) -> None:
+    """With the global providers, never configured, calls and contexts work and no span records."""
+    recording = []
+
+    def probe(request: Any, handler: Any) -> Any:
+        recording.append(trace.get_current_span().is_recording())
+        return handler(request)
+
+    with instrument(dm):
+        dm.register_method_middleware(probe)
+        with dm.dal() as dal:
+            assert dal.users.get(5) == {"id": 5}
+        with pytest.raises(NotFound), dm.dal() as dal:
+            dal.users.get(-1)
+    assert recording == [False, False]
+
+
+def test_without_opentelemetry_installed_instrument_does_nothing() -> None:
+    """Where opentelemetry cannot be imported, polydatum.otel imports, instrument() changes nothing and the
+    log filter still fills its fields."""
+    code = """
+import logging, sys
+sys.modules["opentelemetry"] = None  # an import of it now fails, as when it is not installed
+from polydatum import DataManager
+from polydatum.otel import ContextFilter, instrument, HAVE_OTEL
+dm = DataManager()
+instrumentation = instrument(dm)
+record = logging.LogRecord("x", logging.INFO, "x.py", 1, "m", (), None)
+with dm.context(meta={"request_id": "r9"}):
+    ContextFilter(dm).filter(record)
+instrumentation.uninstrument()
+print(HAVE_OTEL, dm.wiring.plain, dm.get_dal()._direct, record.request_id, record.trace_id)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True", "True", "r9", "None"]
+
+
+class RaisingProcessor(SpanProcessor):
+    """A span processor that fails on every span, at its start or at its end."""
+
+    def __init__(self, when: str) -> None:
+        self.when = when
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.when == "start":
+            raise RuntimeError("processor failed on start")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.when == "end":
+            raise RuntimeError("processor failed on end")
+
+
+class RaisingExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        raise ConnectionError("collector unreachable")
+
+
+class BlockingExporter(SpanExporter):
+    """An exporter that hangs (a collector that never answers) until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.entered.set()
+        self.release.wait(30)
+        return SpanExportResult.SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("when", "message"), [("start", "could not start span"), ("end", "could not end a span")]
+)
+def test_a_span_processor_that_raises_never_fails_the_unit_of_work(
+    dm: DataManager, caplog: pytest.LogCaptureFixture, when: str, message: str
+) -> None:
+    """A processor raising on span start (or end) is logged once as a warning; calls return and the context
+    commits."""
+    provider = TracerProvider()
+    provider.add_span_processor(RaisingProcessor(when))
+    committed: list[int] = []
+    with caplog.at_level(logging.DEBUG, logger="polydatum.otel"), instrument(dm, provider):
+        for i in range(2):
+            with dm.context() as ctx:
+                assert ctx.dal.users.get(i) == {"id": i}
+                ctx.on_commit(committed.append, i)
+        async_result = asyncio.run(_one_async_call(dm))
+    provider.shutdown()
+    assert committed == [0, 1]
+    assert async_result == {"id": 1}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "polydatum.otel"]
+    assert len(warnings) == 1
+    assert message in warnings[0].getMessage()
+
+
+async def _one_async_call(dm: DataManager) -> Any:
+    async with dm.dal() as dal:
+        return await dal.users.aget(1)
+
+
+def test_an_exporter_that_raises_behind_a_batch_processor_never_fails_the_unit_of_work(
+    dm: DataManager,
+) -> None:
+    """Spans handed to a BatchSpanProcessor whose exporter raises: the contexts still commit."""
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(RaisingExporter(), schedule_delay_millis=1))
+    committed: list[int] = []
+    with instrument(dm, provider):
+        for i in range(20):
+            with dm.context() as ctx:
+                ctx.dal.users.get(i)
+                ctx.on_commit(committed.append, i)
+    provider.force_flush()
+    provider.shutdown()
+    assert committed == list(range(20))
+
+
+def test_an_exporter_that_blocks_behind_a_batch_processor_never_blocks_the_unit_of_work(
+    dm: DataManager,
+) -> None:
+    """While the exporter hangs on the first batch, later contexts still run to their commit."""
+    exporter = BlockingExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, schedule_delay_millis=1, max_queue_size=64, max_export_batch_size=8)
+    )
+    committed: list[int] = []
+    try:
+        with instrument(dm, provider):
+            with dm.context():
+                pass
+            assert exporter.entered.wait(30), "the batch processor never exported"
+            for i in range(200):  # more spans than the queue holds: the overflow is dropped, not waited for
+                with dm.context() as ctx:
+                    ctx.dal.users.get(i)
+                    ctx.on_commit(committed.append, i)
+            assert not exporter.release.is_set()  # all of it ran while the export hung
+    finally:
+        exporter.release.set()
+        provider.shutdown()
+    assert committed == list(range(200))
+
+
+# -- set-up and undoing it ---------------------------------------------------------------
+
+
+def test_uninstrument_restores_the_fast_paths(dm: DataManager, telemetry: Telemetry) -> None:
+    """After uninstrument() no span is made and the manager is back on its no-middleware fast paths."""
+    assert dm.wiring.plain
+    instrumentation = instrument(dm, telemetry.tracer_provider)
+    assert not dm.wiring.plain
+    instrumentation.uninstrument()
+    instrumentation.uninstrument()  # idempotent
+    uninstrument(dm)  # nothing to undo: no error
+    assert dm.wiring.plain
+    assert dm.get_dal()._direct
+    with dm.dal() as dal:
+        dal.users.get(1)
+    assert telemetry.spans() == []
+
+
+def test_module_uninstrument_and_instrumenting_again(dm: DataManager, telemetry: Telemetry) -> None:
+    """uninstrument(dm) undoes instrument(dm); a second instrument() is refused until then."""
+    instrument(dm, telemetry.tracer_provider)
+    with pytest.raises(ValueError, match="already instrumented"):
+        instrument(dm, telemetry.tracer_provider)
+    uninstrument(dm)
+    with instrument(dm, telemetry.tracer_provider), dm.context():
+        pass
+    assert [s.name for s in telemetry.spans()] == ["context"]
+    assert dm.wiring.plain
+
+
+@pytest.mark.parametrize("keys", [("request_id", ""), ("request_id", 3)])
+def test_bad_meta_attributes_are_refused(dm: DataManager, keys: Any) -> None:
+    """meta_attributes must be non-empty strings; the manager is left uninstrumented."""
+    with pytest.raises(ValueError, match="meta_attributes must be meta keys"):
+        instrument(dm, meta_attributes=keys)
+    assert dm.wiring.plain
+
+
+def test_a_single_meta_key_string_is_one_key(dm: DataManager, telemetry: Telemetry) -> None:
+    """meta_attributes="tenant" means the key "tenant", not its letters."""
+    with instrument(dm, telemetry.tracer_provider, meta_attributes="tenant") as instrumentation:
+        assert instrumentation.meta_attributes == ("tenant",)
+
+
+def test_span_name_must_be_callable(dm: DataManager) -> None:
+    """A span_name that is not callable is refused."""
+    with pytest.raises(TypeError, match="span_name must be a callable"):
+        instrument(dm, span_name="context")  # type: ignore[arg-type]
+
+
+# -- logs ------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("traced")
+def test_log_filter_adds_request_id_trace_and_span_ids(dm: DataManager, telemetry: Telemetry) -> None:
+    """Records logged in a DAL call carry the context's request_id and the call span's ids; user only when
+    asked."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(ContextFilter(dm))
+    log = logging.getLogger("tests.otel.filter")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+
+        def logged(request: Any, handler: Any) -> Any:
+            log.info("calling %s", request.path_name)
+            return handler(request)
+
+        dm.register_method_middleware(logged)
+        with dm.dal(meta={"request_id": "r-7", "user": "ann"}) as dal:
+            dal.users.get(1)
+        log.info("outside")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(logging.NOTSET)
+    call = telemetry.span("users.get")
+    inside, outside = records
+    assert inside.request_id == "r-7"  # type: ignore[attr-defined]
+    assert inside.trace_id == format(call.context.trace_id, "032x")  # type: ignore[attr-defined]
+    assert inside.span_id == format(call.context.span_id, "016x")  # type: ignore[attr-defined]
+    assert not hasattr(inside, "user")
+    assert (outside.request_id, outside.trace_id, outside.span_id) == (None, None, None)  # type: ignore[attr-defined]
+    opted_in = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    with dm.context(meta={"user": "ann"}):
+        ContextFilter(dm, user=True).filter(opted_in)
+    assert opted_in.user == "ann"  # type: ignore[attr-defined]
+
+
+@pytest.mark.usefixtures("traced")
+def test_structlog_processor_adds_the_same_fields(dm: DataManager, telemetry: Telemetry) -> None:
+    """Through a real structlog pipeline, events carry request_id, trace_id, span_id and (opted in) user;
+    keys set by the caller win."""
+    capture = structlog.testing.LogCapture()
+    log = structlog.wrap_logger(
+        structlog.PrintLogger(),
+        processors=[structlog_processor(dm, user=True), capture],
+        cache_logger_on_first_use=False,
+    )
+    with dm.context(meta={"request_id": "r-8", "user": "bob"}):
+        log.info("inside")
+        log.info("mine", request_id="given")
+    log.info("outside")
+    context = telemetry.span("context")
+    inside, mine, outside = capture.entries
+    assert inside["request_id"] == "r-8"
+    assert inside["user"] == "bob"
+    assert inside["trace_id"] == format(context.context.trace_id, "032x")
+    assert inside["span_id"] == format(context.context.span_id, "016x")
+    assert mine["request_id"] == "given"
+    assert outside["trace_id"] is None
+    assert outside["request_id"] is None
