@@ -27,6 +27,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import NullPool, Pool, StaticPool
 
 from polydatum import _positions
+from polydatum._blocking import run_blocking
 from polydatum._factories import Dual
 from polydatum._renamed import renamed_keyword
 from polydatum.errors import ReadOnlyError
@@ -661,7 +662,11 @@ class Database(_EngineOwner):
         """
         dm.register_resources(**{name: self._resource(read_only, name)})
         if transaction:
-            dm.register_context_middleware(transaction_middleware(name))
+            middleware: Any = transaction_middleware(name)
+            if self.engine.dialect.name != "sqlite":
+                # ``async with`` contexts (FastAPI's plain def routes) commit off the event loop.
+                middleware = Dual(middleware, threaded_transaction_middleware(name))
+            dm.register_context_middleware(middleware)
         return self
 
     def _resource(self, ro: bool, name: str) -> Callable[[DataAccessContext], Iterator[Session]]:
@@ -788,18 +793,57 @@ def transaction_middleware(name: str) -> Callable[[DataAccessContext], Iterator[
             raise
         if name in ctx:
             session: Session = getattr(ctx, name)
-            if session.info.get(_READ_ONLY):
-                session.rollback()
-            elif session.in_transaction():
-                try:
-                    session.commit()
-                except StaleDataError as exc:
-                    raise conflict_from(exc) from exc
-                _acknowledge(name)
+            _end_transaction(session, name)
             _record_position(ctx, name, session)
 
     sqlalchemy_transaction.__qualname__ = f"sqlalchemy_transaction[{name}]"
     return sqlalchemy_transaction
+
+
+def threaded_transaction_middleware(name: str) -> Callable[[DataAccessContext], AsyncIterator[None]]:
+    """:func:`transaction_middleware` for ``async with`` contexts over a sync Session.
+
+    The COMMIT (or ROLLBACK) runs in the event loop's default executor, so
+    the loop serves other requests while the server writes its log; a
+    FastAPI app with plain ``def`` routes over a :class:`Database` is the
+    case. A cancelled request still waits for the thread: the session is
+    never closed while its COMMIT is in flight. :meth:`Database.install`
+    registers it as the async form (:class:`~polydatum.resources.Dual`) of
+    its middleware, except for SQLite, whose connections may be bound to
+    the thread that made them and whose commits do not wait on a network.
+
+    .. versionadded:: 2.0
+    """
+
+    async def sqlalchemy_threaded_transaction(ctx: DataAccessContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except BaseException as exc:
+            if name in ctx:
+                await run_blocking(_rollback_quietly, getattr(ctx, name), name)
+            if isinstance(exc, StaleDataError):
+                raise conflict_from(exc) from exc
+            raise
+        if name in ctx:
+            session: Session = getattr(ctx, name)
+            await run_blocking(_end_transaction, session, name)
+            if isinstance(session, Routed) and session.route is not None and session.route.wrote:
+                await run_blocking(_record_position, ctx, name, session)
+
+    sqlalchemy_threaded_transaction.__qualname__ = f"sqlalchemy_threaded_transaction[{name}]"
+    return sqlalchemy_threaded_transaction
+
+
+def _end_transaction(session: Session, name: str) -> None:
+    """Commit ``session``'s transaction (a read-only session's is rolled back)."""
+    if session.info.get(_READ_ONLY):
+        session.rollback()
+    elif session.in_transaction():
+        try:
+            session.commit()
+        except StaleDataError as exc:
+            raise conflict_from(exc) from exc
+        _acknowledge(name)
 
 
 def _acknowledge(name: str) -> None:

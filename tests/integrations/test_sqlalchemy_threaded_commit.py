@@ -1,0 +1,245 @@
+"""A sync Database in ``async with`` contexts commits in a worker thread, never on the event loop.
+
+FastAPI's plain ``def`` routes use a sync Session inside the ASGI middleware's
+``async with`` context; its COMMIT waiting on PostgreSQL must not stall the
+loop, and a request cancelled mid-COMMIT must not close the session under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from polydatum import DataManager
+from polydatum._blocking import run_blocking
+from polydatum.sqlalchemy import Database
+from tests.support.sql import Base, Item
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(name="pg_db")
+def fixture_pg_db(pg_url: str) -> Iterator[Database]:
+    """A sync Database on this module's PostgreSQL database, with the test tables."""
+    db = Database(pg_url)
+    Base.metadata.create_all(db.engine)
+    yield db
+    Base.metadata.drop_all(db.engine)
+    db.dispose()
+
+
+def wired(db: Database) -> DataManager:
+    """A DataManager with ``db`` installed as ``ctx.db``."""
+    dm = DataManager()
+    db.install(dm)
+    return dm
+
+
+def count_items(db: Database) -> int:
+    """The rows of ``items``, read outside any context."""
+    with Session(db.engine) as session:
+        return int(session.scalar(select(func.count()).select_from(Item)) or 0)
+
+
+def commit_threads(db: Database) -> list[int]:
+    """The thread of every COMMIT sent through ``db``'s engine, in order."""
+    threads: list[int] = []
+    event.listen(db.engine, "commit", lambda _conn: threads.append(threading.get_ident()))
+    return threads
+
+
+async def test_commit_runs_off_the_event_loop(pg_db: Database) -> None:
+    """The COMMIT of a context entered with ``async with`` runs in another thread than the loop's."""
+    dm = wired(pg_db)
+    threads = commit_threads(pg_db)
+    loop_thread = threading.get_ident()
+    async with dm.context() as ctx:
+        ctx.db.add(Item(name="a"))
+    assert len(threads) == 1
+    assert threads[0] != loop_thread
+    assert count_items(pg_db) == 1
+
+
+async def test_the_loop_serves_others_while_a_commit_waits(pg_db: Database) -> None:
+    """A COMMIT held up does not hold up the loop: a coroutine on the loop is what releases it.
+
+    With the COMMIT on the loop this would wait for the event until the timeout.
+    """
+    dm = wired(pg_db)
+    released = threading.Event()
+    waited: list[bool] = []
+
+    def hold(_session: Session) -> None:
+        waited.append(released.wait(timeout=10))
+
+    async def release() -> None:
+        await asyncio.sleep(0)
+        released.set()
+
+    async def request() -> None:
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="held"))
+            event.listen(ctx.db, "before_commit", hold)
+
+    await asyncio.gather(request(), release())
+    assert waited == [True]
+    assert count_items(pg_db) == 1
+
+
+async def test_a_request_cancelled_mid_commit_waits_for_it(
+    pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled while its COMMIT runs: the commit finishes, the hooks of a commit run,
+    the session closes after it (no IllegalStateChangeError), then the task ends cancelled."""
+    dm = wired(pg_db)
+    committing = threading.Event()
+    go_on = threading.Event()
+    ran: list[str] = []
+
+    def hold(_session: Session) -> None:
+        committing.set()
+        go_on.wait(timeout=10)
+
+    async def request() -> None:
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="cancelled"))
+            event.listen(ctx.db, "before_commit", hold)
+            ctx.on_commit(ran.append, "commit")
+            ctx.on_rollback(ran.append, "rollback")
+        await asyncio.sleep(10)  # the cancellation arrives here, the first await after the context
+
+    task = asyncio.create_task(request())
+    await asyncio.get_running_loop().run_in_executor(None, committing.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)  # the task sees the cancellation while the COMMIT is held
+    assert not task.done()
+    go_on.set()
+    with caplog.at_level(logging.WARNING), pytest.raises(asyncio.CancelledError):
+        await task
+    assert ran == ["commit"]
+    assert count_items(pg_db) == 1
+    assert pg_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_failing_commit_is_raised_and_rolls_back(pg_db: Database) -> None:
+    """A COMMIT refused by the server (a duplicate) raises from ``async with``; rollback hooks run."""
+    dm = wired(pg_db)
+    async with dm.context() as ctx:
+        ctx.db.add(Item(name="dup"))
+    ran: list[str] = []
+
+    async def duplicate() -> None:
+        async with dm.context() as ctx:
+            ctx.on_commit(ran.append, "commit")
+            ctx.on_rollback(ran.append, "rollback")
+            ctx.db.add(Item(name="dup"))
+
+    with pytest.raises(IntegrityError):
+        await duplicate()
+    assert ran == ["rollback"]
+    assert count_items(pg_db) == 1
+    assert pg_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_failing_body_rolls_back_in_a_thread(pg_db: Database) -> None:
+    """The body raises: the ROLLBACK runs off the loop too, and the body's error leaves the block."""
+    dm = wired(pg_db)
+    rollbacks: list[int] = []
+    event.listen(pg_db.engine, "rollback", lambda _conn: rollbacks.append(threading.get_ident()))
+
+    async def failing() -> None:
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="lost"))
+            ctx.db.flush()
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        await failing()
+    assert rollbacks
+    assert rollbacks[0] != threading.get_ident()
+    assert count_items(pg_db) == 0
+
+
+async def test_sqlite_commits_stay_on_the_loop_thread(tmp_path: Path) -> None:
+    """SQLite connections may belong to the thread that made them: an in-memory one still commits."""
+    for url in ("sqlite://", f"sqlite:///{tmp_path / 'app.db'}"):
+        db = Database(url)
+        Base.metadata.create_all(db.engine)
+        dm = wired(db)
+        threads = commit_threads(db)
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="a"))
+        async with dm.context() as ctx:
+            assert ctx.db.scalar(select(func.count()).select_from(Item)) == 1
+        assert threads == [threading.get_ident()] * 2  # the write's COMMIT, then the read's
+        db.dispose()
+
+
+async def test_sync_contexts_commit_in_their_own_thread(pg_db: Database) -> None:
+    """``with`` contexts are unchanged: the COMMIT runs where the context closes."""
+    dm = wired(pg_db)
+    threads = commit_threads(pg_db)
+    with dm.context() as ctx:
+        ctx.db.add(Item(name="sync"))
+    assert threads == [threading.get_ident()]
+
+
+class TestRunBlocking:
+    """``polydatum._blocking.run_blocking``: work that a cancellation neither abandons nor hides."""
+
+    async def test_returns_the_result_and_sees_context_variables(self) -> None:
+        """The call runs in another thread, with the caller's context variables."""
+        import contextvars
+
+        var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+        var.set("caller's")
+        where = await run_blocking(lambda: (threading.get_ident(), var.get()))
+        assert where[0] != threading.get_ident()
+        assert where[1] == "caller's"
+
+    async def test_raises_the_works_error(self) -> None:
+        """An error of the work is raised in the awaiting task."""
+
+        def fail() -> None:
+            raise LookupError("from the thread")
+
+        with pytest.raises(LookupError, match="from the thread"):
+            await run_blocking(fail)
+
+    async def test_a_timeout_waits_for_the_work_then_fires(self) -> None:
+        """asyncio.timeout() expiring mid-work: the work completes, then TimeoutError (not CancelledError)."""
+        if not hasattr(asyncio, "timeout"):
+            pytest.skip("asyncio.timeout() is Python 3.11+")
+        done: list[str] = []
+        release = threading.Event()
+
+        def work() -> str:
+            release.wait(timeout=10)
+            done.append("work")
+            return "result"
+
+        got: list[Any] = []
+
+        async def body() -> None:
+            async with asyncio.timeout(0.05):
+                got.append(await run_blocking(work))
+                await asyncio.sleep(10)
+
+        task = asyncio.create_task(body())
+        await asyncio.sleep(0.2)
+        assert not task.done()  # the timeout fired; the work holds the task
+        release.set()
+        with pytest.raises(TimeoutError):
+            await task
+        assert done == ["work"]
+        assert got == ["result"]
