@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 __all__ = ["run_blocking"]
@@ -13,8 +14,8 @@ __all__ = ["run_blocking"]
 T = TypeVar("T")
 
 
-async def run_blocking(fn: Callable[..., T], /, *args: Any) -> T:
-    """Run ``fn(*args)`` in the event loop's default executor and return its result.
+async def run_blocking(fn: Callable[..., T], /, *args: Any, executor: Executor | None = None) -> T:
+    """Run ``fn(*args)`` in ``executor`` (the event loop's default one if None) and return its result.
 
     The call sees the caller's context variables (a copy, as
     :func:`asyncio.to_thread` gives). Unlike ``to_thread``, a cancellation of
@@ -26,7 +27,7 @@ async def run_blocking(fn: Callable[..., T], /, *args: Any) -> T:
     """
     loop = asyncio.get_running_loop()
     call = functools.partial(contextvars.copy_context().run, fn, *args)
-    future = loop.run_in_executor(None, call)
+    future = loop.run_in_executor(executor, call)
     cancelled: asyncio.CancelledError | None = None
     while not future.done():
         try:

@@ -69,6 +69,7 @@ from polydatum.sqlalchemy._database import (
     Dataset,
     async_transaction_middleware,
     read_only,
+    threaded_transaction_middleware,
     transaction_middleware,
     use_primary,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "is_transient",
     "read_only",
     "retry",
+    "threaded_transaction_middleware",
     "transaction_middleware",
     "use_primary",
 ]

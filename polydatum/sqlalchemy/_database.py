@@ -11,6 +11,7 @@ import threading
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -281,6 +282,7 @@ def _install_dataset_guard(engine: Engine, label: str) -> None:
 # -- fork safety ---------------------------------------------------------------
 
 _live: weakref.WeakSet[_EngineOwner] = weakref.WeakSet()
+_committer_lock = threading.Lock()
 # Pools inherited from the parent are kept referenced in the child: if they were
 # garbage collected, some drivers would close the parent's sockets on the way.
 _inherited_pools: list[Pool] = []
@@ -288,6 +290,8 @@ _inherited_pools: list[Pool] = []
 
 def _after_fork_in_child() -> None:
     for owner in list(_live):
+        # The parent's commit threads do not exist here: the child makes its own.
+        owner.__dict__.pop("_committer", None)
         engines = [owner.sync_engine]
         if owner.router is not None:
             engines.extend(node.engine for node in owner.router.nodes)
@@ -665,7 +669,7 @@ class Database(_EngineOwner):
             middleware: Any = transaction_middleware(name)
             if self.engine.dialect.name != "sqlite":
                 # ``async with`` contexts (FastAPI's plain def routes) commit off the event loop.
-                middleware = Dual(middleware, threaded_transaction_middleware(name))
+                middleware = Dual(middleware, _threaded_transaction(name, self._commit_threads))
             dm.register_context_middleware(middleware)
         return self
 
@@ -765,6 +769,23 @@ class Database(_EngineOwner):
         router = self.router
         return [self._primary_status(), *(router.report() if router is not None else ())]
 
+    def _commit_threads(self) -> Executor:
+        """The threads that run this database's COMMITs for ``async with`` contexts.
+
+        Its own, not the loop's default executor: a COMMIT holds row locks
+        and must not queue behind other blocking work. A thread is started
+        only when none is idle, so their number follows the COMMITs in
+        flight, which the pool's connections bound.
+        """
+        threads = self.__dict__.get("_committer")
+        if threads is None:
+            with _committer_lock:
+                threads = self.__dict__.get("_committer")
+                if threads is None:
+                    threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="polydatum-commit")
+                    self.__dict__["_committer"] = threads
+        return threads
+
     def dispose(self) -> None:
         """Close every pooled connection (replicas' too); the next use opens new ones."""
         self.engine.dispose()
@@ -800,10 +821,12 @@ def transaction_middleware(name: str) -> Callable[[DataAccessContext], Iterator[
     return sqlalchemy_transaction
 
 
-def threaded_transaction_middleware(name: str) -> Callable[[DataAccessContext], AsyncIterator[None]]:
+def threaded_transaction_middleware(
+    name: str, executor: Executor | None = None
+) -> Callable[[DataAccessContext], AsyncIterator[None]]:
     """:func:`transaction_middleware` for ``async with`` contexts over a sync Session.
 
-    The COMMIT (or ROLLBACK) runs in the event loop's default executor, so
+    The COMMIT (or ROLLBACK) runs in a worker thread of ``executor``, so
     the loop serves other requests while the server writes its log; a
     FastAPI app with plain ``def`` routes over a :class:`Database` is the
     case. A cancelled request still waits for the thread: the session is
@@ -812,23 +835,38 @@ def threaded_transaction_middleware(name: str) -> Callable[[DataAccessContext], 
     its middleware, except for SQLite, whose connections may be bound to
     the thread that made them and whose commits do not wait on a network.
 
+    Args:
+        name: the session resource.
+        executor: the threads that run the COMMITs; the loop's default
+            executor if None. :meth:`Database.install` gives the database's
+            own, so a COMMIT (holding its row locks) never waits behind
+            other blocking work, such as the outbox's deliveries.
+
     .. versionadded:: 2.0
     """
+    return _threaded_transaction(name, lambda: executor)
+
+
+def _threaded_transaction(
+    name: str, threads: Callable[[], Executor | None]
+) -> Callable[[DataAccessContext], AsyncIterator[None]]:
+    # ``threads`` is asked at each context: a forked child must not reuse its parent's.
 
     async def sqlalchemy_threaded_transaction(ctx: DataAccessContext) -> AsyncIterator[None]:
         try:
             yield
         except BaseException as exc:
             if name in ctx:
-                await run_blocking(_rollback_quietly, getattr(ctx, name), name)
+                await run_blocking(_rollback_quietly, getattr(ctx, name), name, executor=threads())
             if isinstance(exc, StaleDataError):
                 raise conflict_from(exc) from exc
             raise
         if name in ctx:
             session: Session = getattr(ctx, name)
-            await run_blocking(_end_transaction, session, name)
+            committer = threads()
+            await run_blocking(_end_transaction, session, name, executor=committer)
             if isinstance(session, Routed) and session.route is not None and session.route.wrote:
-                await run_blocking(_record_position, ctx, name, session)
+                await run_blocking(_record_position, ctx, name, session, executor=committer)
 
     sqlalchemy_threaded_transaction.__qualname__ = f"sqlalchemy_threaded_transaction[{name}]"
     return sqlalchemy_threaded_transaction

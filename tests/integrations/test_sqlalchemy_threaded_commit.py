@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,6 +171,56 @@ async def test_a_failing_body_rolls_back_in_a_thread(pg_db: Database) -> None:
     assert count_items(pg_db) == 0
 
 
+async def test_a_commit_does_not_wait_behind_the_default_executor(pg_db: Database) -> None:
+    """COMMITs have the database's own threads: a default executor kept busy does not hold them up.
+
+    The loop's default executor also runs the outbox's deliveries and any
+    ``asyncio.to_thread``; a COMMIT queued behind them would keep its row locks.
+    """
+    dm = wired(pg_db)
+    threads = commit_threads(pg_db)
+    busy = threading.Event()
+    loop = asyncio.get_running_loop()
+    hogs = [loop.run_in_executor(None, busy.wait, 10) for _ in range(40)]
+    try:
+
+        async def request() -> None:
+            async with dm.context() as ctx:
+                ctx.db.add(Item(name="behind"))
+
+        task = asyncio.create_task(request())
+        done, _ = await asyncio.wait({task}, timeout=5)
+    finally:
+        busy.set()
+        await asyncio.gather(*hogs)
+    assert task in done
+    await task
+    assert count_items(pg_db) == 1
+    assert len(threads) == 1
+
+
+async def test_threaded_transaction_middleware_takes_an_executor(pg_db: Database) -> None:
+    """The middleware registered by hand commits in the executor it was given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from polydatum.resources import Dual
+    from polydatum.sqlalchemy import threaded_transaction_middleware, transaction_middleware
+
+    dm = DataManager()
+    pg_db.install(dm, transaction=False)
+    with ThreadPoolExecutor(1, thread_name_prefix="mine") as mine:
+        dm.register_context_middleware(
+            Dual(transaction_middleware("db"), threaded_transaction_middleware("db", mine))
+        )
+        names: list[str] = []
+        event.listen(pg_db.engine, "commit", lambda _conn: names.append(threading.current_thread().name))
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="mine"))
+    assert len(names) == 1
+    assert names[0].startswith("mine")
+    assert count_items(pg_db) == 1
+
+
 async def test_sqlite_commits_stay_on_the_loop_thread(tmp_path: Path) -> None:
     """SQLite connections may belong to the thread that made them: an in-memory one still commits."""
     for url in ("sqlite://", f"sqlite:///{tmp_path / 'app.db'}"):
@@ -243,3 +294,47 @@ class TestRunBlocking:
             await task
         assert done == ["work"]
         assert got == ["result"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+async def test_a_forked_child_commits_in_threads_of_its_own(pg_db: Database) -> None:
+    """gunicorn --preload forks after the parent committed: the child starts its own commit threads.
+
+    The parent's executor, copied into the child, believes its (now missing)
+    idle thread will take the work: a COMMIT submitted to it never runs.
+    """
+    dm = wired(pg_db)
+    async with dm.context() as ctx:
+        ctx.db.add(Item(name="parent"))
+    await asyncio.sleep(0.2)  # its commit thread goes idle, as it is when a server forks
+
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its context committed in time
+        code = 1
+        try:
+
+            async def child() -> bool:
+                async def request() -> None:
+                    async with dm.context() as ctx:
+                        ctx.db.add(Item(name="child"))
+
+                done, _ = await asyncio.wait({asyncio.create_task(request())}, timeout=10)
+                return bool(done)
+
+            # Not asyncio.run(): its clean-up would wait for a COMMIT that never runs.
+            code = 0 if asyncio.new_event_loop().run_until_complete(child()) else 3
+        finally:
+            os._exit(code)
+
+    def reap() -> int:
+        for _ in range(300):  # the child gives up after 10 s; never wait forever
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            threading.Event().wait(0.1)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return -9
+
+    assert await asyncio.get_running_loop().run_in_executor(None, reap) == 0
+    assert count_items(pg_db) == 2
