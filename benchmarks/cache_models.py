@@ -180,8 +180,8 @@ def round_us(fn: Callable[[], Any], n: int = OPS) -> float:
     return (time.perf_counter_ns() - start) / n / 1000
 
 
-def compare(sides: dict[str, Callable[[], Any]], n: int = OPS) -> tuple[dict[str, float], dict[str, float]]:
-    """Median µs per call of each side, and the median of each round's ratio to "hand-written".
+def compare(sides: dict[str, Callable[[], Any]], n: int = OPS) -> dict[str, list[float]]:
+    """µs per call of each side in every round.
 
     Rounds are interleaved with the order flipping, so the machine's drift
     hits every side alike.
@@ -193,11 +193,12 @@ def compare(sides: dict[str, Callable[[], Any]], n: int = OPS) -> tuple[dict[str
     for r in range(ROUNDS):
         for name in names if r % 2 == 0 else reversed(names):
             times[name].append(round_us(sides[name], n))
-    base = times["hand-written"]
-    ratios = {
-        name: statistics.median(a / b for a, b in zip(t, base, strict=True)) for name, t in times.items()
-    }
-    return {name: statistics.median(t) for name, t in times.items()}, ratios
+    return times
+
+
+def ratio(times: dict[str, list[float]], side: str, base: str) -> float:
+    """The median over the rounds of ``side``'s time over ``base``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(times[side], times[base], strict=True))
 
 
 def main() -> None:
@@ -251,11 +252,20 @@ def main() -> None:
     }
 
     print(f"cache models vs hand-written redis-py + json ({ROUNDS} rounds; µs per operation, median)")
+    summary = []
     for title, sides, n in (("get", gets, OPS), ("save", saves, OPS), ("get_many(100)", many, OPS // 4)):
-        result, ratios = compare(sides, n)
-        cells = ", ".join(f"{name} {us:.1f}" for name, us in result.items())
-        vs = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items() if name != "hand-written")
+        times = compare(sides, n)
+        cells = ", ".join(f"{name} {statistics.median(t):.1f}" for name, t in times.items())
+        vs = ", ".join(
+            f"{name} {ratio(times, name, 'hand-written'):.2f}x" for name in times if name != "hand-written"
+        )
         print(f"  {title:14} {cells}\n  {'':14} ratio to hand-written: {vs}")
+        line = f"{title} {ratio(times, 'polydatum', 'hand-written'):.2f}x hand-written"
+        if "cacheorm 0.0.1" in times:
+            line += f", {ratio(times, 'polydatum', 'cacheorm 0.0.1'):.2f}x cacheorm"
+        summary.append(line)
+    print("summary, polydatum's time over the other's (<= 1.00x: as fast or faster):")
+    print("  " + "; ".join(summary))
 
     mp = cache.models(UserMsgpack)
     mp.save(a_user(1, UserMsgpack))

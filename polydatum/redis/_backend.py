@@ -8,7 +8,8 @@ becomes a :class:`~polydatum.cache.CacheUnavailable` (a full pool, a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import redis as _redis
@@ -99,13 +100,21 @@ class RedisBackend(BackendBase):
 
     def __init__(self, redis: Redis | SyncClient) -> None:
         super().__init__(redis)
+        # A GET is the hot path of every cache read: its route is picked once, here.
+        self._fetch: Callable[[str], Any]
+        if self._cluster:
+            self._fetch = partial(self._get_on_node, cast("RedisCluster", self.client))
+        elif self.client.get_cache() is None:  # type: ignore[union-attr]
+            # Redis.get hands keys=[key] down every layer of redis-py for its
+            # client-side cache alone; without one, a bare GET costs about 1 µs less.
+            self._fetch = partial(self.client.execute_command, "GET")
+        else:
+            self._fetch = self.client.get
 
     def get(self, key: str) -> bytes | None:
         """GET (on a cluster, straight to the node that holds the key's slot)."""
         try:
-            if self._cluster:
-                return self._get_on_node(cast("RedisCluster", self.client), key)
-            return cast("bytes | None", self.client.get(key))
+            return self._fetch(key)  # type: ignore[no-any-return]
         except UNAVAILABLE as exc:
             raise unavailable(exc) from exc
 

@@ -937,6 +937,33 @@ class TestEvolution:
         cache.backend.set(items.key(1), b"j" + data, None, "always")
         assert items.get(1) is None
 
+    def test_json_of_other_writers_loads(self) -> None:
+        """Pretty-printed JSON, a field missing (its default) and an int for a float all load."""
+        model = self.declare(
+            "spaced",
+            ("at", datetime),
+            ("tags", list[str]),
+            ("price", float),
+            ("note", str, field(default="-")),
+        )
+        cache = Cache()
+        items = cache.models(model)
+        data = b'j {\n  "id": 1,\n  "at": "2024-01-01T00:00:00+00:00",\n  "tags": ["a"],\n  "price": 3\n}\n'
+        cache.backend.set(items.key(1), data, None, "always")
+        got = items.get(1)
+        assert got == model(1, datetime(2024, 1, 1, tzinfo=timezone.utc), ["a"], 3.0, "-")
+        assert type(got.price) is float
+
+    def test_a_value_that_does_not_parse_is_named(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Stored text that is no UUID is a miss whose warning names the field and the text."""
+        model = self.declare(f"unparsable-{uuid.uuid4().hex[:8]}", ("ref", uuid.UUID))
+        cache = Cache()
+        items = cache.models(model)
+        cache.backend.set(items.key(1), b'j{"id":1,"ref":"nope"}', None, "always")
+        with caplog.at_level(logging.WARNING, "polydatum.cache.models"):
+            assert items.get(1) is None
+        assert "field 'ref': 'nope' does not parse" in caplog.text
+
     def test_tagged_values_of_other_writers_load(self) -> None:
         """Values the json serializer tagged (a tuple, a datetime, a Decimal) load into the current types."""
         model = self.declare(
