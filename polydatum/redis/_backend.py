@@ -104,7 +104,7 @@ class RedisBackend(BackendBase):
         self._fetch: Callable[[str], Any]
         if self._cluster:
             self._fetch = partial(self._get_on_node, cast("RedisCluster", self.client))
-        elif self.client.get_cache() is None:  # type: ignore[union-attr]
+        elif getattr(self.client, "get_cache", lambda: None)() is None:  # redis-py < 5.1 has none
             # Redis.get hands keys=[key] down every layer of redis-py for its
             # client-side cache alone; without one, a bare GET costs about 1 µs less.
             self._fetch = partial(self.client.execute_command, "GET")
