@@ -21,8 +21,11 @@ the same dataclass:
    strings, as the models store them), and what Redis says the key takes
    (MEMORY USAGE).
 
-Rounds are short and interleaved (the order flips every round); ratios are
-the median of each round's ratio, which keeps the machine's drift out.
+Rounds are short (50 operations) and interleaved, the order of the sides
+turning every round so each takes each place as often, and the collector
+is off inside a round; ratios are the median of each round's ratio, which
+keeps the machine's drift out. The summary line gives polydatum's time over
+each other side's.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from polydatum.redis import Redis
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 QUICK = "--quick" in sys.argv
-OPS = 100 if QUICK else 200
-ROUNDS = 6 if QUICK else 40
+OPS = 50
+ROUNDS = 12 if QUICK else 160
 NAMESPACE = f"bench-models-{os.getpid()}"
 
 
@@ -172,32 +175,41 @@ def from_dict(d: dict[str, Any]) -> User:
 
 
 def round_us(fn: Callable[[], Any], n: int = OPS) -> float:
-    """Wall-clock µs per call over one round."""
-    gc.collect()
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter_ns() - start) / n / 1000
+    """Wall-clock µs per call over one round (the collector off: it would land on whichever side)."""
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter_ns() - start) / n / 1000
+    finally:
+        gc.enable()
 
 
-def compare(sides: dict[str, Callable[[], Any]], n: int = OPS) -> tuple[dict[str, float], dict[str, float]]:
-    """Median µs per call of each side, and the median of each round's ratio to "hand-written".
+def compare(sides: dict[str, Callable[[], Any]], n: int = OPS) -> dict[str, list[float]]:
+    """µs per call of each side in every round.
 
-    Rounds are interleaved with the order flipping, so the machine's drift
-    hits every side alike.
+    Rounds are short and interleaved, and the order of the sides turns
+    every round (each side takes each place as often, forwards and
+    backwards), so the machine's drift and whatever ran just before hit
+    every side alike.
     """
     times: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for fn in sides.values():  # warm up
         round_us(fn, 20)
     for r in range(ROUNDS):
-        for name in names if r % 2 == 0 else reversed(names):
+        turn = r % len(names)
+        order = names[turn:] + names[:turn]
+        gc.collect()
+        for name in order if (r // len(names)) % 2 == 0 else reversed(order):
             times[name].append(round_us(sides[name], n))
-    base = times["hand-written"]
-    ratios = {
-        name: statistics.median(a / b for a, b in zip(t, base, strict=True)) for name, t in times.items()
-    }
-    return {name: statistics.median(t) for name, t in times.items()}, ratios
+    return times
+
+
+def ratio(times: dict[str, list[float]], side: str, base: str) -> float:
+    """The median over the rounds of ``side``'s time over ``base``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(times[side], times[base], strict=True))
 
 
 def main() -> None:
@@ -251,11 +263,20 @@ def main() -> None:
     }
 
     print(f"cache models vs hand-written redis-py + json ({ROUNDS} rounds; µs per operation, median)")
+    summary = []
     for title, sides, n in (("get", gets, OPS), ("save", saves, OPS), ("get_many(100)", many, OPS // 4)):
-        result, ratios = compare(sides, n)
-        cells = ", ".join(f"{name} {us:.1f}" for name, us in result.items())
-        vs = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items() if name != "hand-written")
+        times = compare(sides, n)
+        cells = ", ".join(f"{name} {statistics.median(t):.1f}" for name, t in times.items())
+        vs = ", ".join(
+            f"{name} {ratio(times, name, 'hand-written'):.2f}x" for name in times if name != "hand-written"
+        )
         print(f"  {title:14} {cells}\n  {'':14} ratio to hand-written: {vs}")
+        line = f"{title} {ratio(times, 'polydatum', 'hand-written'):.2f}x hand-written"
+        if "cacheorm 0.0.1" in times:
+            line += f", {ratio(times, 'polydatum', 'cacheorm 0.0.1'):.2f}x cacheorm"
+        summary.append(line)
+    print("summary, polydatum's time over the other's (<= 1.00x: as fast or faster):")
+    print("  " + "; ".join(summary))
 
     mp = cache.models(UserMsgpack)
     mp.save(a_user(1, UserMsgpack))

@@ -43,11 +43,13 @@ from polydatum.memcached import MemcachedBackend
 from polydatum.outbox import Outbox
 from polydatum.redis import AsyncRedis, Redis
 from polydatum.sqlalchemy import AsyncDatabase, Database
-from tests.integrations.conftest import redis_target
+from tests.integrations.conftest import REDIS_KINDS, redis_target
 from tests.support.cache_backends import CACHE_BACKENDS, make_async_backend, make_backend
 from tests.support.outbox import flush_outboxes  # noqa: F401  # autouse
 
-BACKENDS = CACHE_BACKENDS  # memory, Redis, memcached, files (tests/support/cache_backends.py)
+# Memory, Redis, memcached, files (tests/support/cache_backends.py), then Redis as a cluster and
+# behind Sentinel: the session's shared rigs (tests/integrations/conftest.py), which no test here stops.
+BACKENDS = [*CACHE_BACKENDS, *(kind for kind in REDIS_KINDS if kind not in CACHE_BACKENDS)]
 
 
 class Color(enum.Enum):
@@ -216,8 +218,9 @@ async def _acache(request: pytest.FixtureRequest) -> AsyncIterator[AsyncCache]:
     """An async cache on its own namespace, emptied afterwards."""
     namespace = f"test-{uuid.uuid4().hex[:12]}"
     redis = None
-    if request.param == "redis":
-        redis = AsyncRedis(request.getfixturevalue("redis_url"))
+    if request.param in REDIS_KINDS:
+        url, options = redis_target(request, request.param)
+        redis = AsyncRedis(url, **options)
         cache = redis.cache(namespace=namespace)
     elif request.param in ("memcached", "filesystem"):
         backend = make_backend(request.param, request, request.getfixturevalue("tmp_path"))
@@ -934,6 +937,33 @@ class TestEvolution:
         cache.backend.set(items.key(1), b"j" + data, None, "always")
         assert items.get(1) is None
 
+    def test_json_of_other_writers_loads(self) -> None:
+        """Pretty-printed JSON, a field missing (its default) and an int for a float all load."""
+        model = self.declare(
+            "spaced",
+            ("at", datetime),
+            ("tags", list[str]),
+            ("price", float),
+            ("note", str, field(default="-")),
+        )
+        cache = Cache()
+        items = cache.models(model)
+        data = b'j {\n  "id": 1,\n  "at": "2024-01-01T00:00:00+00:00",\n  "tags": ["a"],\n  "price": 3\n}\n'
+        cache.backend.set(items.key(1), data, None, "always")
+        got = items.get(1)
+        assert got == model(1, datetime(2024, 1, 1, tzinfo=timezone.utc), ["a"], 3.0, "-")
+        assert type(got.price) is float
+
+    def test_a_value_that_does_not_parse_is_named(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Stored text that is no UUID is a miss whose warning names the field and the text."""
+        model = self.declare(f"unparsable-{uuid.uuid4().hex[:8]}", ("ref", uuid.UUID))
+        cache = Cache()
+        items = cache.models(model)
+        cache.backend.set(items.key(1), b'j{"id":1,"ref":"nope"}', None, "always")
+        with caplog.at_level(logging.WARNING, "polydatum.cache.models"):
+            assert items.get(1) is None
+        assert "field 'ref': 'nope' does not parse" in caplog.text
+
     def test_tagged_values_of_other_writers_load(self) -> None:
         """Values the json serializer tagged (a tuple, a datetime, a Decimal) load into the current types."""
         model = self.declare(
@@ -1185,14 +1215,16 @@ class TestBackendProtocol:
         assert 2500 < (backend.pttl(key) or 0) <= 5000
 
 
-@pytest.mark.parametrize("kind", ["cluster"])
-def test_models_on_a_redis_cluster(
-    request: pytest.FixtureRequest, redis_pools: dict[str, Redis], kind: str
+def test_get_many_spans_the_slots_of_a_cluster(
+    request: pytest.FixtureRequest, redis_pools: dict[str, Redis]
 ) -> None:
-    """On a cluster: get_many across slots, the compare-and-set script and touch work."""
-    cache = make_cache(request, kind, redis_pools)
+    """On a cluster the records of one get_many live in many slots (no hash tag pins them), and
+    it still finds every one; the compare-and-set script and touch work on whichever node holds a key."""
+    cache = make_cache(request, "cluster", redis_pools)
     sessions = cache.models(Session)
     sessions.insert_many(Session(f"t{i}", i, "u") for i in range(20))
+    client = redis_pools["cluster"].client()
+    assert len({client.keyslot(sessions.key((f"t{i}", i))) for i in range(20)}) > 10
     assert len(sessions.get_many([(f"t{i}", i) for i in range(20)])) == 20
     assert sessions.incr(("t3", 3), "hits") == 1
     assert sessions.touch(("t3", 3), ttl=None)

@@ -199,3 +199,21 @@ def _wait_for(telemetry: Telemetry, name: str) -> list[ReadableSpan]:
         time.sleep(0.05)
     msg = f"no span {name!r} within {WAIT}s: {[s.name for s in telemetry.spans()]}"
     raise AssertionError(msg)
+
+
+def test_a_cache_made_before_instrumenting_has_its_reads_traced(redis_url: str) -> None:
+    """RedisInstrumentor wraps redis-py's execute_command on the class: a cache made before it was
+    turned on still sends its GETs through it (so nothing on the read path is bound up front)."""
+    redis = Redis(redis_url)
+    cache = redis.cache(namespace=f"otel-{uuid.uuid4().hex[:10]}")
+    cache.set("k", 1)
+    with in_memory_telemetry() as telemetry:
+        instrumentor = RedisInstrumentor()
+        instrumentor.instrument(tracer_provider=telemetry.tracer_provider)
+        try:
+            assert cache.get("k") == 1
+        finally:
+            instrumentor.uninstrument()
+        assert [s.name for s in telemetry.spans()] == ["GET"]
+    cache.clear()
+    redis.close()

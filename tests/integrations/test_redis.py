@@ -211,6 +211,34 @@ class TestResources:
             RedisBackend(client)
         client.close()
 
+    def test_a_client_side_cache_sees_the_keys_of_cache_reads(self, redis_url: str, namespace: str) -> None:
+        """On a client with redis-py's client-side cache a read goes through Redis.get, which names the
+        key for that cache; on a plain client it is a bare GET and still reads the value."""
+        from redis.cache import CacheConfig
+
+        class Recording(redis_py.Redis):
+            gets: list[Any]
+
+            def get(self, name: Any) -> Any:
+                self.gets.append(name)
+                return super().get(name)
+
+        plain = Recording.from_url(redis_url)
+        plain.gets = []
+        plain.set(f"{namespace}:k", b"v")
+        assert RedisBackend(plain).get(f"{namespace}:k") == b"v"
+        assert plain.gets == []
+        plain.delete(f"{namespace}:k")
+        plain.close()
+        cached = Recording.from_url(redis_url, protocol=3, cache_config=CacheConfig())
+        cached.gets = []
+        try:
+            RedisBackend(cached).get(f"{namespace}:k")
+        except CacheUnavailable:  # a server before Redis 7.4 refuses a client-side cache
+            pass
+        assert cached.gets == [f"{namespace}:k"]
+        cached.close()
+
     def test_redis_lock_in_a_service(self, redis: Redis, namespace: str) -> None:
         """Redis.lock works as a context manager and can be extended."""
         with redis.lock(f"{namespace}:lock", timeout=1) as lock:

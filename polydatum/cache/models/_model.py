@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import json.scanner
 import logging
 import threading
 import uuid
@@ -18,16 +19,18 @@ from polydatum.cache._serializers import JSONSerializer, Serializer, get_seriali
 from polydatum.cache.models._schema import (
     Choice,
     Compiler,
+    Dumper,
     Exact,
     Field,
     Incompatible,
     Kind,
+    Loader,
     Optional_,
     Problem,
     _type_name,
-    load_fields,
+    dumper_of,
+    loader_of,
     native,
-    plan_of,
 )
 
 if TYPE_CHECKING:
@@ -35,9 +38,33 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("polydatum.cache.models")
 
-# What the json serializer writes for values that need no type tag (see Schema._json).
-_JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_JSON_DECODE = json.JSONDecoder().decode
+
+def _json_chunks() -> Callable[[Any, int], Any]:
+    """What the json serializer writes for values that need no type tag (see Schema._json).
+
+    ``json.JSONEncoder.encode`` builds a C encoder for every call; this one is
+    built once. It is made without the circular-reference check, whose state
+    a shared encoder cannot keep between threads: a record reaching it was
+    validated field by field, so it holds no cycle. Where the C encoder is
+    missing or differs, the plain encoder serves.
+    """
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    try:
+        basestring = json.encoder.encode_basestring
+        chunks = make(None, encoder.default, basestring, None, ":", ",", False, False, True)  # type: ignore[misc]
+        probe = {"a": [1, -2.5, "é\n", None, True, {"b": 1e300}]}
+        if "".join(chunks(probe, 0)) == encoder.encode(probe):
+            return chunks  # type: ignore[no-any-return]
+    except Exception:  # no C encoder of this shape here
+        pass
+    return lambda plain, _level: (encoder.encode(plain),)
+
+
+_JSON_CHUNKS = _json_chunks()
+# json.loads less its layers around the scanner: the encoding sniffing, the slice off the
+# serializer's tag byte (the scan starts after it) and the whitespace skipping.
+_JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -378,7 +405,8 @@ class Schema:
                 only = key_fields[0].kind if len(key_fields) == 1 else None
                 if type(only) is Exact and only.kind in (int, str) and self.options.key_format is None:
                     self._fast_key = only.kind
-                self._plan = plan_of(fields)
+                self._load: Loader = loader_of(self.cls, fields)
+                self._dump: Dumper = dumper_of(self.cls, fields, self.invalid)
                 # Fields JSON stores as they are: the plain json codec, same bytes, no type tags.
                 self._json = type(self.serializer) is JSONSerializer and all(native(f.kind) for f in fields)
                 self._tag = self.serializer.tag
@@ -451,16 +479,9 @@ class Schema:
             self.compile()
         if type(record) is not self.cls:
             self.check_record(record)
-        plain = {}
-        for f in self.fields:
-            value = getattr(record, f.name)
-            if type(value) is not f.same:  # the fast path stores int, str... as they are
-                if (found := f.kind.problem(value, f.name)) is not None:
-                    raise self.invalid(*found)
-                value = f.kind.dump(value)
-            plain[f.name] = value
+        plain = self._dump(record)
         if self._json:
-            return self._tag + _JSON_ENCODE(plain).encode()
+            return self._tag + "".join(_JSON_CHUNKS(plain, 0)).encode()
         try:
             return self._tag + self._dumps(plain)
         except SerializationError as exc:
@@ -483,7 +504,10 @@ class Schema:
                 raise Incompatible(f"it was not written by the {self.serializer.name!r} serializer")
             if self._json:
                 try:
-                    return self.cls(**load_fields(self._plan, _JSON_DECODE(data[1:].decode())))
+                    text = data.decode()
+                    plain, end = _JSON_SCAN(text, 1)
+                    if end == len(text) and type(plain) is dict:
+                        return self._load(plain)
                 except Exception:  # written by an older model, maybe with type tags: the full path below
                     pass
             try:
@@ -492,7 +516,7 @@ class Schema:
                 raise Incompatible(f"it does not decode ({type(exc).__name__})") from None
             if type(plain) is not dict:
                 raise Incompatible(f"it holds a {_type_name(plain)}, not a record")
-            return self.cls(**load_fields(self._plan, plain))
+            return self._load(plain)
         except Incompatible as exc:
             self.miss(where, str(exc))
         except (TypeError, ValueError) as exc:  # the class's own __post_init__ refused it

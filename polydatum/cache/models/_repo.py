@@ -152,6 +152,11 @@ class _Base(Generic[M]):
         # Writes wait for the context's commit unless asked not to (or outside any context).
         self._deferred = not immediate and self._ctx is not None
         self._outbox = cache.outbox
+        # What every get needs, looked up once (a read is the hot path).
+        self._key_text = schema.key_text
+        self._fast_key = schema._fast_key
+        self._decode = schema.decode
+        self._refs = bool(schema.ref_fields)
 
     def __repr__(self) -> str:
         mode = "immediate" if not self._deferred else "transactional"
@@ -369,15 +374,20 @@ class Models(_Base[M]):
 
     def get(self, key: Any) -> M | None:
         """The record stored under ``key``, or None."""
-        full = self.key(key)
-        pending = self._pending(full) if self._ctx is not None else None
-        if pending is not None and pending.state != "patch":
-            return self._view(pending, None, full)
+        # self.key() and self._record() inlined: this is the hot path.
+        full = self._prefix + (str(key) if type(key) is self._fast_key else self._key_text(key))
         cache = self._cache
+        if self._ctx is not None and (pending := self._pending(full)) is not None:
+            if pending.state != "patch":
+                return self._view(pending, None, full)
+            return self._view(pending, cache._call("get", cache.backend.get, full), full)
         data = cache._call("get", cache.backend.get, full)
-        if pending is not None:
-            return self._view(pending, data, full)
-        return self._record(data, full)
+        if data is None or data is MISS:
+            return None
+        record = self._decode(data, full)
+        if self._refs and record is not None:
+            self._bind_refs(record)
+        return record  # type: ignore[no-any-return]
 
     def get_many(self, keys: Iterable[Any], *, preload: Sequence[str] = ()) -> dict[Any, M]:
         """``{key: record}`` for the keys present, read in one round trip.
@@ -622,15 +632,19 @@ class AsyncModels(_Base[M]):
 
     async def get(self, key: Any) -> M | None:
         """See :meth:`Models.get`."""
-        full = self.key(key)
-        pending = self._pending(full) if self._ctx is not None else None
-        if pending is not None and pending.state != "patch":
-            return self._view(pending, None, full)
+        full = self._prefix + (str(key) if type(key) is self._fast_key else self._key_text(key))
         cache = self._cache
+        if self._ctx is not None and (pending := self._pending(full)) is not None:
+            if pending.state != "patch":
+                return self._view(pending, None, full)
+            return self._view(pending, await cache._call("get", cache.backend.get, full), full)
         data = await cache._call("get", cache.backend.get, full)
-        if pending is not None:
-            return self._view(pending, data, full)
-        return self._record(data, full)
+        if data is None or data is MISS:
+            return None
+        record = self._decode(data, full)
+        if self._refs and record is not None:
+            self._bind_refs(record)
+        return record  # type: ignore[no-any-return]
 
     async def get_many(self, keys: Iterable[Any], *, preload: Sequence[str] = ()) -> dict[Any, M]:
         """See :meth:`Models.get_many`."""

@@ -302,7 +302,7 @@ class Nested(Kind):
         self.kind = kind
         self.expected = kind.__qualname__
         self.fields: list[Field] = []  # filled after construction: a dataclass may nest itself
-        self.plan: Plan = []
+        self.loader: Loader  # likewise
 
     def problem(self, value: Any, path: str) -> Problem | None:
         if type(value) is not self.kind:
@@ -321,7 +321,7 @@ class Nested(Kind):
             raise Incompatible(f"expected a {self.expected} (a dict), found {_type_name(plain)}")
         if len(plain) == 1 and next(iter(plain))[:1] == "$":  # {"$tuple": ...}: a type tag, not a record
             raise Incompatible(f"expected a {self.expected}, found a tagged value")
-        return self.kind(**load_fields(self.plan, plain))
+        return self.loader(plain)
 
 
 class Field:
@@ -346,39 +346,154 @@ class Field:
         self.same: type | None = kind.kind if type(kind) is Exact or type(kind) is Float else None
 
 
-def load_fields(plan: Plan, plain: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments of a stored record (``plan``: see :func:`plan_of`).
+#: Builds a record (or nested dataclass) from its stored fields: see :func:`loader_of`.
+Loader = Callable[[dict[str, Any]], Any]
 
-    A missing field takes its default, an extra one is ignored.
-    """
-    values: dict[str, Any] = {}
-    get = plain.get
-    for name, same, parse, load, default in plan:
-        value = get(name, _ABSENT)
-        if type(value) is same:  # the fast path: an int stored for an int field...
-            values[name] = value
-        elif value is _ABSENT:
+
+def _converter(f: Field) -> Callable[[Any], Any]:
+    """What a loader does with a stored value that is not already of the field's own type."""
+    name, load, default = f.name, f.kind.load, f.default
+
+    def convert(value: Any) -> Any:
+        if value is _ABSENT:  # a field the writer's model did not have
             if default is None:
                 msg = f"field {name!r} is missing and has no default"
                 raise Incompatible(msg)
-            values[name] = default()
+            return default()
+        try:
+            return load(value)
+        except Incompatible as exc:
+            raise Incompatible(f"field {name!r}: {exc}") from None
+        except (ValueError, ArithmeticError) as exc:
+            raise Incompatible(f"field {name!r}: {value!r} does not parse ({exc})") from None
+
+    return convert
+
+
+def _unparsable(name: str, value: str, exc: Exception) -> Incompatible:
+    return Incompatible(f"field {name!r}: {value!r} does not parse ({exc})")
+
+
+def loader_of(cls: type, fields: list[Field]) -> Loader:
+    """The function turning the stored fields of a ``cls`` into one, generated once per class.
+
+    A missing field takes its default, an extra one is ignored, and a value
+    of another type is converted (schema evolution) or raises
+    :class:`Incompatible` naming the field. A read is the hot path of a
+    cache, so rather than loop over the fields and gather the arguments in
+    a dict, the generated code reads every field by subscript (a missing one
+    takes the slower ``get`` path), keeps a value already of the field's own
+    type as it is, hands stored text straight to its parser (datetime,
+    Decimal, UUID) and calls ``cls`` with literal keywords, as a
+    hand-written reader would.
+    """
+    names: dict[str, Any] = {"_A": _ABSENT, "_cls": cls, "_unparsable": _unparsable}
+    reads, gets, converts, call = [], [], [], []
+    for i, f in enumerate(field for field in fields if field.init):
+        v, kind = f"v{i}", f.kind
+        names[f"c{i}"] = _converter(f)
+        reads.append(f"        {v} = plain[{f.name!r}]")
+        gets.append(f"        {v} = get({f.name!r}, _A)")
+        if f.same is not None:  # int, str...: stored as they are
+            names[f"t{i}"] = f.same
+            converts.append(f"    if type({v}) is not t{i}: {v} = c{i}({v})")
+        elif kind.parse is not None:  # datetime, Decimal, UUID...: stored as text
+            names[f"p{i}"] = kind.parse
+            converts += [
+                f"    if type({v}) is str:",
+                "        try:",
+                f"            {v} = p{i}({v})",
+                "        except (ValueError, ArithmeticError) as exc:",
+                f"            raise _unparsable({f.name!r}, {v}, exc) from None",
+                "    else:",
+                f"        {v} = c{i}({v})",
+            ]
+        elif isinstance(kind, ListOf) and kind.same is not None:  # a list of ints, strs...
+            names[f"t{i}"] = kind.same
+            converts += [
+                f"    if type({v}) is list:",
+                f"        for item in {v}:",
+                f"            if type(item) is not t{i}:",
+                f"                {v} = c{i}({v})",
+                "                break",
+                "    else:",
+                f"        {v} = c{i}({v})",
+            ]
         else:
-            try:
-                # ...and a text one for a datetime, Decimal or UUID field.
-                values[name] = parse(value) if parse is not None and type(value) is str else load(value)
-            except Incompatible as exc:
-                raise Incompatible(f"field {name!r}: {exc}") from None
-            except (ValueError, ArithmeticError) as exc:
-                raise Incompatible(f"field {name!r}: {value!r} does not parse ({exc})") from None
-    return values
+            converts.append(f"    {v} = c{i}({v})")
+        call.append(f"{f.name}={v}")
+    lines = [
+        "def load(plain):",
+        "    try:",
+        *(reads or ["        pass"]),
+        "    except KeyError:  # written by a model without some field: its default, or Incompatible",
+        "        get = plain.get",
+        *(gets or ["        pass"]),
+        *converts,
+        f"    return _cls({', '.join(call)})",
+    ]
+    # Made of field names only, which a dataclass has as identifiers.
+    exec(compile("\n".join(lines), f"<cache model loader of {cls.__qualname__}>", "exec"), names)
+    loader: Loader = names["load"]
+    return loader
 
 
-Plan = list[tuple[str, Any, "Callable[[str], Any] | None", Callable[[Any], Any], Any]]
+#: A record's (or nested dataclass's) fields in the plain form a serializer stores: see :func:`dumper_of`.
+Dumper = Callable[[Any], dict[str, Any]]
 
 
-def plan_of(fields: list[Field]) -> Plan:
-    """What :func:`load_fields` reads of each constructor field, as tuples (cheaper than attributes)."""
-    return [(f.name, f.same, f.kind.parse, f.kind.load, f.default) for f in fields if f.init]
+def _checker(f: Field, invalid: Callable[[str, str, Any], Exception]) -> Callable[[Any], Any]:
+    """What a dumper does with a value that is not plainly of the field's own type: check, then dump."""
+    name, problem, dump = f.name, f.kind.problem, f.kind.dump
+
+    def check(value: Any) -> Any:
+        if (found := problem(value, name)) is not None:
+            raise invalid(*found)
+        return dump(value)
+
+    return check
+
+
+def dumper_of(cls: type, fields: list[Field], invalid: Callable[[str, str, Any], Exception]) -> Dumper:
+    """The function validating a ``cls`` record and giving its fields' plain forms, generated once.
+
+    ``invalid(path, expected, value)`` makes the error for a wrong value. The
+    generated code reads each field in a line of its own and stores a value
+    of the field's own type (an int, a str, a list of strs...) as it is,
+    leaving the full check to the values that need it.
+    """
+    names: dict[str, Any] = {}
+    lines = ["def dump(record):"]
+    items = []
+    for i, f in enumerate(fields):
+        v, kind = f"v{i}", f.kind
+        names[f"s{i}"] = _checker(f, invalid)
+        lines.append(f"    {v} = record.{f.name}")
+        if f.same is not None:  # int, str...: stored as they are
+            names[f"t{i}"] = f.same
+            lines.append(f"    if type({v}) is not t{i}: {v} = s{i}({v})")
+        elif isinstance(kind, Text) and type(kind).problem is Exact.problem:  # Decimal, UUID, dates
+            names[f"t{i}"] = kind.kind
+            names[f"d{i}"] = str if kind.kind in (uuid.UUID, Decimal) else kind.dump
+            lines.append(f"    {v} = d{i}({v}) if type({v}) is t{i} else s{i}({v})")
+        elif isinstance(kind, ListOf) and kind.same is not None:  # a list of ints, strs...
+            names[f"t{i}"] = kind.same
+            lines += [
+                f"    if type({v}) is list:",
+                f"        for item in {v}:",
+                f"            if type(item) is not t{i}:",
+                f"                {v} = s{i}({v})",
+                "                break",
+                "    else:",
+                f"        {v} = s{i}({v})",
+            ]
+        else:
+            lines.append(f"    {v} = s{i}({v})")
+        items.append(f"{f.name!r}: {v}")
+    lines.append(f"    return {{{', '.join(items)}}}")
+    exec(compile("\n".join(lines), f"<cache model dumper of {cls.__qualname__}>", "exec"), names)
+    dumper: Dumper = names["dump"]
+    return dumper
 
 
 _ABSENT: Any = object()
@@ -444,7 +559,7 @@ class Compiler:
             return self.nested[kind]
         nested = self.nested[kind] = Nested(kind)
         nested.fields = self.fields(kind, prefix=f"{kind.__qualname__}.")
-        nested.plan = plan_of(nested.fields)
+        nested.loader = loader_of(kind, nested.fields)
         return nested
 
     def fields(self, cls: type, prefix: str = "") -> list[Field]:
