@@ -80,6 +80,7 @@ else:
         _metrics_api = None  # type: ignore[assignment]
         _ProxyMeter = None  # type: ignore[assignment,misc]
     _TRACER_PROXY_KNOWN = hasattr(trace, "_TRACER_PROVIDER")
+    _SAMPLED = TraceFlags.SAMPLED
     # The key of the current span in an otel context: read directly, it spares
     # get_current_span()'s checks on every context (the value is type-checked here).
     try:
@@ -535,9 +536,13 @@ class Instrumentation(Observer, _telemetry.Listener):
                 if type(parent) is NonRecordingSpan:
                     parent_context = parent.get_span_context()
                     if (
-                        parent_context.is_valid
-                        and not parent_context.trace_flags & TraceFlags.SAMPLED
-                        and self._sampler_drops_unsampled()
+                        not parent_context.trace_flags & _SAMPLED
+                        and parent_context.is_valid
+                        and (
+                            self._drops_unsampled
+                            if self._sdk_tracer.sampler is self._sampler
+                            else self._sampler_drops_unsampled()
+                        )
                     ):
                         return [start, None, None, False, None, entry, metering]
             except Exception:
