@@ -519,7 +519,10 @@ class Instrumentation(Observer, _telemetry.Listener):
         current at entry is then kept, to be made current again for the
         commit (:meth:`context_exiting`).
         """
-        metering = self._metering() if self._meter_waits else not self._meter_off
+        if self._meter_waits:
+            metering = _metrics_api._METER_PROVIDER is not None and self._metering()
+        else:
+            metering = not self._meter_off
         start = perf_counter() if metering else 0.0
         tracer = self._live_tracer
         if tracer is None and self._tracer_waits and not _no_tracer_provider():
