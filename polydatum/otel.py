@@ -525,7 +525,8 @@ class Instrumentation(Observer, _telemetry.Listener):
             metering = not self._meter_off
         start = perf_counter() if metering else 0.0
         tracer = self._live_tracer
-        if tracer is None and self._tracer_waits and not _no_tracer_provider():
+        # _no_tracer_provider(), inline: this is the no-op path of every context.
+        if tracer is None and self._tracer_waits and trace._TRACER_PROVIDER is not None:
             tracer = self._tracer_now()
         if tracer is None or self._sdk_tracer is not None:
             try:
