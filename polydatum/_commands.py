@@ -292,9 +292,11 @@ def handle_dal_method(request: DalCommandRequest) -> Any:
 #                               validates the path and sets one of the two below
 #   direct  names between       walk owner.<steps...>.<method> and call it (no
 #           owner and method    method middleware, no observer)
-#   chain   CHAIN               owner._dispatch: the DAL's observer, if any, around
-#                               proceed(): the middleware chain, or the method
-#                               itself when there is no middleware
+#   chain   CHAIN               owner is the DAL's bound _dispatch (an observer is
+#                               set: it wraps proceed(), the middleware chain or
+#                               the method) or _dispatch_chain (none: the chain
+#                               itself, S6's path, with no observer test); setting
+#                               an observer bumps the routes
 #
 # A plain tuple, not a NamedTuple: CPython specialises unpacking an exact
 # tuple only, and the NamedTuple cost 20-40 ns per DAL call (+12% on S4).
@@ -344,7 +346,7 @@ class Command(DalCommand):
             return self._call_slow(args, kwargs)
         if steps:
             if steps is CHAIN:
-                return owner._dispatch(ctx, self, args, kwargs)
+                return owner(ctx, self, args, kwargs)
             try:
                 for step in steps:
                     owner = getattr(owner, step)
@@ -362,7 +364,8 @@ class Command(DalCommand):
             raise no_context_error(dm.wiring.stack.get(), f"dal.{self}")
         if not dal._direct or dal._observer is not None:
             # Calls go through the observer or the middleware chain; the resolver caches the target.
-            self._route = (dal, CHAIN, "", dm.wiring.stack.get)
+            dispatch = dal._dispatch if dal._observer is not None else dal._dispatch_chain
+            self._route = (dispatch, CHAIN, "", dm.wiring.stack.get)
             _invalidation.track(self)
             return dal._dispatch(ctx, self, args, kwargs)
         _, target = resolve_owner(dal._services, self.path, callable_only=True)

@@ -293,7 +293,13 @@ class DataAccessLayer:
             # The state is the observer's own only if it saw this context enter.
             state = ctx._observed if ctx._observer is observer else None
             return observer.dal_call(ctx, state, command.path, command.proceed, args, kwargs)
-        # Command.proceed's chain branch, inline: S6 (method middleware) is this path.
+        return self._dispatch_chain(ctx, command, args, kwargs)
+
+    def _dispatch_chain(
+        self, ctx: DataAccessContext, command: Command, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        # Command.proceed's chain branch, inline: S6 (method middleware) is this
+        # path; a command's route calls it directly while no observer is set.
         request = DalCommandRequest(ctx, command.path, args, kwargs)
         request._command = command
         if self._async_chain and not ctx._async:

@@ -53,13 +53,41 @@ from polydatum.observer import DalPath, Observer, Proceed
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics, propagate, trace
-    from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+    from opentelemetry.trace import (
+        NonRecordingSpan,
+        NoOpTracer,
+        ProxyTracer,
+        Span,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+    )
 except ImportError:  # pragma: no cover - tested in a subprocess without OpenTelemetry
     # Without the otel extra, instrument() is a no-op: a library can call it
     # whether or not the application installed OpenTelemetry.
     HAVE_OTEL = False
 else:
     HAVE_OTEL = True
+    # The API's proxies (what the global providers hand out until the application sets one)
+    # read these module globals themselves; polydatum reads them too, to tell a proxy with
+    # nothing behind it (skip all work) from one that delegates (a provider was set since).
+    # With an API that lacks them, a proxy is asked every time, as before.
+    try:
+        from opentelemetry.metrics import _internal as _metrics_api
+        from opentelemetry.metrics._internal import _ProxyMeter
+    except ImportError:  # pragma: no cover - an API that moved its internals
+        _metrics_api = None  # type: ignore[assignment]
+        _ProxyMeter = None  # type: ignore[assignment,misc]
+    _TRACER_PROXY_KNOWN = hasattr(trace, "_TRACER_PROVIDER")
+    _SAMPLED = TraceFlags.SAMPLED
+    # The key of the current span in an otel context: read directly, it spares
+    # get_current_span()'s checks on every context (the value is type-checked here).
+    try:
+        from opentelemetry.trace.propagation import _SPAN_KEY
+    except ImportError:  # pragma: no cover - an API that moved it: no span is ever found
+        _SPAN_KEY = "polydatum.no-span-key"
+    _METER_PROXY_KNOWN = _ProxyMeter is not None and hasattr(_metrics_api, "_METER_PROVIDER")
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -69,8 +97,9 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-# What a context's span left for its end: [start, span, token, span records,
-# token of making it current again at exit or None].
+# What a context's span left for its end: [start (0.0 when not metering), span,
+# token, span records, token of making it current again at exit or None, the otel
+# context current at entry when no span was started (else None), metering].
 _ContextState = list[Any]
 
 __all__ = [
@@ -186,11 +215,22 @@ class Instrumentation(Observer, _telemetry.Listener):
         self._path_names: dict[int, tuple[tuple[Any, ...], str]] = {}
         self._failures = 0
         self._active = False
+        # The fast paths of providers that record nothing (see _use_tracer and _metering).
+        self._tracer_provider = tracer_provider
+        self._live_tracer: trace.Tracer | None = None
+        self._tracer_waits = False
+        self._sdk_tracer: Any = None
+        self._sampler: object = None
+        self._drops_unsampled = False
+        self._meter_waits = False
+        self._meter_off = True
         if not HAVE_OTEL:
             return
-        self._tracer = trace.get_tracer(SCOPE, tracer_provider=tracer_provider)
+        self._use_tracer(trace.get_tracer(SCOPE, tracer_provider=tracer_provider))
         self.meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
         meter = self.meter
+        self._meter_off = isinstance(meter, metrics.NoOpMeter)
+        self._meter_waits = _METER_PROXY_KNOWN and type(meter) is _ProxyMeter
         self._contexts = meter.create_counter(
             CONTEXT_COUNT, unit="{context}", description="Contexts ended, by outcome (commit or rollback)."
         )
@@ -268,16 +308,94 @@ class Instrumentation(Observer, _telemetry.Listener):
             exc_info=True,
         )
 
+    # -- providers that record nothing: skip the work, not the outcome ----------
+
+    def _use_tracer(self, tracer: trace.Tracer) -> None:
+        """Tell what ``tracer`` is, for the fast paths.
+
+        The API's no-op tracer (or its proxy while no global provider is set)
+        starts no span a caller could see: the one it returns is the current
+        span, or a non-recording copy of its context, so starting and
+        attaching it changes nothing. The SDK's tracer is kept to read its
+        sampler (see :func:`_drops_unsampled_children`).
+        """
+        self._tracer = tracer
+        self._tracer_waits = _TRACER_PROXY_KNOWN and type(tracer) is ProxyTracer and _no_tracer_provider()
+        off = self._tracer_waits or isinstance(tracer, NoOpTracer)
+        self._live_tracer = None if off else tracer
+        self._sdk_tracer = tracer if type(tracer).__module__ == "opentelemetry.sdk.trace" else None
+        self._sampler = None
+        self._drops_unsampled = False
+
+    def _tracer_now(self) -> trace.Tracer | None:
+        """The tracer to start spans with, or None when none would be seen (the API's no-op one).
+
+        A proxy waiting for a global provider is looked at again when one was set.
+        """
+        tracer = self._live_tracer
+        if tracer is None and self._tracer_waits and not _no_tracer_provider():
+            try:
+                self._use_tracer(trace.get_tracer(SCOPE, tracer_provider=self._tracer_provider))
+            except Exception:
+                self._failed("get the tracer of the provider set since instrument()")
+                self._tracer_waits = False
+            tracer = self._live_tracer
+        return tracer
+
+    def _inherits_no(self, context: otel_context.Context | None = None) -> bool:
+        """True when a span started now (under ``context``) surely would not record.
+
+        That is when its parent is valid and not sampled and the SDK's
+        sampler gives such a child its parent's decision (ParentBased, the
+        SDK's default, or ALWAYS_OFF). The parent then stays current: children
+        and the trace headers of a task sent meanwhile inherit its not-sampled
+        flag, as they would have from the span not started.
+        """
+        if self._sdk_tracer is None or not self._sampler_drops_unsampled():
+            return False
+        parent = trace.get_current_span(context).get_span_context()
+        return parent.is_valid and not parent.trace_flags.sampled
+
+    def _sampler_drops_unsampled(self) -> bool:
+        # Read on each use: an application may give the SDK's tracer another sampler.
+        sampler = self._sdk_tracer.sampler
+        if sampler is not self._sampler:
+            self._drops_unsampled = _drops_unsampled_children(sampler)
+            self._sampler = sampler
+        return self._drops_unsampled
+
+    def _metering(self) -> bool:
+        """False while the meter is the API's no-op one (or its proxy with no global provider behind)."""
+        if self._meter_waits:
+            if _metrics_api._METER_PROVIDER is None:
+                return False
+            self._meter_waits = False
+            self._meter_off = False
+        return not self._meter_off
+
     def _start(self, name: str, current_if_valid: bool) -> tuple[Span | None, object]:
         """Start a span and make it current; ``(None, None)`` when there is nothing to end.
 
         The fast path of a tracer that records nothing: a span that does not
         record is made current only if it carries a sampling decision that
         children must inherit (``current_if_valid``, for the context span).
-        The API's no-op tracer gives spans with no valid context at all.
+        No span is started when none would be seen (:meth:`_tracer_now`,
+        :meth:`_inherits_no`).
         """
         try:
-            span = self._tracer.start_span(name)
+            tracer = self._tracer_now()
+            if tracer is None or self._inherits_no():
+                return None, None
+        except Exception:
+            self._failed(f"start span {name!r}")
+            return None, None
+        return self._start_with(tracer, name, current_if_valid)
+
+    def _start_with(
+        self, tracer: trace.Tracer, name: str, current_if_valid: bool
+    ) -> tuple[Span | None, object]:
+        try:
+            span = tracer.start_span(name)
             if span.is_recording() or (current_if_valid and span.get_span_context().is_valid):
                 return span, otel_context.attach(trace.set_span_in_context(span))
         except Exception:
@@ -336,10 +454,16 @@ class Instrumentation(Observer, _telemetry.Listener):
         span = None
         try:
             parent = propagate.extract(headers) if TRACEPARENT in headers else None
-            span = self._tracer.start_span(
-                f"{task} publish", context=parent, kind=SpanKind.PRODUCER, attributes=_PUBLISH
-            )
-            propagate.inject(headers, context=trace.set_span_in_context(span))
+            tracer = self._tracer_now()
+            if tracer is None or self._inherits_no(parent):
+                # No span would be seen: the task continues the parent's trace
+                # (its not-sampled flag included).
+                propagate.inject(headers, context=parent)
+            else:
+                span = tracer.start_span(
+                    f"{task} publish", context=parent, kind=SpanKind.PRODUCER, attributes=_PUBLISH
+                )
+                propagate.inject(headers, context=trace.set_span_in_context(span))
         except Exception:
             self._failed(f"start the publish span of task {task!r}")
         try:
@@ -387,22 +511,62 @@ class Instrumentation(Observer, _telemetry.Listener):
         return attributes
 
     def context_entered(self, ctx: DataAccessContext) -> _ContextState:
-        """Start the context's span and make it current (see :mod:`polydatum.observer`)."""
-        start = perf_counter()
+        """Start the context's span and make it current (see :mod:`polydatum.observer`).
+
+        No span is started when none would be seen or recorded: the API's
+        no-op tracer, or a parent that is not sampled and whose decision the
+        SDK's sampler would pass on (:meth:`_inherits_no`). The otel context
+        current at entry is then kept, to be made current again for the
+        commit (:meth:`context_exiting`).
+        """
+        if self._meter_waits:
+            metering = _metrics_api._METER_PROVIDER is not None and self._metering()
+        else:
+            metering = not self._meter_off
+        start = perf_counter() if metering else 0.0
+        tracer = self._live_tracer
+        # _no_tracer_provider(), inline: this is the no-op path of every context.
+        if tracer is None and self._tracer_waits and trace._TRACER_PROVIDER is not None:
+            tracer = self._tracer_now()
+        if tracer is None or self._sdk_tracer is not None:
+            try:
+                entry = otel_context.get_current()
+                parent = entry.get(_SPAN_KEY)
+                if tracer is None:
+                    # Kept only if it holds a span, as the no-op tracer's would be made current.
+                    return [start, None, None, False, None, None if parent is None else entry, metering]
+                # The SDK marks a span that does not record as a NonRecordingSpan;
+                # any other parent is left to the sampler.
+                if type(parent) is NonRecordingSpan:
+                    parent_context = parent.get_span_context()
+                    if (
+                        not parent_context.trace_flags & _SAMPLED
+                        and parent_context.is_valid
+                        and (
+                            self._drops_unsampled
+                            if self._sdk_tracer.sampler is self._sampler
+                            else self._sampler_drops_unsampled()
+                        )
+                    ):
+                        return [start, None, None, False, None, entry, metering]
+            except Exception:
+                self._failed("read a context's parent span")
+                if tracer is None:
+                    return [start, None, None, False, None, None, metering]
         meta = ctx.meta
         try:
             name = self._span_name(meta)
         except Exception:
             self._failed("name a context span")
             name = "context"
-        span, token = self._start(name, True)
+        span, token = self._start_with(tracer, name, True)
         recording = span is not None and span.is_recording()
         if recording and self._meta_keys:
             try:
                 span.set_attributes(self._meta_attributes(meta))  # type: ignore[union-attr]
             except Exception:
                 self._failed("set a context span's meta attributes")
-        return [start, span, token, recording, None]
+        return [start, span, token, recording, None, None, metering]
 
     def context_exiting(self, ctx: DataAccessContext, state: _ContextState) -> None:
         """Make the context's span current again for its commit, if something else is now.
@@ -410,33 +574,40 @@ class Instrumentation(Observer, _telemetry.Listener):
         A streaming WSGI response ends its context while the server iterates
         the body, after opentelemetry-instrumentation-wsgi (say) detached the
         span current when the context was entered: the COMMIT, the cache
-        deletes and the task sends must still be children of the context's span.
+        deletes and the task sends must still be children of the context's
+        span (or, when it started none, of what was current at entry).
         """
         span = state[1]
-        if span is not None and trace.get_current_span() is not span:
-            try:
-                state[4] = otel_context.attach(trace.set_span_in_context(span))
-            except Exception:
-                self._failed("make a context's span current for its commit")
+        try:
+            if span is not None:
+                if trace.get_current_span() is not span:
+                    state[4] = otel_context.attach(trace.set_span_in_context(span))
+            elif state[5] is not None and otel_context.get_current() is not state[5]:
+                state[4] = otel_context.attach(state[5])
+        except Exception:
+            self._failed("make a context's span current for its commit")
 
     def context_exited(self, ctx: DataAccessContext, state: _ContextState, exc: BaseException | None) -> None:
         """Record the context's outcome, end its span (after every hook ran, so hook errors count)."""
-        start, span, token, recording, again = state
+        start, span, token, recording, again, _entry, metering = state
         if again is not None:
             # Current again since context_exiting: undo that; the entry's token
             # belongs to a contextvars state that has moved on.
             token = again
-        outcome = _COMMIT if exc is None else _ROLLBACK
-        try:
-            self._contexts.add(1, outcome)
-            self._context_duration.record(perf_counter() - start, outcome)
-        except Exception:
-            self._failed("record a context's metrics")
+        if metering:
+            outcome = _COMMIT if exc is None else _ROLLBACK
+            try:
+                self._contexts.add(1, outcome)
+                self._context_duration.record(perf_counter() - start, outcome)
+            except Exception:
+                self._failed("record a context's metrics")
         if span is None:
+            if token is not None:
+                otel_context.detach(token)
             return
         try:
             if recording:
-                span.set_attributes(outcome)
+                span.set_attributes(_COMMIT if exc is None else _ROLLBACK)
                 span.set_attribute(HOOK_ERRORS, len(ctx.get_hook_errors()))
                 if exc is not None:
                     error = _type_name(exc)
@@ -475,14 +646,20 @@ class Instrumentation(Observer, _telemetry.Listener):
         A call gets a span only when its context's span records: a context
         sampled out (or traced by the no-op tracer) has calls without spans,
         as their parent would drop them anyway, and pays only for the
-        duration metric. A context entered before :func:`instrument`
-        (``state`` None) asks the tracer on every call.
+        duration metric (nothing at all when the meter is the API's no-op
+        one). A context entered before :func:`instrument` (``state`` None)
+        asks the tracer on every call.
         """
-        start = perf_counter()
-        name = self._name(path)
         if state is not None and not state[3]:
+            if not state[6]:
+                # Nothing recorded, nothing measured (no-op providers, a trace sampled out).
+                return proceed(ctx, args, kwargs)
             span = token = None
+            start = perf_counter()
+            name = self._name(path)
         else:
+            start = perf_counter()
+            name = self._name(path)
             span, token = self._start(name, False)
         try:
             result = proceed(ctx, args, kwargs)
@@ -546,6 +723,41 @@ class Instrumentation(Observer, _telemetry.Listener):
             self._failed(f"record DAL call {name!r}")
         finally:
             self._end(span, token)
+
+
+def _no_tracer_provider() -> bool:
+    """True while no global tracer provider is set (the API's proxy tracers give no-op spans)."""
+    return trace._TRACER_PROVIDER is None
+
+
+def _drops_unsampled_children(sampler: object) -> bool:
+    """True when the SDK ``sampler`` surely drops a span whose parent is valid and not sampled.
+
+    ALWAYS_OFF, and a ParentBased sampler (the SDK's default) whose delegates
+    for a local and a remote parent that is not sampled are both ALWAYS_OFF.
+    A subclass that decides otherwise (its own ``should_sample``), or any
+    other sampler, is asked span by span.
+    """
+    try:
+        from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+    except ImportError:  # pragma: no cover - an SDK tracer comes with its sampling module
+        return False
+
+    def always_off(candidate: object) -> bool:
+        return (
+            isinstance(candidate, StaticSampler)
+            and type(candidate).should_sample is StaticSampler.should_sample
+            and getattr(candidate, "_decision", None) is Decision.DROP
+        )
+
+    if always_off(sampler):
+        return True
+    return (
+        isinstance(sampler, ParentBased)
+        and type(sampler).should_sample is ParentBased.should_sample
+        and always_off(getattr(sampler, "_local_parent_not_sampled", None))
+        and always_off(getattr(sampler, "_remote_parent_not_sampled", None))
+    )
 
 
 def instrument(

@@ -159,6 +159,31 @@ def test_removing_the_observer_restores_the_fast_paths(dm: DataManager) -> None:
     assert [e[0] for e in recorder.events] == ["enter", "call", "done", "exit"]
 
 
+def test_a_chain_route_cached_without_an_observer_is_re_routed_when_one_is_set(dm: DataManager) -> None:
+    """With method middleware, a command's route holds the chain without the observer test; setting and
+    removing an observer re-routes it, the middleware running every time."""
+    recorder = Recorder()
+    seen: list[str] = []
+
+    def middleware(request: Any, handler: Any) -> Any:
+        seen.append(request.path_name)
+        return handler(request)
+
+    dm.register_method_middleware(middleware)
+    dal = dm.get_dal()
+    with dm.context():
+        dal.users.get(1)  # routes through the chain, no observer
+    dm.set_observer(recorder)
+    with dm.context():
+        dal.users.get(2)
+    dm.set_observer(None)
+    with dm.context():
+        dal.users.get(3)
+    assert [e[0] for e in recorder.events] == ["enter", "call", "done", "exit"]
+    assert recorder.events[1][3] == (2,)
+    assert seen == ["users.get"] * 3
+
+
 def test_a_context_entered_before_the_observer_gives_calls_no_state(dm: DataManager) -> None:
     """Calls in a context opened before set_observer are observed with state None; its exit is not."""
     recorder = Recorder()
