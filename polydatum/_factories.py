@@ -142,6 +142,12 @@ ACCEPTED = (
 # -- driving the generators -------------------------------------------------
 
 
+#: The attribute that marks an async middleware form as only moving its sync
+#: form's blocking work to worker threads; its value gives their executor
+#: (None: the loop's default one). See ``DataAccessContext._asetup_middleware``.
+OFFLOAD = "_polydatum_offload"
+
+
 #: What ``next(gen, DONE)`` returns when a generator finished without yielding.
 DONE: Any = object()
 
@@ -243,6 +249,7 @@ async def afinish(agen: Any, exc: BaseException | None, kind: str, obj: Any) -> 
 __all__ = [
     "ACCEPTED",
     "DONE",
+    "OFFLOAD",
     "Dual",
     "Factory",
     "afinish",

@@ -32,7 +32,7 @@ from inspect import isawaitable, iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from polydatum import _factories
-from polydatum._factories import DONE
+from polydatum._factories import DONE, OFFLOAD
 from polydatum._generics import DalT
 
 # current_context, get_active_context and Meta live in their own modules and
@@ -126,6 +126,9 @@ class DataAccessContext(Generic[DalT]):
     _observed: Any = None
     _async_resources = False
     _has_legacy_hooks = False
+    # Set when every context middleware may run its sync form in a worker thread
+    # (see _offload_threads): the executor getter for the close's one trip there.
+    _close_threads: Callable[[], Any] | None = None
     # ``_plain`` (class level): the manager has no context middleware, no
     # observer and the class no legacy hooks, so entering is just a push. ``_dirty`` (instance):
     # middleware ran, a hook was registered or a resource created, so exiting
@@ -424,15 +427,28 @@ class DataAccessContext(Generic[DalT]):
     async def _asetup_middleware(self, specs: tuple[_factories.Factory, ...]) -> None:
         started: list[tuple[Any, Any]] = []
         self._middleware = started
+        threads = None if self._has_legacy_hooks else _offload_threads(specs)
+        if threads is not None:
+            # Blocking middleware only (a sync Database's transaction): their sync
+            # forms start here and the close makes one trip to a worker thread for
+            # the COMMIT and the hooks, where the async forms would make one each.
+            self._close_threads = threads
+            self._setup_middleware(specs)
+            return
         for spec in specs:
             if spec.alt is not None:
                 spec = spec.alt  # a Dual's async form
-            what = _factories.label(_MW, spec.original)
             gen = spec.make(self)
+            # The label (a repr, possibly a costly one) is built only for the error.
             if spec.is_async:
-                await _factories.astart(gen, what, MiddlewareSetupException)
-            else:
-                _factories.start(gen, what, MiddlewareSetupException)
+                try:
+                    await gen.__anext__()
+                except StopAsyncIteration:
+                    what = _factories.label(_MW, spec.original)
+                    raise _factories.did_not_yield(what, MiddlewareSetupException) from None
+            elif next(gen, DONE) is DONE:
+                what = _factories.label(_MW, spec.original)
+                raise _factories.did_not_yield(what, MiddlewareSetupException)
             started.append((gen, spec.original))
 
     # -- exiting -----------------------------------------------------------
@@ -573,6 +589,8 @@ class DataAccessContext(Generic[DalT]):
 
     async def _aclose(self, exc: BaseException | None) -> BaseException | None:
         self._begin_close()
+        if self._close_threads is not None:
+            return await self._aclose_in_thread(exc)
         try:
             if self._observer is not None:
                 self._observer.context_exiting(self, self._observed)
@@ -599,6 +617,49 @@ class DataAccessContext(Generic[DalT]):
                 await self._ateardown_resources(exc)
             self._finish(exc)
         return self._escaping(exc)
+
+    async def _aclose_in_thread(self, exc: BaseException | None) -> BaseException | None:
+        """:meth:`_aclose` when the middleware started are blocking ones (see :meth:`_asetup_middleware`).
+
+        Their exits and the hooks run in one worker thread, the observer's
+        calls, the resources' teardown and the stack's reset on the loop, in
+        the order :meth:`_aclose` keeps. A cancelled task waits for the thread
+        (:func:`~polydatum._blocking.run_blocking`): no session closes under
+        its COMMIT.
+        """
+        import asyncio
+
+        from polydatum._blocking import run_blocking
+
+        threads = self._close_threads
+        assert threads is not None
+        try:
+            if self._observer is not None:
+                self._observer.context_exiting(self, self._observed)
+            exc = await run_blocking(self._close_steps, exc, asyncio.get_running_loop(), executor=threads())
+        finally:
+            if self._observer is not None:
+                self._observer_exit(exc)
+            self._state = CLOSING
+            if self._created:
+                await self._ateardown_resources(exc)
+            self._finish(exc)
+        return self._escaping(exc)
+
+    def _close_steps(self, exc: BaseException | None, loop: Any) -> BaseException | None:
+        """The middleware's exits, then the hooks (in a worker thread); returns the exception in flight."""
+        middleware = self._middleware
+        if middleware:
+            self._middleware = None
+            finish = _factories.finish
+            while middleware:
+                gen, original = middleware.pop()
+                raised = finish(gen, exc, _MW, original)
+                if raised is not None:
+                    exc = raised
+        if self._hooks:
+            self._run_hooks(exc is None, loop)
+        return exc
 
     def _observer_exit(self, exc: BaseException | None) -> None:
         observer, self._observer = self._observer, None
@@ -687,7 +748,8 @@ class DataAccessContext(Generic[DalT]):
         if not isinstance(err, Exception) and self._interrupt is None:
             self._interrupt = err
 
-    def _run_hooks(self, committed: bool) -> None:
+    def _run_hooks(self, committed: bool, loop: Any = None) -> None:
+        """Run the hooks of the outcome; an async one's awaitable goes to ``loop`` (from a worker thread)."""
         hooks = self._hooks
         assert hooks is not None
         i = 0
@@ -698,7 +760,11 @@ class DataAccessContext(Generic[DalT]):
                 continue
             try:
                 result = fn(*args, **kwargs)
-                if isawaitable(result):
+                if isawaitable(result) and loop is not None:
+                    import asyncio
+
+                    asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+                elif isawaitable(result):
                     close = getattr(result, "close", None)
                     if close is not None:
                         close()
@@ -796,6 +862,28 @@ class DataAccessContext(Generic[DalT]):
 
     def _final_hook(self, exception: BaseException | None) -> None:
         """Called last, just before the context is popped."""
+
+
+def _offload_threads(specs: tuple[_factories.Factory, ...]) -> Callable[[], Any] | None:
+    """The executor getter when every middleware in ``specs`` may close in a worker thread, else None.
+
+    That is a :class:`~polydatum.resources.Dual` whose async form is marked
+    by :func:`polydatum._blocking.offloadable` (it only moves its sync form's
+    blocking work off the loop); the first one's threads serve the close.
+    """
+    threads = None
+    for spec in specs:
+        alt = spec.alt
+        getter = None if alt is None else getattr(alt.original, OFFLOAD, None)
+        if getter is None:
+            return None
+        if threads is None:
+            threads = getter
+    return threads
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def __getattr__(name: str) -> Any:

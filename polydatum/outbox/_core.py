@@ -286,7 +286,10 @@ class Outbox:
         # Registered after the database's transaction middleware, so torn down
         # before it: what sync code added in an ``async with`` context is
         # written through the AsyncSession before the COMMIT.
-        dm.register_context_middleware(Dual(_sync_noop, self._async_middleware))
+        # A sync Database's rows are written by add() itself: no middleware (and
+        # its contexts can close in one trip to a thread, see DataAccessContext).
+        if isinstance(self.database, AsyncDatabase):
+            dm.register_context_middleware(Dual(_sync_noop, self._async_middleware))
         self._installed_as = name
         return self
 
@@ -930,8 +933,9 @@ class OutboxSender(_SenderBase):
         rows.append(Row(row_id, topic, key, body, 0, values["created_at"]))
         if first and ob.deliver_on_commit:
             # In an ``async with`` context the (blocking) handlers run in a worker
-            # thread, not on the event loop.
-            deliver = _deliver_in_thread if ctx._async else _deliver_if_committed
+            # thread, not on the event loop: the one closing it, if it closes in one.
+            on_loop = ctx._async and ctx._close_threads is None
+            deliver = _deliver_in_thread if on_loop else _deliver_if_committed
             ctx.on_commit(deliver, ob, session, rows)
         return row_id
 

@@ -29,7 +29,7 @@ from sqlalchemy.pool import NullPool, Pool, StaticPool
 
 from polydatum import _positions
 from polydatum._blocking import run_blocking
-from polydatum._factories import Dual
+from polydatum._factories import OFFLOAD, Dual
 from polydatum._renamed import renamed_keyword
 from polydatum.errors import ReadOnlyError
 from polydatum.sqlalchemy import _datasets
@@ -458,6 +458,9 @@ def _check_begin(sqlite_begin: str) -> SqliteBegin:
 DEFAULT_MAX_LAG = 5.0
 DEFAULT_CHECK_INTERVAL = 0.5
 DEFAULT_RETRY_AFTER = 2.0
+#: Threads for the COMMITs of ``async with`` contexts: enough to overlap a few
+#: slow ones; more made the ASGI twin benchmark slower (GIL contention).
+DEFAULT_COMMIT_THREADS = 4
 
 
 def _replica_urls(primary: URL, replicas: Sequence[str | URL]) -> list[URL]:
@@ -568,6 +571,10 @@ class Database(_EngineOwner):
         check_interval: seconds a replica's health is cached before it is
             checked again.
         retry_after: seconds a replica that failed a connection is skipped.
+        commit_threads: the most threads that run the COMMITs (and the
+            after-commit hooks) of ``async with`` contexts; see
+            :func:`threaded_transaction_middleware`. More threads overlap more
+            slow COMMITs, and contend more for the GIL.
         **engine_options: passed to :func:`~sqlalchemy.create_engine`, for
             the replicas too. ``pool_pre_ping`` defaults to True for server
             databases; an in-memory SQLite database shares one connection
@@ -577,7 +584,8 @@ class Database(_EngineOwner):
         ValueError: a replica is not PostgreSQL, or is a server of another
             cluster (:class:`ReplicaMismatch`, found at start for every
             replica that answers); ``max_lag``, ``check_interval`` or
-            ``retry_after`` is 0 or less.
+            ``retry_after`` is 0 or less; ``commit_threads`` is not a whole
+            number of 1 or more.
 
     .. versionadded:: 2.0
     """
@@ -592,8 +600,13 @@ class Database(_EngineOwner):
         max_lag: float = DEFAULT_MAX_LAG,
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         retry_after: float = DEFAULT_RETRY_AFTER,
+        commit_threads: int = DEFAULT_COMMIT_THREADS,
         **engine_options: Any,
     ) -> None:
+        if isinstance(commit_threads, bool) or not isinstance(commit_threads, int) or commit_threads < 1:
+            msg = f"commit_threads must be a whole number of threads, 1 or more; got {commit_threads!r}"
+            raise ValueError(msg)
+        self._commit_thread_count = commit_threads
         parsed = make_url(url)
         begin = _check_begin(sqlite_begin)
         health = route_options(max_lag, check_interval, retry_after)
@@ -770,19 +783,21 @@ class Database(_EngineOwner):
         return [self._primary_status(), *(router.report() if router is not None else ())]
 
     def _commit_threads(self) -> Executor:
-        """The threads that run this database's COMMITs for ``async with`` contexts.
+        """The threads that run this database's COMMITs (and their hooks) for ``async with`` contexts.
 
         Its own, not the loop's default executor: a COMMIT holds row locks
         and must not queue behind other blocking work. A thread is started
-        only when none is idle, so their number follows the COMMITs in
-        flight, which the pool's connections bound.
+        only when none is idle, up to ``commit_threads``: few, because every
+        runnable thread contends for the GIL with the app's own (see
+        docs/benchmarks.md).
         """
         threads = self.__dict__.get("_committer")
         if threads is None:
             with _committer_lock:
                 threads = self.__dict__.get("_committer")
                 if threads is None:
-                    threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="polydatum-commit")
+                    count = getattr(self, "_commit_thread_count", DEFAULT_COMMIT_THREADS)
+                    threads = ThreadPoolExecutor(count, thread_name_prefix="polydatum-commit")
                     self.__dict__["_committer"] = threads
         return threads
 
@@ -869,6 +884,9 @@ def _threaded_transaction(
                 await run_blocking(_record_position, ctx, name, session, executor=committer)
 
     sqlalchemy_threaded_transaction.__qualname__ = f"sqlalchemy_threaded_transaction[{name}]"
+    # When it is a context's only kind of middleware, the context runs the sync form
+    # (transaction_middleware) and its hooks in one trip to these threads instead.
+    setattr(sqlalchemy_threaded_transaction, OFFLOAD, threads)
     return sqlalchemy_threaded_transaction
 
 

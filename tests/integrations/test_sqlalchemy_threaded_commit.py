@@ -338,3 +338,183 @@ async def test_a_forked_child_commits_in_threads_of_its_own(pg_db: Database) -> 
 
     assert await asyncio.get_running_loop().run_in_executor(None, reap) == 0
     assert count_items(pg_db) == 2
+
+
+class TestOneTripToAThread:
+    """A sync Database's transaction as a context's only middleware: COMMIT and hooks share one thread.
+
+    One trip from the loop per context instead of one for the COMMIT and one
+    per blocking hook (the outbox's delivery): fewer threads awake at once,
+    which is what a FastAPI app over a sync Database pays for in GIL
+    contention (docs/benchmarks.md).
+    """
+
+    async def test_the_commit_and_a_sync_hook_run_in_the_same_worker_thread(self, pg_db: Database) -> None:
+        dm = wired(pg_db)
+        commits = commit_threads(pg_db)
+        hooks: list[str] = []
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="one trip"))
+            ctx.on_commit(lambda: hooks.append(threading.current_thread().name))
+        assert len(commits) == 1
+        assert commits[0] != threading.get_ident()
+        assert len(hooks) == 1
+        assert hooks[0].startswith("polydatum-commit")
+        assert count_items(pg_db) == 1
+
+    async def test_a_rollback_and_its_hooks_run_in_the_worker_thread(self, pg_db: Database) -> None:
+        dm = wired(pg_db)
+        seen: list[str] = []
+        event.listen(pg_db.engine, "rollback", lambda _conn: seen.append(threading.current_thread().name))
+
+        async def request() -> None:
+            async with dm.context() as ctx:
+                ctx.db.add(Item(name="gone"))
+                ctx.db.flush()
+                ctx.on_rollback(lambda: seen.append(threading.current_thread().name))
+                raise KeyError("body failed")
+
+        with pytest.raises(KeyError):
+            await request()
+        assert len(seen) >= 2
+        assert all(name.startswith("polydatum-commit") for name in seen)
+        assert count_items(pg_db) == 0
+
+    async def test_an_async_hook_still_runs_on_the_loop(self, pg_db: Database) -> None:
+        dm = wired(pg_db)
+        loop_thread = threading.get_ident()
+        ran: list[int] = []
+
+        async def notify(tag: str) -> None:
+            await asyncio.sleep(0)
+            ran.append(threading.get_ident())
+
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="async hook"))
+            ctx.on_commit(notify, "x")
+        assert ran == [loop_thread]
+
+    async def test_failing_hooks_are_collected_and_the_outcome_stays(self, pg_db: Database) -> None:
+        dm = wired(pg_db)
+
+        def broken() -> None:
+            raise RuntimeError("sync hook failed")
+
+        async def broken_async() -> None:
+            raise ValueError("async hook failed")
+
+        after: list[str] = []
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="kept"))
+            ctx.on_commit(broken)
+            ctx.on_commit(broken_async)
+            ctx.on_commit(after.append, "still ran")
+        errors = [type(err).__name__ for _, err, _ in ctx.get_hook_errors()]
+        assert errors == ["RuntimeError", "ValueError"]
+        assert after == ["still ran"]
+        assert count_items(pg_db) == 1
+
+    async def test_the_dal_works_in_a_hook_in_the_thread(self, pg_db: Database) -> None:
+        """A hook sees the closing context (a hook may call the DAL): the context variables came along."""
+        dm = wired(pg_db)
+        seen: list[Any] = []
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="x"))
+            ctx.on_commit(lambda: seen.append(dm.get_active_context()))
+        assert seen == [ctx]
+
+    async def test_another_middleware_keeps_the_commit_thread_and_the_hooks_on_the_loop(
+        self, pg_db: Database
+    ) -> None:
+        """A middleware that is not the database's may need the loop: the close then works as before."""
+        dm = wired(pg_db)
+        around: list[str] = []
+
+        def mine(_ctx: Any) -> Iterator[None]:
+            yield
+            around.append(threading.current_thread().name)
+
+        dm.register_context_middleware(mine)
+        commits = commit_threads(pg_db)
+        hooks: list[int] = []
+        async with dm.context() as ctx:
+            ctx.db.add(Item(name="two trips"))
+            ctx.on_commit(lambda: hooks.append(threading.get_ident()))
+        assert commits
+        assert commits[0] != threading.get_ident()
+        assert hooks == [threading.get_ident()]
+        assert around == [threading.current_thread().name]
+
+    async def test_a_request_cancelled_in_a_hook_waits_for_it(self, pg_db: Database) -> None:
+        """Cancelled while an after-commit hook runs in the thread: the hook ends, then the cancellation."""
+        dm = wired(pg_db)
+        hooking = threading.Event()
+        go_on = threading.Event()
+        done: list[str] = []
+
+        def slow_hook() -> None:
+            hooking.set()
+            go_on.wait(timeout=10)
+            done.append("hook")
+
+        async def request() -> None:
+            async with dm.context() as ctx:
+                ctx.db.add(Item(name="h"))
+                ctx.on_commit(slow_hook)
+            await asyncio.sleep(10)
+
+        task = asyncio.create_task(request())
+        await asyncio.get_running_loop().run_in_executor(None, hooking.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done == ["hook"]
+        assert count_items(pg_db) == 1
+        assert pg_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+class TestCommitThreads:
+    async def test_at_most_commit_threads_run_at_once(self, pg_url: str) -> None:
+        """With commit_threads=2, a third context's COMMIT waits until one of two held hooks ends."""
+        db = Database(pg_url, commit_threads=2)
+        Base.metadata.create_all(db.engine)
+        try:
+            dm = wired(db)
+            release = threading.Event()
+            running: list[str] = []
+            names: set[str] = set()
+
+            def held() -> None:
+                running.append("in")
+                names.add(threading.current_thread().name)
+                release.wait(timeout=10)
+
+            async def request(i: int) -> None:
+                async with dm.context() as ctx:
+                    ctx.db.add(Item(name=f"c{i}"))
+                    ctx.on_commit(held)
+
+            tasks = [asyncio.create_task(request(i)) for i in range(3)]
+            for _ in range(200):
+                if len(running) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # a third thread would have started its hook by now
+            assert len(running) == 2
+            assert count_items(db) == 2  # the third context's COMMIT waits for a thread
+            release.set()
+            await asyncio.gather(*tasks)
+            assert len(running) == 3
+            assert len(names) == 2
+            assert count_items(db) == 3
+        finally:
+            Base.metadata.drop_all(db.engine)
+            db.dispose()
+
+    @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "4", None])
+    async def test_a_bad_count_is_refused(self, pg_url: str, bad: Any) -> None:
+        with pytest.raises(ValueError, match="commit_threads must be a whole number of threads, 1 or more"):
+            Database(pg_url, commit_threads=bad)
