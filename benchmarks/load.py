@@ -159,7 +159,7 @@ class Gunicorn:
         log.close()
         wait_for(self.port, timeout=60)
         deadline = time.monotonic() + 30
-        while len(self.workers()) < WORKERS and time.monotonic() < deadline:
+        while WORKERS > 1 and len(self.workers()) < WORKERS and time.monotonic() < deadline:
             time.sleep(0.1)
         return self
 
@@ -169,6 +169,26 @@ class Gunicorn:
     def cpu(self) -> float:
         assert self.proc is not None
         return cpu_seconds([self.proc.pid, *self.workers()])
+
+    def usage(self) -> tuple[float, float, int, int]:
+        """User and system CPU seconds, voluntary and involuntary context switches (all threads)."""
+        assert self.proc is not None
+        user = system = voluntary = involuntary = 0
+        for pid in (self.proc.pid, *self.workers()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                user, system = user + int(fields[11]), system + int(fields[12])
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    for line in (task / "status").read_text().splitlines():
+                        if line.startswith("voluntary_ctxt_switches"):
+                            voluntary += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches"):
+                            involuntary += int(line.split()[1])
+            except OSError:
+                continue
+        tick = os.sysconf("SC_CLK_TCK")
+        return user / tick, system / tick, voluntary, involuntary
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -583,13 +603,17 @@ def part_twin(
             load.run(min(2.0, compare))  # warm-up: connections, imports, caches
         servers_of = {"polydatum": app.poly, "twin": app.twin}
         results: dict[str, list[tuple[list[Any], float]]] = {k: [] for k in loads}
+        usage = {k: [0.0, 0.0, 0.0, 0.0] for k in loads}
         for i in range(rounds):
             order = list(loads) if i % 2 == 0 else list(reversed(loads))
             for name in order:
                 since = time.monotonic()
                 before = servers_of[name].cpu()
+                counts = servers_of[name].usage()
                 loads[name].run(compare)
                 used = servers_of[name].cpu() - before
+                after = servers_of[name].usage()
+                usage[name] = [u + b - a for u, a, b in zip(usage[name], counts, after, strict=True)]
                 results[name].append(([r for r in loads[name].records if r.start >= since], used))
         table = {}
         print("| app | requests | req/s | p50 ms | p95 ms | p99 ms | server CPU ms/req | errors |")
@@ -603,6 +627,14 @@ def part_twin(
             print(
                 f"| {name} | {stats['requests']} | {stats['throughput']:.0f} | {ms(stats['p50'])} "
                 f"| {ms(stats['p95'])} | {ms(stats['p99'])} | {stats['cpu']:.2f} | {stats['client_errors']} |"
+            )
+        print("\n| app | user CPU ms/req | system CPU ms/req | voluntary switches/req | involuntary/req |")
+        print("|---|---|---|---|---|")
+        for name, (user, system, voluntary, involuntary) in usage.items():
+            n = max(1, table[name]["requests"])
+            print(
+                f"| {name} | {1000 * user / n:.2f} | {1000 * system / n:.2f} | {voluntary / n:.1f} "
+                f"| {involuntary / n:.1f} |"
             )
         poly, twin = table["polydatum"], table["twin"]
         print(
@@ -761,11 +793,19 @@ def main(argv: list[str] | None = None) -> int:
         help="with --asgi: FastAPI's thread pool size per worker (default: anyio's 40)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=WORKERS,
+        help=f"server worker processes per app (default {WORKERS})",
+    )
+    parser.add_argument(
         "--asgi",
         action="store_true",
         help="with --twin: the example's FastAPI entry point and the FastAPI twin, under uvicorn",
     )
     args = parser.parse_args(argv)
+    global WORKERS  # read by the server classes as they start
+    WORKERS = args.workers
     clients = args.clients or (10 if args.quick else 50)
     duration = args.duration or (8.0 if args.quick else 60.0)
     compare, rounds = (4.0, 2) if args.quick else (10.0, 4)
