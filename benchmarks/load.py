@@ -769,6 +769,7 @@ def part_faults(servers: Servers, clients: int, duration: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global WORKERS  # read by the server classes as they start
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 clients, 8 s: a quick look")
     parser.add_argument("--clients", type=int, help="concurrent clients (default 50; 10 with --quick)")
@@ -804,7 +805,6 @@ def main(argv: list[str] | None = None) -> int:
         help="with --twin: the example's FastAPI entry point and the FastAPI twin, under uvicorn",
     )
     args = parser.parse_args(argv)
-    global WORKERS  # read by the server classes as they start
     WORKERS = args.workers
     clients = args.clients or (10 if args.quick else 50)
     duration = args.duration or (8.0 if args.quick else 60.0)

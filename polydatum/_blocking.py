@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-__all__ = ["run_blocking"]
+__all__ = ["ElasticThreads", "run_blocking"]
 
 T = TypeVar("T")
 
@@ -44,3 +47,106 @@ async def run_blocking(fn: Callable[..., T], /, *args: Any, executor: Executor |
                 uncancel()
             task.cancel(*cancelled.args)
     return future.result()
+
+
+class ElasticThreads(Executor):
+    """A thread pool that keeps ``core`` threads busy and adds one only when they are stuck.
+
+    ``ThreadPoolExecutor`` starts a thread whenever none is idle, so under
+    load it runs as many threads as work items in flight, and every one of
+    them awake competes for the GIL with the application's own threads. This
+    pool queues work behind its ``core`` threads instead, and starts another
+    (up to ``limit``) only when the oldest queued item has waited ``patience``
+    seconds with no thread free: work that blocks (a COMMIT's hook waiting
+    for a pooled connection that a queued item holds) cannot starve the
+    queue. Threads beyond ``core`` leave after ``linger`` idle seconds; all of
+    them are daemon threads, started on first use.
+    """
+
+    def __init__(
+        self, core: int, limit: int, *, name: str, patience: float = 0.05, linger: float = 2.0
+    ) -> None:
+        self._core = core
+        self._limit = max(core, limit)
+        self._name = name
+        self._patience = patience
+        self._linger = linger
+        self._queue: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...], float]] = deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._threads = 0
+        self._idle = 0
+        self._started = 0
+        self._watching = False
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)``; its future."""
+        future: Future[T] = Future()
+        call = functools.partial(fn, *args, **kwargs) if kwargs else fn
+        with self._ready:
+            if self._shutdown:
+                msg = "cannot schedule new work after shutdown"
+                raise RuntimeError(msg)
+            self._queue.append((future, call, args if not kwargs else (), time.monotonic()))
+            if self._idle > 0:
+                self._ready.notify()
+            elif self._threads < self._core:
+                self._start()
+            elif not self._watching and self._threads < self._limit:
+                self._watching = True
+                self._spawn(self._watch, "watch")
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work; the threads leave once the queue is empty (``cancel_futures`` empties it)."""
+        with self._ready:
+            self._shutdown = True
+            if cancel_futures:
+                while self._queue:
+                    self._queue.popleft()[0].cancel()
+            self._ready.notify_all()
+
+    def _spawn(self, target: Callable[[], None], role: str) -> None:
+        self._started += 1
+        thread = threading.Thread(target=target, name=f"{self._name}_{role}{self._started}", daemon=True)
+        thread.start()
+
+    def _start(self) -> None:
+        self._threads += 1
+        self._spawn(self._work, "")
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    if self._shutdown:
+                        self._threads -= 1
+                        return
+                    self._idle += 1
+                    woken = self._ready.wait(self._linger if self._threads > self._core else None)
+                    self._idle -= 1
+                    if not woken and not self._queue and self._threads > self._core:
+                        self._threads -= 1
+                        return
+                future, call, args, _ = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = call(*args)
+            except BaseException as exc:  # the caller gets it, as from ThreadPoolExecutor
+                future.set_exception(exc)
+                del exc
+            else:
+                future.set_result(result)
+            del future, call, args
+
+    def _watch(self) -> None:
+        # Runs while work waits: one more thread each time the oldest waited ``patience``.
+        while True:
+            time.sleep(self._patience)
+            with self._ready:
+                if not self._queue or self._shutdown or self._threads >= self._limit:
+                    self._watching = False
+                    return
+                if self._idle == 0 and time.monotonic() - self._queue[0][3] >= self._patience:
+                    self._start()

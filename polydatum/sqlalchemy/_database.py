@@ -11,7 +11,7 @@ import threading
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -28,7 +28,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import NullPool, Pool, StaticPool
 
 from polydatum import _positions
-from polydatum._blocking import run_blocking
+from polydatum._blocking import ElasticThreads, run_blocking
 from polydatum._factories import OFFLOAD, Dual
 from polydatum._renamed import renamed_keyword
 from polydatum.errors import ReadOnlyError
@@ -461,6 +461,9 @@ DEFAULT_RETRY_AFTER = 2.0
 #: Threads for the COMMITs of ``async with`` contexts: enough to overlap a few
 #: slow ones; more made the ASGI twin benchmark slower (GIL contention).
 DEFAULT_COMMIT_THREADS = 4
+# More threads start only while those are stuck (a hook waiting on a pool that
+# contexts queued behind it hold): the bound of that, not of the usual case.
+_MAX_COMMIT_THREADS = 32
 
 
 def _replica_urls(primary: URL, replicas: Sequence[str | URL]) -> list[URL]:
@@ -786,10 +789,10 @@ class Database(_EngineOwner):
         """The threads that run this database's COMMITs (and their hooks) for ``async with`` contexts.
 
         Its own, not the loop's default executor: a COMMIT holds row locks
-        and must not queue behind other blocking work. A thread is started
-        only when none is idle, up to ``commit_threads``: few, because every
-        runnable thread contends for the GIL with the app's own (see
-        docs/benchmarks.md).
+        and must not queue behind other blocking work. ``commit_threads``
+        of them take the work; more start (up to 32) only while those are
+        stuck (:class:`~polydatum._blocking.ElasticThreads`): every thread
+        awake contends for the GIL with the app's own (docs/benchmarks.md).
         """
         threads = self.__dict__.get("_committer")
         if threads is None:
@@ -797,7 +800,7 @@ class Database(_EngineOwner):
                 threads = self.__dict__.get("_committer")
                 if threads is None:
                     count = getattr(self, "_commit_thread_count", DEFAULT_COMMIT_THREADS)
-                    threads = ThreadPoolExecutor(count, thread_name_prefix="polydatum-commit")
+                    threads = ElasticThreads(count, _MAX_COMMIT_THREADS, name="polydatum-commit")
                     self.__dict__["_committer"] = threads
         return threads
 

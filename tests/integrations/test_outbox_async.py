@@ -441,27 +441,6 @@ async def test_sync_database_in_an_async_context_commits_and_delivers_its_rows(
     assert rows(sync_app.outbox) == []
 
 
-async def test_sync_database_delivers_in_the_thread_that_committed(sync_app: SimpleNamespace) -> None:
-    """On PostgreSQL the context makes one trip to a thread: the COMMIT, then the delivery, there."""
-    from sqlalchemy import event
-
-    commits: list[str] = []
-    event.listen(sync_app.db.engine, "commit", lambda _c: commits.append(threading.current_thread().name))
-    delivered: list[str] = []
-    sync_app.outbox.handler("t")(lambda e: delivered.append(threading.current_thread().name))
-
-    def work(ctx: Any) -> None:
-        ctx.outbox.add("t", {"i": 1})
-
-    async with sync_app.dm.context() as ctx:
-        await asyncio.to_thread(work, ctx)
-    assert len(delivered) == 1
-    assert threading.current_thread().name not in delivered
-    if sync_app.db.engine.dialect.name == "postgresql":
-        assert delivered == commits[:1]
-        assert delivered[0].startswith("polydatum-commit")
-
-
 async def test_sync_database_in_a_rolled_back_async_context_leaves_nothing(
     sync_app: SimpleNamespace,
 ) -> None:

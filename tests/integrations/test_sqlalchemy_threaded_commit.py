@@ -477,39 +477,90 @@ class TestOneTripToAThread:
 
 
 class TestCommitThreads:
-    async def test_at_most_commit_threads_run_at_once(self, pg_url: str) -> None:
-        """With commit_threads=2, a third context's COMMIT waits until one of two held hooks ends."""
-        db = Database(pg_url, commit_threads=2)
+    async def test_a_stuck_commit_thread_gets_company(self, pg_url: str) -> None:
+        """commit_threads=1 and its COMMIT held: the next context's COMMIT runs in a thread started for it."""
+        db = Database(pg_url, commit_threads=1)
         Base.metadata.create_all(db.engine)
         try:
             dm = wired(db)
             release = threading.Event()
-            running: list[str] = []
-            names: set[str] = set()
+            names: list[str] = []
 
-            def held() -> None:
-                running.append("in")
-                names.add(threading.current_thread().name)
+            def held(_session: Session) -> None:
+                names.append(threading.current_thread().name)
                 release.wait(timeout=10)
 
-            async def request(i: int) -> None:
+            async def request(i: int, hold: bool) -> None:
                 async with dm.context() as ctx:
                     ctx.db.add(Item(name=f"c{i}"))
-                    ctx.on_commit(held)
+                    if hold:
+                        event.listen(ctx.db, "before_commit", held)
 
-            tasks = [asyncio.create_task(request(i)) for i in range(3)]
+            first = asyncio.create_task(request(0, hold=True))
             for _ in range(200):
-                if len(running) >= 2:
+                if names:
                     break
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # a third thread would have started its hook by now
-            assert len(running) == 2
-            assert count_items(db) == 2  # the third context's COMMIT waits for a thread
+            async with asyncio.timeout(5):
+                await request(1, hold=False)  # not stuck behind the held one
+            assert count_items(db) == 1
             release.set()
-            await asyncio.gather(*tasks)
-            assert len(running) == 3
-            assert len(names) == 2
-            assert count_items(db) == 3
+            await first
+            assert count_items(db) == 2
+        finally:
+            Base.metadata.drop_all(db.engine)
+            db.dispose()
+
+    async def test_a_hook_waiting_for_the_pool_does_not_deadlock_the_commits(self, pg_url: str) -> None:
+        """A hook waits for a pooled connection that a context queued behind it holds: a thread is added.
+
+        One COMMIT thread and one pooled connection. A commits, and its
+        connection goes to B, which was waiting for it; A's hook then waits
+        for a connection in the COMMIT thread, while B's close waits for that
+        thread. A pool that never adds a thread waits out the pool's timeout
+        (the hook fails); this one starts a thread for B, whose COMMIT frees
+        the connection for A's hook.
+        """
+        from sqlalchemy import text
+
+        db = Database(pg_url, commit_threads=1, pool_size=1, max_overflow=0, pool_timeout=3)
+        Base.metadata.create_all(db.engine)
+        dm = wired(db)
+        b_started = threading.Event()
+        hook_read: list[int] = []
+
+        b_has_it = threading.Event()
+
+        def read_in_hook() -> None:
+            b_has_it.wait(5)  # the connection A's COMMIT released went to B
+            with db.engine.connect() as conn:
+                hook_read.append(int(conn.execute(text("SELECT count(*) FROM items")).scalar_one()))
+
+        def body(ctx: Any, name: str) -> None:
+            if name == "b":
+                b_started.set()
+            ctx.db.add(Item(name=name))
+            ctx.db.flush()  # takes the pool's only connection (B waits here for A's)
+            if name == "b":
+                b_has_it.set()
+
+        async def a() -> None:
+            async with dm.context() as ctx:
+                await asyncio.to_thread(body, ctx, "a")
+                ctx.on_commit(read_in_hook)
+                await asyncio.to_thread(b_started.wait, 5)
+                await asyncio.sleep(0.2)  # B is now waiting for the connection
+
+        async def b() -> None:
+            await asyncio.sleep(0.05)
+            async with dm.context() as ctx:
+                await asyncio.to_thread(body, ctx, "b")
+
+        try:
+            async with asyncio.timeout(2.5):  # under the pool's 3 s timeout
+                await asyncio.gather(a(), b())
+            assert hook_read
+            assert count_items(db) == 2
         finally:
             Base.metadata.drop_all(db.engine)
             db.dispose()
@@ -518,3 +569,61 @@ class TestCommitThreads:
     async def test_a_bad_count_is_refused(self, pg_url: str, bad: Any) -> None:
         with pytest.raises(ValueError, match="commit_threads must be a whole number of threads, 1 or more"):
             Database(pg_url, commit_threads=bad)
+
+
+class TestElasticThreads:
+    """The executor behind commit_threads: few threads while work is quick, more only while they are stuck."""
+
+    async def test_quick_work_stays_on_the_core_threads(self) -> None:
+        from polydatum._blocking import ElasticThreads
+
+        pool = ElasticThreads(2, 32, name="quick", patience=5.0)
+        try:
+            names = await asyncio.gather(
+                *(run_blocking(lambda: threading.current_thread().name, executor=pool) for _ in range(200))
+            )
+        finally:
+            pool.shutdown()
+        assert len(set(names)) <= 2
+        assert all(name.startswith("quick") for name in names)
+
+    async def test_stuck_threads_get_company_up_to_the_limit(self) -> None:
+        from polydatum._blocking import ElasticThreads
+
+        pool = ElasticThreads(1, 3, name="stuck", patience=0.02)
+        release = threading.Event()
+        started: list[str] = []
+
+        def stuck() -> str:
+            started.append(threading.current_thread().name)
+            release.wait(timeout=10)
+            return threading.current_thread().name
+
+        try:
+            futures = [pool.submit(stuck) for _ in range(5)]
+            for _ in range(300):
+                if len(started) >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert len(started) == 3  # the limit: the other two wait
+            release.set()
+            names = [f.result(timeout=5) for f in futures]
+        finally:
+            pool.shutdown()
+        assert len(set(names)) == 3
+
+    async def test_errors_reach_the_caller_and_shutdown_refuses_work(self) -> None:
+        from polydatum._blocking import ElasticThreads
+
+        pool = ElasticThreads(1, 2, name="err")
+
+        def fail(what: str, *, why: str) -> None:
+            raise LookupError(f"{what}: {why}")
+
+        with pytest.raises(LookupError, match="a: b"):
+            pool.submit(fail, "a", why="b").result(timeout=5)
+        assert pool.submit(lambda x: x * 2, 21).result(timeout=5) == 42
+        pool.shutdown()
+        with pytest.raises(RuntimeError, match="cannot schedule new work after shutdown"):
+            pool.submit(print)
