@@ -56,15 +56,16 @@ class ElasticThreads(Executor):
     load it runs as many threads as work items in flight, and every one of
     them awake competes for the GIL with the application's own threads. This
     pool queues work behind its ``core`` threads instead, and starts another
-    (up to ``limit``) only when the oldest queued item has waited ``patience``
-    seconds with no thread free: work that blocks (a COMMIT's hook waiting
-    for a pooled connection that a queued item holds) cannot starve the
-    queue. Threads beyond ``core`` leave after ``linger`` idle seconds; all of
+    (up to ``limit``) only when work waits and no thread finished anything
+    for ``patience`` seconds: busy threads make progress and get no company
+    (that would only add contention), stuck ones do, so work that blocks (a
+    COMMIT's hook waiting for a pooled connection that a queued item holds)
+    cannot starve the queue. Threads beyond ``core`` leave after ``linger`` idle seconds; all of
     them are daemon threads, started on first use.
     """
 
     def __init__(
-        self, core: int, limit: int, *, name: str, patience: float = 0.05, linger: float = 2.0
+        self, core: int, limit: int, *, name: str, patience: float = 0.1, linger: float = 2.0
     ) -> None:
         self._core = core
         self._limit = max(core, limit)
@@ -76,6 +77,7 @@ class ElasticThreads(Executor):
         self._threads = 0
         self._idle = 0
         self._started = 0
+        self._finished = 0
         self._watching = False
         self._shutdown = False
 
@@ -139,14 +141,18 @@ class ElasticThreads(Executor):
             else:
                 future.set_result(result)
             del future, call, args
+            self._finished += 1  # read by _watch; a lost update only delays it a tick
 
     def _watch(self) -> None:
-        # Runs while work waits: one more thread each time the oldest waited ``patience``.
+        # Runs while work waits: one more thread each ``patience`` in which none finished anything.
+        finished = self._finished
         while True:
             time.sleep(self._patience)
             with self._ready:
                 if not self._queue or self._shutdown or self._threads >= self._limit:
                     self._watching = False
                     return
-                if self._idle == 0 and time.monotonic() - self._queue[0][3] >= self._patience:
+                stuck = self._finished == finished
+                finished = self._finished
+                if stuck and self._idle == 0 and time.monotonic() - self._queue[0][3] >= self._patience:
                     self._start()

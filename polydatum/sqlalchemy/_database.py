@@ -574,10 +574,11 @@ class Database(_EngineOwner):
         check_interval: seconds a replica's health is cached before it is
             checked again.
         retry_after: seconds a replica that failed a connection is skipped.
-        commit_threads: the most threads that run the COMMITs (and the
+        commit_threads: the threads that run the COMMITs (and the
             after-commit hooks) of ``async with`` contexts; see
             :func:`threaded_transaction_middleware`. More threads overlap more
-            slow COMMITs, and contend more for the GIL.
+            slow COMMITs, and contend more for the GIL; one more starts (up to
+            32) only while all of them are stuck with work waiting.
         **engine_options: passed to :func:`~sqlalchemy.create_engine`, for
             the replicas too. ``pool_pre_ping`` defaults to True for server
             databases; an in-memory SQLite database shares one connection

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -586,6 +587,23 @@ class TestElasticThreads:
             pool.shutdown()
         assert len(set(names)) <= 2
         assert all(name.startswith("quick") for name in names)
+
+    async def test_busy_threads_that_progress_get_no_company(self) -> None:
+        """Work queued behind one thread that keeps finishing things waits for it: no thread is added."""
+        from polydatum._blocking import ElasticThreads
+
+        pool = ElasticThreads(1, 8, name="busy", patience=0.2)
+
+        def step() -> str:
+            time.sleep(0.005)
+            return threading.current_thread().name
+
+        try:
+            futures = [pool.submit(step) for _ in range(100)]  # 0.5 s of work queued at once
+            names = {f.result(timeout=10) for f in futures}
+        finally:
+            pool.shutdown()
+        assert len(names) == 1
 
     async def test_stuck_threads_get_company_up_to_the_limit(self) -> None:
         from polydatum._blocking import ElasticThreads
