@@ -65,7 +65,7 @@ class ElasticThreads(Executor):
     """
 
     def __init__(
-        self, core: int, limit: int, *, name: str, patience: float = 0.1, linger: float = 2.0
+        self, core: int, limit: int, *, name: str, patience: float = 1.0, linger: float = 2.0
     ) -> None:
         self._core = core
         self._limit = max(core, limit)
