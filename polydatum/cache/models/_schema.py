@@ -410,15 +410,7 @@ def loader_of(cls: type, fields: list[Field]) -> Loader:
             ]
         elif isinstance(kind, ListOf) and kind.same is not None:  # a list of ints, strs...
             names[f"t{i}"] = kind.same
-            converts += [
-                f"    if type({v}) is list:",
-                f"        for item in {v}:",
-                f"            if type(item) is not t{i}:",
-                f"                {v} = c{i}({v})",
-                "                break",
-                "    else:",
-                f"        {v} = c{i}({v})",
-            ]
+            converts += _same_list_lines(v, f"t{i}", f"c{i}")
         else:
             converts.append(f"    {v} = c{i}({v})")
         call.append(f"{f.name}={v}")
@@ -436,6 +428,23 @@ def loader_of(cls: type, fields: list[Field]) -> Loader:
     exec(compile("\n".join(lines), f"<cache model loader of {cls.__qualname__}>", "exec"), names)
     loader: Loader = names["load"]
     return loader
+
+
+def _same_list_lines(v: str, item_type: str, slow: str) -> list[str]:
+    """Generated lines keeping ``v`` when it is a list of exactly ``item_type`` items, else ``v = slow(v)``.
+
+    The loader and the dumper both take this fast path for lists of ints,
+    strs...; ``slow`` is their full conversion or check.
+    """
+    return [
+        f"    if type({v}) is list:",
+        f"        for item in {v}:",
+        f"            if type(item) is not {item_type}:",
+        f"                {v} = {slow}({v})",
+        "                break",
+        "    else:",
+        f"        {v} = {slow}({v})",
+    ]
 
 
 #: A record's (or nested dataclass's) fields in the plain form a serializer stores: see :func:`dumper_of`.
@@ -478,15 +487,7 @@ def dumper_of(cls: type, fields: list[Field], invalid: Callable[[str, str, Any],
             lines.append(f"    {v} = d{i}({v}) if type({v}) is t{i} else s{i}({v})")
         elif isinstance(kind, ListOf) and kind.same is not None:  # a list of ints, strs...
             names[f"t{i}"] = kind.same
-            lines += [
-                f"    if type({v}) is list:",
-                f"        for item in {v}:",
-                f"            if type(item) is not t{i}:",
-                f"                {v} = s{i}({v})",
-                "                break",
-                "    else:",
-                f"        {v} = s{i}({v})",
-            ]
+            lines += _same_list_lines(v, f"t{i}", f"s{i}")
         else:
             lines.append(f"    {v} = s{i}({v})")
         items.append(f"{f.name!r}: {v}")
