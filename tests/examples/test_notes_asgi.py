@@ -9,6 +9,7 @@ does not reach.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -16,14 +17,17 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from notes import Settings, build
 from notes.app import NotesApp
-from notes.asgi import create_app, make_asgi_app
+from notes.asgi import CHUNK, create_app, make_asgi_app
 from notes.web import MAX_JSON, make_wsgi_app
 from sqlalchemy import text
 from werkzeug.test import Client
+
+from tests.support.sql import fresh_postgres_database
 
 LIMIT = 10  # bytes: the largest attachment both apps take here
 
@@ -182,3 +186,52 @@ async def test_create_app_builds_from_the_environment_and_closes_at_shutdown(
             answer = await client.post("/users", json={"name": "grace"})
     assert answer.status_code == 201
     assert answer.json()["name"] == "grace"
+
+
+async def test_a_download_does_not_wait_for_the_endpoints_it_keeps_waiting(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A streamed attachment and an endpoint waiting for its connection: neither waits out the pool's timeout.
+
+    One pooled connection left and one thread in FastAPI's pool. The
+    download's endpoint takes the connection (its context keeps it until
+    the last block is sent) and gives the thread back; the next request's
+    endpoint gets that thread and waits for the connection. Were the
+    download's blocks read in FastAPI's pool too, it would wait for that
+    thread: neither would move until the pool's 30 s timeout.
+    """
+    with ExitStack() as stack:
+        url = stack.enter_context(fresh_postgres_database(postgres_url))
+        app = build(Settings.from_env({"NOTES_DATA": str(tmp_path), "DATABASE_URL": url}))
+        stack.callback(app.close)
+        app.create_tables()
+        both = Both(app)
+        auth, note = await _user(both)
+        data = b"x" * (3 * CHUNK)  # three body messages
+        big = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=make_asgi_app(app, max_upload=len(data))),
+            base_url="http://notes",
+        )
+        made = await big.post(f"/notes/{note}/attachments?name=big.bin", content=data, headers=auth)
+        assert made.status_code == 201
+
+        engine = app.db.engine
+        assert engine.pool.size() == 5  # SQLAlchemy's default QueuePool: 5 + 10 overflow
+        held = [engine.connect() for _ in range(14)]  # all but one of the pool's 15
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        tokens, limiter.total_tokens = limiter.total_tokens, 1
+        try:
+            download = asyncio.create_task(big.get(made.json()["url"], headers=auth))
+            other = asyncio.create_task(big.get(f"/notes/{note}", headers=auth))
+            async with asyncio.timeout(10):
+                fetched, read = await asyncio.gather(download, other)
+        finally:
+            for conn in held:
+                conn.close()
+            limiter.total_tokens = tokens
+            await asyncio.gather(download, other, return_exceptions=True)
+            await big.aclose()
+            await both.asgi.aclose()
+        assert fetched.status_code == 200
+        assert fetched.content == data
+        assert read.status_code == 200

@@ -26,11 +26,12 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.exc import OperationalError
@@ -52,6 +53,7 @@ __all__ = ["BodyReader", "create_app", "json_body", "make_asgi_app"]
 logger = logging.getLogger("notes.asgi")
 
 CHUNK = 64 * 1024  # bytes per body message of a fetched attachment
+READERS = 8  # threads reading fetched attachments' blocks at once, per process
 
 # The WSGI API answers these with Werkzeug's texts; so does this one.
 _DESCRIPTIONS = {404: NotFound.description, 405: MethodNotAllowed.description}
@@ -142,9 +144,19 @@ class BodyReader:
         return data
 
 
-def _blocks(stream: IO[bytes]) -> Iterator[bytes]:
+async def _blocks(stream: IO[bytes], readers: list[anyio.CapacityLimiter]) -> AsyncIterator[bytes]:
+    """The blob's blocks, each read in a thread that FastAPI's pool does not lend.
+
+    The download's context (and its pooled connection) stays open until the
+    last block is sent. Were the blocks read in FastAPI's pool (what a sync
+    iterator given to StreamingResponse does), endpoints waiting in that
+    pool for a connection could hold every thread while the downloads hold
+    every connection: none would move until the database pool's timeout.
+    """
+    if not readers:
+        readers.append(anyio.CapacityLimiter(READERS))  # made on the loop, on first use
     try:
-        while block := stream.read(CHUNK):
+        while block := await anyio.to_thread.run_sync(stream.read, CHUNK, limiter=readers[0]):
             yield block
     finally:
         stream.close()
@@ -196,6 +208,7 @@ def make_asgi_app(app: "NotesApp", *, max_upload: int = MAX_UPLOAD) -> FastAPI:
         return BodyReader(request, asyncio.get_running_loop(), max_upload, too_large)
 
     Upload = Annotated[BodyReader, Depends(upload)]
+    readers: list[anyio.CapacityLimiter] = []  # the limiter of _blocks, made on the loop
 
     @api.post("/users", status_code=201)
     def sign_up(body: Body, dal: Dal) -> Any:
@@ -234,7 +247,7 @@ def make_asgi_app(app: "NotesApp", *, max_upload: int = MAX_UPLOAD) -> FastAPI:
         info, stream = dal.notes.open_attachment(attachment_id)
         # Streamed: the context (and the blob stream) stays open until the body is sent.
         headers = {"Content-Length": str(info["size"]), "Content-Disposition": _disposition(info["name"])}
-        return StreamingResponse(_blocks(stream), media_type=info["content_type"], headers=headers)
+        return StreamingResponse(_blocks(stream, readers), media_type=info["content_type"], headers=headers)
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
