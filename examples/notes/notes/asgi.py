@@ -53,7 +53,7 @@ __all__ = ["BodyReader", "create_app", "json_body", "make_asgi_app"]
 logger = logging.getLogger("notes.asgi")
 
 CHUNK = 64 * 1024  # bytes per body message of a fetched attachment
-READERS = 8  # threads reading fetched attachments' blocks at once, per process
+READERS = 2  # threads reading fetched attachments' blocks at once, per process (each one awake costs the GIL)
 
 # The WSGI API answers these with Werkzeug's texts; so does this one.
 _DESCRIPTIONS = {404: NotFound.description, 405: MethodNotAllowed.description}
