@@ -62,10 +62,16 @@ The guide is ``docs/integrations/asgi.md``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from inspect import isawaitable
-from typing import Any
+import asyncio
+import functools
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from concurrent.futures import Executor
+from inspect import isawaitable, iscoroutinefunction
+from typing import Any, Protocol, TypeVar
 
+from polydatum._blocking import ElasticThreads, run_blocking
 from polydatum._renamed import module_getattr
 from polydatum._web import (
     JSON_HEADERS,
@@ -88,20 +94,24 @@ from polydatum.dal import DataAccessLayer, DataManager
 from polydatum.errors import NoActiveContextError, ServiceError
 
 __all__ = [
+    "CHUNK_SIZE",
     "SCOPE_KEY",
     "ASGIApp",
     "Message",
     "MetaFactory",
     "PolydatumASGIMiddleware",
+    "Readable",
     "Receive",
     "ResponseIncomplete",
     "RollbackResponse",
     "Scope",
     "Send",
     "Veto",
+    "commit_in_endpoint",
     "dal_dependency",
     "default_meta",
     "default_veto",
+    "read_chunks",
     "request_context",
 ]
 
@@ -116,6 +126,8 @@ MetaFactory = Callable[[Scope], "Mapping[str, Any] | Awaitable[Mapping[str, Any]
 
 #: The scope key under which the request's context is stored.
 SCOPE_KEY = "polydatum.context"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # The messages that end an HTTP response (trailers and pathsend are ASGI extensions).
 _BODY = "http.response.body"
@@ -287,6 +299,7 @@ class _Exchange:
         "headers_sent",
         "held",
         "middleware",
+        "position_ctx",
         "replaced",
         "status",
         "trailers",
@@ -295,6 +308,7 @@ class _Exchange:
     def __init__(self, middleware: PolydatumASGIMiddleware, ctx: DataAccessContext, send: Send) -> None:
         self.middleware = middleware
         self.ctx = ctx
+        self.position_ctx = ctx  # whose commits the position header reports (see commit_in_endpoint)
         self._send = send
         self.exited = False
         self.headers_sent = False
@@ -348,7 +362,7 @@ class _Exchange:
         held = self.held
         if positions is None or held is None:
             return
-        header = positions.outgoing(self.ctx)
+        header = positions.outgoing(self.position_ctx)
         if header is not None:
             name, value = header
             added = (name.lower().encode("latin-1"), value.encode("latin-1"))
@@ -380,6 +394,93 @@ class _Exchange:
         if isinstance(final, (RollbackResponse, ResponseIncomplete)):
             return None
         return final
+
+
+def commit_in_endpoint(endpoint: F) -> F:
+    """Run a sync endpoint in a context of its own that commits before the endpoint returns.
+
+    For a plain ``def`` endpoint (FastAPI runs it in its thread pool) on a
+    sync :class:`~polydatum.sqlalchemy.Database`::
+
+        @app.put("/notes/{note_id}")
+        @commit_in_endpoint
+        def edit_note(note_id: int, body: Body, dal: Dal) -> Any:
+            return dal.notes.edit(note_id, **body)
+
+    Each call opens a context with the request's meta in the endpoint's
+    thread, runs the endpoint in it, and closes it there: the COMMIT and the
+    commit hooks run before the endpoint returns, so a failed COMMIT is the
+    endpoint's exception (mapped to its error response by the middleware)
+    and never a success the client saw. Without it, the request's context
+    ends when the response's last body message is sent, which for a sync
+    ``Database`` is one more trip from the event loop to a COMMIT thread:
+    the same guarantee, for a few percent more CPU per request
+    (docs/benchmarks.md).
+
+    - The endpoint rolls back when it raises, and when it returns a
+      response (anything with an int ``status_code``) that the middleware's
+      ``veto`` refuses (by default, a status >= 400).
+    - ``dm.get_active_context()`` (and the DAL) are the endpoint's context;
+      :func:`request_context` is still the middleware's.
+    - The middleware's own context, if nothing used it, closes with no trip
+      to a thread. Read-your-writes positions report the endpoint's commits.
+    - Not for a streamed response whose body reads through the DAL: the
+      endpoint's context has closed before the body is sent. Leave such an
+      endpoint undecorated (the middleware's context stays open until its
+      last chunk; see :func:`read_chunks`).
+
+    Raises:
+        TypeError: ``endpoint`` is an ``async def``: it runs on the event
+            loop, where a sync COMMIT would stall every request; use the
+            middleware's context (with an ``AsyncDatabase``) there.
+        NoActiveContextError: (when called) the request is not served
+            through :class:`PolydatumASGIMiddleware`.
+
+    .. versionadded:: 2.0
+    """
+    if not callable(endpoint):
+        msg = f"commit_in_endpoint decorates a def endpoint, got {endpoint!r}"
+        raise TypeError(msg)
+    if iscoroutinefunction(endpoint):
+        msg = (
+            f"commit_in_endpoint is for plain def endpoints (run in the thread pool); "
+            f"{endpoint.__qualname__} is async: use the middleware's context there "
+            "(an AsyncDatabase commits without blocking the loop)"
+        )
+        raise TypeError(msg)
+
+    @functools.wraps(endpoint)
+    def in_own_context(*args: Any, **kwargs: Any) -> Any:
+        exchange = current_exchange.get()
+        if not isinstance(exchange, _Exchange) or exchange.exited:
+            msg = (
+                f"{endpoint.__qualname__} is decorated with commit_in_endpoint, which opens its context with "
+                "the request's meta; serve the app through "
+                "app.add_middleware(PolydatumASGIMiddleware, data_manager=dm)"
+            )
+            raise NoActiveContextError(msg)
+        outer = exchange.ctx
+        ctx = outer.data_manager.context(outer.meta)
+        try:
+            with ctx:
+                result = endpoint(*args, **kwargs)
+                status = getattr(result, "status_code", None)
+                if isinstance(status, int) and not isinstance(status, bool):
+                    _veto_returned(exchange.middleware.veto, status, result)
+        except RollbackResponse:
+            return result  # rolled back as the veto asked; the response is the endpoint's
+        exchange.position_ctx = ctx
+        return result
+
+    return in_own_context  # type: ignore[return-value]
+
+
+def _veto_returned(veto: Veto, status: int, response: Any) -> None:
+    """Raise RollbackResponse when ``veto`` refuses the response an endpoint returned."""
+    raw = getattr(response, "raw_headers", None) or ()
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw] if veto is not default_veto else []
+    if veto(status, headers):
+        raise RollbackResponse(status, headers)
 
 
 async def _send_error(send: Send, exc: BaseException) -> None:
@@ -424,6 +525,118 @@ def dal_dependency(data_manager: DataManager) -> Callable[[], Awaitable[DataAcce
         return data_manager.get_dal()
 
     return polydatum_dal
+
+
+class Readable(Protocol):
+    """A blocking binary stream: a file, an S3 body, a blob store's ``open()``."""
+
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+#: Bytes per chunk :func:`read_chunks` reads when not told.
+CHUNK_SIZE = 64 * 1024
+
+# read_chunks' threads: 2 take the reads; more start (up to 32) only while those
+# are stuck on a slow store (ElasticThreads), so a hung S3 read delays no other.
+_READER_THREADS = 2
+_MAX_READER_THREADS = 32
+_readers: Executor | None = None
+_readers_lock = threading.Lock()
+
+
+def _reader_threads() -> Executor:
+    global _readers  # one pool per process, made on first use
+    readers = _readers
+    if readers is None:
+        with _readers_lock:
+            readers = _readers
+            if readers is None:
+                readers = _readers = ElasticThreads(
+                    _READER_THREADS, _MAX_READER_THREADS, name="polydatum-body"
+                )
+    return readers
+
+
+def _forget_readers() -> None:
+    global _readers
+    _readers = None  # the parent's threads do not exist in a forked worker
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_readers)
+
+
+def read_chunks(
+    stream: Readable,
+    chunk_size: int = CHUNK_SIZE,
+    *,
+    close: bool = True,
+    executor: Executor | None = None,
+) -> AsyncIterator[bytes]:
+    """A blocking stream as an async iterator of chunks, read in threads of polydatum's own.
+
+    Give it to a streamed response (``StreamingResponse(read_chunks(f))``)
+    instead of the blocking stream itself. The request's context, and any
+    pooled connection it holds, stays open until the last chunk is sent;
+    a blocking stream given to Starlette directly is read in the app's
+    thread pool, where endpoints wait for those connections: when every
+    thread of the pool waits for a connection that a streaming response
+    holds, nothing moves until the database pool's timeout. These threads
+    are not the pool's, so the stream keeps moving.
+
+    A read in progress when the client goes away is finished before the
+    stream is closed (never a close under a read).
+
+    Args:
+        stream: anything with a blocking ``read(size) -> bytes`` (``b""`` at the end).
+        chunk_size: the most bytes per chunk (a positive int).
+        close: close ``stream`` (when it has ``close``) once done, failed or abandoned.
+        executor: where the reads run; default: threads this module keeps
+            (2 at work, more only while those are stuck).
+
+    Raises:
+        TypeError: ``stream`` has no ``read``, or ``chunk_size`` is not an int
+            (raised here, before any response starts).
+        ValueError: ``chunk_size`` is 0 or less.
+
+    .. versionadded:: 2.0
+    """
+    read = getattr(stream, "read", None)
+    if not callable(read):
+        msg = f"read_chunks() needs a stream with a read(size) method, got {type(stream).__name__}"
+        raise TypeError(msg)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        msg = f"chunk_size must be an int (bytes per chunk), got {type(chunk_size).__name__}"
+        raise TypeError(msg)
+    if chunk_size < 1:
+        msg = f"chunk_size must be 1 byte or more, got {chunk_size}"
+        raise ValueError(msg)
+    closer = getattr(stream, "close", None) if close else None
+    return _chunks(read, chunk_size, closer, executor)
+
+
+async def _chunks(
+    read: Callable[[int], bytes],
+    size: int,
+    closer: Callable[[], object] | None,
+    executor: Executor | None,
+) -> AsyncIterator[bytes]:
+    threads = executor if executor is not None else _reader_threads()
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    try:
+        while True:
+            # run_blocking: an abandoned response still waits for the read in progress,
+            # then asks for the cancellation again; it is taken here, before another read.
+            chunk = await run_blocking(read, size, executor=threads)
+            if cancelling is None or cancelling():
+                await asyncio.sleep(0)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        if closer is not None:
+            closer()
 
 
 # Names of the 2.0 development releases, kept working with a DeprecationWarning.

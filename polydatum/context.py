@@ -589,8 +589,10 @@ class DataAccessContext(Generic[DalT]):
 
     async def _aclose(self, exc: BaseException | None) -> BaseException | None:
         self._begin_close()
-        if self._close_threads is not None:
+        if self._close_threads is not None and (self._created or self._hooks):
             return await self._aclose_in_thread(exc)
+        # (With no resource created and no hook, the blocking middleware have
+        # nothing to COMMIT: their exits run here, without the trip.)
         try:
             if self._observer is not None:
                 self._observer.context_exiting(self, self._observed)

@@ -25,7 +25,7 @@ from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
 
 from polydatum import DataManager, _positions
-from polydatum.asgi import PolydatumASGIMiddleware
+from polydatum.asgi import PolydatumASGIMiddleware, commit_in_endpoint
 from polydatum.sqlalchemy import (
     AsyncDatabase,
     Database,
@@ -304,6 +304,39 @@ class TestReadYourWrites:
         value, body = asyncio.run(run())
         assert set(_positions.decode(value)) == {"db"}
         assert body == "asgi"
+
+    def test_a_commit_in_the_endpoint_gives_its_position(
+        self, rig: ReplicatedPostgres, setup: tuple[Database, DataManager]
+    ) -> None:
+        """A ``def`` endpoint under commit_in_endpoint: the header carries the endpoint's own commit."""
+        _, dm = setup
+
+        @commit_in_endpoint
+        def create(request: StarletteRequest) -> PlainTextResponse:
+            return PlainTextResponse(str(dm.require_active_context().dal.items.create(name="in-endpoint").id))
+
+        @commit_in_endpoint
+        def show(request: StarletteRequest) -> PlainTextResponse:
+            item = dm.require_active_context().dal.items.get(int(request.path_params["id"]))
+            return PlainTextResponse("missing" if item is None else item.name)
+
+        app = Starlette(routes=[Route("/", create, methods=["POST"]), Route("/{id:int}", show)])
+        wrapped = PolydatumASGIMiddleware(app, dm, positions="header")
+
+        async def run() -> tuple[str, str, str]:
+            transport = httpx.ASGITransport(app=wrapped)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                created = await client.post("/")
+                value = created.headers["x-polydatum-position"]
+                read = await client.get(f"/{created.text}", headers={"x-polydatum-position": value})
+                stale = await client.get(f"/{created.text}")
+                return value, read.text, stale.text
+
+        pause_replay(rig)
+        value, body, stale = asyncio.run(run())
+        assert set(_positions.decode(value)) == {"db"}
+        assert body == "in-endpoint"  # read where the write is (the primary, or a replica caught up)
+        assert stale == "missing"  # without the header, a paused replica
 
     @pytest.mark.parametrize(
         "hostile",

@@ -29,9 +29,8 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import IO, TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.exc import OperationalError
@@ -40,7 +39,7 @@ from starlette.routing import Match
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from polydatum import DataAccessLayer
-from polydatum.asgi import PolydatumASGIMiddleware, Scope, dal_dependency
+from polydatum.asgi import PolydatumASGIMiddleware, Scope, commit_in_endpoint, dal_dependency, read_chunks
 
 from notes.auth import MAX_ID, BadRequest, PayloadTooLarge, Unauthorized, user_from_token
 from notes.web import MAX_JSON, MAX_UPLOAD
@@ -53,7 +52,6 @@ __all__ = ["BodyReader", "create_app", "json_body", "make_asgi_app"]
 logger = logging.getLogger("notes.asgi")
 
 CHUNK = 64 * 1024  # bytes per body message of a fetched attachment
-READERS = 2  # threads reading fetched attachments' blocks at once, per process (each one awake costs the GIL)
 
 # The WSGI API answers these with Werkzeug's texts; so does this one.
 _DESCRIPTIONS = {404: NotFound.description, 405: MethodNotAllowed.description}
@@ -144,24 +142,6 @@ class BodyReader:
         return data
 
 
-async def _blocks(stream: IO[bytes], readers: list[anyio.CapacityLimiter]) -> AsyncIterator[bytes]:
-    """The blob's blocks, each read in a thread that FastAPI's pool does not lend.
-
-    The download's context (and its pooled connection) stays open until the
-    last block is sent. Were the blocks read in FastAPI's pool (what a sync
-    iterator given to StreamingResponse does), endpoints waiting in that
-    pool for a connection could hold every thread while the downloads hold
-    every connection: none would move until the database pool's timeout.
-    """
-    if not readers:
-        readers.append(anyio.CapacityLimiter(READERS))  # made on the loop, on first use
-    try:
-        while block := await anyio.to_thread.run_sync(stream.read, CHUNK, limiter=readers[0]):
-            yield block
-    finally:
-        stream.close()
-
-
 def _int_arg(request: Request, name: str) -> int | None:
     value = request.query_params.get(name)
     if value is None:
@@ -208,36 +188,42 @@ def make_asgi_app(app: "NotesApp", *, max_upload: int = MAX_UPLOAD) -> FastAPI:
         return BodyReader(request, asyncio.get_running_loop(), max_upload, too_large)
 
     Upload = Annotated[BodyReader, Depends(upload)]
-    readers: list[anyio.CapacityLimiter] = []  # the limiter of _blocks, made on the loop
 
     @api.post("/users", status_code=201)
+    @commit_in_endpoint
     def sign_up(body: Body, dal: Dal) -> Any:
         return dal.users.sign_up(body.get("name"))
 
     @api.post("/notebooks", status_code=201)
+    @commit_in_endpoint
     def add_notebook(body: Body, dal: Dal) -> Any:
         return dal.notebooks.add(body.get("name"))
 
     @api.post("/notebooks/{notebook_id:int}/notes", status_code=201)
+    @commit_in_endpoint
     def add_note(notebook_id: int, body: Body, dal: Dal) -> Any:
         return dal.notes.add(notebook_id, body.get("title"), body.get("text", ""))
 
     @api.get("/notes/{note_id:int}")
+    @commit_in_endpoint
     def read_note(note_id: int, dal: Dal) -> Any:
         return dal.notes.read(note_id)
 
     @api.put("/notes/{note_id:int}")
+    @commit_in_endpoint
     def edit_note(note_id: int, body: Body, dal: Dal) -> Any:
         return dal.notes.edit(
             note_id, version=body.get("version"), title=body.get("title"), text=body.get("text")
         )
 
     @api.delete("/notes/{note_id:int}", status_code=204)
+    @commit_in_endpoint
     def remove_note(note_id: int, request: Request, dal: Dal) -> Response:
         dal.notes.remove(note_id, version=_int_arg(request, "version"))
         return Response(status_code=204)
 
     @api.post("/notes/{note_id:int}/attachments", status_code=201)
+    @commit_in_endpoint
     def attach(note_id: int, request: Request, body: Upload, dal: Dal) -> Any:
         mimetype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         return dal.notes.attach(note_id, request.query_params["name"], body, mimetype or None)
@@ -245,9 +231,11 @@ def make_asgi_app(app: "NotesApp", *, max_upload: int = MAX_UPLOAD) -> FastAPI:
     @api.get("/attachments/{attachment_id:int}")
     def attachment(attachment_id: int, dal: Dal) -> StreamingResponse:
         info, stream = dal.notes.open_attachment(attachment_id)
-        # Streamed: the context (and the blob stream) stays open until the body is sent.
+        # Streamed: the context (and its connection) stays open until the body is sent, so the
+        # blocks are read in polydatum's threads, not in the pool where endpoints wait for connections.
         headers = {"Content-Length": str(info["size"]), "Content-Disposition": _disposition(info["name"])}
-        return StreamingResponse(_blocks(stream, readers), media_type=info["content_type"], headers=headers)
+        body = read_chunks(stream, CHUNK)
+        return StreamingResponse(body, media_type=info["content_type"], headers=headers)
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

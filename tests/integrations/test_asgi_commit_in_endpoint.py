@@ -1,0 +1,351 @@
+"""polydatum.asgi's commit_in_endpoint and read_chunks, on FastAPI with a sync Database on PostgreSQL.
+
+``commit_in_endpoint`` ends a ``def`` endpoint's unit of work in the
+endpoint's own thread, before the response exists; ``read_chunks`` reads a
+blocking stream for a streamed body in threads that are not FastAPI's pool.
+"""
+
+# No "from __future__ import annotations": FastAPI reads the endpoints' annotations at run time.
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+import polydatum.asgi
+from polydatum import DataAccessLayer, DataManager
+from polydatum.asgi import (
+    PolydatumASGIMiddleware,
+    Veto,
+    commit_in_endpoint,
+    dal_dependency,
+    read_chunks,
+    request_context,
+)
+from polydatum.errors import NoActiveContextError, NotFound
+from polydatum.sqlalchemy import Database
+from tests.support.sql import Base, Item, Items
+
+
+@pytest.fixture(name="db")
+def fixture_db(pg_url: str) -> Iterator[Database]:
+    """A sync Database on this module's PostgreSQL database, with the test tables (emptied after)."""
+    db = Database(pg_url)
+    Base.metadata.create_all(db.engine)
+    yield db
+    Base.metadata.drop_all(db.engine)
+    db.dispose()
+
+
+def names(db: Database) -> list[str]:
+    """The committed item names, read outside any context."""
+    with Session(db.engine) as session:
+        return sorted(session.scalars(select(Item.name)))
+
+
+def wired(db: Database) -> DataManager:
+    dm = DataManager()
+    db.install(dm)
+    dm.register_services(items=Items(Item))
+    return dm
+
+
+def app_of(dm: DataManager, veto: Veto | None = None) -> FastAPI:
+    """Endpoints that create items in various ways, each under commit_in_endpoint."""
+    api = FastAPI()
+    Dal = Annotated[DataAccessLayer, Depends(dal_dependency(dm))]
+
+    @api.post("/items/{name}", status_code=201)
+    @commit_in_endpoint
+    def create(name: str, dal: Dal) -> Any:
+        item = dal.items.create(name=name)
+        return {"id": item.id, "thread": threading.get_ident()}
+
+    @api.post("/missing/{name}")
+    @commit_in_endpoint
+    def missing(name: str, dal: Dal) -> Any:
+        dal.items.create(name=name)
+        raise NotFound(f"no such thing as {name}")
+
+    @api.post("/refused/{name}")
+    @commit_in_endpoint
+    def refused(name: str, dal: Dal) -> Response:
+        dal.items.create(name=name)
+        return JSONResponse({"refused": name}, status_code=409, headers={"x-keep": "yes"})
+
+    @api.get("/contexts")
+    @commit_in_endpoint
+    def contexts() -> Any:
+        active = dm.require_active_context()
+        return {"own": active is not request_context(), "meta": active.meta.get("request_id")}
+
+    api.add_middleware(PolydatumASGIMiddleware, data_manager=dm, veto=veto)
+    return api
+
+
+def client(api: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test")
+
+
+async def test_the_commit_runs_in_the_endpoints_thread_before_it_returns(db: Database) -> None:
+    """The COMMIT runs in the endpoint's thread; the middleware's context makes no trip to a thread."""
+    dm = wired(db)
+    commits: list[int] = []
+    event.listen(db.engine, "commit", lambda _conn: commits.append(threading.get_ident()))
+    async with client(app_of(dm)) as http:
+        made = await http.post("/items/a")
+    assert made.status_code == 201
+    assert commits == [made.json()["thread"]]
+    assert commits[0] != threading.get_ident()  # not the loop's
+    assert names(db) == ["a"]
+    # The request's own context created nothing: it closed on the loop, so the
+    # COMMIT threads (made on first use) were never asked for.
+    assert "_committer" not in db.__dict__
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_failed_commit_is_the_endpoints_error(db: Database) -> None:
+    """A COMMIT the server refuses (a duplicate) raises in the endpoint: never a 201 the client saw."""
+    dm = wired(db)
+    async with client(app_of(dm)) as http:
+        assert (await http.post("/items/dup")).status_code == 201
+        with pytest.raises(IntegrityError):  # httpx's transport raises what a server would answer 500 to
+            await http.post("/items/dup")
+    assert names(db) == ["dup"]
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_an_error_raised_in_the_endpoint_rolls_back_and_maps(db: Database) -> None:
+    dm = wired(db)
+    async with client(app_of(dm)) as http:
+        answer = await http.post("/missing/ghost")
+    assert answer.status_code == 404
+    assert answer.json()["message"] == "no such thing as ghost"
+    assert names(db) == []
+
+
+async def test_a_returned_error_response_rolls_back_unless_vetoed(db: Database) -> None:
+    """The middleware's veto decides for a response the endpoint returns, and sees its headers."""
+    dm = wired(db)
+    async with client(app_of(dm)) as http:
+        answer = await http.post("/refused/no")
+    assert answer.status_code == 409
+    assert answer.json() == {"refused": "no"}
+    assert names(db) == []
+
+    seen: list[tuple[int, list[tuple[str, str]]]] = []
+
+    def keep(status: int, headers: Any) -> bool:
+        seen.append((status, list(headers)))
+        return ("x-keep", "yes") not in headers
+
+    async with client(app_of(wired(db), veto=keep)) as http:
+        answer = await http.post("/refused/kept")
+    assert answer.status_code == 409
+    assert names(db) == ["kept"]
+    assert seen[0][0] == 409
+    assert ("x-keep", "yes") in seen[0][1]
+
+
+async def test_the_endpoint_has_its_own_context_with_the_requests_meta(db: Database) -> None:
+    dm = wired(db)
+    async with client(app_of(dm)) as http:
+        answer = await http.get("/contexts", headers={"x-request-id": "req-42"})
+    assert answer.json() == {"own": True, "meta": "req-42"}
+
+
+def test_outside_the_middleware_it_says_what_to_add(db: Database) -> None:
+    @commit_in_endpoint
+    def endpoint() -> int:
+        return 1
+
+    with pytest.raises(NoActiveContextError, match=r"add_middleware\(PolydatumASGIMiddleware"):
+        endpoint()
+
+
+def test_an_async_endpoint_is_refused_when_decorated() -> None:
+    async def endpoint() -> int:
+        return 1
+
+    with pytest.raises(TypeError, match=r"plain def endpoints.*is async"):
+        commit_in_endpoint(endpoint)
+    with pytest.raises(TypeError, match="decorates a def endpoint"):
+        commit_in_endpoint(42)  # type: ignore[type-var]
+
+
+async def test_a_context_that_created_nothing_closes_on_the_loop(db: Database) -> None:
+    """An ``async with`` context over a sync Database that used no session makes no trip to a thread."""
+    dm = wired(db)
+    async with dm.context():
+        pass
+    async with dm.context() as ctx:
+        ctx.meta.get("x")
+    assert "_committer" not in db.__dict__
+    async with dm.context() as ctx:  # one that did use its session still commits in a thread
+        ctx.db.add(Item(name="used"))
+    assert "_committer" in db.__dict__
+    assert names(db) == ["used"]
+
+
+# -- read_chunks ------------------------------------------------------------------
+
+
+class Blocks:
+    """A blocking stream of ``count`` blocks that records the threads reading it and its close."""
+
+    def __init__(self, count: int, size: int = 4) -> None:
+        self.left = count
+        self.size = size
+        self.threads: list[str] = []
+        self.events: list[str] = []
+        self.gate: threading.Event | None = None  # when set, each read waits for it
+        self.reading = threading.Event()
+
+    def read(self, size: int = -1) -> bytes:
+        self.threads.append(threading.current_thread().name)
+        self.reading.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.events.append("read")
+        if self.left == 0:
+            return b""
+        self.left -= 1
+        return b"x" * self.size
+
+    def close(self) -> None:
+        self.events.append("close")
+
+
+async def test_read_chunks_reads_in_threads_of_its_own_and_closes() -> None:
+    stream = Blocks(3)
+    chunks = [chunk async for chunk in read_chunks(stream, 4)]
+    assert chunks == [b"xxxx"] * 3
+    assert stream.events == ["read"] * 4 + ["close"]
+    assert all(name.startswith("polydatum-body") for name in stream.threads)
+
+    kept = Blocks(1)
+    assert [chunk async for chunk in read_chunks(kept, close=False)] == [b"xxxx"]
+    assert "close" not in kept.events
+
+
+async def test_read_chunks_keeps_a_stream_moving_while_the_pool_is_full(db: Database) -> None:
+    """FastAPI's only thread held by an endpoint that waits for the download: the download still ends.
+
+    Its blocks wait until that endpoint holds the thread; read in FastAPI's
+    pool (a sync iterator given to StreamingResponse) they would wait for the
+    thread, and neither request would move.
+    """
+    import anyio.to_thread
+
+    dm = wired(db)
+    api = FastAPI()
+    stream = Blocks(3)
+    stream.gate = threading.Event()  # the first read waits until /busy holds the thread
+    release = threading.Event()
+
+    @api.get("/download")
+    def download() -> StreamingResponse:
+        return StreamingResponse(read_chunks(stream))
+
+    @api.get("/busy")
+    def busy() -> str:
+        assert stream.gate is not None
+        stream.gate.set()
+        release.wait(10)  # holds the pool's only thread until the download is done
+        return "done"
+
+    api.add_middleware(PolydatumASGIMiddleware, data_manager=dm)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens, limiter.total_tokens = limiter.total_tokens, 1
+    try:
+        async with client(api) as http:
+            got = asyncio.create_task(http.get("/download"))
+            await asyncio.to_thread(stream.reading.wait, 10)  # its endpoint ran; its body is being read
+            holder = asyncio.create_task(http.get("/busy"))
+            async with asyncio.timeout(10):
+                fetched = await got
+            release.set()
+            assert (await holder).status_code == 200
+    finally:
+        release.set()
+        limiter.total_tokens = tokens
+    assert fetched.status_code == 200
+    assert fetched.content == b"xxxx" * 3
+    assert stream.events[-1] == "close"
+
+
+async def test_an_abandoned_read_finishes_before_the_stream_closes() -> None:
+    """Cancelled while a read runs in its thread: the close waits for that read (never a close under it)."""
+    stream = Blocks(5)
+    stream.gate = threading.Event()
+
+    async def consume() -> None:
+        async for _ in read_chunks(stream):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.to_thread(stream.reading.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert stream.events == []  # the read still waits; nothing closed under it
+    stream.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stream.events == ["read", "close"]
+
+
+async def test_a_failing_read_raises_and_closes() -> None:
+    class Broken(Blocks):
+        def read(self, size: int = -1) -> bytes:
+            raise OSError("the disk went away")
+
+    stream = Broken(1)
+    with pytest.raises(OSError, match="the disk went away"):
+        [chunk async for chunk in read_chunks(stream)]
+    assert stream.events == ["close"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "size", "error", "message"),
+    [
+        (b"bytes, not a stream", 4, TypeError, "needs a stream with a read"),
+        (Blocks(1), 0, ValueError, "1 byte or more, got 0"),
+        (Blocks(1), -5, ValueError, "1 byte or more, got -5"),
+        (Blocks(1), 4.5, TypeError, "must be an int"),
+        (Blocks(1), True, TypeError, "must be an int"),
+    ],
+)
+def test_read_chunks_refuses_bad_arguments_before_any_response(
+    stream: Any, size: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        read_chunks(stream, size)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_reads_in_threads_of_its_own() -> None:
+    """A worker forked after the parent read (gunicorn, uvicorn --workers) starts its own reader threads."""
+
+    async def drain() -> list[bytes]:
+        return [chunk async for chunk in read_chunks(Blocks(2))]
+
+    assert asyncio.run(drain()) == [b"xxxx"] * 2
+    parent = polydatum.asgi._readers
+    assert parent is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when it made new threads and they read
+        try:
+            fresh = polydatum.asgi._readers is None and asyncio.run(drain()) == [b"xxxx"] * 2
+            os._exit(0 if fresh and polydatum.asgi._readers is not parent else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
