@@ -62,15 +62,29 @@ class ElasticThreads(Executor):
     COMMIT's hook waiting for a pooled connection that a queued item holds)
     cannot starve the queue. Threads beyond ``core`` leave after ``linger`` idle seconds; all of
     them are daemon threads, started on first use.
+
+    With ``grow_after`` (seconds), a thread is added for each work item
+    that has waited that long, busy threads or not: for work that mostly
+    waits on I/O (reading a slow store's blocks), where a thread waiting
+    costs no GIL and a queue behind two threads would make every reader
+    wait for all the others.
     """
 
     def __init__(
-        self, core: int, limit: int, *, name: str, patience: float = 1.0, linger: float = 2.0
+        self,
+        core: int,
+        limit: int,
+        *,
+        name: str,
+        patience: float = 1.0,
+        linger: float = 2.0,
+        grow_after: float | None = None,
     ) -> None:
         self._core = core
         self._limit = max(core, limit)
         self._name = name
-        self._patience = patience
+        self._patience = patience if grow_after is None else grow_after
+        self._grow_after = grow_after
         self._linger = linger
         self._queue: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...], float]] = deque()
         self._ready = threading.Condition(threading.Lock())
@@ -144,15 +158,27 @@ class ElasticThreads(Executor):
             self._finished += 1  # read by _watch; a lost update only delays it a tick
 
     def _watch(self) -> None:
-        # Runs while work waits: one more thread each ``patience`` in which none finished anything.
+        # Runs while work waits: one more thread each ``patience`` in which none finished
+        # anything; with ``grow_after``, one more for each item that waited that long.
         finished = self._finished
+        grow_after = self._grow_after
         while True:
             time.sleep(self._patience)
             with self._ready:
                 if not self._queue or self._shutdown or self._threads >= self._limit:
                     self._watching = False
                     return
+                now = time.monotonic()
+                if grow_after is not None:
+                    waited = 0
+                    for item in self._queue:  # oldest first
+                        if now - item[3] < grow_after:
+                            break
+                        waited += 1
+                    for _ in range(min(waited - self._idle, self._limit - self._threads)):
+                        self._start()
+                    continue
                 stuck = self._finished == finished
                 finished = self._finished
-                if stuck and self._idle == 0 and time.monotonic() - self._queue[0][3] >= self._patience:
+                if stuck and self._idle == 0 and now - self._queue[0][3] >= self._patience:
                     self._start()

@@ -96,7 +96,9 @@ def request_context() -> DataAccessContext:
     """The context the polydatum web middleware opened for the request being served.
 
     It stays the request's context even while a view opens nested contexts
-    (``dm.get_active_context()`` returns the innermost one). Its ``dal`` is
+    (``dm.get_active_context()`` returns the innermost one); inside an
+    endpoint decorated with :func:`polydatum.asgi.commit_in_endpoint`, it
+    is that endpoint's context. Its ``dal`` is
     how a view calls services: ``request_context().dal.users.get(1)``.
 
     Raises:

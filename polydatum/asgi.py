@@ -69,7 +69,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from concurrent.futures import Executor
 from inspect import isawaitable, iscoroutinefunction
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from polydatum._blocking import ElasticThreads, run_blocking
 from polydatum._renamed import module_getattr
@@ -95,6 +95,7 @@ from polydatum.errors import NoActiveContextError, ServiceError
 
 __all__ = [
     "CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
     "SCOPE_KEY",
     "ASGIApp",
     "Message",
@@ -128,6 +129,7 @@ MetaFactory = Callable[[Scope], "Mapping[str, Any] | Awaitable[Mapping[str, Any]
 SCOPE_KEY = "polydatum.context"
 
 F = TypeVar("F", bound=Callable[..., Any])
+_UNSET: Any = object()
 
 # The messages that end an HTTP response (trailers and pathsend are ASGI extensions).
 _BODY = "http.response.body"
@@ -417,11 +419,18 @@ def commit_in_endpoint(endpoint: F) -> F:
     the same guarantee, for a few percent more CPU per request
     (docs/benchmarks.md).
 
-    - The endpoint rolls back when it raises, and when it returns a
-      response (anything with an int ``status_code``) that the middleware's
-      ``veto`` refuses (by default, a status >= 400).
-    - ``dm.get_active_context()`` (and the DAL) are the endpoint's context;
-      :func:`request_context` is still the middleware's.
+    - Put it *below* the route decorator, next to the ``def``: above it,
+      the route has already registered the undecorated function.
+    - The endpoint rolls back when it raises, and when the status of its
+      response is one the middleware's ``veto`` refuses (by default, 400
+      or more): the status of a response it returns, or the one it set on
+      FastAPI's ``response: Response`` parameter.
+    - What it returns is serialized after its context closed: return data
+      built inside (dicts, models you fill in), not ORM objects with
+      attributes still to load (they are detached by then).
+    - Inside, ``dm.get_active_context()``, the DAL and
+      :func:`request_context` are the endpoint's context. A decorated
+      function called from a decorated endpoint joins its unit of work.
     - The middleware's own context, if nothing used it, closes with no trip
       to a thread. Read-your-writes positions report the endpoint's commits.
     - Not for a streamed response whose body reads through the DAL: the
@@ -452,6 +461,8 @@ def commit_in_endpoint(endpoint: F) -> F:
     @functools.wraps(endpoint)
     def in_own_context(*args: Any, **kwargs: Any) -> Any:
         exchange = current_exchange.get()
+        if isinstance(exchange, _EndpointExchange):
+            return endpoint(*args, **kwargs)  # called from a decorated endpoint: one unit of work
         if not isinstance(exchange, _Exchange) or exchange.exited:
             msg = (
                 f"{endpoint.__qualname__} is decorated with commit_in_endpoint, which opens its context with "
@@ -461,22 +472,51 @@ def commit_in_endpoint(endpoint: F) -> F:
             raise NoActiveContextError(msg)
         outer = exchange.ctx
         ctx = outer.data_manager.context(outer.meta)
+        # This thread's copy of the context variables: request_context() is the endpoint's here.
+        token = current_exchange.set(_EndpointExchange(ctx))
+        result: Any = _UNSET
         try:
             with ctx:
                 result = endpoint(*args, **kwargs)
-                status = getattr(result, "status_code", None)
-                if isinstance(status, int) and not isinstance(status, bool):
-                    _veto_returned(exchange.middleware.veto, status, result)
+                _veto_returned(exchange.middleware.veto, result, kwargs)
         except RollbackResponse:
+            if result is _UNSET:
+                raise  # the endpoint's own
             return result  # rolled back as the veto asked; the response is the endpoint's
+        finally:
+            current_exchange.reset(token)
         exchange.position_ctx = ctx
         return result
 
-    return in_own_context  # type: ignore[return-value]
+    return cast("F", in_own_context)
 
 
-def _veto_returned(veto: Veto, status: int, response: Any) -> None:
-    """Raise RollbackResponse when ``veto`` refuses the response an endpoint returned."""
+class _EndpointExchange:
+    """What :func:`request_context` finds inside a :func:`commit_in_endpoint` endpoint."""
+
+    __slots__ = ("ctx", "exited")
+
+    def __init__(self, ctx: DataAccessContext) -> None:
+        self.ctx = ctx
+        self.exited = False
+
+
+def _veto_returned(veto: Veto, result: Any, kwargs: Mapping[str, Any]) -> None:
+    """Raise RollbackResponse when ``veto`` refuses the status an endpoint gave its response.
+
+    That is the status of the response it returned, or else the one it set
+    on the ``response: Response`` parameter FastAPI injects.
+    """
+    response = result
+    status = getattr(result, "status_code", None)
+    if type(status) is not int:
+        for value in kwargs.values():
+            status = getattr(value, "status_code", None)
+            if type(status) is int and hasattr(value, "raw_headers"):
+                response = value
+                break
+        else:
+            return  # the route's status, a success
     raw = getattr(response, "raw_headers", None) or ()
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw] if veto is not default_veto else []
     if veto(status, headers):
@@ -535,13 +575,33 @@ class Readable(Protocol):
 
 #: Bytes per chunk :func:`read_chunks` reads when not told.
 CHUNK_SIZE = 64 * 1024
+#: The largest ``chunk_size`` :func:`read_chunks` takes (each chunk is held in memory whole).
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
-# read_chunks' threads: 2 take the reads; more start (up to 32) only while those
-# are stuck on a slow store (ElasticThreads), so a hung S3 read delays no other.
+# read_chunks' threads: 2 take the reads while they are quick; a read that waited
+# 20 ms for one gets a thread of its own (up to 64), so downloads from a slow store
+# do not queue behind each other, and the extra threads leave once idle.
 _READER_THREADS = 2
-_MAX_READER_THREADS = 32
+_MAX_READER_THREADS = 64
+_READER_PATIENCE = 0.02
 _readers: Executor | None = None
 _readers_lock = threading.Lock()
+
+
+def _as_bytes(chunk: object) -> bytes:
+    if isinstance(chunk, (bytearray, memoryview)):
+        return bytes(chunk)
+    if chunk is None:
+        msg = (
+            "the stream's read() returned None (a non-blocking stream with no data yet); "
+            "give read_chunks a blocking one"
+        )
+        raise TypeError(msg)
+    if isinstance(chunk, str):
+        msg = "the stream's read() returned str: open the file in binary mode ('rb')"
+        raise TypeError(msg)
+    msg = f"the stream's read() must return bytes, got {type(chunk).__name__}"
+    raise TypeError(msg)
 
 
 def _reader_threads() -> Executor:
@@ -552,7 +612,7 @@ def _reader_threads() -> Executor:
             readers = _readers
             if readers is None:
                 readers = _readers = ElasticThreads(
-                    _READER_THREADS, _MAX_READER_THREADS, name="polydatum-body"
+                    _READER_THREADS, _MAX_READER_THREADS, name="polydatum-body", grow_after=_READER_PATIENCE
                 )
     return readers
 
@@ -587,17 +647,26 @@ def read_chunks(
     A read in progress when the client goes away is finished before the
     stream is closed (never a close under a read).
 
+    The default threads: two take the reads while they are quick; a read
+    that has waited 20 ms for one gets a thread of its own (up to 64 in the
+    process), so downloads from a slow store do not queue behind each
+    other; the extra threads leave after 2 idle seconds. Pass ``executor``
+    to bound them otherwise.
+
     Args:
-        stream: anything with a blocking ``read(size) -> bytes`` (``b""`` at the end).
-        chunk_size: the most bytes per chunk (a positive int).
+        stream: anything with a blocking ``read(size)`` returning bytes
+            (``bytearray`` and ``memoryview`` are copied), ``b""`` at the end.
+        chunk_size: the size asked of each read, 1 byte to
+            :data:`MAX_CHUNK_SIZE` (64 MiB); each chunk is held whole.
         close: close ``stream`` (when it has ``close``) once done, failed or abandoned.
-        executor: where the reads run; default: threads this module keeps
-            (2 at work, more only while those are stuck).
+        executor: where the reads run (default: the threads above).
 
     Raises:
         TypeError: ``stream`` has no ``read``, or ``chunk_size`` is not an int
-            (raised here, before any response starts).
-        ValueError: ``chunk_size`` is 0 or less.
+            (raised here, before any response starts); while iterating, a
+            ``read`` that returned ``str`` (a file opened in text mode),
+            ``None`` (a non-blocking stream) or anything else but bytes.
+        ValueError: ``chunk_size`` is out of range.
 
     .. versionadded:: 2.0
     """
@@ -608,15 +677,15 @@ def read_chunks(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         msg = f"chunk_size must be an int (bytes per chunk), got {type(chunk_size).__name__}"
         raise TypeError(msg)
-    if chunk_size < 1:
-        msg = f"chunk_size must be 1 byte or more, got {chunk_size}"
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        msg = f"chunk_size must be 1 byte to {MAX_CHUNK_SIZE} bytes (64 MiB), got {chunk_size}"
         raise ValueError(msg)
     closer = getattr(stream, "close", None) if close else None
     return _chunks(read, chunk_size, closer, executor)
 
 
 async def _chunks(
-    read: Callable[[int], bytes],
+    read: Callable[[int], object],
     size: int,
     closer: Callable[[], object] | None,
     executor: Executor | None,
@@ -631,6 +700,8 @@ async def _chunks(
             chunk = await run_blocking(read, size, executor=threads)
             if cancelling is None or cancelling():
                 await asyncio.sleep(0)
+            if type(chunk) is not bytes:
+                chunk = _as_bytes(chunk)
             if not chunk:
                 return
             yield chunk

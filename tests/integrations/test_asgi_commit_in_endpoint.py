@@ -9,6 +9,7 @@ blocking stream for a streamed body in threads that are not FastAPI's pool.
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -23,7 +24,9 @@ from sqlalchemy.orm import Session
 import polydatum.asgi
 from polydatum import DataAccessLayer, DataManager
 from polydatum.asgi import (
+    MAX_CHUNK_SIZE,
     PolydatumASGIMiddleware,
+    RollbackResponse,
     Veto,
     commit_in_endpoint,
     dal_dependency,
@@ -85,7 +88,33 @@ def app_of(dm: DataManager, veto: Veto | None = None) -> FastAPI:
     @commit_in_endpoint
     def contexts() -> Any:
         active = dm.require_active_context()
-        return {"own": active is not request_context(), "meta": active.meta.get("request_id")}
+        return {"same": active is request_context(), "meta": active.meta.get("request_id")}
+
+    @api.post("/status/{name}")
+    @commit_in_endpoint
+    def status_set(name: str, response: Response, dal: Dal) -> Any:
+        dal.items.create(name=name)
+        response.status_code = 409  # FastAPI's way to set the status of a returned dict
+        return {"refused": name}
+
+    @commit_in_endpoint
+    def helper(name: str) -> None:  # a decorated function called from a decorated endpoint
+        dm.get_dal().items.create(name=name)
+
+    @api.post("/nested/{name}")
+    @commit_in_endpoint
+    def nested(name: str, dal: Dal) -> Any:
+        helper(f"{name}-inner")
+        dal.items.create(name=name)
+        if name.startswith("fail"):
+            raise NotFound("failed after the helper")
+        return {"ok": name}
+
+    @api.post("/raises-rollback")
+    @commit_in_endpoint
+    def raises_rollback(dal: Dal) -> Any:
+        dal.items.create(name="own-signal")
+        raise RollbackResponse(418, [])
 
     api.add_middleware(PolydatumASGIMiddleware, data_manager=dm, veto=veto)
     return api
@@ -156,10 +185,38 @@ async def test_a_returned_error_response_rolls_back_unless_vetoed(db: Database) 
 
 
 async def test_the_endpoint_has_its_own_context_with_the_requests_meta(db: Database) -> None:
+    """request_context() inside the endpoint is the endpoint's context, with the request's meta."""
     dm = wired(db)
     async with client(app_of(dm)) as http:
         answer = await http.get("/contexts", headers={"x-request-id": "req-42"})
-    assert answer.json() == {"own": True, "meta": "req-42"}
+    assert answer.json() == {"same": True, "meta": "req-42"}
+
+
+async def test_a_status_set_on_fastapis_response_parameter_is_vetoed(db: Database) -> None:
+    dm = wired(db)
+    async with client(app_of(dm)) as http:
+        answer = await http.post("/status/set")
+    assert answer.status_code == 409
+    assert names(db) == []
+
+
+async def test_a_decorated_call_inside_a_decorated_endpoint_joins_its_unit_of_work(db: Database) -> None:
+    dm = wired(db)
+    commits: list[int] = []
+    event.listen(db.engine, "commit", lambda _conn: commits.append(1))
+    async with client(app_of(dm)) as http:
+        assert (await http.post("/nested/ok")).status_code == 200
+        assert len(commits) == 1  # one COMMIT for the endpoint and its helper
+        assert (await http.post("/nested/fail")).status_code == 404
+    assert names(db) == ["ok", "ok-inner"]  # the failed endpoint took its helper's write with it
+
+
+async def test_an_endpoint_raising_the_rollback_signal_itself_rolls_back(db: Database) -> None:
+    dm = wired(db)
+    async with client(app_of(dm)) as http:
+        with pytest.raises(RollbackResponse):  # httpx's transport raises what reaches the server
+            await http.post("/raises-rollback")
+    assert names(db) == []
 
 
 def test_outside_the_middleware_it_says_what_to_add(db: Database) -> None:
@@ -313,12 +370,61 @@ async def test_a_failing_read_raises_and_closes() -> None:
     assert stream.events == ["close"]
 
 
+async def test_reads_from_a_slow_store_do_not_queue_behind_each_other() -> None:
+    """16 downloads whose every read takes 50 ms: reads that waited get threads of their own."""
+
+    class Slow(Blocks):
+        def read(self, size: int = -1) -> bytes:
+            time.sleep(0.05)
+            return super().read(size)
+
+    streams = [Slow(3) for _ in range(16)]
+
+    async def drain(stream: Blocks) -> list[bytes]:
+        return [chunk async for chunk in read_chunks(stream)]
+
+    assert await asyncio.gather(*(drain(stream) for stream in streams)) == [[b"xxxx"] * 3] * 16
+    threads = {name for stream in streams for name in stream.threads}
+    assert len(threads) > 4  # more than the 2 that take quick reads
+
+
+class Chunky:
+    """A stream whose read returns ``value`` once, then ``b""``."""
+
+    def __init__(self, value: Any) -> None:
+        self.values = [value, b""]
+
+    def read(self, size: int = -1) -> Any:
+        return self.values.pop(0)
+
+
+async def test_bytearray_and_memoryview_chunks_become_bytes() -> None:
+    for value in (bytearray(b"abc"), memoryview(b"abc")):
+        chunks = [chunk async for chunk in read_chunks(Chunky(value))]
+        assert chunks == [b"abc"]
+        assert type(chunks[0]) is bytes
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, r"returned None \(a non-blocking stream"),
+        ("text", r"returned str: open the file in binary mode \('rb'\)"),
+        (42, "must return bytes, got int"),
+    ],
+)
+async def test_a_read_returning_no_bytes_is_refused(value: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        [chunk async for chunk in read_chunks(Chunky(value))]
+
+
 @pytest.mark.parametrize(
     ("stream", "size", "error", "message"),
     [
         (b"bytes, not a stream", 4, TypeError, "needs a stream with a read"),
-        (Blocks(1), 0, ValueError, "1 byte or more, got 0"),
-        (Blocks(1), -5, ValueError, "1 byte or more, got -5"),
+        (Blocks(1), 0, ValueError, "1 byte to 67108864 bytes"),
+        (Blocks(1), -5, ValueError, "1 byte to 67108864 bytes"),
+        (Blocks(1), MAX_CHUNK_SIZE + 1, ValueError, "1 byte to 67108864 bytes .64 MiB., got 67108865"),
         (Blocks(1), 4.5, TypeError, "must be an int"),
         (Blocks(1), True, TypeError, "must be an int"),
     ],

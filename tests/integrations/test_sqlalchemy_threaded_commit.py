@@ -605,6 +605,23 @@ class TestElasticThreads:
             pool.shutdown()
         assert len(names) == 1
 
+    async def test_with_grow_after_waiting_work_gets_threads_though_others_progress(self) -> None:
+        """The rule for I/O-bound work: an item that waited ``grow_after`` gets a thread, up to the limit."""
+        from polydatum._blocking import ElasticThreads
+
+        pool = ElasticThreads(1, 6, name="io", grow_after=0.02)
+
+        def step() -> str:
+            time.sleep(0.02)  # keeps finishing things: the stuck rule would add no thread
+            return threading.current_thread().name
+
+        try:
+            futures = [pool.submit(step) for _ in range(60)]
+            names = {f.result(timeout=10) for f in futures}
+        finally:
+            pool.shutdown()
+        assert 1 < len(names) <= 6
+
     async def test_stuck_threads_get_company_up_to_the_limit(self) -> None:
         from polydatum._blocking import ElasticThreads
 
