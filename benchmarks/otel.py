@@ -21,6 +21,10 @@ Columns (docs/integrations/observability.md):
             exporter that discards) and every metric into an in-memory reader
 Extra per context = S1 - S1(off); extra per DAL call = ((S4 - S1) - (S4 - S1)(off)) / 10.
 
+R: the SDK's own root span under ALWAYS_OFF, without polydatum (start it, make it
+current, end it): what any instrumentation that starts a span per request pays with
+that sampler; "non-rec" minus R is polydatum's share.
+
 W: one WSGI request (one DAL call) through polydatum.werkzeug, called directly with a
 prepared environ: not instrumented, with polydatum.otel recording, with
 opentelemetry-instrumentation-wsgi alone recording (if installed), and with both.
@@ -156,6 +160,18 @@ def main() -> None:
             run = make(dm)
             bench.add(f"{key} {column}", under_unsampled_parent(run) if column == "unsampled" else run)
     wsgi = add_wsgi(bench, dms["off"], dms["sdk"], recording, reader)
+    root_tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer("bench")
+
+    def sdk_root(n: int) -> None:
+        start, attach, detach = root_tracer.start_span, otel_context.attach, otel_context.detach
+        in_context = trace.set_span_in_context
+        for _ in range(n):
+            span = start("context")
+            token = attach(in_context(span))
+            span.end()
+            detach(token)
+
+    bench.add("R sdk root", sdk_root)
     best = bench.run()
     recording.shutdown()
     print(f"baseline {best['baseline']:.0f} ns; {ROUNDS} rounds of {LOOPS}; ns per context")
@@ -171,6 +187,10 @@ def main() -> None:
         context = (best[f"S1 {column}"] - best["S1 off"]) / 1000
         call = ((best[f"S4 {column}"] - best[f"S1 {column}"]) - off_calls) / 10 / 1000
         print(f"  {column:10} {what:44} {context:5.2f} / {call:5.2f} us")
+    root = best["R sdk root"] / 1000
+    share = (best["S1 non-rec"] - best["S1 off"]) / 1000 - root
+    print(f"R  the SDK's own root span under ALWAYS_OFF (start, attach, end, detach): {root:5.2f} us;")
+    print(f"   polydatum's share of non-rec's extra per context: {share:5.2f} us")
     for key in wsgi:
         print(f"W {key:28} {best[f'W {key}'] / 1000:6.1f} us per request")
 

@@ -384,23 +384,41 @@ class Instrumentation(Observer, _telemetry.Listener):
         """
         try:
             tracer = self._tracer_now()
-            if tracer is None or self._inherits_no():
+            if tracer is None:
+                return None, None
+            context = otel_context.get_current()  # read once for the check and the span
+            if self._inherits_no(context):
                 return None, None
         except Exception:
             self._failed(f"start span {name!r}")
             return None, None
-        return self._start_with(tracer, name, current_if_valid)
+        span, token, _ = self._start_with(tracer, name, current_if_valid, context)
+        return span, token
 
     def _start_with(
-        self, tracer: trace.Tracer, name: str, current_if_valid: bool
-    ) -> tuple[Span | None, object]:
+        self,
+        tracer: trace.Tracer,
+        name: str,
+        current_if_valid: bool,
+        context: otel_context.Context | None = None,
+    ) -> tuple[Span | None, object, otel_context.Context | None]:
+        """Start a span under ``context`` (default: the current one).
+
+        Returns ``(span, token, the otel context made current)``, all None
+        when no span needs ending.
+        """
         try:
-            span = tracer.start_span(name)
+            # The current otel context, read once: given to start_span (whose sampler
+            # would read it again) and to the span's own context.
+            if context is None:
+                context = otel_context.get_current()
+            span = tracer.start_span(name, context)
             if span.is_recording() or (current_if_valid and span.get_span_context().is_valid):
-                return span, otel_context.attach(trace.set_span_in_context(span))
+                attached = trace.set_span_in_context(span, context)
+                return span, otel_context.attach(attached), attached
         except Exception:
             self._failed(f"start span {name!r}")
-        return None, None
+        return None, None, None
 
     def _end(self, span: Span | None, token: object) -> None:
         if span is not None:
@@ -528,6 +546,7 @@ class Instrumentation(Observer, _telemetry.Listener):
         # _no_tracer_provider(), inline: this is the no-op path of every context.
         if tracer is None and self._tracer_waits and trace._TRACER_PROVIDER is not None:
             tracer = self._tracer_now()
+        entry = None
         if tracer is None or self._sdk_tracer is not None:
             try:
                 entry = otel_context.get_current()
@@ -559,14 +578,15 @@ class Instrumentation(Observer, _telemetry.Listener):
         except Exception:
             self._failed("name a context span")
             name = "context"
-        span, token = self._start_with(tracer, name, True)
+        # attached: the otel context made current with the span (the exit sees at once that it still is).
+        span, token, attached = self._start_with(tracer, name, True, entry)
         recording = span is not None and span.is_recording()
         if recording and self._meta_keys:
             try:
                 span.set_attributes(self._meta_attributes(meta))  # type: ignore[union-attr]
             except Exception:
                 self._failed("set a context span's meta attributes")
-        return [start, span, token, recording, None, None, metering]
+        return [start, span, token, recording, None, attached, metering]
 
     def context_exiting(self, ctx: DataAccessContext, state: _ContextState) -> None:
         """Make the context's span current again for its commit, if something else is now.
@@ -580,7 +600,8 @@ class Instrumentation(Observer, _telemetry.Listener):
         span = state[1]
         try:
             if span is not None:
-                if trace.get_current_span() is not span:
+                now = otel_context.get_current()
+                if now is not state[5] and trace.get_current_span(now) is not span:
                     state[4] = otel_context.attach(trace.set_span_in_context(span))
             elif state[5] is not None and otel_context.get_current() is not state[5]:
                 state[4] = otel_context.attach(state[5])
