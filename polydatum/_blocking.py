@@ -63,11 +63,13 @@ class ElasticThreads(Executor):
     cannot starve the queue. Threads beyond ``core`` leave after ``linger`` idle seconds; all of
     them are daemon threads, started on first use.
 
-    With ``grow_after`` (seconds), a thread is added for each work item
-    that has waited that long, busy threads or not: for work that mostly
-    waits on I/O (reading a slow store's blocks), where a thread waiting
-    costs no GIL and a queue behind two threads would make every reader
-    wait for all the others.
+    With ``grow_after`` (seconds), the rule is for work that mostly waits on
+    I/O (reading a slow store's blocks), where a thread waiting costs no GIL
+    and a queue behind two threads would make every reader wait for all the
+    others: when every thread has been on its current item for
+    ``grow_after`` and work has waited as long, a thread is added for each
+    such waiting item. Threads that keep finishing quick items (a busy
+    machine, not a slow store) get no company.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class ElasticThreads(Executor):
         self._idle = 0
         self._started = 0
         self._finished = 0
+        self._since: dict[int, float] = {}  # thread ident -> when its current item started (grow_after)
         self._watching = False
         self._shutdown = False
 
@@ -147,6 +150,8 @@ class ElasticThreads(Executor):
                 future, call, args, _ = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
+            if self._grow_after is not None:
+                self._since[threading.get_ident()] = time.monotonic()
             try:
                 result = call(*args)
             except BaseException as exc:  # the caller gets it, as from ThreadPoolExecutor
@@ -154,6 +159,8 @@ class ElasticThreads(Executor):
                 del exc
             else:
                 future.set_result(result)
+            if self._grow_after is not None:
+                self._since.pop(threading.get_ident(), None)
             del future, call, args
             self._finished += 1  # read by _watch; a lost update only delays it a tick
 
@@ -170,12 +177,15 @@ class ElasticThreads(Executor):
                     return
                 now = time.monotonic()
                 if grow_after is not None:
+                    held = sum(1 for since in list(self._since.values()) if now - since >= grow_after)
+                    if self._idle or held < self._threads:
+                        continue  # a thread is free or still cycling through quick items
                     waited = 0
                     for item in self._queue:  # oldest first
                         if now - item[3] < grow_after:
                             break
                         waited += 1
-                    for _ in range(min(waited - self._idle, self._limit - self._threads)):
+                    for _ in range(min(waited, self._limit - self._threads)):
                         self._start()
                     continue
                 stuck = self._finished == finished

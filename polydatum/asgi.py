@@ -578,9 +578,9 @@ CHUNK_SIZE = 64 * 1024
 #: The largest ``chunk_size`` :func:`read_chunks` takes (each chunk is held in memory whole).
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
-# read_chunks' threads: 2 take the reads while they are quick; a read that waited
-# 20 ms for one gets a thread of its own (up to 64), so downloads from a slow store
-# do not queue behind each other, and the extra threads leave once idle.
+# read_chunks' threads: 2 take the reads while they are quick; when all are held
+# 20 ms by slow reads, each read that waited as long gets a thread (up to 64), so
+# downloads from a slow store do not queue behind each other; extras leave once idle.
 _READER_THREADS = 2
 _MAX_READER_THREADS = 64
 _READER_PATIENCE = 0.02
@@ -647,11 +647,13 @@ def read_chunks(
     A read in progress when the client goes away is finished before the
     stream is closed (never a close under a read).
 
-    The default threads: two take the reads while they are quick; a read
-    that has waited 20 ms for one gets a thread of its own (up to 64 in the
-    process), so downloads from a slow store do not queue behind each
-    other; the extra threads leave after 2 idle seconds. Pass ``executor``
-    to bound them otherwise.
+    The default threads: two take the reads while they are quick. When
+    every thread has been on one read for 20 ms (a slow store) and reads
+    have waited as long, each waiting read gets a thread of its own (up to
+    64 in the process), so downloads from a slow store do not queue behind
+    each other; the extra threads leave after 2 idle seconds. A busy
+    machine, whose threads keep finishing quick reads, gets no more. Pass
+    ``executor`` to bound them otherwise.
 
     Args:
         stream: anything with a blocking ``read(size)`` returning bytes

@@ -606,21 +606,38 @@ class TestElasticThreads:
         assert len(names) == 1
 
     async def test_with_grow_after_waiting_work_gets_threads_though_others_progress(self) -> None:
-        """The rule for I/O-bound work: an item that waited ``grow_after`` gets a thread, up to the limit."""
+        """The rule for I/O-bound work: slow items that waited ``grow_after`` get threads, up to the limit."""
         from polydatum._blocking import ElasticThreads
 
         pool = ElasticThreads(1, 6, name="io", grow_after=0.02)
 
         def step() -> str:
-            time.sleep(0.02)  # keeps finishing things: the stuck rule would add no thread
+            time.sleep(0.06)  # keeps finishing things: the stuck rule would add no thread
             return threading.current_thread().name
 
         try:
-            futures = [pool.submit(step) for _ in range(60)]
+            futures = [pool.submit(step) for _ in range(30)]
             names = {f.result(timeout=10) for f in futures}
         finally:
             pool.shutdown()
         assert 1 < len(names) <= 6
+
+    async def test_with_grow_after_quick_items_get_no_company(self) -> None:
+        """Items that each take a moment, queued deep: the threads cycle through them, none is added."""
+        from polydatum._blocking import ElasticThreads
+
+        pool = ElasticThreads(1, 6, name="quickio", grow_after=0.05)
+
+        def step() -> str:
+            time.sleep(0.002)
+            return threading.current_thread().name
+
+        try:
+            futures = [pool.submit(step) for _ in range(150)]  # 0.3 s of work queued at once
+            names = {f.result(timeout=10) for f in futures}
+        finally:
+            pool.shutdown()
+        assert len(names) == 1
 
     async def test_stuck_threads_get_company_up_to_the_limit(self) -> None:
         from polydatum._blocking import ElasticThreads
