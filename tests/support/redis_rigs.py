@@ -30,11 +30,32 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+
+
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
-    for _ in range(200):
-        port = random.randint(20000, 45000)
-        if _bindable(port) and _bindable(port + 10000):
+    """A free port whose cluster bus port (port + 10000) is free too, both below the ephemeral range.
+
+    A port in the range the kernel gives outgoing connections can be taken
+    by one (any client socket of the test run) between this check and the
+    server's bind; the server then exits and nothing ever listens. Below
+    that range only a listener can take it. No port is handed out twice.
+    """
+    high = _ephemeral_low() - 10001
+    low = 11000 if high - 11000 >= 2000 else 20000
+    high = high if low == 11000 else 45000
+    for _ in range(400):
+        port = random.randint(low, high)
+        if port not in _handed_out and _bindable(port) and _bindable(port + 10000):
+            _handed_out.add(port)
             return port
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
