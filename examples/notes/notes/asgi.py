@@ -13,8 +13,14 @@ the same JSON errors.
 The services are synchronous (a SQLAlchemy ``Session``), so the endpoints
 are plain ``def`` s: FastAPI runs them in its thread pool, which copies the
 request's context variables, so ``Depends(dal_dependency(dm))`` gives the
-request's DAL there. Bodies are parsed by hand rather than with pydantic
-models, so every answer (and every error text) is the WSGI API's.
+request's DAL there. Each endpoint but the download is decorated with
+:func:`~polydatum.asgi.commit_in_endpoint`: its unit of work is a context of
+its own, committed (with its hooks) in the endpoint's thread before the
+response is built, which saves the trip from the event loop to a COMMIT
+thread. The download's context stays open until its last block is sent;
+:func:`~polydatum.asgi.read_chunks` reads the blocks outside FastAPI's pool.
+Bodies are parsed by hand rather than with pydantic models, so every answer
+(and every error text) is the WSGI API's.
 
 It serves the endpoints the load uses: sign-up, adding notebooks and
 notes, reading, editing and deleting a note, attaching a file and fetching
