@@ -370,18 +370,12 @@ class _Exchange:
             added = (name.lower().encode("latin-1"), value.encode("latin-1"))
             self.held = {**held, "headers": [*held.get("headers", []), added]}
 
-    def _str_headers(self) -> list[tuple[str, str]]:
-        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers]
-
     async def exit(self, exc: BaseException | None) -> BaseException | None:
         """Exit the context with ``exc`` (or the veto's signal); return what escapes it."""
         self.exited = True
         if exc is None and self.status:
-            veto = self.middleware.veto
-            headers = self._str_headers() if veto is not default_veto else []
             try:
-                if veto(self.status, headers):
-                    exc = RollbackResponse(self.status, headers or self._str_headers())
+                exc = _vetoed(self.middleware.veto, self.status, self.headers)
             except Exception as err:  # a broken veto rolls back and is reported
                 exc = err
         try:
@@ -501,6 +495,22 @@ class _EndpointExchange:
         self.exited = False
 
 
+def _vetoed(veto: Veto, status: int, raw: list[tuple[bytes, bytes]]) -> RollbackResponse | None:
+    """The signal to roll back when ``veto`` refuses ``status`` (headers as sent), else None.
+
+    The default veto reads no headers, so they are decoded only for another
+    veto or for the signal.
+    """
+    headers = _decoded(raw) if veto is not default_veto else []
+    if veto(status, headers):
+        return RollbackResponse(status, headers or _decoded(raw))
+    return None
+
+
+def _decoded(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+
+
 def _veto_returned(veto: Veto, result: Any, kwargs: Mapping[str, Any]) -> None:
     """Raise RollbackResponse when ``veto`` refuses the status an endpoint gave its response.
 
@@ -517,10 +527,9 @@ def _veto_returned(veto: Veto, result: Any, kwargs: Mapping[str, Any]) -> None:
                 break
         else:
             return  # the route's status, a success
-    raw = getattr(response, "raw_headers", None) or ()
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw] if veto is not default_veto else []
-    if veto(status, headers):
-        raise RollbackResponse(status, headers)
+    signal = _vetoed(veto, status, getattr(response, "raw_headers", None) or [])
+    if signal is not None:
+        raise signal
 
 
 async def _send_error(send: Send, exc: BaseException) -> None:
