@@ -45,6 +45,16 @@ def fixture_db(url: str) -> Iterator[Database]:
     db.dispose()
 
 
+@pytest.fixture(name="pg_db")
+def fixture_pg_db(pg_url: str) -> Iterator[Database]:
+    """A sync Database on this module's PostgreSQL database, with the test tables, dropped afterwards."""
+    db = Database(pg_url)
+    Base.metadata.create_all(db.engine)
+    yield db
+    Base.metadata.drop_all(db.engine)
+    db.dispose()
+
+
 @pytest.fixture(name="redis_cluster", scope="session")
 def fixture_redis_cluster() -> Iterator[RedisClusterRig]:
     """A private Redis Cluster (3 primaries, 3 replicas) shared by the session, stopped afterwards.

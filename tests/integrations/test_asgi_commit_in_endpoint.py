@@ -10,7 +10,6 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import httpx
@@ -35,17 +34,7 @@ from polydatum.asgi import (
 )
 from polydatum.errors import NoActiveContextError, NotFound
 from polydatum.sqlalchemy import Database
-from tests.support.sql import Base, Item, Items
-
-
-@pytest.fixture(name="db")
-def fixture_db(pg_url: str) -> Iterator[Database]:
-    """A sync Database on this module's PostgreSQL database, with the test tables (emptied after)."""
-    db = Database(pg_url)
-    Base.metadata.create_all(db.engine)
-    yield db
-    Base.metadata.drop_all(db.engine)
-    db.dispose()
+from tests.support.sql import Item, Items
 
 
 def names(db: Database) -> list[str]:
@@ -124,51 +113,51 @@ def client(api: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test")
 
 
-async def test_the_commit_runs_in_the_endpoints_thread_before_it_returns(db: Database) -> None:
+async def test_the_commit_runs_in_the_endpoints_thread_before_it_returns(pg_db: Database) -> None:
     """The COMMIT runs in the endpoint's thread; the middleware's context makes no trip to a thread."""
-    dm = wired(db)
+    dm = wired(pg_db)
     commits: list[int] = []
-    event.listen(db.engine, "commit", lambda _conn: commits.append(threading.get_ident()))
+    event.listen(pg_db.engine, "commit", lambda _conn: commits.append(threading.get_ident()))
     async with client(app_of(dm)) as http:
         made = await http.post("/items/a")
     assert made.status_code == 201
     assert commits == [made.json()["thread"]]
     assert commits[0] != threading.get_ident()  # not the loop's
-    assert names(db) == ["a"]
+    assert names(pg_db) == ["a"]
     # The request's own context created nothing: it closed on the loop, so the
     # COMMIT threads (made on first use) were never asked for.
-    assert "_committer" not in db.__dict__
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert "_committer" not in pg_db.__dict__
+    assert pg_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-async def test_a_failed_commit_is_the_endpoints_error(db: Database) -> None:
+async def test_a_failed_commit_is_the_endpoints_error(pg_db: Database) -> None:
     """A COMMIT the server refuses (a duplicate) raises in the endpoint: never a 201 the client saw."""
-    dm = wired(db)
+    dm = wired(pg_db)
     async with client(app_of(dm)) as http:
         assert (await http.post("/items/dup")).status_code == 201
         with pytest.raises(IntegrityError):  # httpx's transport raises what a server would answer 500 to
             await http.post("/items/dup")
-    assert names(db) == ["dup"]
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert names(pg_db) == ["dup"]
+    assert pg_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-async def test_an_error_raised_in_the_endpoint_rolls_back_and_maps(db: Database) -> None:
-    dm = wired(db)
+async def test_an_error_raised_in_the_endpoint_rolls_back_and_maps(pg_db: Database) -> None:
+    dm = wired(pg_db)
     async with client(app_of(dm)) as http:
         answer = await http.post("/missing/ghost")
     assert answer.status_code == 404
     assert answer.json()["message"] == "no such thing as ghost"
-    assert names(db) == []
+    assert names(pg_db) == []
 
 
-async def test_a_returned_error_response_rolls_back_unless_vetoed(db: Database) -> None:
+async def test_a_returned_error_response_rolls_back_unless_vetoed(pg_db: Database) -> None:
     """The middleware's veto decides for a response the endpoint returns, and sees its headers."""
-    dm = wired(db)
+    dm = wired(pg_db)
     async with client(app_of(dm)) as http:
         answer = await http.post("/refused/no")
     assert answer.status_code == 409
     assert answer.json() == {"refused": "no"}
-    assert names(db) == []
+    assert names(pg_db) == []
 
     seen: list[tuple[int, list[tuple[str, str]]]] = []
 
@@ -176,50 +165,50 @@ async def test_a_returned_error_response_rolls_back_unless_vetoed(db: Database) 
         seen.append((status, list(headers)))
         return ("x-keep", "yes") not in headers
 
-    async with client(app_of(wired(db), veto=keep)) as http:
+    async with client(app_of(wired(pg_db), veto=keep)) as http:
         answer = await http.post("/refused/kept")
     assert answer.status_code == 409
-    assert names(db) == ["kept"]
+    assert names(pg_db) == ["kept"]
     assert seen[0][0] == 409
     assert ("x-keep", "yes") in seen[0][1]
 
 
-async def test_the_endpoint_has_its_own_context_with_the_requests_meta(db: Database) -> None:
+async def test_the_endpoint_has_its_own_context_with_the_requests_meta(pg_db: Database) -> None:
     """request_context() inside the endpoint is the endpoint's context, with the request's meta."""
-    dm = wired(db)
+    dm = wired(pg_db)
     async with client(app_of(dm)) as http:
         answer = await http.get("/contexts", headers={"x-request-id": "req-42"})
     assert answer.json() == {"same": True, "meta": "req-42"}
 
 
-async def test_a_status_set_on_fastapis_response_parameter_is_vetoed(db: Database) -> None:
-    dm = wired(db)
+async def test_a_status_set_on_fastapis_response_parameter_is_vetoed(pg_db: Database) -> None:
+    dm = wired(pg_db)
     async with client(app_of(dm)) as http:
         answer = await http.post("/status/set")
     assert answer.status_code == 409
-    assert names(db) == []
+    assert names(pg_db) == []
 
 
-async def test_a_decorated_call_inside_a_decorated_endpoint_joins_its_unit_of_work(db: Database) -> None:
-    dm = wired(db)
+async def test_a_decorated_call_inside_a_decorated_endpoint_joins_its_unit_of_work(pg_db: Database) -> None:
+    dm = wired(pg_db)
     commits: list[int] = []
-    event.listen(db.engine, "commit", lambda _conn: commits.append(1))
+    event.listen(pg_db.engine, "commit", lambda _conn: commits.append(1))
     async with client(app_of(dm)) as http:
         assert (await http.post("/nested/ok")).status_code == 200
         assert len(commits) == 1  # one COMMIT for the endpoint and its helper
         assert (await http.post("/nested/fail")).status_code == 404
-    assert names(db) == ["ok", "ok-inner"]  # the failed endpoint took its helper's write with it
+    assert names(pg_db) == ["ok", "ok-inner"]  # the failed endpoint took its helper's write with it
 
 
-async def test_an_endpoint_raising_the_rollback_signal_itself_rolls_back(db: Database) -> None:
-    dm = wired(db)
+async def test_an_endpoint_raising_the_rollback_signal_itself_rolls_back(pg_db: Database) -> None:
+    dm = wired(pg_db)
     async with client(app_of(dm)) as http:
         with pytest.raises(RollbackResponse):  # httpx's transport raises what reaches the server
             await http.post("/raises-rollback")
-    assert names(db) == []
+    assert names(pg_db) == []
 
 
-def test_outside_the_middleware_it_says_what_to_add(db: Database) -> None:
+def test_outside_the_middleware_it_says_what_to_add(pg_db: Database) -> None:
     @commit_in_endpoint
     def endpoint() -> int:
         return 1
@@ -238,18 +227,18 @@ def test_an_async_endpoint_is_refused_when_decorated() -> None:
         commit_in_endpoint(42)  # type: ignore[type-var]
 
 
-async def test_a_context_that_created_nothing_closes_on_the_loop(db: Database) -> None:
+async def test_a_context_that_created_nothing_closes_on_the_loop(pg_db: Database) -> None:
     """An ``async with`` context over a sync Database that used no session makes no trip to a thread."""
-    dm = wired(db)
+    dm = wired(pg_db)
     async with dm.context():
         pass
     async with dm.context() as ctx:
         ctx.meta.get("x")
-    assert "_committer" not in db.__dict__
+    assert "_committer" not in pg_db.__dict__
     async with dm.context() as ctx:  # one that did use its session still commits in a thread
         ctx.db.add(Item(name="used"))
-    assert "_committer" in db.__dict__
-    assert names(db) == ["used"]
+    assert "_committer" in pg_db.__dict__
+    assert names(pg_db) == ["used"]
 
 
 # -- read_chunks ------------------------------------------------------------------
@@ -293,7 +282,7 @@ async def test_read_chunks_reads_in_threads_of_its_own_and_closes() -> None:
     assert "close" not in kept.events
 
 
-async def test_read_chunks_keeps_a_stream_moving_while_the_pool_is_full(db: Database) -> None:
+async def test_read_chunks_keeps_a_stream_moving_while_the_pool_is_full(pg_db: Database) -> None:
     """FastAPI's only thread held by an endpoint that waits for the download: the download still ends.
 
     Its blocks wait until that endpoint holds the thread; read in FastAPI's
@@ -302,7 +291,7 @@ async def test_read_chunks_keeps_a_stream_moving_while_the_pool_is_full(db: Data
     """
     import anyio.to_thread
 
-    dm = wired(db)
+    dm = wired(pg_db)
     api = FastAPI()
     stream = Blocks(3)
     stream.gate = threading.Event()  # the first read waits until /busy holds the thread

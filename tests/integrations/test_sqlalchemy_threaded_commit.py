@@ -29,16 +29,6 @@ from tests.support.sql import Base, Item
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture(name="pg_db")
-def fixture_pg_db(pg_url: str) -> Iterator[Database]:
-    """A sync Database on this module's PostgreSQL database, with the test tables."""
-    db = Database(pg_url)
-    Base.metadata.create_all(db.engine)
-    yield db
-    Base.metadata.drop_all(db.engine)
-    db.dispose()
-
-
 def wired(db: Database) -> DataManager:
     """A DataManager with ``db`` installed as ``ctx.db``."""
     dm = DataManager()
@@ -572,6 +562,23 @@ class TestCommitThreads:
             Database(pg_url, commit_threads=bad)
 
 
+def thread_names(pool: Any, count: int, seconds: float) -> set[str]:
+    """Queue ``count`` items that each sleep ``seconds`` on ``pool`` at once; the threads that ran them.
+
+    The pool is shut down afterwards.
+    """
+
+    def step() -> str:
+        time.sleep(seconds)
+        return threading.current_thread().name
+
+    try:
+        futures = [pool.submit(step) for _ in range(count)]
+        return {f.result(timeout=10) for f in futures}
+    finally:
+        pool.shutdown()
+
+
 class TestElasticThreads:
     """The executor behind commit_threads: few threads while work is quick, more only while they are stuck."""
 
@@ -593,16 +600,7 @@ class TestElasticThreads:
         from polydatum._blocking import ElasticThreads
 
         pool = ElasticThreads(1, 8, name="busy", patience=0.2)
-
-        def step() -> str:
-            time.sleep(0.005)
-            return threading.current_thread().name
-
-        try:
-            futures = [pool.submit(step) for _ in range(100)]  # 0.5 s of work queued at once
-            names = {f.result(timeout=10) for f in futures}
-        finally:
-            pool.shutdown()
+        names = thread_names(pool, 100, 0.005)  # 0.5 s of work queued at once
         assert len(names) == 1
 
     async def test_with_grow_after_waiting_work_gets_threads_though_others_progress(self) -> None:
@@ -610,16 +608,7 @@ class TestElasticThreads:
         from polydatum._blocking import ElasticThreads
 
         pool = ElasticThreads(1, 6, name="io", grow_after=0.02)
-
-        def step() -> str:
-            time.sleep(0.06)  # keeps finishing things: the stuck rule would add no thread
-            return threading.current_thread().name
-
-        try:
-            futures = [pool.submit(step) for _ in range(30)]
-            names = {f.result(timeout=10) for f in futures}
-        finally:
-            pool.shutdown()
+        names = thread_names(pool, 30, 0.06)  # keeps finishing things: the stuck rule would add no thread
         assert 1 < len(names) <= 6
 
     async def test_with_grow_after_quick_items_get_no_company(self) -> None:
@@ -627,16 +616,7 @@ class TestElasticThreads:
         from polydatum._blocking import ElasticThreads
 
         pool = ElasticThreads(1, 6, name="quickio", grow_after=0.05)
-
-        def step() -> str:
-            time.sleep(0.002)
-            return threading.current_thread().name
-
-        try:
-            futures = [pool.submit(step) for _ in range(150)]  # 0.3 s of work queued at once
-            names = {f.result(timeout=10) for f in futures}
-        finally:
-            pool.shutdown()
+        names = thread_names(pool, 150, 0.002)  # 0.3 s of work queued at once
         assert len(names) == 1
 
     async def test_stuck_threads_get_company_up_to_the_limit(self) -> None:
