@@ -1,6 +1,6 @@
 """Core overhead: ns per operation, and the ratio to a plain-Python baseline.
 
-Run: python benchmarks/core.py [--quick]
+Run: python benchmarks/core.py [--quick] [--processes N] [--no-peers]
 
 Scenarios (docs/benchmarks.md):
   S1 enter+exit an empty context
@@ -23,6 +23,13 @@ work), dishka (a ``Scope.REQUEST`` container) and dependency-injector (a
 ``DeclarativeContainer`` whose per-request resource is a
 ``ContextLocalResource``, shut down at the end of the unit of work).
 The script also runs against polydatum 0.9.x/1.0 (features they lack print n/a).
+
+Every figure is the median over several fresh processes (5, or 3 with
+``--quick``), each keeping the best of its interleaved rounds. One process
+is not enough: on this machine the same loop runs up to 1.6x slower in one
+process than in the next (the hash seed and the memory layout decide which
+lookups collide), and that moves the ratio between two libraries by as much
+as +-30%. The peer ratios print their spread over the processes too.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import json
+import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -42,7 +52,10 @@ from polydatum.context import DataAccessContext
 
 QUICK = "--quick" in sys.argv
 LOOPS = 10_000 if QUICK else 50_000
-ROUNDS = 7 if QUICK else 15
+ROUNDS = 7 if QUICK else 15  # for scripts that measure in one process (otel.py, recorder.py)
+PROCESSES = 3 if QUICK else 5
+PROCESS_ROUNDS = 3 if QUICK else 5  # each of core.py's processes
+WORKER = "--worker" in sys.argv
 # Async generator resources (``await ctx.aget``) came with 2.0; older versions print n/a for S7.
 ASYNC_RESOURCES = hasattr(DataAccessContext, "aget")
 
@@ -54,7 +67,8 @@ class Bench:
     scenarios in every round keeps their ratios honest.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rounds: int = ROUNDS) -> None:
+        self.rounds = rounds
         self.cases: dict[str, Callable[[int], Any]] = {}
         self.best: dict[str, float] = {}
 
@@ -70,7 +84,7 @@ class Bench:
     def run(self) -> dict[str, float]:
         for fn in self.cases.values():
             fn(500)  # warm caches
-        for _ in range(ROUNDS):
+        for _ in range(self.rounds):
             for key, fn in self.cases.items():
                 gc.collect()
                 start = time.perf_counter_ns()
@@ -524,11 +538,12 @@ SCENARIOS = [
 ]
 
 
-def main() -> None:
+def measure() -> tuple[dict[str, float], list[str]]:
+    """One process's measurement: the best ns of every case, and the peers measured."""
     supports_async = hasattr(type(polydatum.DataManager().context()), "__aenter__")
     dm = make_dm()
     dm_mw = make_dm(middleware=2)
-    bench = Bench()
+    bench = Bench(PROCESS_ROUNDS)
     bench.add("baseline", baseline)
     for (key, _), make in zip(SCENARIOS[:5], (s1, s2, s3, s4, s5), strict=True):
         bench.add(key, make(dm))
@@ -545,53 +560,117 @@ def main() -> None:
         bench.add_async("plain S7", plain_s7)
     # --peers was needed before the peers were measured by default; still accepted.
     peers = [] if "--no-peers" in sys.argv else add_peers(bench)
-    best = bench.run()
-    base = best["baseline"]
+    return bench.run(), peers
+
+
+def processes() -> int:
+    if "--processes" in sys.argv:
+        return max(1, int(sys.argv[sys.argv.index("--processes") + 1]))
+    return PROCESSES
+
+
+class Runs:
+    """The measurements of several processes, summarised as medians."""
+
+    def __init__(self, runs: list[dict[str, float]]) -> None:
+        self.runs = runs
+
+    def ns(self, key: str) -> float | None:
+        values = [run[key] for run in self.runs if key in run]
+        return statistics.median(values) if values else None
+
+    def ratios(self, top: str, bottom: str) -> list[float]:
+        """``top / bottom`` in each process that measured both."""
+        return [run[top] / run[bottom] for run in self.runs if top in run and bottom in run]
+
+    def ratio(self, top: str, bottom: str) -> float | None:
+        values = self.ratios(top, bottom)
+        return statistics.median(values) if values else None
+
+
+def main() -> None:
+    if WORKER:
+        best, peers = measure()
+        print(json.dumps({"best": best, "peers": peers}))
+        return
+    count = processes()
+    flags = [arg for arg in sys.argv[1:] if arg in ("--quick", "--no-peers", "--peers")]
+    results = []
+    for index in range(count):
+        print(f"process {index + 1} of {count}...", file=sys.stderr, flush=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", *flags], check=True, capture_output=True, text=True
+        ).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    runs = Runs([result["best"] for result in results])
+    peers = results[0]["peers"]
+    report(runs, peers, count)
+
+
+def report(runs: Runs, peers: list[str], count: int) -> None:
+    base = runs.ns("baseline") or 1.0
     print(f"polydatum {getattr(polydatum, '__version__', '?')} on Python {sys.version.split()[0]}")
-    print(f"baseline (ContextVar set + method call + reset): {base:.0f} ns; {ROUNDS} rounds of {LOOPS}")
+    print(
+        f"baseline (ContextVar set + method call + reset): {base:.0f} ns; "
+        f"median of {count} processes, each the best of {PROCESS_ROUNDS} rounds of {LOOPS}"
+    )
     head = (
         f"{'':3} {'scenario':34} {'sync ns':>8} {'x base':>7} "
         f"{'async ns':>9} {'x base':>7} {'async/sync':>10}"
     )
     print(head)
     for key, desc in SCENARIOS:
-        sync_ns = best.get(key)
-        async_ns = best.get(f"async {key}")
-        sync_txt = f"{sync_ns:8.0f} {sync_ns / base:7.1f}" if sync_ns else f"{'n/a':>8} {'':7}"
+        sync_ns = runs.ns(key)
+        async_ns = runs.ns(f"async {key}")
+        sync_txt = f"{'n/a':>8} {'':7}"
+        if sync_ns:
+            sync_txt = f"{sync_ns:8.0f} {runs.ratio(key, 'baseline'):7.1f}"
         async_txt = f"{'n/a':>9}"
         if async_ns:
-            async_txt = f"{async_ns:9.0f} {async_ns / base:7.1f}"
+            async_txt = f"{async_ns:9.0f} {runs.ratio(f'async {key}', 'baseline'):7.1f}"
             if sync_ns:
-                async_txt += f" {async_ns / sync_ns:10.2f}"
+                async_txt += f" {runs.ratio(f'async {key}', key):10.2f}"
         print(f"{key:3} {desc:34} {sync_txt} {async_txt}")
-    floor = best.get("plain S7")
+    floor = runs.ns("plain S7")
     if floor:
         print(f"S7 by hand with plain asyncio (the floor): {floor:.0f} ns, {floor / base:.1f}x base")
     if peers:
-        print_peers(best, base, peers)
+        print_peers(runs, peers)
 
 
-def print_peers(best: dict[str, float], base: float, peers: list[str]) -> None:
+def print_peers(runs: Runs, peers: list[str]) -> None:
     """ns and x base per peer and scenario, then each peer's time over polydatum's (>1: polydatum ahead).
 
-    S1-S4 compare with polydatum's sync figures, S7 with its async one.
+    S1-S4 compare with polydatum's sync figures, S7 with its async one. A
+    ratio is the median of the per-process ratios; the line under it gives
+    their lowest and highest.
     """
     print()
     print(f"{'peer':20} " + " ".join(f"{key:>15}" for key in PEER_SCENARIOS))
-    rows = [("polydatum", {k: best.get(k if k != "S7" else "async S7") for k in PEER_SCENARIOS})]
-    rows += [(peer, {k: best.get(f"{peer} {k}") for k in PEER_SCENARIOS}) for peer in peers]
-    for name, cells in rows:
-        text = " ".join(
-            f"{'n/a':>15}" if ns is None else f"{ns:8.0f} {ns / base:5.1f}x" for ns in cells.values()
-        )
-        print(f"{name:20} {text}")
-    ours = rows[0][1]
-    for name, cells in rows[1:]:
-        ratios = []
+
+    def ours(key: str) -> str:
+        return key if key != "S7" else "async S7"
+
+    names = ["polydatum", *peers]
+    for name in names:
+        cells = []
         for key in PEER_SCENARIOS:
-            theirs, mine = cells[key], ours[key]
-            ratios.append(f"{'n/a':>15}" if theirs is None or mine is None else f"{theirs / mine:15.2f}")
-        print(f"{name + '/polydatum':20} " + " ".join(ratios))
+            case = ours(key) if name == "polydatum" else f"{name} {key}"
+            ns = runs.ns(case)
+            cells.append(f"{'n/a':>15}" if ns is None else f"{ns:8.0f} {runs.ratio(case, 'baseline'):5.1f}x")
+        print(f"{name:20} " + " ".join(cells))
+    for name in peers:
+        middle, spread = [], []
+        for key in PEER_SCENARIOS:
+            values = runs.ratios(f"{name} {key}", ours(key))
+            if not values:
+                middle.append(f"{'n/a':>15}")
+                spread.append(f"{'':>15}")
+                continue
+            middle.append(f"{statistics.median(values):15.2f}")
+            spread.append(f"{f'{min(values):.2f}-{max(values):.2f}':>15}")
+        print(f"{name + '/polydatum':20} " + " ".join(middle))
+        print(f"{'  lowest-highest':20} " + " ".join(spread))
 
 
 if __name__ == "__main__":
