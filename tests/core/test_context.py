@@ -170,6 +170,21 @@ class TestLifecycleOrder:
             assert events == ["open a"]
         assert events == ["open a", "close a"]
 
+    def test_resource_attribute_deleted_by_the_body_still_closes(self, events: list[str]) -> None:
+        """A body that deletes the cached attribute neither leaks the resource nor breaks the exit."""
+        dm = DataManager()
+        dm.register_resources(a=resource(events, "a"))
+        with dm.context() as ctx:
+            ctx.a
+            del ctx.a
+        assert events == ["open a", "close a"]
+        assert ctx.get_resource_exit_errors() == []
+        with dm.context() as again:
+            assert "a" not in vars(again)
+            again.a
+        assert "a" not in vars(again), "the attribute caching the value is gone after the exit"
+        assert events == ["open a", "close a", "open a", "close a"]
+
     def test_resource_per_context(self) -> None:
         """Each context creates its own resource value."""
         made: list[object] = []
