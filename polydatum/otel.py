@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from polydatum import _telemetry
 from polydatum._commands import path_name
 from polydatum.errors import DalMethodError
+from polydatum.meta import Meta
 from polydatum.observer import DalPath, Observer, Proceed
 
 try:
@@ -92,7 +93,6 @@ else:
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
     from polydatum.dal import DataManager
-    from polydatum.meta import Meta
     from polydatum.outbox import Outbox
 
 _T = TypeVar("_T")
@@ -168,13 +168,16 @@ def default_span_name(meta: Meta) -> str:
 
     .. versionadded:: 2.0
     """
-    task = meta.get("task_name")
+    # Meta's own dict when meta is a plain Meta (a subclass may override get()):
+    # this runs for every context span.
+    values: Mapping[str, Any] = meta._values if type(meta) is Meta else meta
+    task = values.get("task_name")
     if task:
         return str(task)
-    method = meta.get("method")
+    method = values.get("method")
     if method:
         method = method if method in _HTTP_METHODS else "HTTP"
-        route = meta.get("route")
+        route = values.get("route")
         return f"{method} {route}" if route else str(method)
     return "context"
 

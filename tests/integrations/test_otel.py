@@ -351,6 +351,17 @@ def test_default_span_name(meta: dict[str, Any], name: str) -> None:
     assert default_span_name(Meta(meta)) == name
 
 
+def test_default_span_name_asks_a_meta_subclass_through_its_get() -> None:
+    """A Meta subclass (1.0 code brings its own) is read through its get(), not Meta's dict."""
+
+    class TaskMeta(Meta):
+        def get(self, key: str, default: Any = None) -> Any:
+            return "reports.nightly" if key == "task_name" else super().get(key, default)
+
+    assert default_span_name(TaskMeta({"method": "GET"})) == "reports.nightly"
+    assert default_span_name(Meta({"method": "GET"})) == "GET"
+
+
 def test_meta_keys_not_listed_never_reach_the_exporter(dm: DataManager, telemetry: Telemetry) -> None:
     """Only meta keys in meta_attributes are exported: a secret in another key is in no span or metric."""
     with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider, meta_attributes=("tenant",)):
