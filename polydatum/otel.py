@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from contextvars import ContextVar
 from inspect import isawaitable
 from time import monotonic, perf_counter
 from types import CoroutineType, NoneType
@@ -89,6 +90,35 @@ else:
     except ImportError:  # pragma: no cover - an API that moved it: no span is ever found
         _SPAN_KEY = "polydatum.no-span-key"
     _METER_PROXY_KNOWN = _ProxyMeter is not None and hasattr(_metrics_api, "_METER_PROVIDER")
+    # The API's default runtime keeps the current otel context in one ContextVar:
+    # read and set directly, it spares two Python calls each time (a context span
+    # reads it twice and sets it once). Another runtime (OTEL_PYTHON_CONTEXT) is
+    # always asked through the API.
+    try:
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+    except ImportError:  # pragma: no cover - an API that moved it
+        ContextVarsRuntimeContext = None  # type: ignore[assignment,misc]
+    _runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    _runtime_var = getattr(_runtime, "_current_context", None)
+    if type(_runtime) is ContextVarsRuntimeContext and isinstance(_runtime_var, ContextVar):
+        _get_current: Callable[[], otel_context.Context] = _runtime_var.get
+        _attach: Callable[[otel_context.Context], Any] = _runtime_var.set
+        _reset: Callable[[Any], None] = _runtime_var.reset
+    else:  # pragma: no cover - tested in a subprocess with another runtime
+        _get_current = otel_context.get_current
+        _attach = otel_context.attach
+        _reset = otel_context.detach
+
+
+def _detach(token: Any) -> None:
+    """``otel_context.detach(token)``, with the direct reset when it can."""
+    try:
+        _reset(token)
+    except Exception:
+        # A token of another contextvars state (a context that ended in another
+        # task): the API logs the failure and carries on, as it always did.
+        otel_context.detach(token)
+
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -389,7 +419,7 @@ class Instrumentation(Observer, _telemetry.Listener):
             tracer = self._tracer_now()
             if tracer is None:
                 return None, None
-            context = otel_context.get_current()  # read once for the check and the span
+            context = _get_current()  # read once for the check and the span
             if self._inherits_no(context):
                 return None, None
         except Exception:
@@ -414,11 +444,11 @@ class Instrumentation(Observer, _telemetry.Listener):
             # The current otel context, read once: given to start_span (whose sampler
             # would read it again) and to the span's own context.
             if context is None:
-                context = otel_context.get_current()
+                context = _get_current()
             span = tracer.start_span(name, context)
             if span.is_recording() or (current_if_valid and span.get_span_context().is_valid):
                 attached = trace.set_span_in_context(span, context)
-                return span, otel_context.attach(attached), attached
+                return span, _attach(attached), attached
         except Exception:
             self._failed(f"start span {name!r}")
         return None, None, None
@@ -430,7 +460,7 @@ class Instrumentation(Observer, _telemetry.Listener):
             except Exception:
                 self._failed("end a span")
         if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
+            _detach(token)
 
     # -- what the cache and blob integrations report ---------------------------
 
@@ -511,7 +541,7 @@ class Instrumentation(Observer, _telemetry.Listener):
         try:
             if not carrier.get(TRACEPARENT) or trace.get_current_span().get_span_context().is_valid:
                 return None
-            return otel_context.attach(propagate.extract(carrier))
+            return _attach(propagate.extract(carrier))
         except Exception:
             self._failed("continue a task's trace")
             return None
@@ -519,7 +549,7 @@ class Instrumentation(Observer, _telemetry.Listener):
     def task_ended(self, token: object) -> None:
         """Undo :meth:`task_started`."""
         if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
+            _detach(token)
 
     # -- the context span -----------------------------------------------------
 
@@ -552,7 +582,7 @@ class Instrumentation(Observer, _telemetry.Listener):
         entry = None
         if tracer is None or self._sdk_tracer is not None:
             try:
-                entry = otel_context.get_current()
+                entry = _get_current()
                 parent = entry.get(_SPAN_KEY)
                 if tracer is None:
                     # Kept only if it holds a span, as the no-op tracer's would be made current.
@@ -603,11 +633,11 @@ class Instrumentation(Observer, _telemetry.Listener):
         span = state[1]
         try:
             if span is not None:
-                now = otel_context.get_current()
+                now = _get_current()
                 if now is not state[5] and trace.get_current_span(now) is not span:
-                    state[4] = otel_context.attach(trace.set_span_in_context(span))
-            elif state[5] is not None and otel_context.get_current() is not state[5]:
-                state[4] = otel_context.attach(state[5])
+                    state[4] = _attach(trace.set_span_in_context(span))
+            elif state[5] is not None and _get_current() is not state[5]:
+                state[4] = _attach(state[5])
         except Exception:
             self._failed("make a context's span current for its commit")
 
@@ -627,7 +657,7 @@ class Instrumentation(Observer, _telemetry.Listener):
                 self._failed("record a context's metrics")
         if span is None:
             if token is not None:
-                otel_context.detach(token)
+                _detach(token)
             return
         try:
             if recording:
@@ -693,7 +723,7 @@ class Instrumentation(Observer, _telemetry.Listener):
         if type(result) is CoroutineType or (type(result) not in _NEVER_AWAITABLE and isawaitable(result)):
             # An async method (or chain): the span lasts until it is awaited.
             if token is not None:
-                otel_context.detach(token)  # type: ignore[arg-type]
+                _detach(token)
             return self._awaited(result, span, name, start)
         attributes = self._method_attrs.get(name)
         if span is None and attributes is not None:
@@ -710,7 +740,7 @@ class Instrumentation(Observer, _telemetry.Listener):
         token = None
         if span is not None:
             try:
-                token = otel_context.attach(trace.set_span_in_context(span))
+                token = _attach(trace.set_span_in_context(span))
             except Exception:
                 self._failed("make a DAL call's span current")
         try:

@@ -496,6 +496,59 @@ print(HAVE_OTEL, dm.wiring.plain, dm.get_dal()._direct, record.request_id, recor
     assert done.stdout.split() == ["False", "True", "True", "r9", "None"]
 
 
+def test_another_runtime_context_is_asked_through_the_api() -> None:
+    """With a runtime context other than the API's own, spans are made current through the API: the
+    instrumentation's spans and the app's still nest."""
+    code = """
+from opentelemetry import context, trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+class Runtime(ContextVarsRuntimeContext):
+    calls = 0
+    def get_current(self):
+        Runtime.calls += 1
+        return super().get_current()
+context._RUNTIME_CONTEXT = Runtime()
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from polydatum import DataManager, Service
+from polydatum.otel import instrument
+class Users(Service):
+    def get(self, user_id):
+        with provider.get_tracer("app").start_as_current_span("inner"):
+            return user_id
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+dm = DataManager()
+dm.register_services(users=Users())
+instrument(dm, tracer_provider=provider)
+with dm.dal() as dal:
+    dal.users.get(1)
+spans = {span.name: span for span in exporter.get_finished_spans()}
+print(Runtime.calls > 0, spans["inner"].parent.span_id == spans["users.get"].context.span_id,
+      spans["users.get"].parent.span_id == spans["context"].context.span_id, context.get_current() == {})
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True", "True", "True"]
+
+
+def test_a_token_of_another_contextvars_state_is_logged_as_the_api_does(caplog: pytest.LogCaptureFixture) -> None:
+    """polydatum resets the otel context directly; a token it cannot reset (set under another
+    contextvars state) goes to otel_context.detach, which logs and carries on, as before."""
+    import contextvars
+
+    from opentelemetry import context as otel_context
+
+    from polydatum.otel import _detach
+
+    token = contextvars.Context().run(otel_context.attach, otel_context.Context({"k": 1}))
+    with caplog.at_level(logging.ERROR, logger="opentelemetry.context"):
+        _detach(token)
+    assert "Failed to detach context" in caplog.text
+    assert otel_context.get_current() == {}
+
+
 class RaisingProcessor(SpanProcessor):
     """A span processor that fails on every span, at its start or at its end."""
 
