@@ -563,6 +563,23 @@ def measure() -> tuple[dict[str, float], list[str]]:
     return bench.run(), peers
 
 
+def in_processes(script: str, count: int) -> list[Any]:
+    """Run ``script --worker`` in ``count`` fresh processes, one after another.
+
+    Each worker prints its measurement as one JSON line; this run's
+    ``--quick`` and ``--no-peers`` pass on to it.
+    """
+    flags = [arg for arg in sys.argv[1:] if arg in ("--quick", "--no-peers", "--peers")]
+    results = []
+    for index in range(count):
+        print(f"process {index + 1} of {count}...", file=sys.stderr, flush=True)
+        out = subprocess.run(
+            [sys.executable, script, "--worker", *flags], check=True, capture_output=True, text=True
+        ).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
 def processes() -> int:
     if "--processes" in sys.argv:
         return max(1, int(sys.argv[sys.argv.index("--processes") + 1]))
@@ -594,14 +611,7 @@ def main() -> None:
         print(json.dumps({"best": best, "peers": peers}))
         return
     count = processes()
-    flags = [arg for arg in sys.argv[1:] if arg in ("--quick", "--no-peers", "--peers")]
-    results = []
-    for index in range(count):
-        print(f"process {index + 1} of {count}...", file=sys.stderr, flush=True)
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", *flags], check=True, capture_output=True, text=True
-        ).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = in_processes(__file__, count)
     runs = Runs([result["best"] for result in results])
     peers = results[0]["peers"]
     report(runs, peers, count)
