@@ -38,6 +38,7 @@ exporter that blocks) is logged, never raised into the unit of work.
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
@@ -60,6 +61,7 @@ try:
         NoOpTracer,
         ProxyTracer,
         Span,
+        SpanContext,
         SpanKind,
         Status,
         StatusCode,
@@ -110,6 +112,21 @@ else:
         _reset = otel_context.detach
 
 
+def _flags_and_validity() -> Callable[[Any], tuple[int, bool]]:
+    """``span_context -> (trace_flags, is_valid)``, read by index when SpanContext allows it.
+
+    The API's SpanContext is a tuple (trace_id, span_id, is_remote, trace_flags,
+    trace_state, is_valid) whose fields are Python properties; a context under a
+    parent that is not sampled reads two of them, so one C call replaces two
+    property calls when two probes show that layout.
+    """
+    valid = SpanContext(1, 2, False, TraceFlags(TraceFlags.SAMPLED))
+    invalid = SpanContext(0, 0, False, TraceFlags(TraceFlags.DEFAULT))
+    if tuple(valid[3:]) == (valid.trace_flags, valid.trace_state, True) and invalid[5] is False:
+        return operator.itemgetter(3, 5)
+    return lambda span_context: (span_context.trace_flags, span_context.is_valid)  # pragma: no cover
+
+
 def _detach(token: Any) -> None:
     """``otel_context.detach(token)``, with the direct reset when it can."""
     try:
@@ -119,6 +136,9 @@ def _detach(token: Any) -> None:
         # task): the API logs the failure and carries on, as it always did.
         otel_context.detach(token)
 
+
+if HAVE_OTEL:
+    _FLAGS_AND_VALIDITY = _flags_and_validity()
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
@@ -590,10 +610,10 @@ class Instrumentation(Observer, _telemetry.Listener):
                 # The SDK marks a span that does not record as a NonRecordingSpan;
                 # any other parent is left to the sampler.
                 if type(parent) is NonRecordingSpan:
-                    parent_context = parent.get_span_context()
+                    flags, valid = _FLAGS_AND_VALIDITY(parent.get_span_context())
                     if (
-                        not parent_context.trace_flags & _SAMPLED
-                        and parent_context.is_valid
+                        not flags & _SAMPLED
+                        and valid
                         and (
                             self._drops_unsampled
                             if self._sdk_tracer.sampler is self._sampler
