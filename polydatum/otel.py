@@ -95,7 +95,8 @@ else:
     # The API's default runtime keeps the current otel context in one ContextVar:
     # read and set directly, it spares two Python calls each time (a context span
     # reads it twice and sets it once). Another runtime (OTEL_PYTHON_CONTEXT) is
-    # always asked through the API.
+    # always asked through the API. The runtime is the one the API loaded when this
+    # module was imported; the API itself never replaces it.
     try:
         from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
     except ImportError:  # pragma: no cover - an API that moved it
