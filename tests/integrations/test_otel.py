@@ -533,7 +533,9 @@ print(Runtime.calls > 0, spans["inner"].parent.span_id == spans["users.get"].con
     assert done.stdout.split() == ["True", "True", "True", "True"]
 
 
-def test_a_token_of_another_contextvars_state_is_logged_as_the_api_does(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_token_of_another_contextvars_state_is_logged_as_the_api_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """polydatum resets the otel context directly; a token it cannot reset (set under another
     contextvars state) goes to otel_context.detach, which logs and carries on, as before."""
     import contextvars
