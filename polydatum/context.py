@@ -345,7 +345,16 @@ class DataAccessContext(Generic[DalT]):
         if self._lean and self._state == CREATED:
             self._token = self._push_ctx(self)
             self._state = OPEN
-            self._enter_observed()
+            self._dirty = True
+            observer = self._wiring.observer
+            if observer is not None:
+                # Inline, not a helper's call: every instrumented request enters here.
+                try:
+                    self._observed = observer.context_entered(self)
+                except BaseException as exc:
+                    self._close(exc)
+                    raise
+                self._observer = observer
             return self
         self._push(False)
         self._dirty = True
@@ -365,18 +374,6 @@ class DataAccessContext(Generic[DalT]):
             self._close(exc)
             raise
         return self
-
-    def _enter_observed(self) -> None:
-        """The lean entry's observer call; the context is pushed and open."""
-        self._dirty = True
-        observer = self._wiring.observer
-        if observer is not None:
-            try:
-                self._observed = observer.context_entered(self)
-            except BaseException as exc:
-                self._close(exc)
-                raise
-            self._observer = observer
 
     def _push_ctx(self, ctx: DataAccessContext) -> Any:
         # Bound classes replace this with the stack variable's own ``set``.
@@ -403,11 +400,10 @@ class DataAccessContext(Generic[DalT]):
             self._async = True
             return self
         if self._lean and self._state == CREATED:
-            self._token = self._push_ctx(self)
-            self._state = OPEN
+            # The sync entry's lean branch (this class's own, whatever a subclass's
+            # __enter__ does), on a context marked async first.
             self._async = True
-            self._enter_observed()
-            return self
+            return DataAccessContext.__enter__(self)
         self._push(True)
         self._dirty = True
         try:
@@ -484,11 +480,17 @@ class DataAccessContext(Generic[DalT]):
 
         The common case of a request that used a session, kept lean.
         """
-        if self._observer is not None:
+        observer = self._observer
+        if observer is not None:
+            # _observer_exit, inline: every instrumented request leaves here.
             try:
-                self._observer.context_exiting(self, self._observed)
+                observer.context_exiting(self, self._observed)
             finally:
-                self._observer_exit(exc)
+                self._observer = None
+                try:
+                    observer.context_exited(self, self._observed, exc)
+                except BaseException as err:
+                    self._hook_failed(observer.context_exited, err)
         self._state = CLOSING
         if self._created is not None:
             self._teardown_resources(exc)

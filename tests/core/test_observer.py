@@ -208,6 +208,43 @@ def test_an_observer_failing_on_exit_is_collected_like_a_hook_error(
     assert [type(e[1]) for e in ctx.get_hook_errors()] == [RuntimeError]
 
 
+class FailsOnEntry(Observer):
+    """An observer whose context_entered raises; records whether context_exited still came."""
+
+    def __init__(self) -> None:
+        self.exited = 0
+
+    def context_entered(self, ctx: Any) -> Any:
+        raise RuntimeError("observer broke on entry")
+
+    def context_exited(self, ctx: Any, state: Any, exc: BaseException | None) -> None:
+        self.exited += 1
+
+
+def test_an_observer_failing_on_entry_fails_the_entry_and_leaves_no_context(dm: DataManager) -> None:
+    """context_entered raising: the error escapes the with, the body never runs, no context stays active."""
+    observer = FailsOnEntry()
+    dm.set_observer(observer)
+    ran = []
+    with pytest.raises(RuntimeError, match="on entry"), dm.context():
+        ran.append(1)  # pragma: no cover - the entry failed
+    assert ran == []
+    assert dm.get_active_context() is None
+    assert observer.exited == 0, "an observer that never entered is not told of an exit"
+
+
+async def test_an_observer_failing_on_async_entry_leaves_no_context(dm: DataManager) -> None:
+    """The same through ``async with``: the lean async entry shares the sync one's observer call."""
+    dm.set_observer(FailsOnEntry())
+    with pytest.raises(RuntimeError, match="on entry"):
+        async with dm.context():
+            pass  # pragma: no cover - the entry failed
+    assert dm.get_active_context() is None
+    dm.set_observer(None)
+    async with dm.context() as ctx:
+        assert dm.get_active_context() is ctx, "the failed entry left nothing on the stack"
+
+
 def test_set_observer_refuses_a_second_observer_and_non_observers(dm: DataManager) -> None:
     """One observer per manager: a second is refused naming the first; a non-Observer is a TypeError."""
     first = Recorder()
