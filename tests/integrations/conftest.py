@@ -35,9 +35,8 @@ def fixture_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
     return str(request.getfixturevalue("pg_url"))
 
 
-@pytest.fixture(name="db")
-def fixture_db(url: str) -> Iterator[Database]:
-    """A Database on each backend with the test tables (tests/support/sql.py), dropped afterwards."""
+def _with_tables(url: str) -> Iterator[Database]:
+    """A Database on ``url`` with the test tables (tests/support/sql.py), dropped and disposed afterwards."""
     db = Database(url)
     Base.metadata.create_all(db.engine)
     yield db
@@ -45,14 +44,16 @@ def fixture_db(url: str) -> Iterator[Database]:
     db.dispose()
 
 
+@pytest.fixture(name="db")
+def fixture_db(url: str) -> Iterator[Database]:
+    """A Database on each backend with the test tables, dropped afterwards."""
+    yield from _with_tables(url)
+
+
 @pytest.fixture(name="pg_db")
 def fixture_pg_db(pg_url: str) -> Iterator[Database]:
     """A sync Database on this module's PostgreSQL database, with the test tables, dropped afterwards."""
-    db = Database(pg_url)
-    Base.metadata.create_all(db.engine)
-    yield db
-    Base.metadata.drop_all(db.engine)
-    db.dispose()
+    yield from _with_tables(pg_url)
 
 
 @pytest.fixture(name="redis_cluster", scope="session")

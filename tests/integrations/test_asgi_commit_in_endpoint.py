@@ -208,7 +208,7 @@ async def test_an_endpoint_raising_the_rollback_signal_itself_rolls_back(pg_db: 
     assert names(pg_db) == []
 
 
-def test_outside_the_middleware_it_says_what_to_add(pg_db: Database) -> None:
+def test_outside_the_middleware_it_says_what_to_add() -> None:
     @commit_in_endpoint
     def endpoint() -> int:
         return 1

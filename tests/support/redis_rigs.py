@@ -49,9 +49,9 @@ def free_cluster_port() -> int:
     server's bind; the server then exits and nothing ever listens. Below
     that range only a listener can take it. No port is handed out twice.
     """
-    high = _ephemeral_low() - 10001
-    low = 11000 if high - 11000 >= 2000 else 20000
-    high = high if low == 11000 else 45000
+    low, high = 11000, _ephemeral_low() - 10001
+    if high - low < 2000:  # a kernel whose ephemeral range starts low: the old range
+        low, high = 20000, 45000
     for _ in range(400):
         port = random.randint(low, high)
         if port not in _handed_out and _bindable(port) and _bindable(port + 10000):
