@@ -52,7 +52,7 @@ from polydatum.context import DataAccessContext
 
 QUICK = "--quick" in sys.argv
 LOOPS = 10_000 if QUICK else 50_000
-ROUNDS = 7 if QUICK else 15  # for scripts that measure in one process (otel.py, recorder.py)
+ROUNDS = 7 if QUICK else 15  # for scripts that measure in one process (recorder.py)
 PROCESSES = 3 if QUICK else 5
 PROCESS_ROUNDS = 3 if QUICK else 5  # each of core.py's processes
 WORKER = "--worker" in sys.argv
