@@ -482,15 +482,16 @@ class DataAccessContext(Generic[DalT]):
         """
         observer = self._observer
         if observer is not None:
-            # _observer_exit, inline: every instrumented request leaves here.
+            # _observer_exiting and _observer_exit, inline: every instrumented request leaves here.
+            self._observer = None
             try:
                 observer.context_exiting(self, self._observed)
-            finally:
-                self._observer = None
-                try:
-                    observer.context_exited(self, self._observed, exc)
-                except BaseException as err:
-                    self._hook_failed(observer.context_exited, err)
+            except BaseException as err:
+                self._hook_failed(observer.context_exiting, err)
+            try:
+                observer.context_exited(self, self._observed, exc)
+            except BaseException as err:
+                self._hook_failed(observer.context_exited, err)
         self._state = CLOSING
         if self._created is not None:
             self._teardown_resources(exc)
@@ -511,10 +512,8 @@ class DataAccessContext(Generic[DalT]):
         The common case of an async request that used an async session.
         """
         if self._observer is not None:
-            try:
-                self._observer.context_exiting(self, self._observed)
-            finally:
-                self._observer_exit(exc)
+            self._observer_exiting()
+            self._observer_exit(exc)
         self._state = CLOSING
         if self._created is not None:
             await self._ateardown_resources(exc)
@@ -566,7 +565,7 @@ class DataAccessContext(Generic[DalT]):
             self._begin_close()
         try:
             if self._observer is not None:
-                self._observer.context_exiting(self, self._observed)
+                self._observer_exiting()
             middleware = self._middleware
             if middleware:
                 self._middleware = None
@@ -599,7 +598,7 @@ class DataAccessContext(Generic[DalT]):
         # nothing to COMMIT: their exits run here, without the trip.)
         try:
             if self._observer is not None:
-                self._observer.context_exiting(self, self._observed)
+                self._observer_exiting()
             middleware = self._middleware
             if middleware:
                 self._middleware = None
@@ -641,7 +640,7 @@ class DataAccessContext(Generic[DalT]):
         assert threads is not None
         try:
             if self._observer is not None:
-                self._observer.context_exiting(self, self._observed)
+                self._observer_exiting()
             exc = await run_blocking(self._close_steps, exc, asyncio.get_running_loop(), executor=threads())
         finally:
             if self._observer is not None:
@@ -666,6 +665,15 @@ class DataAccessContext(Generic[DalT]):
         if self._hooks:
             self._run_hooks(exc is None, loop)
         return exc
+
+    def _observer_exiting(self) -> None:
+        # Like context_exited's, a failure is collected as a hook error: the
+        # close goes on (middleware, hooks, resources, the stack) whatever the observer did.
+        observer = self._observer
+        try:
+            observer.context_exiting(self, self._observed)
+        except BaseException as err:
+            self._hook_failed(observer.context_exiting, err)
 
     def _observer_exit(self, exc: BaseException | None) -> None:
         observer, self._observer = self._observer, None

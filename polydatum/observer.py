@@ -42,8 +42,9 @@ hook                    when
 ======================  =========================================================
 
 A hook runs inline in the unit of work: it must be cheap and must not raise
-(an exception from ``context_entered`` fails the context's entry, one from
-``context_exited`` is collected like a hook error). A context entered before
+(an exception from ``context_entered`` fails the context's entry; one from
+``context_exiting`` or ``context_exited`` is collected like a hook error and the
+context still closes whole: middleware, hooks, resources). A context entered before
 :meth:`~polydatum.dal.DataManager.set_observer` (or under another observer)
 is not told about, and its DAL calls get ``state`` None, as do calls made
 after ``context_exited`` (a resource's teardown calling the DAL).

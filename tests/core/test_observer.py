@@ -298,3 +298,97 @@ def test_a_new_observer_never_gets_the_state_of_the_one_before(dm: DataManager) 
         dal.users.get(1)
     assert second.events == [("call", None, "users.get", (1,)), ("done", "users.get")]
     assert first.events == [("enter", 1), ("exit", 1, None, 0)]
+
+
+class FailsOnExiting(Observer):
+    """An observer whose context_exiting raises; counts the exits it is still told of."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.exited: list[str | None] = []
+
+    def context_exiting(self, ctx: Any, state: Any) -> None:
+        raise self.error
+
+    def context_exited(self, ctx: Any, state: Any, exc: BaseException | None) -> None:
+        self.exited.append(type(exc).__name__ if exc else None)
+
+
+def closing_resources(dm: DataManager) -> list[str]:
+    """Register a sync and an async resource that log their teardown; return the log."""
+    closed: list[str] = []
+
+    def conn(ctx: Any) -> Iterator[str]:
+        try:
+            yield "conn"
+        finally:
+            closed.append("conn")
+
+    async def aconn(ctx: Any) -> Any:
+        try:
+            yield "aconn"
+        finally:
+            closed.append("aconn")
+
+    dm.register_resources(conn=conn, aconn=aconn)
+    return closed
+
+
+@pytest.mark.parametrize("middleware", [False, True], ids=["lean", "middleware"])
+def test_an_observer_failing_while_exiting_is_collected_and_the_context_closes_whole(
+    dm: DataManager, middleware: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """context_exiting raising is collected like a hook error; the exit is told, all closes, the stack pops"""
+    closed = closing_resources(dm)
+    if middleware:
+
+        def transaction(ctx: Any) -> Iterator[None]:
+            yield
+            closed.append("middleware")
+
+        dm.register_context_middleware(transaction)
+    observer = FailsOnExiting(RuntimeError("observer broke while exiting"))
+    dm.set_observer(observer)
+    with dm.context() as ctx:
+        assert ctx.conn == "conn"
+    assert [type(e[1]) for e in ctx.get_hook_errors()] == [RuntimeError]
+    assert "observer broke while exiting" in caplog.text
+    assert observer.exited == [None], "context_exited still comes, with the context's outcome"
+    assert closed == (["middleware", "conn"] if middleware else ["conn"])
+    assert dm.get_active_context() is None
+    with dm.context() as again:
+        assert dm.get_active_context() is again
+
+
+async def test_an_observer_failing_while_exiting_an_async_context_is_collected(dm: DataManager) -> None:
+    """The async lean exit (an async resource to close) does the same."""
+    closed = closing_resources(dm)
+    observer = FailsOnExiting(RuntimeError("observer broke while exiting"))
+    dm.set_observer(observer)
+    entered: list[Any] = []
+
+    async def failing_body() -> None:
+        async with dm.context() as ctx:
+            entered.append(ctx)
+            assert await ctx.aget("aconn") == "aconn"
+            raise KeyError("the body's own error")
+
+    with pytest.raises(KeyError):
+        await failing_body()
+    [ctx] = entered
+    assert [type(e[1]) for e in ctx.get_hook_errors()] == [RuntimeError]
+    assert observer.exited == ["KeyError"]
+    assert closed == ["aconn"]
+    assert dm.get_active_context() is None
+
+
+def test_an_interrupt_from_context_exiting_propagates_once_the_context_closed(dm: DataManager) -> None:
+    """A KeyboardInterrupt in context_exiting is not swallowed: it escapes after the close, as from a hook."""
+    closed = closing_resources(dm)
+    observer = FailsOnExiting(KeyboardInterrupt())
+    dm.set_observer(observer)
+    with pytest.raises(KeyboardInterrupt), dm.context() as ctx:
+        assert ctx.conn == "conn"
+    assert closed == ["conn"]
+    assert observer.exited == [None]
+    assert dm.get_active_context() is None
