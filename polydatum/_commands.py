@@ -384,7 +384,9 @@ class Command(DalCommand):
         """Run the call in ``ctx``: the method middleware chain, or the method when there is none."""
         dal = self._dal
         if dal._direct:
-            return self._target_for(ctx)(*args, **kwargs)
+            if kwargs:
+                return self._target_for(ctx)(*args, **kwargs)
+            return self._target_for(ctx)(*args)
         request = DalCommandRequest(ctx, self.path, args, kwargs)
         request._command = self
         if dal._async_chain and not ctx._async:

@@ -124,6 +124,10 @@ class DataAccessContext(Generic[DalT]):
     # Set only in contexts entered while the manager had an observer (see observer.py).
     _observer: Any = None
     _observed: Any = None
+    # Set by an observer of this package (polydatum.otel) when its dal_call would only
+    # pass calls through in this context (nothing recorded or measured): the DAL then
+    # skips it. A private seam: Observer subclasses elsewhere are always called.
+    _unobserved_calls = False
     _async_resources = False
     _has_legacy_hooks = False
     # Set when every context middleware may run its sync form in a worker thread

@@ -291,7 +291,12 @@ class DataAccessLayer:
         observer = self._observer
         if observer is not None:
             # The state is the observer's own only if it saw this context enter.
-            state = ctx._observed if ctx._observer is observer else None
+            if ctx._observer is observer:
+                if ctx._unobserved_calls:
+                    return command.proceed(ctx, args, kwargs)
+                state = ctx._observed
+            else:
+                state = None
             return observer.dal_call(ctx, state, command.path, command.proceed, args, kwargs)
         return self._dispatch_chain(ctx, command, args, kwargs)
 

@@ -606,6 +606,9 @@ class Instrumentation(Observer, _telemetry.Listener):
                 entry = _get_current()
                 parent = entry.get(_SPAN_KEY)
                 if tracer is None:
+                    if not metering:
+                        # dal_call would only pass this context's calls through: the DAL skips it.
+                        ctx._unobserved_calls = True
                     # Kept only if it holds a span, as the no-op tracer's would be made current.
                     return [start, None, None, False, None, None if parent is None else entry, metering]
                 # The SDK marks a span that does not record as a NonRecordingSpan;
@@ -621,6 +624,8 @@ class Instrumentation(Observer, _telemetry.Listener):
                             else self._sampler_drops_unsampled()
                         )
                     ):
+                        if not metering:
+                            ctx._unobserved_calls = True
                         return [start, None, None, False, None, entry, metering]
             except Exception:
                 self._failed("read a context's parent span")
@@ -640,6 +645,8 @@ class Instrumentation(Observer, _telemetry.Listener):
                 span.set_attributes(self._meta_attributes(meta))  # type: ignore[union-attr]
             except Exception:
                 self._failed("set a context span's meta attributes")
+        elif not recording and not metering:
+            ctx._unobserved_calls = True
         return [start, span, token, recording, None, attached, metering]
 
     def context_exiting(self, ctx: DataAccessContext, state: _ContextState) -> None:

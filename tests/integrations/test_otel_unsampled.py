@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -32,6 +34,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from polydatum import DataManager, Service
+from polydatum.errors import DalMethodError
 from polydatum.otel import instrument
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
@@ -228,3 +231,50 @@ def test_the_parent_is_current_again_for_the_commit_when_something_detached_it()
     assert at_commit == [parent]
     assert ids.spans == 0
     assert not trace.get_current_span().get_span_context().is_valid
+
+
+@pytest.mark.parametrize("sampler", [None, ALWAYS_OFF], ids=["default", "always_off"])
+def test_calls_of_a_context_that_records_nothing_still_run_their_method_middleware(
+    parent: NonRecordingSpan, sampler: Sampler | None
+) -> None:
+    """A context with nothing to record or measure skips the observer on its calls (the DAL calls the
+    method middleware and the method directly): middleware, nested calls and errors are unchanged."""
+    dm, seen, provider, ids = traced(sampler)
+    order: list[str] = []
+
+    def log_path(request: Any, handler: Any) -> Any:
+        order.append(request.path_name)
+        return handler(request)
+
+    dm.register_method_middleware(log_path)
+    with instrument(dm, tracer_provider=provider), dm.dal() as dal:
+        dal.seen.look()
+        with pytest.raises(DalMethodError, match="'nope'"):
+            dal.seen.nope()
+    assert order == ["seen.look", "seen.nope"]
+    assert seen.spans == [parent]
+    assert ids.spans == 0
+
+
+def test_calls_of_an_unsampled_context_are_still_measured_when_a_meter_is_set(
+    parent: NonRecordingSpan,
+) -> None:
+    """Nothing recorded but something measured: each call's duration still reaches the meter."""
+    dm, _seen, provider, ids = traced()
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    with instrument(dm, tracer_provider=provider, meter_provider=meter_provider), dm.dal() as dal:
+        dal.seen.look()
+        dal.seen.look()
+    assert ids.spans == 0
+    data = reader.get_metrics_data()
+    assert data is not None
+    counts = {
+        point.attributes["polydatum.dal.method"]: point.count
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "polydatum.dal.call.duration"
+        for point in metric.data.data_points
+    }
+    assert counts == {"seen.look": 2}
