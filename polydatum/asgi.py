@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
@@ -71,6 +72,7 @@ from concurrent.futures import Executor
 from inspect import isawaitable, iscoroutinefunction
 from typing import Any, Protocol, TypeVar, cast
 
+from polydatum import _factories
 from polydatum._blocking import ElasticThreads, run_blocking
 from polydatum._renamed import module_getattr
 from polydatum._web import (
@@ -253,7 +255,7 @@ class PolydatumASGIMiddleware:
             return
         exchange = _Exchange(self, ctx, send)
         token = current_exchange.set(exchange)
-        scope = {**scope, SCOPE_KEY: ctx}
+        scope = exchange.scope = {**scope, SCOPE_KEY: ctx}
         try:
             if kind == "http":
                 await self.app(scope, receive, exchange.send)
@@ -303,6 +305,7 @@ class _Exchange:
         "middleware",
         "position_ctx",
         "replaced",
+        "scope",
         "status",
         "trailers",
     )
@@ -319,6 +322,9 @@ class _Exchange:
         self.trailers = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        # The scope handed to the app: Starlette's router records the matched route
+        # and endpoint in it (in place), which commit_in_endpoint reads.
+        self.scope: Scope = {}
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -417,14 +423,22 @@ def commit_in_endpoint(endpoint: F) -> F:
       the route has already registered the undecorated function.
     - The endpoint rolls back when it raises, and when the status of its
       response is one the middleware's ``veto`` refuses (by default, 400
-      or more): the status of a response it returns, or the one it set on
-      FastAPI's ``response: Response`` parameter.
+      or more): the status of a response it returns, else the one it set on
+      FastAPI's ``response: Response`` parameter, else the route's own.
     - What it returns is serialized after its context closed: return data
       built inside (dicts, models you fill in), not ORM objects with
       attributes still to load (they are detached by then).
     - Inside, ``dm.get_active_context()``, the DAL and
       :func:`request_context` are the endpoint's context. A decorated
       function called from a decorated endpoint joins its unit of work.
+    - One transaction per request: only the endpoint the router matched
+      opens a context, and only while the request's context holds no work.
+      When a dependency already used it (created a resource, registered a
+      hook), or the decorated function is a helper called from an
+      undecorated endpoint or a dependency, it joins the request's context,
+      which commits when the response ends.
+    - Its context is sync: an ``async def`` commit hook is refused where it
+      is registered (``TypeError``).
     - The middleware's own context, if nothing used it, closes with no trip
       to a thread. Read-your-writes positions report the endpoint's commits.
     - Not for a streamed response whose body reads through the DAL: the
@@ -433,24 +447,18 @@ def commit_in_endpoint(endpoint: F) -> F:
       last chunk; see :func:`read_chunks`).
 
     Raises:
-        TypeError: ``endpoint`` is an ``async def``: it runs on the event
+        TypeError: ``endpoint`` is async (an ``async def``, a partial of one,
+            an object with an async ``__call__``): it runs on the event
             loop, where a sync COMMIT would stall every request; use the
-            middleware's context (with an ``AsyncDatabase``) there.
+            middleware's context (with an ``AsyncDatabase``) there. Or it
+            is a generator function, whose body would run after its
+            context closed.
         NoActiveContextError: (when called) the request is not served
             through :class:`PolydatumASGIMiddleware`.
 
     .. versionadded:: 2.0
     """
-    if not callable(endpoint):
-        msg = f"commit_in_endpoint decorates a def endpoint, got {endpoint!r}"
-        raise TypeError(msg)
-    if iscoroutinefunction(endpoint):
-        msg = (
-            f"commit_in_endpoint is for plain def endpoints (run in the thread pool); "
-            f"{endpoint.__qualname__} is async: use the middleware's context there "
-            "(an AsyncDatabase commits without blocking the loop)"
-        )
-        raise TypeError(msg)
+    _check_endpoint(endpoint)
 
     @functools.wraps(endpoint)
     def in_own_context(*args: Any, **kwargs: Any) -> Any:
@@ -459,12 +467,19 @@ def commit_in_endpoint(endpoint: F) -> F:
             return endpoint(*args, **kwargs)  # called from a decorated endpoint: one unit of work
         if not isinstance(exchange, _Exchange) or exchange.exited:
             msg = (
-                f"{endpoint.__qualname__} is decorated with commit_in_endpoint, which opens its context with "
-                "the request's meta; serve the app through "
-                "app.add_middleware(PolydatumASGIMiddleware, data_manager=dm)"
+                f"{_factories.describe(endpoint)} is decorated with commit_in_endpoint, which opens its "
+                "context with the meta of the request being served, and no request is: serve the app "
+                "through app.add_middleware(PolydatumASGIMiddleware, data_manager=dm); to call it "
+                "in a test or a task, call the undecorated function (its __wrapped__)"
             )
             raise NoActiveContextError(msg)
         outer = exchange.ctx
+        if not _is_the_endpoint(exchange.scope, in_own_context) or _has_started(outer):
+            # A helper called from an undecorated endpoint or a dependency, or an
+            # endpoint whose dependencies already used the request's context: one
+            # unit of work per request, so it joins the request's context (which
+            # commits when the response ends) rather than open a second transaction.
+            return endpoint(*args, **kwargs)
         ctx = outer.data_manager.context(outer.meta)
         # This thread's copy of the context variables: request_context() is the endpoint's here.
         token = current_exchange.set(_EndpointExchange(ctx))
@@ -472,7 +487,7 @@ def commit_in_endpoint(endpoint: F) -> F:
         try:
             with ctx:
                 result = endpoint(*args, **kwargs)
-                _veto_returned(exchange.middleware.veto, result, kwargs)
+                _veto_returned(exchange.middleware.veto, result, kwargs, exchange.scope)
         except RollbackResponse:
             if result is _UNSET:
                 raise  # the endpoint's own
@@ -483,6 +498,55 @@ def commit_in_endpoint(endpoint: F) -> F:
         return result
 
     return cast("F", in_own_context)
+
+
+def _check_endpoint(endpoint: object) -> None:
+    """Refuse what commit_in_endpoint cannot run in a thread and commit: a coroutine or generator."""
+    if not callable(endpoint):
+        msg = f"commit_in_endpoint decorates a def endpoint, got {_factories.describe(endpoint)}"
+        raise TypeError(msg)
+    target: Any = endpoint
+    while isinstance(target, functools.partial):
+        target = target.func
+    call = target if inspect.isfunction(target) or inspect.ismethod(target) else type(target).__call__
+    if iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+        msg = (
+            f"commit_in_endpoint is for plain def endpoints (run in the thread pool); "
+            f"{_factories.describe(endpoint)} is async: use the middleware's context there "
+            "(an AsyncDatabase commits without blocking the loop)"
+        )
+        raise TypeError(msg)
+    if inspect.isgeneratorfunction(call):
+        msg = (
+            f"commit_in_endpoint decorates an endpoint that returns its response; "
+            f"{_factories.describe(endpoint)} is a generator function, whose body would run after "
+            "its context closed: return a StreamingResponse over read_chunks() from an undecorated endpoint"
+        )
+        raise TypeError(msg)
+
+
+def _is_the_endpoint(scope: Scope, wrapper: Callable[..., Any]) -> bool:
+    """Whether ``wrapper`` is (or wraps) the endpoint the router matched; True when it cannot tell.
+
+    Starlette's router records the matched endpoint in the request's scope; a
+    scope without one (another router, or a middleware that copied the scope)
+    leaves the decorator its own context, as for an endpoint.
+    """
+    matched = scope.get("endpoint")
+    if matched is None:
+        return True
+    for _ in range(32):  # a chain of functools.wraps, without trusting it to end
+        if matched is wrapper:
+            return True
+        matched = getattr(matched, "__wrapped__", None)
+        if matched is None:
+            return False
+    return False
+
+
+def _has_started(ctx: DataAccessContext) -> bool:
+    """Whether the request's context holds work already: a resource created or a hook registered."""
+    return bool(ctx._created) or bool(ctx._hooks)
 
 
 class _EndpointExchange:
@@ -511,11 +575,12 @@ def _decoded(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
 
 
-def _veto_returned(veto: Veto, result: Any, kwargs: Mapping[str, Any]) -> None:
+def _veto_returned(veto: Veto, result: Any, kwargs: Mapping[str, Any], scope: Scope) -> None:
     """Raise RollbackResponse when ``veto`` refuses the status an endpoint gave its response.
 
     That is the status of the response it returned, or else the one it set
-    on the ``response: Response`` parameter FastAPI injects.
+    on the ``response: Response`` parameter FastAPI injects, or else the
+    route's own (``@app.post(..., status_code=...)``), as FastAPI picks it.
     """
     response = result
     status = getattr(result, "status_code", None)
@@ -526,7 +591,10 @@ def _veto_returned(veto: Veto, result: Any, kwargs: Mapping[str, Any]) -> None:
                 response = value
                 break
         else:
-            return  # the route's status, a success
+            status = getattr(scope.get("route"), "status_code", None)
+            if type(status) is not int:
+                return  # the framework's default status, a success
+            response = None
     signal = _vetoed(veto, status, getattr(response, "raw_headers", None) or [])
     if signal is not None:
         raise signal

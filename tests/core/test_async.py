@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -893,21 +894,55 @@ async def test_hooks_may_use_resources_and_register_more_hooks(dm: DataManager) 
     assert log == ["conn setup", ("first", "conn"), "registered by a hook", "conn teardown"]
 
 
-async def test_an_async_hook_in_a_sync_context_is_a_collected_type_error(dm: DataManager) -> None:
-    """An async hook in a sync context is closed unrun and collected as a TypeError naming ``async with``."""
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda fn: fn, lambda fn: functools.partial(fn), lambda fn: AsyncCall(fn)],
+    ids=["coroutine function", "partial", "async __call__"],
+)
+async def test_an_async_hook_in_a_sync_context_is_refused_where_it_is_registered(
+    dm: DataManager, wrap: Callable[[Any], Any]
+) -> None:
+    """A hook declared async, registered in a sync context, is a TypeError at once naming ``async with``."""
+    ran: Log = []
+
+    async def async_hook() -> None:
+        ran.append("ran")  # pragma: no cover - never called
+
+    with dm.context() as ctx:
+        with pytest.raises(TypeError, match='enter the context with "async with"'):
+            ctx.on_commit(wrap(async_hook))
+        ctx.on_commit(ran.append, "sync")
+    assert ran == ["sync"]
+    assert ctx.get_hook_errors() == []
+
+
+async def test_a_hook_returning_an_awaitable_in_a_sync_context_is_a_collected_type_error(
+    dm: DataManager,
+) -> None:
+    """A sync callable that returns a coroutine is only known at the commit: closed unrun, collected."""
     ran: Log = []
 
     async def async_hook() -> None:
         ran.append("ran")  # pragma: no cover - never awaited
 
     with dm.context() as ctx:
-        ctx.on_commit(async_hook)
+        ctx.on_commit(lambda: async_hook())
         ctx.on_commit(ran.append, "sync")
     gc.collect()  # an un-closed coroutine would warn here (warnings are errors)
     assert ran == ["sync"]
     [(exc_type, exc, _)] = ctx.get_hook_errors()
     assert exc_type is TypeError
     assert 'enter the context with "async with"' in str(exc)
+
+
+class AsyncCall:
+    """An object whose ``__call__`` is a coroutine function."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    async def __call__(self) -> None:
+        await self.fn()  # pragma: no cover - never called
 
 
 # -- error paths ---------------------------------------------------------------

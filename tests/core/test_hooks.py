@@ -383,17 +383,15 @@ class TestHookErrors:
         assert dm.get_active_context() is None
 
     def test_async_hook_in_sync_context(self) -> None:
-        """A coroutine function as a hook in a sync context is an error collected (not left unawaited)."""
+        """A coroutine function as a hook in a sync context is refused at registration (never unawaited)."""
 
-        async def notify() -> None:  # pragma: no cover - never awaited, closed by the context
+        async def notify() -> None:  # pragma: no cover - never called
             pass
 
         dm = DataManager()
-        with dm.context() as ctx:
-            ctx.on_commit(notify)
-        errors = ctx.get_hook_errors()
-        assert [t for t, _, _ in errors] == [TypeError]
-        assert "async with" in str(errors[0][1])
+        with dm.context() as ctx, pytest.raises(TypeError, match="async with"):
+            ctx.on_rollback(notify)
+        assert ctx.get_hook_errors() == []
 
 
 class TestRegistrationErrors:

@@ -7,6 +7,7 @@ blocking stream for a streamed body in threads that are not FastAPI's pool.
 
 # No "from __future__ import annotations": FastAPI reads the endpoints' annotations at run time.
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -213,18 +214,131 @@ def test_outside_the_middleware_it_says_what_to_add() -> None:
     def endpoint() -> int:
         return 1
 
-    with pytest.raises(NoActiveContextError, match=r"add_middleware\(PolydatumASGIMiddleware"):
+    with pytest.raises(NoActiveContextError, match=r"add_middleware\(PolydatumASGIMiddleware.*__wrapped__"):
         endpoint()
+    dm = DataManager()
+    with dm.context():  # a test's own context is not a request: the message says how to call it there
+        with pytest.raises(NoActiveContextError, match="no request is"):
+            endpoint()
+        assert endpoint.__wrapped__() == 1  # type: ignore[attr-defined]
 
 
-def test_an_async_endpoint_is_refused_when_decorated() -> None:
-    async def endpoint() -> int:
-        return 1
+class AsyncCallable:
+    async def __call__(self) -> int:
+        return 1  # pragma: no cover - never called
 
-    with pytest.raises(TypeError, match=r"plain def endpoints.*is async"):
+
+async def async_endpoint() -> int:
+    return 1  # pragma: no cover - never called
+
+
+async def async_generator_endpoint() -> Any:
+    yield 1  # pragma: no cover - never called
+
+
+def generator_endpoint() -> Any:
+    yield 1  # pragma: no cover - never called
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        (async_endpoint, r"plain def endpoints.*is async"),
+        (functools.partial(async_endpoint), r"plain def endpoints.*is async"),
+        (AsyncCallable(), r"plain def endpoints.*is async"),
+        (async_generator_endpoint, r"plain def endpoints.*is async"),
+        (generator_endpoint, r"generator function.*read_chunks"),
+        (42, "decorates a def endpoint, got"),
+    ],
+    ids=[
+        "async def",
+        "partial of async def",
+        "async __call__",
+        "async generator",
+        "generator",
+        "not callable",
+    ],
+)
+def test_what_cannot_commit_in_its_thread_is_refused_when_decorated(endpoint: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
         commit_in_endpoint(endpoint)
-    with pytest.raises(TypeError, match="decorates a def endpoint"):
-        commit_in_endpoint(42)  # type: ignore[type-var]
+
+
+def joining_app(dm: DataManager, commits: list[int]) -> FastAPI:
+    """Endpoints whose dependencies or undecorated callers use the request's context first."""
+    api = FastAPI()
+    Dal = Annotated[DataAccessLayer, Depends(dal_dependency(dm))]
+
+    def made_by_dependency(dal: Dal, name: str) -> int:
+        return int(dal.items.create(name=f"{name}-dep").id)
+
+    @api.post("/dependency/{name}")
+    @commit_in_endpoint
+    def after_dependency(name: str, dal: Dal, dep_id: Annotated[int, Depends(made_by_dependency)]) -> Any:
+        seen = dal.items.get(dep_id) is not None  # the dependency's row, not yet committed
+        dal.items.update(dep_id, name=f"{name}-dep-edited")  # its row lock: a second transaction would wait
+        dal.items.create(name=name)
+        if name.startswith("fail"):
+            raise NotFound("failed after the dependency's write")
+        return {"seen": seen}
+
+    @commit_in_endpoint
+    def helper(name: str) -> None:
+        dm.get_dal().items.create(name=f"{name}-helper")
+
+    @api.post("/undecorated/{name}")
+    def undecorated(name: str, dal: Dal) -> Any:
+        helper(name)
+        dal.items.create(name=name)
+        if name.startswith("fail"):
+            raise NotFound("failed after the helper")
+        return {"ok": name}
+
+    @api.post("/route-status/{name}", status_code=400)
+    @commit_in_endpoint
+    def route_status(name: str, dal: Dal) -> Any:
+        dal.items.create(name=name)
+        return {"refused": name}
+
+    api.add_middleware(PolydatumASGIMiddleware, data_manager=dm)
+    return api
+
+
+async def test_an_endpoint_whose_dependency_used_the_request_context_joins_it(pg_db: Database) -> None:
+    """A dependency that wrote first: the endpoint sees and locks its row in the same transaction (no
+    second one waiting on the first), one COMMIT for both, and a failure rolls both back."""
+    dm = wired(pg_db)
+    commits: list[int] = []
+    event.listen(pg_db.engine, "commit", lambda _conn: commits.append(1))
+    async with client(joining_app(dm, commits)) as http:
+        done = await asyncio.wait_for(http.post("/dependency/ok"), timeout=20)
+        assert (done.status_code, done.json()) == (200, {"seen": True})
+        assert len(commits) == 1
+        failed = await asyncio.wait_for(http.post("/dependency/fail"), timeout=20)
+        assert failed.status_code == 404
+    assert names(pg_db) == ["ok", "ok-dep-edited"]
+
+
+async def test_a_decorated_helper_of_an_undecorated_endpoint_joins_the_request(pg_db: Database) -> None:
+    """Only the endpoint the router matched commits in its thread: a decorated helper it did not match
+    joins the request's unit of work, so the endpoint's failure takes the helper's write with it."""
+    dm = wired(pg_db)
+    commits: list[int] = []
+    event.listen(pg_db.engine, "commit", lambda _conn: commits.append(1))
+    async with client(joining_app(dm, commits)) as http:
+        assert (await http.post("/undecorated/ok")).status_code == 200
+        assert len(commits) == 1
+        assert (await http.post("/undecorated/fail")).status_code == 404
+    assert names(pg_db) == ["ok", "ok-helper"]
+
+
+async def test_a_route_status_the_veto_refuses_rolls_back(pg_db: Database) -> None:
+    """@app.post(..., status_code=400) with a dict returned: the route's status is the response's."""
+    dm = wired(pg_db)
+    async with client(joining_app(dm, [])) as http:
+        answer = await http.post("/route-status/refused")
+    assert (answer.status_code, answer.json()) == (400, {"refused": "refused"})
+    assert names(pg_db) == []
 
 
 async def test_a_context_that_created_nothing_closes_on_the_loop(pg_db: Database) -> None:
