@@ -163,7 +163,8 @@ class DataAccessLayer:
             m = m()
         if not callable(m):
             msg = (
-                f"method middleware must be a callable (request, handler) -> result, "
+                f"method middleware must be a callable (request, handler) -> result (called "
+                f"by keyword: name its parameters request and handler), "
                 f"or a class whose instances are; got {_factories.describe(m)}"
             )
             raise InvalidMiddleware(msg)
@@ -588,8 +589,9 @@ class DataManager(Generic[DalT, CtxT]):
     def register_method_middleware(self, *middleware: Any, outermost: bool = False) -> None:
         """Add method middleware around every DAL call, outermost first.
 
-        Each is a callable ``(request, handler) -> result``; a class is
-        instantiated once.
+        Each is a callable ``(request, handler) -> result``, called with
+        both by keyword (``request=``, ``handler=``, as polydatum 1.0 did),
+        so its parameters carry those names; a class is instantiated once.
 
         Args:
             outermost: put them outside the ones already registered.

@@ -7,7 +7,8 @@ outermost first; the default innermost middleware,
 :func:`dal_method_resolver_middleware`, resolves the path to a service method
 and :func:`handle_dal_method` calls it.
 
-A method middleware is any callable ``(request, handler) -> result``::
+A method middleware is any callable ``(request, handler) -> result``, called
+with both by keyword as in polydatum 1.0, so its parameters carry those names::
 
     def audit(request, handler):
         log.info("calling %s as %s", request.path_name, request.ctx.meta.user)

@@ -31,8 +31,10 @@ pays one attribute test on the core's paths):
 
 **Privacy.** Meta can hold personal data, so only the meta keys listed in
 ``meta_attributes`` become span attributes, and span names never use the
-request path. A telemetry failure (a span processor that raises, an
-exporter that blocks) is logged, never raised into the unit of work.
+request path. A telemetry failure (a span processor or exporter that
+raises, a ``span_name`` that returns no name) is logged, never raised into
+the unit of work; behind a ``BatchSpanProcessor`` an exporter that hangs
+does not hold it up either.
 """
 
 from __future__ import annotations
@@ -198,6 +200,8 @@ _BLOB_OUT = {BLOB_DIRECTION: "out"}
 _COMMIT = {OUTCOME: "commit"}
 _ROLLBACK = {OUTCOME: "rollback"}
 _UNRESOLVED = "<unresolved>"
+# The message of an unresolved path's exception event, in place of the exception's own.
+_UNRESOLVED_MESSAGE = "the DAL path did not resolve"
 # Method names seen, kept for their metric attributes; bounded like the DAL's own path cache.
 _MAX_NAMES = 1024
 # Seconds an outbox status serves the gauges of one collection.
@@ -264,7 +268,8 @@ class Instrumentation(Observer, _telemetry.Listener):
         self.data_manager = data_manager
         self.meta_attributes = tuple(meta_attributes)
         self._meta_keys = tuple((key, META_PREFIX + key) for key in self.meta_attributes)
-        self._span_name = span_name
+        # The default always returns a name; only a custom function is checked (see _checked_name).
+        self._span_name = span_name if span_name is default_span_name else self._checked_name(span_name)
         self._method_attrs: dict[str, dict[str, str]] = {}
         self._path_names: dict[int, tuple[tuple[Any, ...], str]] = {}
         self._failures = 0
@@ -350,7 +355,7 @@ class Instrumentation(Observer, _telemetry.Listener):
 
     # -- telemetry must never fail the unit of work ---------------------------
 
-    def _failed(self, what: str) -> None:
+    def _failed(self, what: str, *, exc_info: bool = True) -> None:
         # The first failure is a warning with its traceback; the rest would
         # flood the log at request rate, so they go to debug.
         self._failures += 1
@@ -359,8 +364,33 @@ class Instrumentation(Observer, _telemetry.Listener):
             level,
             "polydatum.otel could not %s; the unit of work goes on (further failures logged at DEBUG)",
             what,
-            exc_info=True,
+            exc_info=exc_info,
         )
+
+    def _checked_name(self, span_name: Callable[[Meta], str]) -> Callable[[Meta], str]:
+        """``span_name``, falling back to :func:`default_span_name` when it raises or returns no name.
+
+        A span named None, "" or 0 would reach the exporter, and an OTLP
+        exporter fails on the whole batch that holds it.
+        """
+
+        def name(meta: Meta) -> str:
+            try:
+                named = span_name(meta)
+            except Exception:
+                self._failed("name a context span with span_name; it gets its default name")
+                return default_span_name(meta)
+            if isinstance(named, str) and named:
+                return named
+            got = "an empty str" if isinstance(named, str) else type(named).__name__
+            self._failed(
+                f"name a context span: span_name returned {got}, not a non-empty str; "
+                "it gets its default name",
+                exc_info=False,
+            )
+            return default_span_name(meta)
+
+        return name
 
     # -- providers that record nothing: skip the work, not the outcome ----------
 
@@ -578,8 +608,21 @@ class Instrumentation(Observer, _telemetry.Listener):
         attributes: dict[str, Any] = {}
         for key, name in self._meta_keys:
             value = meta.get(key)
-            if value is not None:
-                attributes[name] = value if isinstance(value, _PLAIN) else str(value)
+            if value is None:
+                continue
+            if isinstance(value, _PLAIN):
+                attributes[name] = value
+                continue
+            try:
+                attributes[name] = str(value)
+            except Exception as exc:
+                # Only this key is lost. No traceback: its frames hold the value,
+                # which a log integration that captures locals would send on.
+                self._failed(
+                    f"export meta {key!r} (str() of its {type(value).__name__} raised {_type_name(exc)}); "
+                    "the span goes without it",
+                    exc_info=False,
+                )
         return attributes
 
     def context_entered(self, ctx: DataAccessContext) -> _ContextState:
@@ -795,10 +838,17 @@ class Instrumentation(Observer, _telemetry.Listener):
                     self._method_attrs[name] = attributes
             if exc is not None and span is not None and span.is_recording():
                 error = _type_name(exc)
-                if isinstance(exc, DalMethodError):
-                    span.update_name(_UNRESOLVED)
                 span.set_attribute(ERROR_TYPE, error)
-                span.record_exception(exc)
+                if isinstance(exc, DalMethodError):
+                    # The exception's message and stacktrace repeat the path (and name the
+                    # app's services): the event keeps only the type. add_event, as the
+                    # SDK's record_exception formats them even when told to override them.
+                    span.update_name(_UNRESOLVED)
+                    span.add_event(
+                        "exception", {"exception.type": error, "exception.message": _UNRESOLVED_MESSAGE}
+                    )
+                else:
+                    span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, error))
             self._call_duration.record(perf_counter() - start, attributes)
         except Exception:
@@ -862,7 +912,9 @@ def instrument(
             A value that is not a str, bool, int or float is exported as
             its ``str()``.
         span_name: ``span_name(meta) -> str`` names each context's span
-            (default :func:`default_span_name`).
+            (default :func:`default_span_name`). When it raises or returns
+            anything but a non-empty str, the span gets its default name
+            and the failure is logged.
 
     Returns:
         the :class:`Instrumentation`; its ``uninstrument()`` undoes this.
@@ -970,6 +1022,10 @@ def uninstrument(data_manager: DataManager) -> None:
 # -- logs ------------------------------------------------------------------------
 
 
+# The record attribute listing the fields polydatum's filters set on it (not the caller's extra=).
+_FILTER_FIELDS = "_polydatum_fields"
+
+
 def _log_fields(data_manager: DataManager, user: bool) -> dict[str, Any]:
     ctx = data_manager.get_active_context()
     meta = ctx.meta if ctx is not None else None
@@ -995,6 +1051,10 @@ class ContextFilter(logging.Filter):
 
         handler.addFilter(ContextFilter(dm))
 
+    A field the caller passed (``extra={"request_id": ...}``) is kept. The
+    handlers of a logger share one record, so a filter without ``user=True``
+    removes the ``user`` that another handler's filter set on it.
+
     Args:
         data_manager: whose active context to read.
         user: also add meta ``user`` (opt-in: it can be personal data).
@@ -1013,7 +1073,17 @@ class ContextFilter(logging.Filter):
             fields = _log_fields(self.data_manager, self.user)
         except Exception:  # a log line is never lost to its decoration
             return True
-        record.__dict__.update(fields)
+        values = record.__dict__
+        # What polydatum's filters set (a tuple: a copy of the record, as QueueHandler
+        # makes, shares it); any other key the record has is the caller's, and wins.
+        ours: tuple[str, ...] = values.get(_FILTER_FIELDS, ())
+        mine = tuple(key for key in fields if key in ours or key not in values)
+        for key in mine:
+            values[key] = fields[key]
+        if not self.user and "user" in ours:
+            # Set for an earlier handler that opted in: not for this one.
+            del values["user"]
+        values[_FILTER_FIELDS] = mine
         return True
 
 

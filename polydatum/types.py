@@ -61,7 +61,7 @@ class MethodHandler(Protocol):
 
 @runtime_checkable
 class MethodMiddleware(Protocol):
-    """**Protocol:** ``middleware(request, handler) -> result`` around every DAL call."""
+    """**Protocol:** ``middleware(request=..., handler=...) -> result`` around every DAL call (by keyword)."""
 
     def __call__(self, request: DalCommandRequest, handler: MethodHandler) -> Any: ...
 

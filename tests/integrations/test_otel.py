@@ -397,6 +397,35 @@ def test_meta_values_that_are_not_plain_are_exported_as_text(dm: DataManager, te
     }
 
 
+def test_a_meta_value_whose_str_raises_loses_only_its_own_attribute(
+    dm: DataManager, telemetry: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listed meta value whose str() raises is left out and logged by key, without the value; the other
+    listed keys are still exported."""
+
+    class User:
+        def __str__(self) -> str:
+            raise ValueError(f"no printable form for {SECRET}")
+
+    keys = ("request_id", "user", "tenant")
+    with (
+        caplog.at_level(logging.DEBUG, logger="polydatum.otel"),
+        instrument(dm, telemetry.tracer_provider, meta_attributes=keys),
+        dm.context(meta={"request_id": "r-3", "user": User(), "tenant": 7}),
+    ):
+        pass
+    assert telemetry.span("context").attributes == {
+        "polydatum.meta.request_id": "r-3",
+        "polydatum.meta.tenant": 7,
+        "polydatum.outcome": "commit",
+        "polydatum.hook_errors": 0,
+    }
+    (record,) = caplog.records
+    assert "'user'" in record.getMessage()
+    assert not record.exc_info  # its frames hold the value
+    assert SECRET not in caplog.text
+
+
 def test_custom_span_name_and_a_failing_one(dm: DataManager, telemetry: Telemetry) -> None:
     """span_name names the context span; one that raises falls back to "context" and the context still
     commits."""
@@ -415,6 +444,24 @@ def test_custom_span_name_and_a_failing_one(dm: DataManager, telemetry: Telemetr
     assert committed == [True]
 
 
+@pytest.mark.parametrize("named", [None, "", 0])
+def test_a_span_name_that_is_not_a_non_empty_str_falls_back_to_the_default(
+    dm: DataManager, telemetry: Telemetry, caplog: pytest.LogCaptureFixture, named: Any
+) -> None:
+    """A span_name returning None, "" or a non-str gives the default name (a bad one fails an OTLP exporter's
+    whole batch); the first is logged as a warning, the rest at debug."""
+    with (
+        caplog.at_level(logging.DEBUG, logger="polydatum.otel"),
+        instrument(dm, telemetry.tracer_provider, span_name=lambda meta: named),
+    ):
+        for _ in range(2):
+            with dm.dal(meta={"method": "GET"}) as dal:
+                dal.users.get(1)
+    assert sorted(s.name for s in telemetry.spans()) == ["GET", "GET", "users.get", "users.get"]
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG]
+    assert "span_name returned" in caplog.records[0].getMessage()
+
+
 @pytest.mark.usefixtures("traced")
 def test_an_unknown_dal_path_gets_one_shared_name(dm: DataManager, telemetry: Telemetry) -> None:
     """A DAL path that does not resolve (anything a client could send) is named "<unresolved>" in spans and
@@ -428,6 +475,34 @@ def test_an_unknown_dal_path_gets_one_shared_name(dm: DataManager, telemetry: Te
         p.attributes["polydatum.dal.method"] for p in telemetry.metrics()["polydatum.dal.call.duration"]
     }
     assert methods == {"<unresolved>"}
+
+
+@pytest.mark.usefixtures("traced")
+def test_an_unresolved_path_exports_none_of_the_clients_text(dm: DataManager, telemetry: Telemetry) -> None:
+    """The exception event of a path that does not resolve keeps its type but not the message or stacktrace,
+    which repeat what the client sent (and name the app's services)."""
+    from polydatum.errors import DalMethodError
+
+    secret = "ann@example.com"
+    with pytest.raises(DalMethodError, match="ann@example"), dm.dal() as dal:
+        dal[secret](1)
+    with pytest.raises(DalMethodError), dm.dal() as dal:
+        dal["users.drop_" + SECRET]()
+    exported = []
+    for span in telemetry.spans():
+        exported.append(span.name)
+        exported.extend(str(value) for value in (span.attributes or {}).values())
+        for event in span.events:
+            exported.extend(str(value) for value in (event.attributes or {}).values())
+    assert not [text for text in exported if "ann@example" in text or SECRET in text or "Known" in text]
+    for span in (s for s in telemetry.spans() if s.name == "<unresolved>"):
+        (event,) = span.events
+        assert event.name == "exception"
+        assert event.attributes == {
+            "exception.type": "polydatum.errors.DalMethodError",
+            "exception.message": "the DAL path did not resolve",
+        }
+    assert len([s for s in telemetry.spans() if s.name == "<unresolved>"]) == 2
 
 
 # -- metrics ----------------------------------------------------------------------
@@ -745,6 +820,39 @@ def test_log_filter_adds_request_id_trace_and_span_ids(dm: DataManager, telemetr
     with dm.context(meta={"user": "ann"}):
         ContextFilter(dm, user=True).filter(opted_in)
     assert opted_in.user == "ann"  # type: ignore[attr-defined]
+
+
+def test_log_filters_keep_the_callers_fields_and_user_only_where_opted_in(dm: DataManager) -> None:
+    """Handlers share one record: a field the caller passed through extra= wins, and the user an opted-in
+    handler's filter added is gone for a handler whose filter did not opt in (and back for the next that did).
+    """
+    seen: dict[str, list[tuple[Any, Any]]] = {"first": [], "plain": [], "last": []}
+    log = logging.getLogger("tests.otel.handlers")
+    handlers = []
+    for name, user in (("first", True), ("plain", False), ("last", True)):
+        handler = logging.Handler()
+        # The record is shared: keep what this handler saw when it saw it.
+        handler.emit = lambda record, name=name: seen[name].append(  # type: ignore[method-assign,misc]
+            (record.request_id, getattr(record, "user", "-"))
+        )
+        handler.addFilter(ContextFilter(dm, user=user))
+        handlers.append(handler)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with dm.context(meta={"request_id": "r-9", "user": "ann"}):
+            log.info("plain")
+            log.info("explicit", extra={"request_id": "explicit"})
+            log.info("given user", extra={"user": "given"})
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+        log.setLevel(logging.NOTSET)
+    assert seen == {
+        "first": [("r-9", "ann"), ("explicit", "ann"), ("r-9", "given")],
+        "plain": [("r-9", "-"), ("explicit", "-"), ("r-9", "given")],
+        "last": [("r-9", "ann"), ("explicit", "ann"), ("r-9", "given")],
+    }
 
 
 @pytest.mark.usefixtures("traced")
