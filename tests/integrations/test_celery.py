@@ -36,7 +36,7 @@ from polydatum.celery import (
 )
 from polydatum.errors import AlreadyExistsException, InvalidInput
 from polydatum.sqlalchemy import Database
-from tests.support.celery_worker import in_thread_worker, suite_app
+from tests.support.celery_worker import close_suite_app, in_thread_worker, suite_app
 from tests.support.sql import fresh_postgres_database
 
 # Celery's Redis result backend still calls redis-py's deprecated setex().
@@ -215,10 +215,7 @@ def env(postgres_url: str, rabbitmq_url: str, redis_url: str) -> Iterator[Simple
         finally:
             with ns.app.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
-            backend = ns.app.backend
-            backend.result_consumer.stop()
-            backend.client.connection_pool.disconnect()
-            ns.app.close()
+            close_suite_app(ns.app)
             ns.forger.close()
             ns.db.dispose()
             ns.other.dispose()

@@ -29,7 +29,7 @@ from polydatum import DataAccessLayer, DataManager
 from polydatum.asgi import PolydatumASGIMiddleware, dal_dependency
 from polydatum.celery import PendingResult, install
 from polydatum.sqlalchemy import AsyncDatabase
-from tests.support.celery_worker import in_thread_worker, suite_app
+from tests.support.celery_worker import close_suite_app, in_thread_worker, suite_app
 from tests.support.sql import AsyncItems, Base, Item, Items
 
 # Celery's Redis result backend still calls redis-py's deprecated setex().
@@ -133,9 +133,7 @@ def fixture_layout(pg_url: str, rabbitmq_url: str, redis_url: str) -> Iterator[S
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
-        app.backend.result_consumer.stop()
-        app.backend.client.connection_pool.disconnect()
-        app.close()
+        close_suite_app(app)
         asyncio.run(data.db.dispose())
 
 

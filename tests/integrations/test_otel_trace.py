@@ -32,7 +32,7 @@ from polydatum.outbox import Outbox
 from polydatum.redis import Redis
 from polydatum.sqlalchemy import Database
 from polydatum.werkzeug import PolydatumWSGIMiddleware
-from tests.support.celery_worker import in_thread_worker, suite_app
+from tests.support.celery_worker import close_suite_app, in_thread_worker, suite_app
 from tests.support.otel import Telemetry, in_memory_telemetry
 from tests.support.outbox import flush_outboxes  # noqa: F401  # autouse
 
@@ -122,6 +122,7 @@ def fixture_env(
             sql.uninstrument()
             cache.clear()
             redis.close()
+            close_suite_app(app)
             db.dispose()
 
 

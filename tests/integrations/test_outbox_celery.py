@@ -29,7 +29,7 @@ from polydatum import DataManager
 from polydatum.celery import OUTBOX_TOPIC, PendingResult, install
 from polydatum.outbox import Inbox, Outbox
 from polydatum.sqlalchemy import Database
-from tests.support.celery_worker import in_thread_worker, suite_app
+from tests.support.celery_worker import close_suite_app, in_thread_worker, suite_app
 from tests.support.outbox import flush_outboxes  # noqa: F401  # autouse
 from tests.support.servers import PrivateRedis
 from tests.support.sql import fresh_postgres_database
@@ -82,10 +82,7 @@ def env(postgres_url: str, rabbitmq_url: str, redis_url: str) -> Iterator[Simple
         finally:
             with app.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
-            backend = app.backend
-            backend.result_consumer.stop()
-            backend.client.connection_pool.disconnect()
-            app.close()
+            close_suite_app(app)
             outbox.flush()  # the background deletes first: none may reconnect after dispose()
             db.dispose()
 

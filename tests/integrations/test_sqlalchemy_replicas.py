@@ -515,7 +515,7 @@ class TestCelery:
     ) -> None:
         """With replay paused, a task sent by a writing context reads that write (from the primary)."""
         from polydatum.celery import POSITION_HEADER, install
-        from tests.support.celery_worker import in_thread_worker, suite_app
+        from tests.support.celery_worker import close_suite_app, in_thread_worker, suite_app
 
         db = Database(rig.primary.url, replicas=[node.url for node in rig.replicas])
         dm = DataManager()
@@ -549,9 +549,7 @@ class TestCelery:
         finally:
             with app.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
-            app.backend.result_consumer.stop()
-            app.backend.client.connection_pool.disconnect()
-            app.close()
+            close_suite_app(app)
             db.dispose()
         assert seen == {
             "name": "for-the-task",
@@ -572,7 +570,7 @@ class TestCelery:
         """
         from polydatum.celery import install
         from polydatum.outbox import Outbox
-        from tests.support.celery_worker import in_thread_worker, suite_app
+        from tests.support.celery_worker import close_suite_app, in_thread_worker, suite_app
 
         db = Database(rig.primary.url, replicas=[node.url for node in rig.replicas])
         dm = DataManager()
@@ -603,9 +601,7 @@ class TestCelery:
         finally:
             with app.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
-            app.backend.result_consumer.stop()
-            app.backend.client.connection_pool.disconnect()
-            app.close()
+            close_suite_app(app)
             outbox.flush()
             db.dispose()
         assert seen == {"name": "for-the-late-task", "node": "primary"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,3 +74,21 @@ def suite_app(name: str, broker: str, backend: str, queue: str, key_prefix: str)
         result_serializer="json",
     )
     return app
+
+
+def close_suite_app(app: Celery) -> None:
+    """Close ``app`` and its Redis result backend's connections.
+
+    An AsyncResult unsubscribes from its result when it is collected: one
+    collected after the backend closed would open a new connection (and leave
+    it, a ResourceWarning in whatever later test runs the collector). So the
+    results left in reference cycles are collected first, while the connection
+    is up, and the backend then forgets what it was subscribed to.
+    """
+    gc.collect()
+    backend = app.backend
+    consumer = backend.result_consumer
+    consumer.stop()
+    consumer.subscribed_to.clear()
+    backend.client.connection_pool.disconnect()
+    app.close()
