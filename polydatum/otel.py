@@ -93,6 +93,11 @@ else:
         from opentelemetry.trace.propagation import _SPAN_KEY
     except ImportError:  # pragma: no cover - an API that moved it: no span is ever found
         _SPAN_KEY = "polydatum.no-span-key"
+        _DIRECT_SPAN_KEY = False
+    else:
+        # A context span is put in a copy of the otel context directly (what the API's
+        # set_span_in_context does, in two Python calls) when the key is the API's own.
+        _DIRECT_SPAN_KEY = isinstance(_SPAN_KEY, str)
     _METER_PROXY_KNOWN = _ProxyMeter is not None and hasattr(_metrics_api, "_METER_PROVIDER")
     # The API's default runtime keeps the current otel context in one ContextVar:
     # read and set directly, it spares two Python calls each time (a context span
@@ -256,6 +261,10 @@ class Instrumentation(Observer, _telemetry.Listener):
         data_manager: the instrumented DataManager.
         meta_attributes: the meta keys exported as span attributes.
     """
+
+    # context_exiting makes the span current again for the commit and hooks only:
+    # a context with neither (the observer's lean exit) does not need the call.
+    _exiting_without_commit = False
 
     def __init__(
         self,
@@ -680,9 +689,27 @@ class Instrumentation(Observer, _telemetry.Listener):
         except Exception:
             self._failed("name a context span")
             name = "context"
-        # attached: the otel context made current with the span (the exit sees at once that it still is).
-        span, token, attached = self._start_with(tracer, name, True, entry)
-        recording = span is not None and span.is_recording()
+        # _start_with(tracer, name, True, entry), inline: a trace root under ALWAYS_OFF comes here
+        # on every context. attached: the otel context made current with the span (the exit
+        # sees at once that it still is).
+        span = token = attached = None
+        recording = False
+        try:
+            if entry is None:
+                entry = _get_current()
+            started = tracer.start_span(name, entry)
+            recording = started.is_recording()
+            if recording or started.get_span_context().is_valid:
+                attached = (
+                    otel_context.Context({**entry, _SPAN_KEY: started})
+                    if _DIRECT_SPAN_KEY
+                    else trace.set_span_in_context(started, entry)
+                )
+                token = _attach(attached)
+                span = started
+        except Exception:
+            self._failed(f"start span {name!r}")
+            recording = False
         if recording and self._meta_keys:
             try:
                 span.set_attributes(self._meta_attributes(meta))  # type: ignore[union-attr]
@@ -730,14 +757,22 @@ class Instrumentation(Observer, _telemetry.Listener):
             if token is not None:
                 _detach(token)
             return
+        if not recording:
+            # A trace root that records nothing (ALWAYS_OFF): _end, inline.
+            try:
+                span.end()
+            except Exception:
+                self._failed("end a span")
+            if token is not None:
+                _detach(token)
+            return
         try:
-            if recording:
-                span.set_attributes(_COMMIT if exc is None else _ROLLBACK)
-                span.set_attribute(HOOK_ERRORS, len(ctx.get_hook_errors()))
-                if exc is not None:
-                    error = _type_name(exc)
-                    span.set_attribute(ERROR_TYPE, error)
-                    span.set_status(Status(StatusCode.ERROR, error))
+            span.set_attributes(_COMMIT if exc is None else _ROLLBACK)
+            span.set_attribute(HOOK_ERRORS, len(ctx.get_hook_errors()))
+            if exc is not None:
+                error = _type_name(exc)
+                span.set_attribute(ERROR_TYPE, error)
+                span.set_status(Status(StatusCode.ERROR, error))
         except Exception:
             self._failed("record a context's outcome")
         finally:
