@@ -497,11 +497,10 @@ class DataAccessContext(Generic[DalT]):
         if observer is not None:
             # _observer_exiting and _observer_exit, inline: every instrumented request leaves here.
             self._observer = None
-            if observer._exiting_without_commit:
-                try:
-                    observer.context_exiting(self, self._observed)
-                except BaseException as err:
-                    self._hook_failed(observer.context_exiting, err)
+            try:
+                observer.context_exiting(self, self._observed)
+            except BaseException as err:
+                self._hook_failed(observer.context_exiting, err)
             try:
                 observer.context_exited(self, self._observed, exc)
             except BaseException as err:
@@ -526,8 +525,7 @@ class DataAccessContext(Generic[DalT]):
         The common case of an async request that used an async session.
         """
         if self._observer is not None:
-            if self._observer._exiting_without_commit:
-                self._observer_exiting()
+            self._observer_exiting()
             self._observer_exit(exc)
         self._state = CLOSING
         if self._created is not None:

@@ -76,11 +76,6 @@ class Observer:
     .. versionadded:: 2.0
     """
 
-    # Whether context_exiting is called when nothing runs between it and
-    # context_exited (a context without middleware or hooks). An observer of this
-    # package whose context_exiting only prepares the commit sets it False.
-    _exiting_without_commit = True
-
     def context_entered(self, ctx: DataAccessContext) -> Any:
         """A context was entered; the return value is handed back as ``state``."""
         return None

@@ -262,10 +262,6 @@ class Instrumentation(Observer, _telemetry.Listener):
         meta_attributes: the meta keys exported as span attributes.
     """
 
-    # context_exiting makes the span current again for the commit and hooks only:
-    # a context with neither (the observer's lean exit) does not need the call.
-    _exiting_without_commit = False
-
     def __init__(
         self,
         data_manager: DataManager,

@@ -19,14 +19,18 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
+    SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
@@ -878,3 +882,28 @@ def test_structlog_processor_adds_the_same_fields(dm: DataManager, telemetry: Te
     assert mine["request_id"] == "given"
     assert outside["trace_id"] is None
     assert outside["request_id"] is None
+
+
+@pytest.mark.parametrize("sampler", ["recording", "always_off"])
+async def test_a_context_without_middleware_ended_in_another_task_detaches_cleanly(
+    sampler: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entered in one task and exited in another (a streamed response's end): its span ends, the exiting
+    task's otel context is as it was, and no "Failed to detach context" is logged for a foreign token."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF) if sampler == "always_off" else TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    dm = DataManager()
+    with instrument(dm, tracer_provider=provider):
+        ctx = dm.context()
+        await asyncio.create_task(ctx.__aenter__())  # entered in a task whose contextvars end with it
+
+        async def exit_here() -> Any:
+            before = otel_context.get_current()
+            await ctx.__aexit__(None, None, None)
+            return before, otel_context.get_current()
+
+        before, after = await asyncio.create_task(exit_here())
+    assert after is before
+    assert "Failed to detach" not in caplog.text
+    assert [s.name for s in exporter.get_finished_spans()] == ([] if sampler == "always_off" else ["context"])
