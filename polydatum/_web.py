@@ -14,6 +14,7 @@ from http import HTTPStatus
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, Protocol
 
+from polydatum._stack import CLOSING, OPEN
 from polydatum.errors import NoActiveContextError, ServiceError
 
 if TYPE_CHECKING:
@@ -101,6 +102,10 @@ def request_context() -> DataAccessContext:
     is that endpoint's context. Its ``dal`` is
     how a view calls services: ``request_context().dal.users.get(1)``.
 
+    It is the request's context until that context has exited: also in the
+    response's ``call_on_close`` callbacks and in the context's commit and
+    rollback hooks.
+
     Raises:
         NoActiveContextError: outside a request served through the middleware
             (in a thread the view started, or after the response ended).
@@ -108,12 +113,16 @@ def request_context() -> DataAccessContext:
     .. versionadded:: 2.0
     """
     exchange = current_exchange.get()
-    if exchange is None or exchange.exited:
+    # An exchange marked exited is still the request's while its context closes:
+    # call_on_close callbacks and commit hooks run then and may ask for it.
+    if exchange is None or (exchange.exited and exchange.ctx._state not in (OPEN, CLOSING)):
         msg = (
-            "no polydatum request context here; wrap the app with "
+            "no polydatum request context here: this is not a request served through the middleware, "
+            "or a thread the view started (threads do not inherit it: pass them what they need), or "
+            "the response has ended. Wrap the app with "
             "polydatum.werkzeug.PolydatumWSGIMiddleware(app, dm) (Flask: init_app(app, dm)) or "
             "polydatum.asgi.PolydatumASGIMiddleware(app, dm), "
-            'or open one yourself with "with dm.context():"'
+            'or open a context yourself with "with dm.context():"'
         )
         raise NoActiveContextError(msg)
     return exchange.ctx

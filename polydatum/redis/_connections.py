@@ -59,6 +59,10 @@ def pool_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "socket_timeout": 5.0,
         "retry": Retry(NoBackoff(), 1),
         "health_check_interval": 30,
+        # Keys are text and may come from a client: one holding a lone surrogate
+        # ("\udcff" from JSON) is stored as the other backends store it (UTF-8
+        # with the surrogate kept), not refused with a UnicodeEncodeError.
+        "encoding_errors": "surrogatepass",
     }
     if "timeout" in options:
         msg = (

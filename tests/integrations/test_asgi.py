@@ -1071,3 +1071,30 @@ async def test_a_users_own_error_message_reaches_the_client(
         (404, "no such note", ["INFO"]),
         (500, "try again later", ["ERROR"]),
     ]
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["commit", "rollback"])
+async def test_request_context_is_the_requests_in_its_hooks(failing: bool) -> None:
+    """The request's commit and rollback hooks (sync and async) still find it through request_context()."""
+    dm = DataManager()
+    seen: list[tuple[str, Any]] = []
+    contexts: list[Any] = []
+
+    async def note(kind: str) -> None:
+        seen.append((kind, request_context()))
+
+    async def view(request: Request) -> Response:
+        ctx = request_context()
+        contexts.append(ctx)
+        ctx.on_commit(lambda: seen.append(("commit", request_context())))
+        ctx.on_commit(note, "async commit")
+        ctx.on_rollback(lambda: seen.append(("rollback", request_context())))
+        return PlainTextResponse("x", status_code=500 if failing else 200)
+
+    api = PolydatumASGIMiddleware(Starlette(routes=[Route("/", view)]), data_manager=dm)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test") as http:
+        answer = await http.get("/")
+    assert answer.status_code == (500 if failing else 200)
+    [ctx] = contexts
+    assert seen == ([("rollback", ctx)] if failing else [("commit", ctx), ("async commit", ctx)])
+    assert ctx.get_hook_errors() == []

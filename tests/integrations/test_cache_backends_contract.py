@@ -113,10 +113,20 @@ class TestValues:
 
     @pytest.mark.parametrize(
         "key",
-        ["k" * 300, "with space", "tab\there", "new\nline", "ünïcødé", "../../etc/passwd", "a{b}c#d"],
+        [
+            "k" * 300,
+            "with space",
+            "tab\there",
+            "new\nline",
+            "ünïcødé",
+            "../../etc/passwd",
+            "a{b}c#d",
+            "lone \udcff surrogate",
+            "\udcff" * 300,
+        ],
     )
     def test_any_key_round_trips(self, cache: Cache, key: str) -> None:
-        """Keys no backend takes as they are (long, spaces, control characters) still work."""
+        """Keys no backend takes as they are (long, spaces, control characters, lone surrogates) work."""
         cache.set(key, "v")
         other = key + "!"
         cache.set(other, "w")

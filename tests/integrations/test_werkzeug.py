@@ -1211,3 +1211,30 @@ def test_a_users_own_error_message_reaches_the_client(env: Env, caplog: pytest.L
         (404, "no such note", ["INFO"]),
         (500, "try again later", ["ERROR"]),
     ]
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["commit", "rollback"])
+def test_request_context_is_the_requests_in_close_callbacks_and_hooks(failing: bool) -> None:
+    """While the request's context closes (the response's call_on_close callbacks, then its commit or
+    rollback hooks) request_context() is still that context; once it has exited, it is refused."""
+    dm = DataManager()
+    seen: list[tuple[str, Any]] = []
+    contexts: list[Any] = []
+
+    @Request.application
+    def app(request: Request) -> Response:
+        ctx = request_context()
+        contexts.append(ctx)
+        response = Response("x", status=500 if failing else 200)
+        response.call_on_close(lambda: seen.append(("close", request_context())))
+        ctx.on_commit(lambda: seen.append(("commit", request_context())))
+        ctx.on_rollback(lambda: seen.append(("rollback", request_context())))
+        return response
+
+    answer = Client(PolydatumWSGIMiddleware(app, dm)).get("/")
+    assert answer.status_code == (500 if failing else 200)
+    [ctx] = contexts
+    assert seen == [("close", ctx), ("rollback" if failing else "commit", ctx)]
+    assert ctx.get_hook_errors() == []
+    with pytest.raises(NoActiveContextError, match="threads do not inherit it"):
+        request_context()
