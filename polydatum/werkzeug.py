@@ -489,6 +489,7 @@ def init_app(
     *,
     meta: MetaFactory | None = None,
     veto: Veto | None = None,
+    positions: str | None = None,
 ) -> PolydatumWSGIMiddleware:
     """Serve a Flask app's requests in polydatum contexts.
 
@@ -503,6 +504,8 @@ def init_app(
         data_manager: the DataManager whose contexts the requests get.
         meta: as for :class:`PolydatumWSGIMiddleware`.
         veto: as for :class:`PolydatumWSGIMiddleware`.
+        positions: as for :class:`PolydatumWSGIMiddleware` (read-your-writes
+            across requests, ``"cookie"`` or ``"header"``).
 
     Returns:
         The installed middleware.
@@ -523,7 +526,9 @@ def init_app(
     if "polydatum" in app.extensions:
         msg = f"polydatum is already set up on {app!r}; call init_app() once per Flask app"
         raise RuntimeError(msg)
-    middleware = PolydatumWSGIMiddleware(app.wsgi_app, data_manager, meta=meta, veto=veto)
+    middleware = PolydatumWSGIMiddleware(
+        app.wsgi_app, data_manager, meta=meta, veto=veto, positions=positions
+    )
     app.wsgi_app = middleware  # type: ignore[method-assign]
     app.extensions["polydatum"] = data_manager
     app.register_error_handler(ServiceError, _flask_service_error)

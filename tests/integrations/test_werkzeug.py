@@ -1238,3 +1238,14 @@ def test_request_context_is_the_requests_in_close_callbacks_and_hooks(failing: b
     assert ctx.get_hook_errors() == []
     with pytest.raises(NoActiveContextError, match="threads do not inherit it"):
         request_context()
+
+
+def test_init_app_takes_positions_as_the_middleware_does() -> None:
+    """positions= through init_app: the installed middleware has them; a bad value is refused."""
+    from flask import Flask
+
+    installed = init_app(Flask("positions"), DataManager(), positions="header")
+    assert installed.positions is not None
+    assert init_app(Flask("no_positions"), DataManager()).positions is None
+    with pytest.raises(ValueError, match="positions"):
+        init_app(Flask("bad_positions"), DataManager(), positions="carrier pigeon")
