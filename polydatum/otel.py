@@ -749,16 +749,14 @@ class Instrumentation(Observer, _telemetry.Listener):
                 self._context_duration.record(perf_counter() - start, outcome)
             except Exception:
                 self._failed("record a context's metrics")
-        if span is None:
-            if token is not None:
-                _detach(token)
-            return
         if not recording:
-            # A trace root that records nothing (ALWAYS_OFF): _end, inline.
-            try:
-                span.end()
-            except Exception:
-                self._failed("end a span")
+            # No span, or a trace root that records nothing (ALWAYS_OFF): its end,
+            # without _end's call.
+            if span is not None:
+                try:
+                    span.end()
+                except Exception:
+                    self._failed("end a span")
             if token is not None:
                 _detach(token)
             return
