@@ -62,9 +62,11 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -79,6 +81,7 @@ try:
     from celery.result import AsyncResult
     from kombu import serialization
     from kombu.exceptions import LimitExceeded, OperationalError
+    from kombu.pools import ProducerPool
     from kombu.utils import json as kombu_json
     from kombu.utils.uuid import uuid
 except ImportError:  # pragma: no cover - exercised only without the extra
@@ -907,6 +910,37 @@ class _OutboxPublisher:
         self._positions_now = positions_now
         self._down_until = 0.0  # time.monotonic(); written from any thread, a float is atomic
         self._down_error = ""
+        self._producers: Any = None
+        self._producers_pid = 0
+        self._lock = threading.Lock()
+
+    def _producer_pool(self) -> Any:
+        """Producers on connections of their own, with publisher confirms.
+
+        The outbox deletes a row once its send returned, so the send must not
+        return before the broker has the message. AMQP's publisher confirms
+        make the publish wait for the broker's ack (a nack, say from a full
+        queue that rejects publishes, raises); without them a message written
+        to the socket counts as sent, and a broker that refused or never read
+        it loses it with its row. The app's own pool keeps its settings: only
+        the outbox pays for the wait. Transports without confirms ignore the option.
+        """
+        pool = self._producers
+        if pool is None or self._producers_pid != os.getpid():
+            with self._lock:
+                pool = self._producers
+                if pool is None or self._producers_pid != os.getpid():
+                    # (A fresh pool after a fork: the parent's sockets are not the child's.)
+                    app = self.app
+                    connection = app.connection_for_write(transport_options={"confirm_publish": True})
+                    limit = app.conf.broker_pool_limit
+                    pool = ProducerPool(  # type: ignore[no-untyped-call]
+                        connection.Pool(limit=limit), limit=limit, Producer=app.amqp.Producer
+                    )
+                    self._producers, self._producers_pid = pool, os.getpid()
+                    # Closed with this sender (its outbox and app gone), not left to the collector.
+                    weakref.finalize(self, _close_producers, pool, os.getpid())
+        return pool
 
     def __repr__(self) -> str:
         return f"<outbox sender of {self.app!r}>"
@@ -936,7 +970,7 @@ class _OutboxPublisher:
             raise EffectDeferred(msg, wait)
         timeout = _send_timeout(app)
         try:
-            producer = app.producer_pool.acquire(block=True, timeout=timeout)
+            producer = self._producer_pool().acquire(block=True, timeout=timeout)
         except LimitExceeded:
             msg = (
                 f"no broker connection of the pool came free within {timeout} s "
@@ -950,7 +984,14 @@ class _OutboxPublisher:
 
                 def send() -> Any:
                     return app.send_task(
-                        p["task"], args, kwargs, task_id=p["id"], producer=producer, retry=False, **options
+                        p["task"],
+                        args,
+                        kwargs,
+                        task_id=p["id"],
+                        producer=producer,
+                        retry=False,
+                        confirm_timeout=timeout,
+                        **options,
                     )
 
                 sink = _telemetry.sink
@@ -962,11 +1003,47 @@ class _OutboxPublisher:
                         headers = options["headers"] = {}
                     sink.publish(p["task"], headers, send)
             except (OperationalError, *connection.connection_errors) as exc:
+                if _nacked(exc):
+                    # The broker is up and refused this message: the row retries with its
+                    # backoff, and the other rows (maybe for other queues) are not paused.
+                    msg = (
+                        f"the broker refused task {p['task']!r} (a negative publisher confirm: a "
+                        "full queue that rejects publishes, or a broker out of resources); "
+                        "the outbox retries this send"
+                    )
+                    raise OperationalError(msg) from exc
                 self._down_error = f"{type(exc).__name__}: {exc}"[:200]
                 self._down_until = time.monotonic() + self.PAUSE
                 raise
         finally:
             producer.release()
+
+    def close(self) -> None:
+        """Close the connections of the outbox's producers (the app's own are the app's)."""
+        with self._lock:
+            pool, self._producers = self._producers, None
+        if pool is not None:
+            _close_producers(pool, self._producers_pid)
+
+
+def _close_producers(pool: Any, pid: int) -> None:
+    # After a fork the child only drops the parent's connections (as Celery does
+    # with its own pool): closing them would end the parent's AMQP sessions.
+    if os.getpid() == pid:
+        pool.force_close_all()
+        pool.connections.force_close_all()
+
+
+def _nacked(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or was raised from) the broker's negative publisher confirm."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if type(current).__name__ == "MessageNacked":
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
 
 
 @renamed_keyword("data_manager", "dm")

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from kombu import Queue
 from kombu.exceptions import EncodeError
 from kombu.utils import json as kombu_json
 from sqlalchemy import create_engine, text
@@ -366,3 +367,42 @@ def test_install_refuses_a_bad_outbox_or_inbox(tmp_path: Path) -> None:
         install(Celery(set_as_current=False), dm, inbox=True)
     with pytest.raises(TypeError, match="inbox must be True, False or"):
         install(Celery(set_as_current=False), dm, inbox="yes")
+
+
+def test_a_message_the_broker_refuses_waits_in_the_outbox(tmp_path: Path, rabbitmq_url: str) -> None:
+    """A RabbitMQ queue that refuses publishes when full (x-max-length 1, x-overflow reject-publish): a row
+    is deleted only once the broker confirmed its message, so the refused ones wait, say why, and land
+    as the queue drains; 0 lost, none twice."""
+    name = f"pd-outbox-full-{uuid.uuid4().hex[:10]}"
+    w = wired(tmp_path, rabbitmq_url, backoff=0.05, max_backoff=0.1, deliver_on_commit=False)
+    w.app.conf.task_default_queue = name
+    w.app.conf.task_queues = [
+        Queue(name, queue_arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    ]
+    try:
+        ids = []
+        for n in range(3):
+            with w.dm.context():
+                ids.append(w.work.delay(n).id)
+        relay = w.outbox.relay()
+        relay.run_once()
+        assert w.outbox.status().pending == 2  # one went in; the full queue refused two
+        assert all("refused" in r["last_error"] for r in _rows(w.outbox))
+        received: list[str] = []
+        with w.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            end = time.monotonic() + WAIT
+            while len(received) < 3 and time.monotonic() < end:
+                message = channel.basic_get(name, no_ack=True)
+                if message is not None:
+                    received.append(message.headers["id"])
+                relay.run_once()
+                time.sleep(0.06)  # past the rows' backoff
+            assert w.outbox.status().pending == 0
+            assert channel.basic_get(name, no_ack=True) is None
+        assert sorted(received) == sorted(ids)
+    finally:
+        with w.app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(name)
+        w.app.close()
+        w.db.dispose()
