@@ -367,7 +367,7 @@ def check_header(what: str, value: Any) -> None:
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, int):
-        if -_MAX_HEADER_INT <= value <= _MAX_HEADER_INT:
+        if -_MAX_HEADER_INT - 1 <= value <= _MAX_HEADER_INT:  # a signed 64-bit AMQP field
             return
         msg = f"{what} is an int beyond 64 bits; send a smaller number, or a str"
         raise ValueError(msg)
@@ -404,6 +404,10 @@ def default_meta(task: Any) -> dict[str, Any]:
     .. versionadded:: 2.0
     """
     return _meta_from(task.name, task.request)
+
+
+# The meta keys default_meta sets from the message itself.
+_OWN_META = frozenset({"task_id", "task_name", "retries", "parent_id", "root_id", "eager"})
 
 
 def _meta_from(name: str, request: Any) -> dict[str, Any]:
@@ -849,6 +853,14 @@ def _header_names(headers: Iterable[str]) -> tuple[str, ...]:
             raise TypeError(msg)
         if name in _RESERVED_HEADERS:
             msg = f"header {name!r} is one Celery uses itself; choose another name"
+            raise ValueError(msg)
+        if name in _OWN_META or name == POSITION_HEADER:
+            # A header copied into the meta would replace what the worker knows
+            # of the task itself (a sender could claim another task_id).
+            msg = (
+                f"header {name!r} names meta polydatum sets for every task "
+                f"({', '.join(sorted(_OWN_META))}) or its own position header; choose another name"
+            )
             raise ValueError(msg)
     return names
 
