@@ -103,6 +103,9 @@ class Resources:
             task_serializer="json",
             broker_connection_timeout=3,
             task_ignore_result=True,
+            # Its outbox deletes a row once the send returned, as polydatum's does: so
+            # the send waits for RabbitMQ's publisher confirm, as polydatum's does.
+            broker_transport_options={"confirm_publish": True},
         )
         handlers: dict[str, Callable[[Any], object]] = {
             self.cache_topic: self._unlink,
@@ -249,7 +252,9 @@ class Resources:
 
     def _publish(self, payload: Any) -> None:
         args, kwargs = json.loads(payload["body"])
-        self.celery.send_task(payload["task"], args=args, kwargs=kwargs, task_id=payload["id"])
+        self.celery.send_task(
+            payload["task"], args=args, kwargs=kwargs, task_id=payload["id"], confirm_timeout=3
+        )
 
     def _discard_blobs(self, payload: Any) -> None:
         for key in payload.get("discard", ()):
