@@ -9,11 +9,36 @@ one teardown path for all of them.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager
-from inspect import isasyncgenfunction, isgeneratorfunction
+from inspect import CO_COROUTINE, isasyncgenfunction, isgeneratorfunction
 from typing import Any, NamedTuple
+
+# inspect.markcoroutinefunction's mark (Python 3.12+), or None.
+_COROUTINE_MARK = getattr(inspect, "_is_coroutine_mark", None)
+_PLAIN_CALLABLES = (types.FunctionType, types.MethodType)
+
+
+def is_async_callable(fn: Any) -> bool:
+    """Whether ``fn`` is declared async: a coroutine function, a partial of one, or an async ``__call__``.
+
+    A plain function or bound method is answered from its code's flag (and the
+    mark of ``inspect.markcoroutinefunction``), as ``inspect`` reads them, in a
+    tenth of the time: a commit hook is checked on every registration.
+    """
+    if type(fn) in _PLAIN_CALLABLES:
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            if code.co_flags & CO_COROUTINE:
+                return True
+            return (
+                _COROUTINE_MARK is not None and getattr(fn, "_is_coroutine_marker", None) is _COROUTINE_MARK
+            )
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - a coroutine __call__, not callability
+    )
 
 
 @contextmanager
@@ -258,6 +283,7 @@ __all__ = [
     "describe",
     "did_not_yield",
     "finish",
+    "is_async_callable",
     "label",
     "start",
     "yielded_twice",

@@ -1030,13 +1030,6 @@ class _OutboxPublisher:
         finally:
             producer.release()
 
-    def close(self) -> None:
-        """Close the connections of the outbox's producers (the app's own are the app's)."""
-        with self._lock:
-            pool, self._producers = self._producers, None
-        if pool is not None:
-            _close_producers(pool, self._producers_pid)
-
 
 def _close_producers(pool: Any, pid: int) -> None:
     # After a fork the child only drops the parent's connections (as Celery does

@@ -28,7 +28,6 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from functools import wraps
-from inspect import CO_COROUTINE as _CO_COROUTINE
 from inspect import isawaitable, iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -320,7 +319,7 @@ class DataAccessContext(Generic[DalT]):
         if self._state != OPEN:
             msg = f"{self!r} has already ended; register hooks while it is open"
             raise ContextStateError(msg)
-        if not self._async and _declared_async(fn):
+        if not self._async and _factories.is_async_callable(fn):
             # Refused here, where the mistake is, rather than collected unrun at the commit.
             msg = (
                 f"hook {_factories.describe(fn)} is async and this context is sync (entered with "
@@ -887,14 +886,6 @@ class DataAccessContext(Generic[DalT]):
 
     def _final_hook(self, exception: BaseException | None) -> None:
         """Called last, just before the context is popped."""
-
-
-def _declared_async(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` is declared async: a coroutine function, a partial of one, or an async ``__call__``."""
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        return bool(code.co_flags & _CO_COROUTINE)
-    return iscoroutinefunction(fn) or iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
 
 
 def _forget(ctx: DataAccessContext[Any], name: str) -> None:

@@ -70,12 +70,6 @@ _DAL_ATTRS = frozenset(
 _MAX_STRING_PATHS = 1024
 
 
-def _is_async_callable(obj: Any) -> bool:
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
-        getattr(obj, "__call__", None)  # noqa: B004 - a coroutine __call__, not callability
-    )
-
-
 def _awaiting(handler: Handler) -> Callable[[DalCommandRequest], Any]:
     """Wrap the next handler for an async middleware, so it can always ``await`` it."""
 
@@ -141,7 +135,7 @@ class DataAccessLayer:
         handler: Handler = self._base_handler
         is_async = False
         for m in reversed(chain):
-            if _is_async_callable(m):
+            if _factories.is_async_callable(m):
                 is_async = True
                 handler = _link(m, _awaiting(handler))
             else:
