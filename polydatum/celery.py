@@ -406,10 +406,6 @@ def default_meta(task: Any) -> dict[str, Any]:
     return _meta_from(task.name, task.request)
 
 
-# The meta keys default_meta sets from the message itself.
-_OWN_META = frozenset({"task_id", "task_name", "retries", "parent_id", "root_id", "eager"})
-
-
 def _meta_from(name: str, request: Any) -> dict[str, Any]:
     return {
         "task_id": request.id,
@@ -444,6 +440,17 @@ def _retries(name: str, request: Any) -> int:
         f"or built by hand"
     )
     raise InvalidInput(msg)
+
+
+class _BlankRequest:
+    id = parent_id = root_id = None
+    retries = 0
+    is_eager = False
+
+
+# The meta keys default_meta sets from the message itself, read off _meta_from
+# so that a key added there is refused as a header name at once.
+_OWN_META = frozenset(_meta_from("", _BlankRequest()))
 
 
 def _trace_carrier(request: Any) -> dict[str, Any]:
