@@ -653,8 +653,9 @@ class TestStampede:
         assert asyncio.run(main()) == {"id": 1, "name": "ada"}
         assert users.calls == 1
 
-    def test_concurrent_misses_compute_once(self, dm: DataManager) -> None:
+    def test_concurrent_misses_compute_once(self, dm: DataManager, caplog: pytest.LogCaptureFixture) -> None:
         """Threads missing the same key at once: one computes, the others wait for it."""
+        caplog.set_level(logging.WARNING, logger="polydatum.cache")
         users = users_of(dm)
         results: list[int] = []
 
@@ -667,8 +668,11 @@ class TestStampede:
             t.start()
         for t in threads:
             t.join(10)
-        assert results == [1] * 5
-        assert users.calls == 1
+        # Seen once in CI: [1, 1, 1, 1, 2]. A backend marked down (the one path that
+        # computes again by design) logs a warning: show it if that is what happened.
+        why = [r.getMessage() for r in caplog.records]
+        assert results == [1] * 5, why
+        assert users.calls == 1, why
 
     def test_stale_value_is_served_while_one_caller_refreshes(self, cache: Cache) -> None:
         """Past ttl but within stale, a caller that cannot claim the refresh gets the old value."""

@@ -186,11 +186,32 @@ class Views:
         return _json({"notes": _dal().notes.find(request.args.get("word"), limit=limit)})
 
 
+_MATCH = "notes.match"
+
+
+def _match(environ: WSGIEnvironment) -> tuple[Rule, dict[str, Any]]:
+    """The request's rule and arguments, matched once: the meta (the route) and the view both need them.
+
+    Raises:
+        HTTPException: no such route (404), wrong method (405), a redirect.
+    """
+    found = environ.get(_MATCH)
+    if found is None:
+        try:
+            found = URLS.bind_to_environ(environ).match(return_rule=True)
+        except HTTPException as exc:
+            found = exc
+        environ[_MATCH] = found
+    if isinstance(found, HTTPException):
+        raise found
+    return found  # type: ignore[no-any-return]
+
+
 def _route(environ: WSGIEnvironment) -> str | None:
     """The matched route as a template (``/notes/{note_id}``), never the path: it names contexts."""
     try:
-        rule, _ = URLS.bind_to_environ(environ).match(return_rule=True)
-    except HTTPException:  # no such route (404), wrong method (405), a redirect
+        rule, _ = _match(environ)
+    except HTTPException:
         return None
     return _PLACEHOLDER.sub(r"{\1}", rule.rule)
 
@@ -226,10 +247,9 @@ def make_wsgi_app(app: NotesApp, *, max_upload: int = MAX_UPLOAD) -> PolydatumWS
         if is_page(request.path):  # the web pages: HTML, their own errors
             return pages(request)(environ, start_response)
         request.max_content_length = max_upload if request.path.endswith("/attachments") else MAX_JSON
-        adapter = URLS.bind_to_environ(environ)
         try:
-            endpoint, args = adapter.match()
-            view: Callable[..., Response] = getattr(views, str(endpoint))
+            rule, args = _match(environ)
+            view: Callable[..., Response] = getattr(views, str(rule.endpoint))
             response = view(request, **args)
         except HTTPException as exc:
             code = exc.code or 500
