@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -207,9 +208,24 @@ class FileSystemBlobStore(BlobStore):
             raise
         return size
 
+    def _inside_root(self, key: str, directory: str, what: str) -> None:
+        """Refuse to write or delete through a folder that is a symbolic link leading out of root.
+
+        Reads follow such links; a write or delete must stay in the store.
+        """
+        real = os.path.realpath(directory)
+        root = os.path.realpath(self.root)
+        if real != root and not real.startswith(root + os.sep):
+            msg = (
+                f"cannot {what} blob {key!r}: a folder on its path is a symbolic link leading "
+                "outside the store's root, and writes and deletes never follow links out of it"
+            )
+            raise BlobError(msg, key=key)
+
     def _install(self, key: str, path: str, tmp: str, meta_path: str, meta_tmp: str | None) -> None:
         """Move a written temp file (and its metadata) into place, atomically each."""
         directory = os.path.dirname(path)
+        self._inside_root(key, directory, "store")
         with self._locked():
             try:
                 try:
@@ -303,11 +319,28 @@ class FileSystemBlobStore(BlobStore):
         return document
 
     def _exists(self, key: str) -> bool:
-        return os.path.isfile(self._path(key))
+        if os.path.isfile(self._path(key)):
+            return True
+        self._check_root(f"check blob {key!r}")
+        return False
+
+    def _check_root(self, what: str) -> None:
+        """Raise unless root is a folder or not created yet: "no such blob" would be a lie then."""
+        try:
+            mode = os.stat(self.root).st_mode
+        except FileNotFoundError:
+            return  # created on the first write: an empty store
+        except OSError as exc:  # a parent is a file, or no permission
+            msg = f"could not {what}: the store's root cannot be reached ({exc.strerror or exc})"
+            raise BlobStoreUnavailable(msg) from exc
+        if not stat.S_ISDIR(mode):
+            msg = f"could not {what}: the store's root is not a folder"
+            raise BlobStoreUnavailable(msg)
 
     def _delete(self, key: str) -> bool:
         path = self._path(key)
         meta_path = self._meta_path(key)
+        self._inside_root(key, os.path.dirname(path), "delete")
         with self._locked():
             try:
                 os.unlink(path)
@@ -339,7 +372,11 @@ class FileSystemBlobStore(BlobStore):
             with os.scandir(directory) as scan:
                 entries = builtins.list(scan)
         except (FileNotFoundError, NotADirectoryError):
+            if directory == self.root:
+                self._check_root(f"list blobs under {prefix!r}")
             return
+        except OSError as exc:
+            raise self._unavailable("list", prefix, exc) from exc
         # Sorting folders as "name/" makes a depth-first walk yield keys in
         # exactly the order S3 lists them.
         items: builtins.list[tuple[str, bool]] = []
@@ -419,6 +456,10 @@ class FileSystemBlobStore(BlobStore):
             if meta_tmp is not None:
                 _unlink(meta_tmp)
             raise
+        if link:
+            # rename() does nothing when both names are links to one file (restoring
+            # an undo copy over the very blob it was taken from): drop the spare name.
+            _unlink(tmp)
 
     def _url(self, key: str, expires: int) -> str:
         if self.base_url is None:

@@ -16,9 +16,13 @@ MAX_METADATA_BYTES = 2048
 RESERVED_NAME = ".polydatum"
 RESERVED_PREFIX = RESERVED_NAME + "/"
 UNDO_PREFIX = RESERVED_PREFIX + "undo/"
+# The metadata name under which a unit of work with an outbox marks each write, so
+# that a relay undoing a dead context's write can tell it from a later one.
+WRITE_MARK = "polydatum-write"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1: a C1 character such as U+009B (CSI) is a terminal escape too.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*\Z")
@@ -129,6 +133,9 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
                 "'-', '_' and '.', starting with a letter or digit (S3 sends names as "
                 "HTTP headers and lower-cases them)"
             )
+            raise InvalidMetadata(msg)
+        if lowered == WRITE_MARK:
+            msg = f"metadata name {name!r} is reserved for polydatum's unit of work; choose another"
             raise InvalidMetadata(msg)
         if lowered in clean:
             msg = f"metadata names {name!r} and another differ only in case; S3 would merge them"

@@ -14,6 +14,7 @@ from polydatum import _telemetry
 from polydatum.blob._errors import BlobError, BlobNotFound, UrlNotSupported
 from polydatum.blob._keys import (
     UNDO_PREFIX,
+    WRITE_MARK,
     check_key,
     check_metadata,
     check_prefix,
@@ -147,7 +148,11 @@ class BlobStore(abc.ABC):
         Raises:
             BlobNotFound: nothing is stored under ``key``.
         """
-        return self._stat(check_key(key))
+        info = self._stat(check_key(key))
+        if WRITE_MARK in info.metadata:  # the unit of work's own mark (see TransactionalBlobStore)
+            kept = {name: value for name, value in info.metadata.items() if name != WRITE_MARK}
+            info = dataclasses.replace(info, metadata=kept)
+        return info
 
     def exists(self, key: str) -> bool:
         """True when a blob is stored under ``key``."""
@@ -170,9 +175,12 @@ class BlobStore(abc.ABC):
             limit: stop after this many keys.
         """
         prefix = check_prefix(prefix)
-        if after is not None and not isinstance(after, str):
-            msg = f"after must be a key (str) or None, got {after!r}"
-            raise TypeError(msg)
+        if after is not None:
+            if not isinstance(after, str):
+                msg = f"after must be a key (str) or None, got {after!r}"
+                raise TypeError(msg)
+            # A client's cursor: the same rules as a prefix, so every store reads it alike.
+            check_prefix(after)
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
             msg = f"limit must be a non-negative int or None, got {limit!r}"
             raise ValueError(msg)

@@ -10,8 +10,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, BinaryIO
 
-from polydatum.blob._errors import BlobError
-from polydatum.blob._keys import UNDO_PREFIX
+from polydatum.blob._errors import BlobError, BlobNotFound, InvalidMetadata
+from polydatum.blob._keys import MAX_METADATA_BYTES, UNDO_PREFIX, WRITE_MARK
 from polydatum.blob._store import BlobInfo, BlobStore
 from polydatum.errors import ContextStateError
 
@@ -69,6 +69,7 @@ class TransactionalBlobStore(BlobStore):
         self._outbox = outbox
         self._orphan_after = orphan_after
         self._cleanups: list[int] = []  # outbox rows that undo this context's writes if it fails
+        self._marks: dict[str, str] = {}  # key -> the mark its writes carry (with an outbox)
 
     def __repr__(self) -> str:
         return f"<TransactionalBlobStore {self.name!r} over {self.store!r}>"
@@ -102,9 +103,14 @@ class TransactionalBlobStore(BlobStore):
         outbox = self._outbox
         if outbox is not None and outbox.can_write_detached(self._ctx):
             # Committed before the write: if this context never commits
-            # (rollback, crash), a relay undoes the write after orphan_after.
+            # (rollback, crash), a relay undoes the write after orphan_after,
+            # but only while the key still holds this write (its mark): a later
+            # context's committed write of the same key is left alone.
+            mark = self._marks[key] = uuid.uuid4().hex
             row = outbox.add_detached(
-                blob_topic(self.name), {"restore": key, "undo": undo}, delay=self._orphan_after
+                blob_topic(self.name),
+                {"restore": key, "undo": undo, "write": mark},
+                delay=self._orphan_after,
             )
             self._cleanups.append(row)
             outbox.cancel(self._ctx, row)  # gone with this context's commit
@@ -118,6 +124,16 @@ class TransactionalBlobStore(BlobStore):
         store = self._live()
         self._before_write(store, key)
         self._doomed.pop(key, None)
+        mark = self._marks.get(key)
+        if mark is not None:
+            metadata = {**metadata, WRITE_MARK: mark}
+            if sum(len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA_BYTES:
+                msg = (
+                    f"metadata is over {MAX_METADATA_BYTES - len(WRITE_MARK) - len(mark)} bytes; with "
+                    f"outbox= the unit of work keeps {len(WRITE_MARK) + len(mark)} of S3's "
+                    f"{MAX_METADATA_BYTES} for its own mark"
+                )
+                raise InvalidMetadata(msg)
         return store._put(key, body, content_type, metadata)
 
     def _copy(self, source: str, target: str) -> None:
@@ -130,16 +146,29 @@ class TransactionalBlobStore(BlobStore):
 
     def _delete(self, key: str) -> bool:
         store = self._live()
-        if key in self._doomed or not store._exists(key):
+        if key in self._doomed:
             return False
+        outbox = self._outbox
+        info = None
+        if outbox is None:
+            if not store._exists(key):
+                return False
+        else:
+            # The same one request as exists(), keeping what identifies this very blob.
+            try:
+                info = store._stat(key)
+            except BlobNotFound:
+                return False
         if key in self._undo and self._undo[key] is None:
             # Created in this context: nobody else can have seen it commit.
             store._discard(key)
             return True
         self._hook()
         self._doomed[key] = None
-        if self._outbox is not None:
-            self._outbox.add(self._ctx, blob_topic(self.name), {"discard": [key]})
+        if outbox is not None and info is not None:
+            # Delivered later (maybe much later, if the store is down): only while
+            # the key still holds the blob deleted here, not a newer committed one.
+            outbox.add(self._ctx, blob_topic(self.name), {"delete": key, "version": _version(info)})
         return True
 
     def _visible(self, key: str) -> BlobStore:
@@ -295,8 +324,23 @@ def outbox_handler(store: BlobStore) -> Callable[[Any], None]:
         payload = effect.payload
         for key in payload.get("discard", ()):
             store._discard(key)
+        if "delete" in payload:
+            key = payload["delete"]
+            current = _stat_or_none(store, key)
+            if current is not None and _version(current) == payload["version"]:
+                store._discard(key)
+            # Otherwise gone already, or written again since: a newer blob stays.
         if "restore" in payload:
             key, undo = payload["restore"], payload["undo"]
+            mark = payload.get("write")  # rows written before marks existed have none
+            if mark is not None:
+                current = _stat_or_none(store, key)
+                if current is None or current.metadata.get(WRITE_MARK) != mark:
+                    # The key holds the blob from before the write (the context died
+                    # before writing) or a later context's: nothing of ours to undo.
+                    if undo is not None:
+                        store._discard(undo)
+                    return
             if undo is None:
                 store._discard(key)  # written by a context that never committed
             elif store._exists(undo):
@@ -304,3 +348,21 @@ def outbox_handler(store: BlobStore) -> Callable[[Any], None]:
                 store._discard(undo)
 
     return deliver_blob_effect
+
+
+def _stat_or_none(store: BlobStore, key: str) -> BlobInfo | None:
+    try:
+        return store._stat(key)
+    except BlobNotFound:
+        return None
+
+
+def _version(info: BlobInfo) -> list[str]:
+    """What tells one write of a key from another: the etag and the unit of work's mark.
+
+    On disk and in memory the etag changes with every write. On S3 it is the
+    content's MD5, so the same bytes written again through a unit of work
+    with an outbox differ by their mark; written again by a plain ``put``,
+    they look the same (and the waiting delete removes them).
+    """
+    return [info.etag, info.metadata.get(WRITE_MARK, "")]

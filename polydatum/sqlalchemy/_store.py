@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy import func, inspect, select
 
 from polydatum import Service
-from polydatum.errors import ConcurrencyConflict, InvalidInput, NotFound
+from polydatum.errors import ConcurrencyConflict, InvalidInput, NotFound, ResourceException
 from polydatum.sqlalchemy._database import use_primary
 from polydatum.sqlalchemy._filters import SMALL_INT, Filters, Keys, OrderBy, Schema, show
 
@@ -436,8 +436,21 @@ class AsyncStore(_StoreBase[M]):
     """
 
     async def session(self) -> AsyncSession:
-        """The active context's AsyncSession for this store's database."""
-        session: AsyncSession = await self._ctx.aget(self.database)
+        """The active context's AsyncSession for this store's database.
+
+        Raises:
+            ResourceException: the context was entered with ``with``, where
+                the database gives a sync Session (before any SQL is sent).
+        """
+        ctx = self._ctx
+        if not ctx._async:
+            msg = (
+                f"{type(self).__name__} is an AsyncStore: its methods need a context entered with "
+                f'"async with dm.context():" (in a "with" context the database gives a sync Session; '
+                f"use a Store there)"
+            )
+            raise ResourceException(msg)
+        session: AsyncSession = await ctx.aget(self.database)
         return session
 
     async def get(self, ident: Any) -> M | None:

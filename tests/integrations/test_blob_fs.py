@@ -206,6 +206,34 @@ class TestEscapes:
         after = {p for p in outside.rglob("*") if not str(p).startswith(str(root))}
         assert after == before
 
+    def test_writes_and_deletes_never_follow_a_folder_link_out_of_the_root(
+        self, fs: FileSystemBlobStore, tmp_path: Path
+    ) -> None:
+        """A folder inside root that links outside: reads follow it, writes and deletes are refused."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "victim.txt").write_bytes(b"precious")
+        fs.ping()
+        os.symlink(outside, Path(fs.root) / "shared")
+        assert fs.get("shared/victim.txt") == b"precious"
+        fs.put("inside", b"x")
+        for attempt in (
+            lambda: fs.put("shared/evil.txt", b"pwned"),
+            lambda: fs.copy("inside", "shared/evil.txt"),
+            lambda: fs.delete("shared/victim.txt"),
+        ):
+            with pytest.raises(BlobError, match="symbolic link leading outside") as info:
+                attempt()
+            assert str(tmp_path) not in str(info.value)  # no server path in the message
+        assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+
+    def test_a_folder_link_inside_the_root_is_a_folder_of_the_store(self, fs: FileSystemBlobStore) -> None:
+        """A link to another folder of the same root stays inside it: writes go through."""
+        fs.put("real/a", b"a")
+        os.symlink(Path(fs.root) / "real", Path(fs.root) / "alias")
+        fs.put("alias/b", b"b")
+        assert fs.get("real/b") == b"b"
+
 
 class TestConcurrency:
     def test_concurrent_writers_never_tear_a_blob(self, fs: FileSystemBlobStore) -> None:
@@ -273,6 +301,24 @@ class TestConcurrency:
         assert fs.stat("shared/key").metadata == {"writer": str(final[0])}
         assert os.listdir(Path(fs.root) / ".polydatum" / "tmp") == []
 
+    def test_a_failed_overwrite_in_a_context_leaves_no_temp_file(self, fs: FileSystemBlobStore) -> None:
+        """Rolling back to the undo copy of the very same file leaves no spare link in .polydatum/tmp."""
+        dm = DataManager()
+        fs.install(dm)
+        fs.put("doc.bin", b"version 1")
+
+        def failing_upload() -> Iterator[bytes]:
+            yield b"x" * 65536
+            raise ConnectionError("client went away")
+
+        for _ in range(3):
+            with pytest.raises(ConnectionError), dm.context() as ctx:
+                ctx.blobs.put("doc.bin", failing_upload())
+        assert fs.get("doc.bin") == b"version 1"
+        tmp = Path(fs.root) / ".polydatum" / "tmp"
+        assert list(tmp.iterdir()) == []
+        assert os.stat(fs._path("doc.bin")).st_nlink == 1
+
     def test_an_interrupted_write_leaves_no_temp_file(self, fs: FileSystemBlobStore) -> None:
         """A stream that fails mid-write leaves neither the blob nor a temporary file."""
 
@@ -300,6 +346,18 @@ class TestHealthAndSweep:
         assert store.ping() is False
         with pytest.raises(BlobStoreUnavailable, match="cannot be created"):
             store.check()
+
+    @pytest.mark.parametrize("where", ["root", "parent"])
+    def test_reads_under_a_root_that_is_a_file_raise_unavailable(self, tmp_path: Path, where: str) -> None:
+        """list() and exists() on a root that is (or is under) a regular file: unavailable, not empty."""
+        (tmp_path / "file").write_bytes(b"")
+        root = tmp_path / "file" if where == "root" else tmp_path / "file" / "blobs"
+        store = FileSystemBlobStore(root)
+        for attempt in (lambda: list(store.list()), lambda: store.exists("a")):
+            with pytest.raises(BlobStoreUnavailable, match="root") as info:
+                attempt()
+            assert str(tmp_path) not in str(info.value)
+        assert list(FileSystemBlobStore(tmp_path / "not-yet").list()) == []  # not created yet: empty
 
     def test_writes_under_a_broken_root_raise_unavailable(self, tmp_path: Path) -> None:
         """A write under a root that is a file raises BlobStoreUnavailable naming the key."""

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from polydatum import DataManager
-from polydatum.blob import FileSystemBlobStore
+from polydatum.blob import FileSystemBlobStore, InvalidMetadata
 from polydatum.outbox import Outbox
 from polydatum.sqlalchemy import Database
 from tests.support.outbox import flush_outboxes  # noqa: F401  # autouse
@@ -172,6 +172,115 @@ def test_writes_of_a_context_that_died_are_undone_by_a_relay(url: str, tmp_path:
     assert store.get("kept") == b"v1"
     assert undo_copies(store) == []
     db.dispose()
+
+
+def crash_in_a_context(url: str, root: Path, tmp_path: Path) -> None:
+    """Run CRASH_IN_CONTEXT: a process that writes 'orphan' and 'kept' in a context, then dies."""
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(CRASH_IN_CONTEXT))
+    proc = subprocess.run(
+        [sys.executable, str(script), url, str(root)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=DEADLINE,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_a_later_committed_write_of_a_dead_contexts_keys_is_left_alone(url: str, tmp_path: Path) -> None:
+    """A context died after writing two keys; a later context wrote both and committed: the relay keeps them.
+
+    (It used to undo the dead context's writes blindly, deleting the one and
+    rolling the other back to the content from before both.)
+    """
+    root = tmp_path / "blobs"
+    dm, db, outbox, store = make(url, root)
+    store.put("kept", b"v1")
+    crash_in_a_context(url, root, tmp_path)
+    with dm.context() as ctx:  # the user retries, and this one commits
+        ctx.blobs.put("orphan", b"retried, committed")
+        ctx.blobs.put("kept", b"v3, committed")
+    drain(outbox)
+    assert store.get("orphan") == b"retried, committed"
+    assert store.get("kept") == b"v3, committed"
+    assert store.stat("kept").metadata == {}  # the unit of work's mark is not the user's metadata
+    assert undo_copies(store) == []
+    db.dispose()
+
+
+def test_a_context_that_died_before_writing_changes_nothing(url: str, tmp_path: Path) -> None:
+    """Its cleanup row was committed but the write never happened: the relay leaves the key as it is."""
+    root = tmp_path / "blobs"
+    _, db, outbox, store = make(url, root)
+    store.put("kept", b"v1")
+    script = tmp_path / "early.py"
+    # Dies inside put(), after the cleanup row, before the blob is written.
+    script.write_text(
+        textwrap.dedent(CRASH_IN_CONTEXT).replace(
+            'ctx.blobs.put("orphan", b"written by a context that never commits")',
+            'ctx.blobs.put("orphan", (os.kill(os.getpid(), signal.SIGKILL) for _ in [0]))',
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), url, str(root)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=DEADLINE,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert outbox.status().pending == 1
+    store.put("orphan", b"written later by hand")
+    drain(outbox)
+    assert store.get("orphan") == b"written later by hand"
+    assert store.get("kept") == b"v1"
+    db.dispose()
+
+
+def test_a_delete_waiting_in_the_outbox_spares_a_later_write_of_the_key(url: str, tmp_path: Path) -> None:
+    """A delete that waited (store down) must not remove the blob a later context put there and committed.
+
+    The later blob has the very same bytes: what is compared is the blob's
+    version, not its content.
+    """
+    dm, db, outbox, store = make(url, tmp_path / "blobs")
+    store.put("docs/a", b"a")
+    folder = Path(store._path("docs/a")).parent
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        with dm.context() as ctx:
+            ctx.blobs.delete("docs/a")
+        assert outbox.status().pending == 1
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    with dm.context() as ctx:
+        ctx.blobs.put("docs/a", b"a")
+    drain(outbox)
+    assert store.get("docs/a") == b"a"
+    db.dispose()
+
+
+def test_the_unit_of_works_mark_is_reserved(url: str, tmp_path: Path) -> None:
+    """Users cannot set the metadata name that marks the unit of work's writes."""
+    dm, db, _, store = make(url, tmp_path / "blobs")
+    for attempt in (
+        lambda: store.put("a", b"x", metadata={"Polydatum-Write": "forged"}),
+        lambda: _put_in_context(dm, "a", {"polydatum-write": "forged"}),
+    ):
+        with pytest.raises(InvalidMetadata, match="reserved"):
+            attempt()
+    with pytest.raises(InvalidMetadata, match="own mark"):
+        _put_in_context(dm, "a", {"big": "x" * 2030})
+    assert not store.exists("a")
+    db.dispose()
+
+
+def _put_in_context(dm: DataManager, key: str, metadata: dict[str, str]) -> None:
+    with dm.context() as ctx:
+        ctx.blobs.put(key, b"x", metadata=metadata)
 
 
 def test_install_refuses_bad_outbox_options(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from polydatum import DataManager, Service
 from polydatum.context import DataAccessContext
 from polydatum.dal import DataAccessLayer
-from polydatum.errors import ConcurrencyConflict, NotFound
+from polydatum.errors import ConcurrencyConflict, NotFound, ResourceException
 from polydatum.sqlalchemy import AsyncDatabase, Database, ReadOnlyError, aretry, read_only
 from tests.support.servers import free_port
 from tests.support.sql import (
@@ -255,6 +255,22 @@ class TestStore:
                 await dal.items.create(name="a", colour="red")
             with pytest.raises(ValueError, match="unknown operator 'near'"):
                 await dal.items.search({"qty__near": 1})
+
+    async def test_an_async_store_in_a_sync_context_says_so_before_any_sql(
+        self, dm: DataManager, db: AsyncDatabase
+    ) -> None:
+        """In a ``with`` context an AsyncStore refuses clearly, writing nothing (it used to flush, then fail to await)."""
+        with dm.dal() as dal:
+            for call in (
+                lambda: dal.items.count(),
+                lambda: dal.items.create(name="x"),
+                lambda: dal.items.get(1),
+            ):
+                with pytest.raises(
+                    ResourceException, match='AsyncStore: its methods need a context entered with "async with'
+                ):
+                    await call()
+        assert await names(db) == []
 
 
 class TestReadOnly:

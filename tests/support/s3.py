@@ -112,24 +112,33 @@ class MotoServer:
 
     close = stop
 
-    def snapshot(self) -> dict[str, dict[str, bytes]]:
-        """Every object of every bucket (bucket -> key -> body): moto's state, to :meth:`restore`."""
+    def snapshot(self) -> dict[str, dict[str, tuple[bytes, str, dict[str, str]]]]:
+        """Every object of every bucket (bucket -> key -> body, content type, metadata), to :meth:`restore`."""
         client = self._admin = self._admin or self.client()
-        state: dict[str, dict[str, bytes]] = {}
+        state: dict[str, dict[str, tuple[bytes, str, dict[str, str]]]] = {}
         for bucket in client.list_buckets()["Buckets"]:
             name = bucket["Name"]
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=name)
             keys = [o["Key"] for page in pages for o in page.get("Contents", ())]
-            state[name] = {k: client.get_object(Bucket=name, Key=k)["Body"].read() for k in keys}
+            objects = state[name] = {}
+            for key in keys:
+                got = client.get_object(Bucket=name, Key=key)
+                objects[key] = (got["Body"].read(), got["ContentType"], got.get("Metadata") or {})
         return state
 
-    def restore(self, state: dict[str, dict[str, bytes]]) -> None:
-        """Put back what :meth:`snapshot` saw, in a server started again (moto forgets on stop)."""
+    def restore(self, state: dict[str, dict[str, tuple[bytes, str, dict[str, str]]]]) -> None:
+        """Put back what :meth:`snapshot` saw, in a server started again (moto forgets on stop).
+
+        Bodies, content types and metadata come back as S3 kept them; only the
+        modification times are new (which polydatum does not rely on).
+        """
         client = self._admin = self._admin or self.client()  # the same port: the same endpoint
         for name, objects in state.items():
             client.create_bucket(Bucket=name)
-            for key, body in objects.items():
-                client.put_object(Bucket=name, Key=key, Body=body)
+            for key, (body, content_type, metadata) in objects.items():
+                client.put_object(
+                    Bucket=name, Key=key, Body=body, ContentType=content_type, Metadata=metadata
+                )
 
 
 @pytest.fixture(name="moto_server", scope="session")
