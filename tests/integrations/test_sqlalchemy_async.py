@@ -259,7 +259,10 @@ class TestStore:
     async def test_an_async_store_in_a_sync_context_says_so_before_any_sql(
         self, dm: DataManager, db: AsyncDatabase
     ) -> None:
-        """In a ``with`` context an AsyncStore refuses clearly, writing nothing (it used to flush, then fail to await)."""
+        """In a ``with`` context an AsyncStore refuses clearly, writing nothing.
+
+        (It used to flush through the sync session, then fail to await the result.)
+        """
         with dm.dal() as dal:
             for call in (
                 lambda: dal.items.count(),

@@ -113,7 +113,7 @@ class MotoServer:
     close = stop
 
     def snapshot(self) -> dict[str, dict[str, tuple[bytes, str, dict[str, str]]]]:
-        """Every object of every bucket (bucket -> key -> body, content type, metadata), to :meth:`restore`."""
+        """Each object of each bucket (bucket -> key -> body, content type, metadata), for :meth:`restore`."""
         client = self._admin = self._admin or self.client()
         state: dict[str, dict[str, tuple[bytes, str, dict[str, str]]]] = {}
         for bucket in client.list_buckets()["Buckets"]:
