@@ -129,6 +129,8 @@ class DataAccessContext(Generic[DalT]):
     # skips it. A private seam: Observer subclasses elsewhere are always called.
     _unobserved_calls = False
     _async_resources = False
+    # Async resources being created, by name: a future once a second task waits for one.
+    _starting: dict[str, Any] | None = None
     _has_legacy_hooks = False
     # Set when every context middleware may run its sync form in a worker thread
     # (see _offload_threads): the executor getter for the close's one trip there.
@@ -251,14 +253,38 @@ class DataAccessContext(Generic[DalT]):
         if not self._async:
             msg = f'resource {name!r} is async; enter the context with "async with dm.context():"'
             raise ResourceException(msg)
+        starting = self._starting
+        if starting is None:
+            starting = self._starting = {}
+        elif name in starting:
+            # Another task of this context is creating it (asyncio.gather of two
+            # first reads): wait for that one, never make a second.
+            return await self._await_start(name, starting)
+        starting[name] = None  # a future only if another task comes to wait
         agen = factory.make(self)
         # _factories.astart, inline: one coroutine less on every first read.
         try:
             value = await agen.__anext__()
         except StopAsyncIteration:
             raise _factories.did_not_yield(_factories.label(_RES, name), ResourceSetupException) from None
-        self._remember(name, agen, True, value)
+        else:
+            self._remember(name, agen, True, value)
+        finally:
+            waiter = starting.pop(name)
+            if waiter is not None:
+                waiter.set_result(None)
         return value
+
+    async def _await_start(self, name: str, starting: dict[str, Any]) -> Any:
+        """Wait for the task creating resource ``name``, then read it (or create it, if that failed)."""
+        import asyncio
+
+        waiter = starting[name]
+        if waiter is None:
+            waiter = starting[name] = asyncio.get_running_loop().create_future()
+        # Not "await waiter": cancelling this task must not cancel the others' wait.
+        await asyncio.wait((waiter,))
+        return await self.aget(name)
 
     def _remember(self, name: str, gen: Any, is_async: bool, value: Any) -> None:
         if is_async:
@@ -710,7 +736,7 @@ class DataAccessContext(Generic[DalT]):
         created = self._created
         if created is None:
             return
-        self._created = None
+        # Popped one by one: a teardown may still read the resources not yet torn down.
         while created:
             name, (gen, is_async, _) = created.popitem()  # newest first
             _forget(self, name)
@@ -732,12 +758,12 @@ class DataAccessContext(Generic[DalT]):
             err = _factories.finish(gen, exc, _RES, name)
             if err is not exc and err is not None:
                 self._resource_failed(name, err)
+        self._created = None
 
     async def _ateardown_resources(self, exc: BaseException | None) -> None:
         created = self._created
         if created is None:
             return
-        self._created = None
         while created:
             name, (gen, is_async, _) = created.popitem()  # newest first
             _forget(self, name)
@@ -759,6 +785,7 @@ class DataAccessContext(Generic[DalT]):
                 err = _factories.finish(gen, exc, _RES, name)
             if err is not None and err is not exc:
                 self._resource_failed(name, err)
+        self._created = None
 
     def _resource_failed(self, name: str, err: BaseException) -> None:
         self.get_resource_exit_errors().append((type(err), err, err.__traceback__))

@@ -232,6 +232,85 @@ async def test_async_resource_is_created_lazily_once_per_context(dm: DataManager
     assert log == ["conn setup", "conn teardown", "conn setup", "conn teardown"]
 
 
+async def test_tasks_reading_an_async_resource_first_at_once_share_one(dm: DataManager) -> None:
+    """Two tasks of one context (``asyncio.gather``) read an async resource whose setup awaits: one is made.
+
+    (Each used to make its own; the second replaced the first in the context,
+    so the first was torn down unseen, its pending work lost.)
+    """
+    made: list[object] = []
+    closed: list[object] = []
+
+    async def conn(ctx: DataAccessContext) -> AsyncIterator[object]:
+        value = object()
+        await asyncio.sleep(0.01)  # a connect round trip
+        made.append(value)
+        try:
+            yield value
+        finally:
+            closed.append(value)
+
+    dm.register_resources(conn=conn)
+    async with dm.context() as ctx:
+        values = await asyncio.gather(*(ctx.aget("conn") for _ in range(3)))
+        assert values[0] is values[1] is values[2]
+    assert made == closed == [values[0]]
+
+
+@pytest.mark.parametrize("failure", ["error", "cancel"])
+async def test_a_task_waiting_for_a_failed_first_read_makes_the_resource_itself(
+    dm: DataManager, failure: str
+) -> None:
+    """The task creating the resource fails or is cancelled: the one that waited for it creates it."""
+    attempts: list[int] = []
+    first_started = asyncio.Event()
+
+    async def conn(ctx: DataAccessContext) -> AsyncIterator[int]:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            first_started.set()
+            await asyncio.sleep(0.05)
+            raise Boom("connect")
+        yield len(attempts)
+
+    dm.register_resources(conn=conn)
+    async with dm.context() as ctx:
+        first = asyncio.ensure_future(ctx.aget("conn"))
+        await first_started.wait()
+        second = asyncio.ensure_future(ctx.aget("conn"))
+        await asyncio.sleep(0)
+        if failure == "cancel":
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        else:
+            with pytest.raises(Boom):
+                await first
+        assert await second == 2
+        assert await ctx.aget("conn") == 2
+    assert attempts == [0, 1]
+
+
+async def test_a_teardown_reads_async_resources_not_yet_torn_down(dm: DataManager) -> None:
+    """In an async context, a resource's teardown may read one created before it (torn down after it)."""
+    seen: list[Any] = []
+
+    async def first(ctx: DataAccessContext) -> AsyncIterator[str]:
+        yield "first"
+        seen.append("first closed")
+
+    async def second(ctx: DataAccessContext) -> AsyncIterator[str]:
+        yield "second"
+        seen.append(await ctx.aget("first"))
+
+    dm.register_resources(first=first, second=second)
+    async with dm.context() as ctx:
+        await ctx.aget("first")
+        await ctx.aget("second")
+    assert seen == ["first", "first closed"]
+    assert ctx.get_resource_exit_errors() == []
+
+
 async def test_async_resource_never_accessed_is_never_created(dm: DataManager) -> None:
     """An async resource that nobody asks for is never set up or torn down."""
     log: Log = []
