@@ -400,6 +400,20 @@ class S3BlobStore(BlobStore):
         except (BotoCoreError, ClientError) as exc:
             raise self._error("delete", key, exc) from exc
 
+    def _discard_if(self, key: str, etag: str) -> None:
+        # One conditional DeleteObject (If-Match), no HEAD first: 412 means written
+        # again since, 404 already gone; both leave nothing to do.
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key, IfMatch=f'"{etag}"')
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _MISSING_KEY or code == "PreconditionFailed" or status in (404, 412):
+                return
+            raise self._error("delete", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("delete", key, exc) from exc
+
     def _list(self, prefix: str, after: str | None, page_size: int) -> Iterator[str]:
         params: dict[str, Any] = {
             "Bucket": self.bucket,

@@ -292,7 +292,7 @@ class FileSystemBlobStore(BlobStore):
             key=key,
             size=st.st_size,
             content_type=document.get("content_type") or guess_type(key),
-            etag=f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}",
+            etag=_etag(st),
             modified=modified,
             metadata=dict(document.get("metadata") or {}),
         )
@@ -337,12 +337,14 @@ class FileSystemBlobStore(BlobStore):
             msg = f"could not {what}: the store's root is not a folder"
             raise BlobStoreUnavailable(msg)
 
-    def _delete(self, key: str) -> bool:
+    def _delete(self, key: str, etag: str | None = None) -> bool:
         path = self._path(key)
         meta_path = self._meta_path(key)
         self._inside_root(key, os.path.dirname(path), "delete")
         with self._locked():
             try:
+                if etag is not None and _etag(os.stat(path)) != etag:
+                    return False  # written again since: that blob stays
                 os.unlink(path)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return False
@@ -359,6 +361,9 @@ class FileSystemBlobStore(BlobStore):
         parent = os.path.dirname(path)
         self._fsync_dir(parent if os.path.isdir(parent) else self.root)
         return True
+
+    def _discard_if(self, key: str, etag: str) -> None:
+        self._delete(key, etag)
 
     def _list(self, prefix: str, after: str | None, page_size: int) -> Iterator[str]:
         if prefix.startswith(RESERVED_PREFIX):
@@ -489,6 +494,11 @@ class FileSystemBlobStore(BlobStore):
                 _unlink(entry.path)
             removed.append(f"{RESERVED_PREFIX}tmp/{entry.name}")
         return removed
+
+
+def _etag(st: os.stat_result) -> str:
+    """A file's version: every write replaces the file, so a new inode or mtime."""
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
 def _unlink(path: str) -> None:

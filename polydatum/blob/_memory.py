@@ -88,6 +88,13 @@ class MemoryBlobStore(BlobStore):
             del self._keys[bisect.bisect_left(self._keys, key)]
             return True
 
+    def _discard_if(self, key: str, etag: str) -> None:
+        with self._lock:
+            blob = self._blobs.get(key)
+            if blob is not None and blob.etag == etag:
+                del self._blobs[key]
+                del self._keys[bisect.bisect_left(self._keys, key)]
+
     def _list(self, prefix: str, after: str | None, page_size: int) -> Iterator[str]:
         while True:
             # Re-find the position on every page: the store may change meanwhile.

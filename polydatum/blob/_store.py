@@ -402,6 +402,18 @@ class BlobStore(abc.ABC):
         """Delete without telling whether there was anything (S3: no HEAD first)."""
         self._delete(key)
 
+    def _discard_if(self, key: str, etag: str) -> None:
+        """Delete ``key`` only while it holds the blob whose etag is ``etag``; nothing if gone or changed.
+
+        Stores do it in one step where they can (S3: a conditional DeleteObject).
+        """
+        try:
+            current = self._stat(key)
+        except BlobNotFound:
+            return
+        if current.etag == etag:
+            self._discard(key)
+
     def _url(self, key: str, expires: int) -> str:
         msg = (
             f"{type(self).__name__} cannot serve URLs for {key!r}; build it with "

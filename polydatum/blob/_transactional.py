@@ -168,7 +168,7 @@ class TransactionalBlobStore(BlobStore):
         if outbox is not None and info is not None:
             # Delivered later (maybe much later, if the store is down): only while
             # the key still holds the blob deleted here, not a newer committed one.
-            outbox.add(self._ctx, blob_topic(self.name), {"delete": key, "version": _version(info)})
+            outbox.add(self._ctx, blob_topic(self.name), {"delete": key, "etag": info.etag})
         return True
 
     def _visible(self, key: str) -> BlobStore:
@@ -325,11 +325,8 @@ def outbox_handler(store: BlobStore) -> Callable[[Any], None]:
         for key in payload.get("discard", ()):
             store._discard(key)
         if "delete" in payload:
-            key = payload["delete"]
-            current = _stat_or_none(store, key)
-            if current is not None and _version(current) == payload["version"]:
-                store._discard(key)
-            # Otherwise gone already, or written again since: a newer blob stays.
+            # Only while the key still holds the blob deleted then: a newer one stays.
+            store._discard_if(payload["delete"], payload["etag"])
         if "restore" in payload:
             key, undo = payload["restore"], payload["undo"]
             mark = payload.get("write")  # rows written before marks existed have none
@@ -355,14 +352,3 @@ def _stat_or_none(store: BlobStore, key: str) -> BlobInfo | None:
         return store._stat(key)
     except BlobNotFound:
         return None
-
-
-def _version(info: BlobInfo) -> list[str]:
-    """What tells one write of a key from another: the etag and the unit of work's mark.
-
-    On disk and in memory the etag changes with every write. On S3 it is the
-    content's MD5, so the same bytes written again through a unit of work
-    with an outbox differ by their mark; written again by a plain ``put``,
-    they look the same (and the waiting delete removes them).
-    """
-    return [info.etag, info.metadata.get(WRITE_MARK, "")]

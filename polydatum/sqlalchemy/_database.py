@@ -65,6 +65,8 @@ SqliteBegin = Literal["DEFERRED", "IMMEDIATE", "EXCLUSIVE"]
 _READ_ONLY = "polydatum_read_only"
 _READ_ONLY_BIND = "polydatum_read_only_bind"
 _QUERY_ONLY = "polydatum_query_only"
+# Set once the transaction middleware has committed or rolled back the context's transaction.
+_ENDED = "polydatum_ended"
 _SQLITE_READONLY = 8
 
 # Commits acknowledged during one retry() attempt; None outside retry().
@@ -700,7 +702,7 @@ class Database(_EngineOwner):
             try:
                 yield session
             finally:
-                session.close()
+                _close(session)
 
         session_resource.database = self  # type: ignore[attr-defined]  # found by polydatum.testing
         return session_resource
@@ -904,6 +906,31 @@ def _end_transaction(session: Session, name: str) -> None:
         except StaleDataError as exc:
             raise conflict_from(exc) from exc
         _acknowledge(name)
+    session.info[_ENDED] = True
+
+
+def _worked_after_the_end(session: Session) -> bool:
+    """Whether statements ran after the middleware ended the context's transaction.
+
+    A commit or rollback hook, or a resource's teardown, that writes through
+    the DAL: its work is a transaction of its own, committed as the session
+    closes (closing alone would roll it back, losing it without a word).
+    """
+    info = session.info
+    return bool(info.get(_ENDED)) and session.in_transaction() and not info.get(_READ_ONLY)
+
+
+def _close(session: Session) -> None:
+    """Close a context's session, committing what ran after its transaction ended (see above).
+
+    A failing COMMIT here raises from the resource's teardown: the context
+    logs it and collects it in ``ctx.get_resource_exit_errors()``.
+    """
+    try:
+        if _worked_after_the_end(session):
+            session.commit()
+    finally:
+        session.close()
 
 
 def _acknowledge(name: str) -> None:
@@ -919,6 +946,8 @@ def _rollback_quietly(session: Session, name: str) -> None:
         session.rollback()
     except Exception:
         logger.warning("rollback of %r failed", name, exc_info=True, extra={"polydatum_resource": name})
+    else:
+        session.info[_ENDED] = True
 
 
 # The sync driver that reads what an async one wrote: the sync side of an AsyncDatabase.
@@ -1171,7 +1200,11 @@ class AsyncDatabase(_EngineOwner):
             try:
                 yield session
             finally:
-                await session.close()
+                try:
+                    if _worked_after_the_end(session.sync_session):
+                        await session.commit()
+                finally:
+                    await session.close()
 
         def session_resource(ctx: DataAccessContext) -> Iterator[Session]:
             session = make_sync(ro)
@@ -1179,7 +1212,7 @@ class AsyncDatabase(_EngineOwner):
             try:
                 yield session
             finally:
-                session.close()
+                _close(session)
 
         resource = _DualSessions(session_resource, async_session_resource)
         resource.database = self
@@ -1318,6 +1351,8 @@ def async_transaction_middleware(
                     logger.warning(
                         "rollback of %r failed", name, exc_info=True, extra={"polydatum_resource": name}
                     )
+                else:
+                    session.sync_session.info[_ENDED] = True
             if isinstance(exc, StaleDataError):
                 raise conflict_from(exc) from exc
             raise
@@ -1331,6 +1366,7 @@ def async_transaction_middleware(
                 except StaleDataError as exc:
                     raise conflict_from(exc) from exc
                 _acknowledge(name)
+            session.sync_session.info[_ENDED] = True
             # Sync code reading the position through the async driver: run where it may await.
             await session.run_sync(lambda sync: _record_position(ctx, name, sync))
 

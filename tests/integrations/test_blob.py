@@ -239,6 +239,26 @@ class TestMissing:
         assert not store.exists("copy")
 
 
+class TestConditionalDelete:
+    """``_discard_if``, what an outbox delete row runs: only the very blob it saw (every store)."""
+
+    def test_deletes_the_blob_it_saw(self, store: BlobStore) -> None:
+        store.put("doc", b"v1")
+        store._discard_if("doc", store.stat("doc").etag)
+        assert not store.exists("doc")
+
+    def test_keeps_a_blob_written_since(self, store: BlobStore) -> None:
+        store.put("doc", b"v1")
+        seen = store.stat("doc").etag
+        store.put("doc", b"v2, written later")
+        store._discard_if("doc", seen)
+        assert store.get("doc") == b"v2, written later"
+
+    def test_a_missing_key_is_nothing_to_do(self, store: BlobStore) -> None:
+        store._discard_if("gone", "0123")
+        assert not store.exists("gone")
+
+
 class TestBadInput:
     @pytest.mark.parametrize(
         "data",

@@ -111,6 +111,66 @@ class TestTransactions:
         assert seen == ["rolled back"]
         assert names(db) == []
 
+    def test_dal_writes_in_hooks_and_teardowns_are_committed(self, dm: DataManager, db: Database) -> None:
+        """Writes after the context's COMMIT (a commit hook, a resource's teardown) are kept, not lost.
+
+        They run in a transaction of their own, committed as the session
+        closes; closing alone used to roll them back without a word.
+        """
+
+        def audit(ctx: DataAccessContext) -> Any:
+            yield None
+            ctx.dal.items.create(name="audit")  # a 1.0-style buffer flushed through a service
+
+        dm.register_resources(audit=audit)
+        with dm.context() as ctx:
+            ctx.dal.items.create(name="body")
+            ctx.on_commit(lambda: ctx.dal.items.create(name="commit hook"))
+            ctx.on_rollback(lambda: ctx.dal.items.create(name="never"))
+            assert ctx.audit is None
+        assert names(db) == ["audit", "body", "commit hook"]
+        assert ctx.get_hook_errors() == ctx.get_resource_exit_errors() == []
+
+    def test_a_rollback_hooks_writes_are_kept_and_the_bodys_are_not(
+        self, dm: DataManager, db: Database
+    ) -> None:
+        """A failed context: its body's write is rolled back, what its rollback hook wrote stays."""
+
+        def body(ctx: DataAccessContext) -> None:
+            ctx.dal.items.create(name="body")
+            ctx.on_rollback(lambda: ctx.dal.items.create(name="failure record"))
+            raise Boom
+
+        with pytest.raises(Boom):
+            run(dm, body)
+        assert names(db) == ["failure record"]
+
+    def test_a_failing_write_after_the_commit_is_reported_and_keeps_the_commit(
+        self, dm: DataManager, db: Database, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A hook's write that fails at its own COMMIT: logged, collected, and the context's commit stands."""
+        with dm.context() as ctx:
+            ctx.dal.items.create(name="taken")
+            ctx.on_commit(lambda: ctx.db.add(Item(name="taken")))  # flushed at the closing COMMIT
+        assert names(db) == ["taken"]
+        errors = ctx.get_resource_exit_errors()
+        assert [type(e[1]) for e in errors] == [IntegrityError]
+        assert "failed while closing" in caplog.text
+
+    def test_reads_in_a_hook_commit_nothing_of_the_body(self, dm: DataManager, db: Database) -> None:
+        """A failed context whose rollback hook only reads: nothing of the body is committed."""
+        counts: list[int] = []
+
+        def body(ctx: DataAccessContext) -> None:
+            ctx.dal.items.create(name="body")
+            ctx.on_rollback(lambda: counts.append(ctx.dal.items.count()))
+            raise Boom
+
+        with pytest.raises(Boom):
+            run(dm, body)
+        assert counts == [0]
+        assert names(db) == []
+
     def test_failed_commit_raises_and_runs_rollback_hooks(self, dm: DataManager, db: Database) -> None:
         """A commit that fails raises from the context, runs on_rollback hooks, keeps nothing."""
         seen: list[str] = []

@@ -276,6 +276,19 @@ class TestStore:
         assert await names(db) == []
 
 
+async def test_async_dal_writes_in_hooks_are_committed(dm: DataManager, db: AsyncDatabase) -> None:
+    """An AsyncDatabase: a commit hook's write through the DAL is committed as the session closes."""
+
+    async def hook(ctx: DataAccessContext) -> None:
+        await ctx.dal.items.create(name="commit hook")
+
+    async with dm.context() as ctx:
+        await ctx.dal.items.create(name="body")
+        ctx.on_commit(hook, ctx)
+    assert await names(db) == ["body", "commit hook"]
+    assert ctx.get_hook_errors() == ctx.get_resource_exit_errors() == []
+
+
 class TestReadOnly:
     async def test_read_only_install_refuses_writes(self, dm: DataManager, db: AsyncDatabase) -> None:
         """An AsyncDatabase installed read-only refuses ORM and raw writes."""
