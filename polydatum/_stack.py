@@ -14,6 +14,7 @@ never per context.
 
 from __future__ import annotations
 
+import sys
 from contextvars import ContextVar
 from typing import Any
 
@@ -45,10 +46,17 @@ def new_stack_var(owner: object) -> ContextVar[Any]:
     return ContextVar(f"polydatum.active_context.{id(owner):x}", default=NO_CONTEXT)
 
 
+def _in_event_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (asyncio is not imported for this)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and asyncio._get_running_loop() is not None
+
+
 def no_context_error(ctx: Any, what: str = "the DAL") -> NoActiveContextError | ContextStateError:
     """The error for using ``what`` when ``ctx`` (the top of a stack) is not open."""
     if ctx is NO_CONTEXT or ctx is None:
-        msg = f'no active polydatum context for {what}; open one with "with dm.context():"'
+        opener = "async with" if _in_event_loop() else "with"
+        msg = f'no active polydatum context for {what}; open one with "{opener} dm.context():"'
         return NoActiveContextError(msg)
     if ctx._state == CREATED:
         msg = f'{ctx!r} was never entered; use it as "with dm.context() as ctx:"'

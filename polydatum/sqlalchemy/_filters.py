@@ -281,7 +281,7 @@ def _column(model: str, name: str, attribute: Any, type_: Any, nullable: bool) -
     if isinstance(type_, Uuid) and not type_.as_uuid:
         return make("other", "a UUID string", _is_uuid_text)
     if isinstance(type_, String):
-        return make("text", "a str without NUL characters", _is_text)
+        return make("text", "a str without NUL characters or lone surrogates", _is_text)
     if isinstance(type_, (JSON, ARRAY)):
         return make("structured", "nothing: JSON and ARRAY columns take only is_null", _nothing)
     for sql_type, accepts, expected in (
@@ -455,7 +455,10 @@ class Schema:
                 )
             if not _is_text(value):
                 raise _refused(
-                    key, column, f"the {op} operator takes a str without NUL characters, got {show(value)}"
+                    key,
+                    column,
+                    f"the {op} operator takes a str without NUL characters or lone surrogates, "
+                    f"got {show(value)}",
                 )
             return _LIKE[op](col, value)  # type: ignore[no-any-return]
         if op in ("in", "not_in"):

@@ -18,7 +18,7 @@ from sqlalchemy import func, inspect, select
 from polydatum import Service
 from polydatum.errors import ConcurrencyConflict, InvalidInput, NotFound, ResourceException
 from polydatum.sqlalchemy._database import use_primary
-from polydatum.sqlalchemy._filters import SMALL_INT, Filters, Keys, OrderBy, Schema, show
+from polydatum.sqlalchemy._filters import SMALL_INT, Filters, Keys, OrderBy, Schema, _is_text, show
 
 if TYPE_CHECKING:
     from sqlalchemy import Select
@@ -94,6 +94,14 @@ class _Queries:
         self.protected_on_create, self.protected_on_update = _protected(mapper)
         version = mapper.version_id_col
         self.version = None if version is None else mapper.get_property_by_column(version).key
+        # String(n) columns: a longer value is refused before the SQL (PostgreSQL would
+        # fail the statement, SQLite would store it: the same answer everywhere).
+        self.max_lengths = {
+            prop.key: length
+            for prop in mapper.column_attrs
+            if len(prop.columns) == 1
+            and isinstance(length := getattr(getattr(prop.columns[0], "type", None), "length", None), int)
+        }
 
     def check_values(
         self, values: Mapping[str, Any], protected: Mapping[str, str], allowed: Collection[str] | str
@@ -120,6 +128,22 @@ class _Queries:
                     f"allow_protected={{{key!r}}} if this call really means to write it"
                 )
                 raise InvalidInput(msg)
+            value = values[key]
+            if isinstance(value, str):
+                self._check_text(key, value)
+
+    def _check_text(self, key: str, value: str) -> None:
+        """Refuse text no database column can store, or longer than its String(n), before any SQL."""
+        if not _is_text(value):
+            msg = (
+                f"{self.name}.{key} takes text without NUL characters or lone surrogates "
+                f"(the database cannot store them), got {show(value)}"
+            )
+            raise InvalidInput(msg)
+        limit = self.max_lengths.get(key)
+        if limit is not None and len(value) > limit:
+            msg = f"{self.name}.{key} holds at most {limit} characters, got {len(value)}"
+            raise InvalidInput(msg)
 
     def check_expected(self, expected: Any) -> None:
         """Refuse an ``expected_version`` that is not an int, before any SQL."""

@@ -463,6 +463,34 @@ class TestFilterValues:
         assert dal.posts.count(filters) == expected
 
 
+class TestWrittenText:
+    @pytest.mark.parametrize(
+        ("title", "problem"),
+        [
+            ("a\x00b", "without NUL characters or lone surrogates"),
+            ("a\udcff", "without NUL characters or lone surrogates"),
+            ("x" * 101, "holds at most 100 characters, got 101"),
+        ],
+        ids=["nul", "surrogate", "too-long"],
+    )
+    def test_text_no_column_can_store_is_refused_before_any_sql(
+        self, dm: DataManager, db: Database, title: str, problem: str
+    ) -> None:
+        """create/update with such text: InvalidInput (a 400) on SQLite and PostgreSQL alike, nothing written.
+
+        (PostgreSQL used to fail the statement with a DataError, a 500; SQLite stored it.)
+        """
+        with dm.dal() as dal:
+            with pytest.raises(InvalidInput, match=problem):
+                dal.posts.create(title=title)
+            post = dal.posts.create(title="fine")
+            with pytest.raises(InvalidInput, match=problem):
+                dal.posts.update(post.id, title=title)
+        with dm.dal() as dal:
+            assert [p.title for p in dal.posts.search()] == ["fine"]
+            assert dal.posts.create(title="x" * 100).title == "x" * 100  # the limit itself is fine
+
+
 class TestExpectedVersion:
     @pytest.mark.parametrize("version", ["1", "abc", 1.0, True, [1]])
     def test_a_non_int_version_is_refused_before_any_sql(self, dal: DataAccessLayer, version: Any) -> None:
