@@ -40,9 +40,11 @@ from polydatum.errors import ReplicaMismatch
 
 logger = logging.getLogger("polydatum.sqlalchemy")
 
+# Lag 0 when all WAL received is replayed: "<=", as a restarted replica receives
+# from a segment boundary behind what it had replayed already.
 _HEALTH = (
     "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
-    "CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
+    "CASE WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0 "
     "ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END, "
     # status is NULL for a role without pg_read_all_stats: then "streaming" cannot be told apart.
     "EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status IS NULL OR status = 'streaming'), "

@@ -496,6 +496,29 @@ class TestHealth:
         assert after["replica1"] == 0
         rig.wait_streaming()
 
+    def test_a_restarted_replica_with_nothing_to_replay_is_not_lagging(self, rig: ReplicatedPostgres) -> None:
+        """Restarted, caught up and idle: lag 0, not the time since the last replayed transaction.
+
+        After a restart the replica's receive position starts at a segment
+        boundary, behind what it replayed; that used to count as lagging.
+        """
+        victim = rig.replicas[0]
+        victim.kill()
+        victim.start()
+        rig.wait_streaming()
+        db = Database(rig.primary.url, replicas=[node.url for node in rig.replicas], max_lag=0.5)
+        try:
+            time.sleep(1.0)  # longer than max_lag, without a write
+            report = db.health()
+            assert [(s.name, s.ok) for s in report] == [
+                ("primary", True),
+                ("replica 1", True),
+                ("replica 2", True),
+            ], [s.detail for s in report]
+            assert report[1].lag == 0
+        finally:
+            db.dispose()
+
     def test_check_reports_every_node(self, setup: tuple[Database, DataManager]) -> None:
         """health() checks each replica now and reports name, role, state, lag and position."""
         db, _ = setup
