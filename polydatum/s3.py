@@ -410,6 +410,10 @@ class S3BlobStore(BlobStore):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in _MISSING_KEY or code == "PreconditionFailed" or status in (404, 412):
                 return
+            if code == "NotImplemented" or status == 501:
+                # A server speaking S3 without conditional deletes: ask, then delete.
+                super()._discard_if(key, etag)
+                return
             raise self._error("delete", key, exc) from exc
         except BotoCoreError as exc:
             raise self._error("delete", key, exc) from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import importlib
 import io
 import json
@@ -542,6 +544,64 @@ class TestErrorTranslation:
         assert type(error) is expected
         assert error.key == "k"
         assert re.search(match, str(error)), str(error)
+
+
+class _NoConditionalDeletes(http.server.BaseHTTPRequestHandler):
+    """An S3 front answering DeleteObject with If-Match 501 NotImplemented; the rest goes to moto."""
+
+    upstream = 0  # moto's port, set per server
+
+    def _forward(self) -> None:
+        if self.command == "DELETE" and self.headers.get("If-Match"):
+            body = b"<Error><Code>NotImplemented</Code><Message>not here</Message></Error>"
+            self.send_response(501)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        data = self.rfile.read(length) if length else None
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=10)
+        conn.request(self.command, self.path, body=data, headers=dict(self.headers))
+        answer = conn.getresponse()
+        payload = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_server_without_conditional_deletes_gets_a_head_then_a_delete(
+    bucket: str, moto_server: MotoServer
+) -> None:
+    """A server refusing If-Match on DeleteObject (501): the outbox's delete asks first, then deletes."""
+    handler = type("Front", (_NoConditionalDeletes,), {"upstream": moto_server.port})
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=front.serve_forever, daemon=True)
+    thread.start()
+    try:
+        options = {**moto_server.client_options(), "endpoint_url": f"http://127.0.0.1:{front.server_port}"}
+        store = S3BlobStore(bucket, **options)
+        store.put("doc", b"v1")
+        seen = store.stat("doc").etag
+        store.put("doc", b"v2")
+        store._discard_if("doc", seen)  # written since: kept
+        assert store.get("doc") == b"v2"
+        store._discard_if("doc", store.stat("doc").etag)
+        assert not store.exists("doc")
+    finally:
+        front.shutdown()
+        front.server_close()
 
 
 def test_missing_boto3_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
