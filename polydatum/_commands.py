@@ -194,6 +194,10 @@ def _unknown_path_error(
     return DalMethodError(path, msg)
 
 
+# A Service's own methods: not service methods, never callable through a DAL path.
+_FRAMEWORK_METHODS = frozenset({"setup", "register_services"})
+
+
 def resolve_owner(
     services: dict[str, Any], path: tuple[PathSegment, ...], *, callable_only: bool = False
 ) -> tuple[Any, Any]:
@@ -215,11 +219,12 @@ def resolve_owner(
     for index, segment in enumerate(path):
         name = segment.name
         # Paths may come from strings (routing tables, task names): private
-        # names and the framework's setup() are never reachable through them.
-        if name[:1] == "_" or (name == "setup" and index == len(path) - 1):
+        # names and the framework's own methods are never reachable through them.
+        if name[:1] == "_" or (name in _FRAMEWORK_METHODS and index == len(path) - 1):
             msg = (
                 f"dal.{path_name(path)}: {name!r} is not a service method; names starting with "
-                "'_' and setup() belong to the framework and cannot be called through the DAL"
+                "'_', setup() and register_services() belong to the framework and cannot be "
+                "called through the DAL"
             )
             raise DalMethodError(path, msg)
     owner: Any = services
@@ -237,7 +242,9 @@ def resolve_owner(
         methods = sorted(
             name
             for name in dir(target)
-            if not name.startswith("_") and name != "setup" and callable(getattr(target, name, None))
+            if not name.startswith("_")
+            and name not in _FRAMEWORK_METHODS
+            and callable(getattr(target, name, None))
         )
         shown = ", ".join(methods[:8]) or "none"
         msg = f"dal.{path_name(path)} is a service, not a method; call one of its methods ({shown})"

@@ -136,6 +136,9 @@ def as_factory(obj: Any) -> Factory | None:
     decorated = _unwrap_decorated(obj)
     if decorated is not None:
         return decorated
+    wrapped = _wrapped_generator_function(obj)
+    if wrapped is not None:
+        return wrapped
     if not isinstance(obj, type):
         call = getattr(type(obj), "__call__", None)  # noqa: B004 - the type's __call__, not callable()
         if call is not None:
@@ -149,6 +152,38 @@ def as_factory(obj: Any) -> Factory | None:
     return None
 
 
+def _wrapped_generator_function(obj: Any) -> Factory | None:
+    """A generator function under ``functools.wraps`` decorators (tracing, retries), called through them.
+
+    What the decorators return is checked at each call: a generator is what
+    the context drives, so anything else is refused there, saying so.
+    """
+    if getattr(obj, "__wrapped__", None) is None or not callable(obj):
+        return None
+    try:
+        inner = inspect.unwrap(obj)
+    except ValueError:  # a cycle of __wrapped__
+        return None
+    if isgeneratorfunction(inner):
+        want: Any = types.GeneratorType
+    elif isasyncgenfunction(inner):
+        want = types.AsyncGeneratorType
+    else:
+        return None
+
+    def make(ctx: Any) -> Any:
+        made = obj(ctx)
+        if not isinstance(made, want):
+            msg = (
+                f"{describe(obj)} wraps a generator function but returned {describe(made)}; "
+                "its decorators must return what the generator function returns"
+            )
+            raise TypeError(msg)
+        return made
+
+    return Factory(obj, make, want is types.AsyncGeneratorType)
+
+
 def describe(obj: Any) -> str:
     """``42 (int)``: a value and its type, for error messages."""
     text = repr(obj)
@@ -158,9 +193,9 @@ def describe(obj: Any) -> str:
 
 
 ACCEPTED = (
-    "a generator function taking the context and yielding once, an object whose "
-    "__call__ is one, a @contextmanager function, or (for async contexts) the async "
-    "versions of these"
+    "a generator function taking the context and yielding once (also under "
+    "functools.wraps decorators), an object whose __call__ is one, a @contextmanager "
+    "function, or (for async contexts) the async versions of these"
 )
 
 

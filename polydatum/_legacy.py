@@ -102,7 +102,14 @@ class ContextStack:
             if pushed_var is var:
                 break
         else:
-            return None
+            top = var.get()
+            if getattr(top, "_state", None) == OPEN:
+                msg = (
+                    f'cannot pop {top!r}: it was entered with "with" (or "async with"), not '
+                    "pushed; it leaves the stack when its block ends"
+                )
+                raise ContextStateError(msg)
+            return None  # an empty stack, as 1.0's LocalStack.pop()
         if var.get() is not ctx:
             msg = (
                 f'cannot pop {ctx!r}: a context entered with "with" is above it; '

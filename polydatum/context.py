@@ -28,7 +28,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from functools import wraps
-from inspect import isawaitable, iscoroutinefunction
+from inspect import isasyncgenfunction, isawaitable, iscoroutinefunction, isgeneratorfunction
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from polydatum import _factories
@@ -788,6 +788,13 @@ class DataAccessContext(Generic[DalT]):
         self._created = None
 
     def _resource_failed(self, name: str, err: BaseException) -> None:
+        if err.__traceback__ is None:
+            # Built, never raised (a generator that yielded twice): give it the
+            # traceback sys.exc_info() would, so the triple is a real one.
+            try:
+                raise err
+            except BaseException:  # only to attach the traceback
+                pass
         self.get_resource_exit_errors().append((type(err), err, err.__traceback__))
         logger.warning(
             "resource %r failed while closing: %r",
@@ -888,6 +895,16 @@ class DataAccessContext(Generic[DalT]):
             msg = f"{self!r} was already entered; decorate with a new dm.context() instead"
             raise ContextStateError(msg)
         dm, meta = self.data_manager, self.meta
+        if isgeneratorfunction(func) or isasyncgenfunction(func):
+            # The context would close once the generator object exists, before its
+            # body runs; and a context kept open across yields would leak into the caller.
+            name = getattr(func, "__qualname__", repr(func))
+            msg = (
+                f"cannot decorate the generator function {name} with a context: its body runs "
+                f"only as it is iterated, after the call returned; open the context inside it "
+                f'("with dm.context(meta):" around the work between yields)'
+            )
+            raise TypeError(msg)
         if iscoroutinefunction(func):
 
             @wraps(func)

@@ -26,7 +26,12 @@ class Meta(Mapping[str, Any]):
     _values: dict[str, Any]
 
     def __init__(self, opts: Mapping[str, Any] | None = None) -> None:
-        object.__setattr__(self, "_values", dict(opts) if opts else {})
+        try:
+            values = dict(opts) if opts else {}
+        except (TypeError, ValueError):
+            msg = f"meta must be a mapping (a dict of names to values), got {type(opts).__name__}"
+            raise TypeError(msg) from None
+        object.__setattr__(self, "_values", values)
 
     def __getattr__(self, key: str) -> Any:
         if key[:2] == "__":

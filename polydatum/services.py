@@ -120,8 +120,14 @@ class Service(Generic[DalT, CtxT]):
     def register_services(self, **services: Any) -> Self:
         """Nest services under this one; returns ``self`` for chaining.
 
+        As in 1.0, a name nested already is replaced (the next DAL call sees
+        the new one), and any name is accepted; but a name starting with
+        ``_``, or one of this service's own attributes (a method wins over a
+        sub-service of its name), is not reachable as ``dal.<this>.<name>``.
+
         Raises:
             TypeError: if a value is not a service.
+            ValueError: a service is registered with another DataManager.
         """
         for key, service in services.items():
             check_service(key, service)
@@ -132,7 +138,22 @@ class Service(Generic[DalT, CtxT]):
         return self
 
     def setup(self, data_manager: DataManager | None) -> None:
-        """Bind this service, and its sub-services, to ``data_manager``."""
+        """Bind this service, and its sub-services, to ``data_manager``.
+
+        Raises:
+            ValueError: it is registered with another DataManager already (one
+                instance serves one manager: its ``_ctx`` reads that manager's contexts).
+        """
+        current = self._data_manager
+        if data_manager is None:
+            if current is not None:
+                return  # nested under a service not registered yet: it stays with its manager
+        elif current is not None and current is not data_manager:
+            msg = (
+                f"{type(self).__name__} {self!r} is registered with another DataManager already; "
+                "a service instance serves one DataManager, so register a new instance here"
+            )
+            raise ValueError(msg)
         self._data_manager = data_manager
         self._dal = data_manager.get_dal() if data_manager else None  # type: ignore[assignment]
         if data_manager is not None:

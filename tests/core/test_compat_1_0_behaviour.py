@@ -284,6 +284,14 @@ class TestCtxStackPushPop:
         """Like werkzeug's LocalStack, popping an empty stack gives None."""
         assert DataManager().ctx_stack.pop() is None
 
+    def test_popping_a_context_entered_with_with_raises(self) -> None:
+        """Nothing pushed, a ``with`` context on top: pop() says why it cannot (it used to do nothing)."""
+        dm = DataManager()
+        with dm.context() as ctx:
+            with pytest.raises(ContextStateError, match=r'entered with "with".*not pushed'):
+                dm.ctx_stack.pop()
+            assert dm.get_active_context() is ctx
+
     def test_pop_does_not_remove_a_context_entered_with_with(self) -> None:
         """A context entered with ``with`` above a pushed one must end its block first."""
         dm = DataManager()
@@ -359,6 +367,25 @@ class TestDecorators:
         dm = DataManager()
         with dm.context() as ctx, pytest.raises(ContextStateError, match=r"new dm\.context"):
             ctx(lambda: None)
+
+    def test_a_generator_function_cannot_be_decorated(self) -> None:
+        """@dm.context()/@dm.dal() on a (async) generator function: a TypeError saying where the context goes.
+
+        (The context used to close once the generator object existed: the body
+        then ran in no context, or silently in an outer one.)
+        """
+        dm = DataManager()
+
+        def rows() -> Any:
+            yield 1
+
+        async def arows() -> Any:
+            yield 1
+
+        for decorator in (dm.context(), dm.dal()):
+            for func in (rows, arows):
+                with pytest.raises(TypeError, match=r"generator function .*rows.* open the context inside"):
+                    decorator(func)
 
 
 class TestMetaSubclass:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import gc
 import logging
 import subprocess
@@ -536,6 +537,7 @@ class TestResources:
         assert len(errors) == 1
         assert errors[0][0] is RuntimeError
         assert "yielded more than once" in str(errors[0][1])
+        assert errors[0][2] is not None  # a real exc_info triple: never raised, it still has one
         assert events[-1] == "close a"
 
     def test_exit_errors_collected_logged_never_raised(
@@ -653,6 +655,60 @@ class TestResources:
         with pytest.raises(Boom):
             Body(dm)("managed", error=Boom)
         assert events == ["managed got Boom", "managed closed"]
+
+    def test_generator_functions_under_wraps_decorators(self, events: list[str]) -> None:
+        """A resource and a middleware wrapped by a functools.wraps decorator (tracing) are accepted.
+
+        (They used to be refused at registration with a message naming the very
+        function as "not a generator function".)
+        """
+
+        def traced(func: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(func)
+            def wrapper(ctx: DataAccessContext) -> Any:
+                events.append(f"trace {func.__name__}")
+                return func(ctx)
+
+            return wrapper
+
+        @traced
+        def session(ctx: DataAccessContext) -> Iterator[str]:
+            yield "session"
+            events.append("close session")
+
+        @traced
+        def transaction(ctx: DataAccessContext) -> Iterator[None]:
+            yield
+            events.append("commit")
+
+        dm = DataManager()
+        dm.register_resources(session=session)
+        dm.register_context_middleware(transaction)
+        with dm.context() as ctx:
+            assert ctx.session == "session"
+        assert events == ["trace transaction", "trace session", "commit", "close session"]
+
+    def test_a_wrapper_that_returns_no_generator_is_refused_when_used(self) -> None:
+        """A decorator that swallows the generator: the first use says what came back instead."""
+
+        def broken(func: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(func)
+            def wrapper(ctx: DataAccessContext) -> Any:
+                return list(func(ctx))
+
+            return wrapper
+
+        @broken
+        def session(ctx: DataAccessContext) -> Iterator[str]:
+            yield "session"
+
+        dm = DataManager()
+        dm.register_resources(session=session)
+        with (
+            dm.context() as ctx,
+            pytest.raises(TypeError, match=r"wraps a generator function but returned \['session'\]"),
+        ):
+            ctx.session
 
     def test_contextmanager_resource_that_does_not_yield(self) -> None:
         """A @contextmanager factory that never yields raises ResourceSetupException too."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -139,6 +140,12 @@ class TestOnContexts:
             assert isinstance(ctx.meta, Meta)
             assert ctx.meta.user == "ann"
             assert ctx.meta["user"] == "ann"
+
+    @pytest.mark.parametrize("bad", ["abc", 5, [1, 2]])
+    def test_meta_that_is_not_a_mapping_says_so(self, bad: Any) -> None:
+        """dm.context("abc") is a TypeError naming meta (it was dict()'s "update sequence element")."""
+        with pytest.raises(TypeError, match=f"meta must be a mapping .*got {type(bad).__name__}"):
+            DataManager().context(bad)
 
     def test_context_without_meta_has_empty_meta(self) -> None:
         """dm.context() has an empty Meta whose attributes read as None."""

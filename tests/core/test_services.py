@@ -266,3 +266,36 @@ class TestLegacyServicesDict:
             del root._services["extra"]
             with pytest.raises(DalMethodError, match="'extra'"):
                 dal.root.extra.where()
+
+
+class TestOneManagerPerService:
+    def test_a_service_registered_with_another_manager_is_refused(self) -> None:
+        """Registering one instance on a second DataManager raises, and the first keeps working.
+
+        (It used to rebind the service, whose calls through the first manager
+        then failed with "no active polydatum context" inside an open one.)
+        """
+        first, second = DataManager(), DataManager()
+        leaf = Leaf()
+        first.register_services(leaf=leaf)
+        for attempt in (
+            lambda: second.register_services(leaf=leaf),
+            lambda: second.register_services(root=Root().register_services(leaf=leaf)),
+        ):
+            with pytest.raises(ValueError, match="registered with another DataManager"):
+                attempt()
+        with first.dal() as dal:
+            assert dal.leaf.where() == "leaf"
+        first.replace_service("leaf", leaf)  # the same manager again is fine
+
+    def test_framework_methods_are_not_dal_paths(self) -> None:
+        """A path from a string cannot reach register_services (it would nest anything a client names)."""
+        dm = DataManager()
+        dm.register_services(root=tree())
+        with dm.dal() as dal:
+            with pytest.raises(DalMethodError, match="register_services\\(\\) belong to the framework"):
+                dal["root.register_services"](injected=Leaf())
+            with pytest.raises(DalMethodError) as info:
+                dal["root"]()
+            assert "register_services" not in str(info.value)
+        assert "injected" not in dm.get_dal()._services["root"]._services
