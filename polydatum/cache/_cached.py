@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import inspect
+import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -13,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from polydatum.cache._base import MISS, TTL, CacheBase
 from polydatum.cache._cache import AsyncCache, Cache
-from polydatum.cache._errors import CacheError, SerializationError
+from polydatum.cache._errors import CacheError, ItemTooLarge, SerializationError
 from polydatum.cache._keys import hash_tag, slot_safe
 
 if TYPE_CHECKING:
     from polydatum.context import DataAccessContext
     from polydatum.middleware import DalCommandRequest
+
+logger = logging.getLogger("polydatum.cache")
 
 KeySpec = str | Callable[..., str] | None
 _MAX_KEY = 200
@@ -228,10 +231,17 @@ class CachePolicy:
             return fresh[1]
         try:
             value = compute()
+        except BaseException:
+            cache._release_claim(key, token)
+            raise
+        try:
             cache._store_claimed(key, self._entry(value), self.ttl + self.stale, token)
         except SerializationError as exc:
             cache._release_claim(key, token)
             raise self._unstorable(exc, where) from None
+        except ItemTooLarge as exc:
+            cache._release_claim(key, token)
+            _too_large(where, exc)  # the result is good; only this backend cannot hold it
         except BaseException:
             cache._release_claim(key, token)
             raise
@@ -281,14 +291,26 @@ class CachePolicy:
             return fresh[1]
         try:
             value = await compute()
+        except BaseException:
+            await call("_release_claim", key, token)
+            raise
+        try:
             await call("_store_claimed", key, self._entry(value), self.ttl + self.stale, token)
         except SerializationError as exc:
             await call("_release_claim", key, token)
             raise self._unstorable(exc, where) from None
+        except ItemTooLarge as exc:
+            await call("_release_claim", key, token)
+            _too_large(where, exc)
         except BaseException:
             await call("_release_claim", key, token)
             raise
         return value
+
+
+def _too_large(where: str, exc: ItemTooLarge) -> None:
+    """A result over the backend's item limit (memcached's ``-I``): served, not cached, logged."""
+    logger.warning("the result of %s is not cached: %s", where, exc)
 
 
 def _unpack(entry: Any) -> list[Any] | None:

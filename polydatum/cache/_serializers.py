@@ -166,11 +166,25 @@ class JSONSerializer:
 
     def dumps(self, value: Any) -> bytes:
         """Serialize ``value`` to UTF-8 JSON."""
-        return self._encoder.encode(_to_json(value)).encode()
+        plain = _to_json(value)
+        try:
+            return self._encoder.encode(plain).encode()
+        except UnicodeEncodeError:
+            return ascii_json(plain)
 
     def loads(self, data: bytes) -> Any:
         """Deserialize UTF-8 JSON written by :meth:`dumps`."""
         return self._decoder.decode(data.decode())
+
+
+def ascii_json(plain: Any) -> bytes:
+    """JSON with every non-ASCII character escaped: what a str holding a lone surrogate needs.
+
+    UTF-8 cannot encode a lone surrogate (``"\\udcff"`` from a JSON body or
+    ``surrogateescape``), but JSON's ``\\u`` escape writes it, and reading
+    it back gives the same str.
+    """
+    return json.dumps(plain, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 class PickleSerializer:

@@ -124,7 +124,8 @@ class RedisBackend(BackendBase):
         # that node's own client. Send it there directly; anything unusual (a
         # MOVED slot, a node failing over) takes the cluster client's full path,
         # which follows redirections and refreshes its map of the slots.
-        node = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        # surrogatepass: the bytes the client sends for this key (see _connections.py)
+        node = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode("utf-8", "surrogatepass")))
         client = node.redis_connection
         if client is not None:
             try:

@@ -363,6 +363,27 @@ class TestDeclaring:
         assert cache.models(Doc).key(("acme", 3)) == "app:1:doc:acme/3"
 
 
+class TestCompositeKeys:
+    def test_separators_inside_key_fields_never_collide(self, cache: Cache) -> None:
+        """("acme:eu", 1) and ("acme", "eu:1")-like keys are two records: one tenant never reads another's."""
+        sessions = cache.models(Session)
+        sessions.save(Session("acme:eu", 1, user="eu user"))
+        sessions.save(Session("acme", 1, user="acme user"))
+        assert sessions.key(("acme:eu", 1)) != sessions.key(("acme", 1))
+        other = cache.models(Session).get(("acme:eu", 1))
+        assert other is not None
+        assert other.user == "eu user"
+        assert sessions.key(("a:b", 2)).endswith(":a%3Ab:2")
+
+    def test_a_lone_surrogate_in_a_field_round_trips(self, cache: Cache) -> None:
+        """A str field (or key field) holding a lone surrogate is stored and read back."""
+        sessions = cache.models(Session)
+        sessions.save(Session("t\udcff", 1, user="u\udcff"))
+        got = sessions.get(("t\udcff", 1))
+        assert got is not None
+        assert got.user == "u\udcff"
+
+
 class TestRoundTrip:
     """Every supported field type comes back exactly, with each serializer."""
 

@@ -220,3 +220,12 @@ def test_serializer_tag_must_be_one_non_digit_byte(tag: bytes) -> None:
 def test_serializer_instance_can_be_passed() -> None:
     """Cache(serializer=...) also takes a serializer object."""
     assert Cache(serializer=Upper()).serializer.name == "upper"
+
+
+def test_json_keeps_a_lone_surrogate() -> None:
+    """A str with a lone surrogate (a JSON body, surrogateescape) round-trips (was a UnicodeEncodeError)."""
+    serializer = get_serializer("json")
+    value = {"name": "ada\udcff", "plain": "é"}
+    data = serializer.dumps(value)
+    data.decode("utf-8")  # still valid UTF-8: the surrogate travels as a JSON \u escape
+    assert serializer.loads(data) == value

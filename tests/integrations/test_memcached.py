@@ -84,6 +84,30 @@ class TestItemSize:
         assert cache.get("big") is None
         backend.close()
 
+    def test_a_cached_result_too_large_is_served_not_cached(
+        self, memcached_address: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """cached() over max_item_size: the call returns its result (computed each time) and logs why.
+
+        (ItemTooLarge used to leave the DAL call, failing the request and rolling back its context.)
+        """
+        backend = MemcachedBackend(memcached_address, max_item_size=4096)
+        cache = Cache(backend, namespace=f"mc-{uuid.uuid4().hex[:12]}")
+        calls: list[int] = []
+
+        @cached(ttl=60, key="listing", using=cache)
+        def listing() -> str:
+            calls.append(1)
+            return "x" * 5000
+
+        assert listing() == "x" * 5000
+        assert listing() == "x" * 5000
+        assert len(calls) == 2
+        assert "is not cached" in caplog.text
+        assert "max_item_size=4096" in caplog.text
+        assert not cache._is_claimed("listing")  # released: the next caller computes at once
+        backend.close()
+
     def test_a_full_server_is_a_clear_cache_error(self) -> None:
         """memcached out of memory (-M): a CacheError saying so, not pymemcache's own."""
         server = PrivateMemcached(extra=("-m", "2", "-M")).start()

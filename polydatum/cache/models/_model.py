@@ -14,8 +14,9 @@ from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args, get_origin, overload
 
 from polydatum.cache._base import ttl_ms
+from polydatum.cache._cached import _ESCAPES, _SPECIAL
 from polydatum.cache._errors import SerializationError
-from polydatum.cache._serializers import JSONSerializer, Serializer, get_serializer
+from polydatum.cache._serializers import JSONSerializer, Serializer, ascii_json, get_serializer
 from polydatum.cache.models._schema import (
     Choice,
     Compiler,
@@ -326,6 +327,12 @@ def _key_text(value: Any) -> str:
     return str(value)
 
 
+def _key_part(value: Any) -> str:
+    """One field of a composite key, with the separator and key marks escaped (see ``cached``)."""
+    text = _key_text(value)
+    return text if _SPECIAL.isdisjoint(text) else text.translate(_ESCAPES)
+
+
 class Schema:
     """A cache model compiled: its fields, key, serializer and TTL (one per model class)."""
 
@@ -445,9 +452,13 @@ class Schema:
             raise TypeError(msg)
         parts = key if type(key) is tuple else (key,)
         if self.options.key_format is None:
-            return ":".join(_key_text(p) for p in parts)
+            if len(parts) == 1:
+                return _key_text(parts[0])
+            # Escaped like cached()'s arguments: ("acme:eu", "x") and ("acme", "eu:x")
+            # must not share a key (one tenant would read the other's record).
+            return ":".join(_key_part(p) for p in parts)
         return self.options.key_format.format(
-            **{n: _key_text(p) for n, p in zip(self.key_names, parts, strict=True)}
+            **{n: _key_part(p) for n, p in zip(self.key_names, parts, strict=True)}
         )
 
     def key_value(self, record: Any) -> Any:
@@ -481,7 +492,10 @@ class Schema:
             self.check_record(record)
         plain = self._dump(record)
         if self._json:
-            return self._tag + "".join(_JSON_CHUNKS(plain, 0)).encode()
+            try:
+                return self._tag + "".join(_JSON_CHUNKS(plain, 0)).encode()
+            except UnicodeEncodeError:  # a lone surrogate in a str field
+                return self._tag + ascii_json(plain)
         try:
             return self._tag + self._dumps(plain)
         except SerializationError as exc:
