@@ -7,6 +7,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import string
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -38,6 +39,23 @@ def _escaped(named: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, str) and not _SPECIAL.isdisjoint(value):
             return {k: v.translate(_ESCAPES) if isinstance(v, str) else v for k, v in named.items()}
     return named  # the common case: nothing to escape, no copy
+
+
+# Formatted as they are: what they write cannot hold a separator or a mark.
+_PLAIN = (str, int, float, type(None))
+
+
+class _EscapingFormatter(string.Formatter):
+    """``str.format`` that escapes what any other argument writes (a datetime, an object's __format__)."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        text: str = format(value, format_spec)
+        if isinstance(value, (int, float)) or _SPECIAL.isdisjoint(text):
+            return text
+        return text.translate(_ESCAPES)
+
+
+_ESCAPING = _EscapingFormatter()
 
 
 def _hashed(text: str, head: str = "") -> str:
@@ -350,7 +368,10 @@ class _KeyMaker:
             return _fit(f"{self.prefix}:{tuple(named.values())!r}", f"{self.prefix}:")
         safe = _escaped(named)
         try:
-            text = spec.format(*safe.values(), **safe)
+            if all(isinstance(v, _PLAIN) for v in safe.values()):
+                text = spec.format(*safe.values(), **safe)
+            else:  # an object, a datetime...: its text is escaped too (the slower path)
+                text = _ESCAPING.vformat(spec, tuple(safe.values()), safe)
         except (KeyError, IndexError) as exc:
             msg = (
                 f"cached(key={spec!r}) on {self.prefix} names {exc}, which is not one of its "

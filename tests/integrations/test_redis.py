@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 import queue
@@ -541,6 +542,31 @@ class TestKeys:
         assert friends("ada") == ["bob"]
         assert user("100%") == {"user": "100%"}
         assert user("100%25") == {"user": "100%25"}  # the escape itself is escaped
+
+    def test_an_object_argument_cannot_reach_another_templates_entry(self, cache: Cache) -> None:
+        """What a non-str argument writes (its __format__, a datetime's colons) is escaped too."""
+
+        class Name:
+            def __init__(self, text: str) -> None:
+                self.text = text
+
+            def __format__(self, spec: str) -> str:
+                return self.text
+
+        @cached(ttl=60, key="user:{name}", using=cache)
+        def user(name: Any) -> str:
+            return f"user {name}"
+
+        @cached(ttl=60, key="user:{name}:friends", using=cache)
+        def friends(name: str) -> str:
+            return f"friends of {name}"
+
+        assert friends("ada") == "friends of ada"
+        assert user(Name("ada:friends")) == "user ada:friends"  # not the friends entry
+        assert user(dt.datetime(2026, 12, 3, 18, 30)) == "user 2026-12-03 18:30:00"
+        assert cache.get("user:2026-12-03 18%3A30%3A00") is not None
+        assert user(7) == "user 7"
+        assert cache.get("user:7") is not None  # numbers are written as they are
 
     def test_long_template_key_is_hashed(self, cache: Cache) -> None:
         """A 5 MB argument gives a short key: past 200 characters the key is "#" and its SHA-256."""
