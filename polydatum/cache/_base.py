@@ -28,19 +28,44 @@ C = TypeVar("C", bound="CacheBase")
 MISS: Any = object()
 
 
+#: The longest ttl any backend takes (100 years); longer would overflow some of them.
+MAX_TTL = 100 * 365 * 24 * 3600
+
+
+def seconds_of(value: Any, what: str, *, zero: bool = False) -> float:
+    """``value`` (seconds or a timedelta) as a float, checked the same way for every option.
+
+    Raises:
+        TypeError: not a number of seconds (a str, a bool...).
+        ValueError: not finite, not positive (or negative, with ``zero``), or over :data:`MAX_TTL`.
+    """
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        msg = f"{what} must be a number of seconds or a timedelta, got {value!r}"
+        raise TypeError(msg)
+    low_ok = seconds >= 0 if zero else seconds > 0  # both refuse NaN
+    if not low_ok or seconds == math.inf:
+        kind = "zero or more" if zero else "positive"
+        msg = f"{what} must be {kind}, finite seconds, got {value!r}"
+        raise ValueError(msg)
+    if seconds > MAX_TTL:
+        msg = f"{what} is over {MAX_TTL} seconds (100 years), got {value!r}; use None for no expiry"
+        raise ValueError(msg)
+    return float(seconds)
+
+
 def ttl_ms(ttl: TTL) -> int | None:
     """``ttl`` in whole milliseconds, rounded up (None: no expiry).
 
     Raises:
-        ValueError: ``ttl`` is not positive.
+        TypeError: ``ttl`` is not a number of seconds or a timedelta.
+        ValueError: ``ttl`` is not positive, not finite or over 100 years.
     """
     if ttl is None:
         return None
-    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
-    if not seconds > 0:  # also refuses NaN
-        msg = f"ttl must be positive seconds (or None for no expiry), got {ttl!r}"
-        raise ValueError(msg)
-    return max(1, math.ceil(seconds * 1000))
+    if type(ttl) is int and 0 < ttl <= MAX_TTL:  # the common case, checked in one step
+        return ttl * 1000
+    return max(1, math.ceil(seconds_of(ttl, "ttl") * 1000))
 
 
 class CacheBase:

@@ -10,10 +10,9 @@ import logging
 import string
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from polydatum.cache._base import MISS, TTL, CacheBase
+from polydatum.cache._base import MISS, TTL, CacheBase, seconds_of
 from polydatum.cache._cache import AsyncCache, Cache
 from polydatum.cache._errors import CacheError, ItemTooLarge, SerializationError
 from polydatum.cache._keys import hash_tag, slot_safe
@@ -152,16 +151,13 @@ class CachePolicy:
         wait: float,
         lock_timeout: float,
     ) -> None:
-        seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
-        if seconds is None or not seconds > 0:
-            msg = f"cached(ttl=...) must be positive seconds, got {ttl!r}"
+        if ttl is None:
+            msg = "cached(ttl=...) must be positive seconds, got None"
             raise ValueError(msg)
-        if stale < 0 or wait < 0 or not lock_timeout > 0:
-            msg = (
-                f"cached() needs stale >= 0, wait >= 0 and lock_timeout > 0; got stale={stale!r}, "
-                f"wait={wait!r}, lock_timeout={lock_timeout!r}"
-            )
-            raise ValueError(msg)
+        seconds = seconds_of(ttl, "cached(ttl=...)")
+        stale = seconds_of(stale, "cached(stale=...)", zero=True)
+        wait = seconds_of(wait, "cached(wait=...)", zero=True)
+        lock_timeout = seconds_of(lock_timeout, "cached(lock_timeout=...)")
         if not (key is None or isinstance(key, str) or callable(key)):
             msg = f"cached(key=...) must be a str template or a callable, got {key!r}"
             raise TypeError(msg)

@@ -104,13 +104,18 @@ def wire_key(key: str) -> str:
     return "~" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+_LAST_EXPIRY = 2**31 - 1  # 2038-01-19, the last absolute expiry memcached can hold
+
+
 def _expire(ttl_ms: int | None) -> int:
     """memcached's expiry for ``ttl_ms``: whole seconds rounded up, 0 for none."""
     if ttl_ms is None:
         return 0
     seconds = max(1, math.ceil(ttl_ms / 1000))
     if seconds > _RELATIVE_LIMIT:
-        return int(time.time()) + seconds
+        # An absolute time, which memcached keeps in 32 bits: past 2038 it would
+        # wrap into the past and the item be dropped at once. Keep it until then.
+        return min(int(time.time()) + seconds, _LAST_EXPIRY)
     return seconds
 
 

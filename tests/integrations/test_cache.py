@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from polydatum.cache import (
     MemoryBackend,
     MemoryLock,
     SerializationError,
+    cached,
 )
 from polydatum.redis import AsyncRedis, Redis
 from tests.integrations.conftest import REDIS_KINDS, redis_target
@@ -159,11 +161,42 @@ class TestTTL:
         assert cache.ttl("forever") == math.inf
         assert cache.ttl("missing") is None
 
-    @pytest.mark.parametrize("bad", [0, -1, float("nan"), timedelta(0)])
+    @pytest.mark.parametrize("bad", [0, -1, float("nan"), timedelta(0), float("inf")])
     def test_non_positive_ttl_is_refused(self, cache: Cache, bad: float) -> None:
-        """A TTL that is not positive raises ValueError saying what to pass."""
-        with pytest.raises(ValueError, match="ttl must be positive"):
+        """A TTL that is not positive and finite raises ValueError saying what to pass."""
+        with pytest.raises(ValueError, match="ttl must be positive, finite seconds"):
             cache.set("k", 1, ttl=bad)
+
+    @pytest.mark.parametrize(
+        ("bad", "error", "match"),
+        [
+            (10**20, ValueError, "over 3153600000 seconds"),
+            ("60", TypeError, "number of seconds or a timedelta"),
+            (True, TypeError, "number of seconds or a timedelta"),
+        ],
+    )
+    def test_a_ttl_no_backend_takes_is_refused_alike(
+        self, cache: Cache, bad: Any, error: type[Exception], match: str
+    ) -> None:
+        """Over 100 years, a str, a bool: the same error on every backend (Redis had its own)."""
+        with pytest.raises(error, match=match):
+            cache.set("k", 1, ttl=bad)
+        assert cache.get("k") is None
+
+    @pytest.mark.parametrize(
+        ("options", "match"),
+        [
+            ({"ttl": "60"}, r"cached\(ttl=...\) must be a number of seconds"),
+            ({"stale": float("nan")}, r"cached\(stale=...\) must be zero or more"),
+            ({"wait": float("nan")}, r"cached\(wait=...\) must be zero or more"),
+            ({"lock_timeout": 0}, r"cached\(lock_timeout=...\) must be positive"),
+            ({"ttl": float("inf")}, r"cached\(ttl=...\) must be positive, finite"),
+        ],
+    )
+    def test_cached_options_are_checked_naming_the_option(self, options: dict[str, Any], match: str) -> None:
+        """Each bad option of cached() names itself (stale=nan used to blame ttl; wait=nan passed)."""
+        with pytest.raises((TypeError, ValueError), match=match):
+            cached(**({"ttl": 60} | options))
 
 
 class TestCounters:

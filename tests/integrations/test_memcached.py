@@ -128,6 +128,14 @@ class TestItemSize:
             server.close()
 
 
+class TestExpiry:
+    def test_a_ttl_past_2038_keeps_the_item_until_then(self, cache: Cache) -> None:
+        """memcached keeps an absolute expiry in 32 bits: a 12-year ttl still stores the item."""
+        twelve_years = 12 * 365 * 24 * 3600
+        assert cache.set("long", "v", ttl=twelve_years)
+        assert cache.get("long") == "v"
+
+
 class TestGenerations:
     def test_another_client_sees_a_clear_at_once(self, cache: Cache, memcached_address: str) -> None:
         """A clear through one backend hides the entries from another (another process) on its next read."""
