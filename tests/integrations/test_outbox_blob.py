@@ -149,15 +149,12 @@ with dm.context() as ctx:
 """
 
 
-def test_writes_of_a_context_that_died_are_undone_by_a_relay(url: str, tmp_path: Path) -> None:
-    """A process killed inside its context: a relay removes its new blob and restores the overwritten one."""
-    root = tmp_path / "blobs"
-    _, db, outbox, store = make(url, root)
-    store.put("kept", b"v1")
-    script = tmp_path / "crash.py"
-    script.write_text(textwrap.dedent(CRASH_IN_CONTEXT))
+def crash_in_a_context(url: str, root: Path, tmp_path: Path, script: str = CRASH_IN_CONTEXT) -> None:
+    """Run ``script`` (by default a process that writes 'orphan' and 'kept' in a context, then dies)."""
+    path = tmp_path / "crash.py"
+    path.write_text(textwrap.dedent(script))
     proc = subprocess.run(
-        [sys.executable, str(script), url, str(root)],
+        [sys.executable, str(path), url, str(root)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -165,6 +162,14 @@ def test_writes_of_a_context_that_died_are_undone_by_a_relay(url: str, tmp_path:
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_writes_of_a_context_that_died_are_undone_by_a_relay(url: str, tmp_path: Path) -> None:
+    """A process killed inside its context: a relay removes its new blob and restores the overwritten one."""
+    root = tmp_path / "blobs"
+    _, db, outbox, store = make(url, root)
+    store.put("kept", b"v1")
+    crash_in_a_context(url, root, tmp_path)
     assert store.exists("orphan")
     assert store.get("kept") == b"overwritten by it"
     drain(outbox)  # once orphan_after passed
@@ -172,21 +177,6 @@ def test_writes_of_a_context_that_died_are_undone_by_a_relay(url: str, tmp_path:
     assert store.get("kept") == b"v1"
     assert undo_copies(store) == []
     db.dispose()
-
-
-def crash_in_a_context(url: str, root: Path, tmp_path: Path) -> None:
-    """Run CRASH_IN_CONTEXT: a process that writes 'orphan' and 'kept' in a context, then dies."""
-    script = tmp_path / "crash.py"
-    script.write_text(textwrap.dedent(CRASH_IN_CONTEXT))
-    proc = subprocess.run(
-        [sys.executable, str(script), url, str(root)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=DEADLINE,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
 def test_a_later_committed_write_of_a_dead_contexts_keys_is_left_alone(url: str, tmp_path: Path) -> None:
@@ -215,23 +205,12 @@ def test_a_context_that_died_before_writing_changes_nothing(url: str, tmp_path: 
     root = tmp_path / "blobs"
     _, db, outbox, store = make(url, root)
     store.put("kept", b"v1")
-    script = tmp_path / "early.py"
     # Dies inside put(), after the cleanup row, before the blob is written.
-    script.write_text(
-        textwrap.dedent(CRASH_IN_CONTEXT).replace(
-            'ctx.blobs.put("orphan", b"written by a context that never commits")',
-            'ctx.blobs.put("orphan", (os.kill(os.getpid(), signal.SIGKILL) for _ in [0]))',
-        )
+    early = CRASH_IN_CONTEXT.replace(
+        'ctx.blobs.put("orphan", b"written by a context that never commits")',
+        'ctx.blobs.put("orphan", (os.kill(os.getpid(), signal.SIGKILL) for _ in [0]))',
     )
-    proc = subprocess.run(
-        [sys.executable, str(script), url, str(root)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=DEADLINE,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    crash_in_a_context(url, root, tmp_path, early)
     assert outbox.status().pending == 1
     store.put("orphan", b"written later by hand")
     drain(outbox)
