@@ -1053,10 +1053,17 @@ class TestMoreErrors:
         with pytest.raises(TypeError, match=r"Users\.search\(\) called with arguments"), dm.dal() as dal:
             dal.users.search("a", 1, 2, 3)
 
-    @pytest.mark.parametrize("kwargs", [{"wait": -1}, {"lock_timeout": 0}])
-    def test_bad_wait_or_lock_timeout_is_refused(self, kwargs: dict[str, Any]) -> None:
-        """cached() names the bad stale/wait/lock_timeout values."""
-        with pytest.raises(ValueError, match="lock_timeout > 0"):
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"wait": -1}, r"cached\(wait=...\) must be zero or more"),
+            ({"stale": -1}, r"cached\(stale=...\) must be zero or more"),
+            ({"lock_timeout": 0}, r"cached\(lock_timeout=...\) must be positive"),
+        ],
+    )
+    def test_bad_wait_or_lock_timeout_is_refused(self, kwargs: dict[str, Any], match: str) -> None:
+        """cached() names the bad stale/wait/lock_timeout value."""
+        with pytest.raises(ValueError, match=match):
             cached(ttl=1, **kwargs)
 
     def test_foreign_value_under_a_cached_key_is_recomputed(self, dm: DataManager, cache: Cache) -> None:
