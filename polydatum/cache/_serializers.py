@@ -166,7 +166,11 @@ class JSONSerializer:
 
     def dumps(self, value: Any) -> bytes:
         """Serialize ``value`` to UTF-8 JSON."""
-        plain = _to_json(value)
+        try:
+            plain = _to_json(value)
+        except RecursionError:
+            msg = "the value is nested too deeply, or contains itself (json cannot store it)"
+            raise SerializationError(msg) from None
         try:
             return self._encoder.encode(plain).encode()
         except UnicodeEncodeError:

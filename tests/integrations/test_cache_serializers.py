@@ -229,3 +229,11 @@ def test_json_keeps_a_lone_surrogate() -> None:
     data = serializer.dumps(value)
     data.decode("utf-8")  # still valid UTF-8: the surrogate travels as a JSON \u escape
     assert serializer.loads(data) == value
+
+
+def test_json_refuses_a_value_that_contains_itself() -> None:
+    """A self-referencing list is a SerializationError like any unstorable value (it was a RecursionError)."""
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(SerializationError, match="contains itself"):
+        get_serializer("json").dumps(looped)
