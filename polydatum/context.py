@@ -28,7 +28,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from functools import wraps
-from inspect import isasyncgenfunction, isawaitable, iscoroutinefunction, isgeneratorfunction
+from inspect import isasyncgenfunction, isawaitable, iscoroutinefunction, isgeneratorfunction, unwrap
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from polydatum import _factories
@@ -70,6 +70,14 @@ __all__ = [
     "current_context",
     "get_active_context",
 ]
+
+
+def _unwrapped(func: Any) -> Any:
+    """``func`` under its ``functools.wraps`` decorators (itself when there are none, or a cycle)."""
+    try:
+        return unwrap(func)
+    except ValueError:
+        return func
 
 
 class DataAccessContext(Generic[DalT]):
@@ -261,9 +269,9 @@ class DataAccessContext(Generic[DalT]):
             # first reads): wait for that one, never make a second.
             return await self._await_start(name, starting)
         starting[name] = None  # a future only if another task comes to wait
-        agen = factory.make(self)
-        # _factories.astart, inline: one coroutine less on every first read.
         try:
+            agen = factory.make(self)
+            # _factories.astart, inline: one coroutine less on every first read.
             value = await agen.__anext__()
         except StopAsyncIteration:
             raise _factories.did_not_yield(_factories.label(_RES, name), ResourceSetupException) from None
@@ -895,7 +903,8 @@ class DataAccessContext(Generic[DalT]):
             msg = f"{self!r} was already entered; decorate with a new dm.context() instead"
             raise ContextStateError(msg)
         dm, meta = self.data_manager, self.meta
-        if isgeneratorfunction(func) or isasyncgenfunction(func):
+        inner = _unwrapped(func)
+        if isgeneratorfunction(inner) or isasyncgenfunction(inner):
             # The context would close once the generator object exists, before its
             # body runs; and a context kept open across yields would leak into the caller.
             name = getattr(func, "__qualname__", repr(func))

@@ -93,7 +93,7 @@ class TransactionalBlobStore(BlobStore):
             self._ctx.on_rollback(self._on_rollback)
             self._hooked = True
 
-    def _before_write(self, store: BlobStore, key: str) -> None:
+    def _before_write(self, store: BlobStore, key: str, *, marked: bool = True) -> None:
         if key in self._undo:
             return
         self._hook()
@@ -106,12 +106,12 @@ class TransactionalBlobStore(BlobStore):
             # (rollback, crash), a relay undoes the write after orphan_after,
             # but only while the key still holds this write (its mark): a later
             # context's committed write of the same key is left alone.
-            mark = self._marks[key] = uuid.uuid4().hex
-            row = outbox.add_detached(
-                blob_topic(self.name),
-                {"restore": key, "undo": undo, "write": mark},
-                delay=self._orphan_after,
-            )
+            payload: dict[str, Any] = {"restore": key, "undo": undo}
+            if marked:
+                payload["write"] = self._marks[key] = uuid.uuid4().hex
+            # A copy keeps its source's metadata, so it cannot carry a mark: its
+            # row undoes it unconditionally, as rows did before marks.
+            row = outbox.add_detached(blob_topic(self.name), payload, delay=self._orphan_after)
             self._cleanups.append(row)
             outbox.cancel(self._ctx, row)  # gone with this context's commit
         if undo is not None:
@@ -140,7 +140,7 @@ class TransactionalBlobStore(BlobStore):
         store = self._live()
         if source in self._doomed:
             raise self._missing(source, f"{self.name} (deleted in this context)")
-        self._before_write(store, target)
+        self._before_write(store, target, marked=False)
         store._copy(source, target)
         self._doomed.pop(target, None)
 

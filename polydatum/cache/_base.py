@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import uuid
 import weakref
 from collections.abc import Sequence
 from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from polydatum.cache._deferral import Deferral
@@ -40,9 +42,13 @@ def seconds_of(value: Any, what: str, *, zero: bool = False) -> float:
         ValueError: not finite, not positive (or negative, with ``zero``), or over :data:`MAX_TTL`.
     """
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+    if isinstance(seconds, bool) or not isinstance(seconds, (numbers.Real, Decimal)):
         msg = f"{what} must be a number of seconds or a timedelta, got {value!r}"
         raise TypeError(msg)
+    try:
+        seconds = float(seconds)  # a Decimal, a Fraction, a numpy number
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf
     low_ok = seconds >= 0 if zero else seconds > 0  # both refuse NaN
     if not low_ok or seconds == math.inf:
         kind = "zero or more" if zero else "positive"

@@ -903,8 +903,13 @@ def _end_transaction(session: Session, name: str) -> None:
     elif session.in_transaction():
         try:
             session.commit()
-        except StaleDataError as exc:
-            raise conflict_from(exc) from exc
+        except BaseException as exc:
+            # Rolled back now, not at close: the rollback hooks then run on a usable
+            # session (a failure record written there is kept, see _close).
+            _rollback_quietly(session, name)
+            if isinstance(exc, StaleDataError):
+                raise conflict_from(exc) from exc
+            raise
         _acknowledge(name)
     session.info[_ENDED] = True
 
@@ -1363,8 +1368,18 @@ def async_transaction_middleware(
             elif session.in_transaction():
                 try:
                     await session.commit()
-                except StaleDataError as exc:
-                    raise conflict_from(exc) from exc
+                except BaseException as exc:
+                    try:  # as _end_transaction: the rollback hooks get a usable session
+                        await session.rollback()
+                    except Exception:
+                        logger.warning(
+                            "rollback of %r failed", name, exc_info=True, extra={"polydatum_resource": name}
+                        )
+                    else:
+                        session.sync_session.info[_ENDED] = True
+                    if isinstance(exc, StaleDataError):
+                        raise conflict_from(exc) from exc
+                    raise
                 _acknowledge(name)
             session.sync_session.info[_ENDED] = True
             # Sync code reading the position through the async driver: run where it may await.

@@ -291,6 +291,30 @@ async def test_a_task_waiting_for_a_failed_first_read_makes_the_resource_itself(
     assert attempts == [0, 1]
 
 
+async def test_a_factory_failing_before_its_generator_exists_can_be_read_again(dm: DataManager) -> None:
+    """A decorator raising before the async generator exists: the next aget() tries again (it hung)."""
+    failures = [ConnectionError("circuit open")]
+
+    def breaker(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(ctx: DataAccessContext) -> Any:
+            if failures:
+                raise failures.pop()
+            return func(ctx)
+
+        return wrapper
+
+    @breaker
+    async def conn(ctx: DataAccessContext) -> AsyncIterator[str]:
+        yield "conn"
+
+    dm.register_resources(conn=conn)
+    async with dm.context() as ctx:
+        with pytest.raises(ConnectionError):
+            await ctx.aget("conn")
+        assert await asyncio.wait_for(ctx.aget("conn"), 5) == "conn"
+
+
 async def test_a_teardown_reads_async_resources_not_yet_torn_down(dm: DataManager) -> None:
     """In an async context, a resource's teardown may read one created before it (torn down after it)."""
     seen: list[Any] = []

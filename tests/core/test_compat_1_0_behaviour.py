@@ -9,6 +9,7 @@ each one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import warnings
 from collections.abc import Iterator
@@ -382,8 +383,12 @@ class TestDecorators:
         async def arows() -> Any:
             yield 1
 
+        @functools.wraps(rows)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return rows(*args, **kwargs)
+
         for decorator in (dm.context(), dm.dal()):
-            for func in (rows, arows):
+            for func in (rows, arows, wrapped):
                 with pytest.raises(TypeError, match=r"generator function .*rows.* open the context inside"):
                     decorator(func)
 

@@ -10,6 +10,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -166,6 +168,12 @@ class TestTTL:
         """A TTL that is not positive and finite raises ValueError saying what to pass."""
         with pytest.raises(ValueError, match="ttl must be positive, finite seconds"):
             cache.set("k", 1, ttl=bad)
+
+    @pytest.mark.parametrize("good", [Decimal("60"), Fraction(3, 2), timedelta(minutes=1)])
+    def test_any_real_number_of_seconds_is_a_ttl(self, cache: Cache, good: Any) -> None:
+        """A Decimal or a Fraction is a ttl, as an int or a float is."""
+        assert cache.set("k", 1, ttl=good)
+        assert cache.get("k") == 1
 
     @pytest.mark.parametrize(
         ("bad", "error", "match"),

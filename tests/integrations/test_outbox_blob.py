@@ -200,6 +200,29 @@ def test_a_later_committed_write_of_a_dead_contexts_keys_is_left_alone(url: str,
     db.dispose()
 
 
+def test_copies_of_a_context_that_died_are_undone_by_a_relay(url: str, tmp_path: Path) -> None:
+    """A copy carries its source's metadata, not the unit of work's mark: its undo row still undoes it.
+
+    (With the marks, the relay took such a copy for a later write, kept it and
+    threw the undo copy away: the overwritten blob was lost.)
+    """
+    root = tmp_path / "blobs"
+    _, db, outbox, store = make(url, root)
+    store.put("kept", b"v1")
+    store.put("src", b"source")
+    copier = CRASH_IN_CONTEXT.replace(
+        'ctx.blobs.put("orphan", b"written by a context that never commits")',
+        'ctx.blobs.copy("src", "orphan")',
+    ).replace('ctx.blobs.put("kept", b"overwritten by it")', 'ctx.blobs.copy("src", "kept")')
+    crash_in_a_context(url, root, tmp_path, copier)
+    assert store.get("kept") == b"source"
+    drain(outbox)
+    assert not store.exists("orphan")
+    assert store.get("kept") == b"v1"
+    assert undo_copies(store) == []
+    db.dispose()
+
+
 def test_a_context_that_died_before_writing_changes_nothing(url: str, tmp_path: Path) -> None:
     """Its cleanup row was committed but the write never happened: the relay leaves the key as it is."""
     root = tmp_path / "blobs"

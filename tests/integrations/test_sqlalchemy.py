@@ -62,6 +62,12 @@ def run(dm: DataManager, body: Callable[[DataAccessContext], object]) -> DataAcc
     return ctx
 
 
+def run_in(ctx: DataAccessContext, body: Callable[[DataAccessContext], object]) -> None:
+    """Run ``body(ctx)`` inside ``ctx``."""
+    with ctx:
+        body(ctx)
+
+
 def raise_boom(ctx: DataAccessContext) -> None:
     raise Boom
 
@@ -144,6 +150,22 @@ class TestTransactions:
         with pytest.raises(Boom):
             run(dm, body)
         assert names(db) == ["failure record"]
+
+    def test_a_failed_commits_rollback_hook_can_write(self, dm: DataManager, db: Database) -> None:
+        """The body's COMMIT fails (a duplicate flushed at commit): the rollback hook's failure record stays.
+
+        (The session was left in its failed transaction, so the hook's write raised.)
+        """
+
+        def body(ctx: DataAccessContext) -> None:
+            ctx.db.add_all([Item(name="same"), Item(name="same")])  # flushed by the COMMIT
+            ctx.on_rollback(lambda: ctx.dal.items.create(name="failure record"))
+
+        ctx = dm.context()
+        with pytest.raises(IntegrityError):
+            run_in(ctx, body)
+        assert names(db) == ["failure record"]
+        assert ctx.get_hook_errors() == []
 
     def test_a_failing_write_after_the_commit_is_reported_and_keeps_the_commit(
         self, dm: DataManager, db: Database, caplog: pytest.LogCaptureFixture

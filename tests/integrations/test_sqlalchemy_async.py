@@ -289,6 +289,25 @@ async def test_async_dal_writes_in_hooks_are_committed(dm: DataManager, db: Asyn
     assert ctx.get_hook_errors() == ctx.get_resource_exit_errors() == []
 
 
+async def test_async_a_failed_commits_rollback_hook_can_write(dm: DataManager, db: AsyncDatabase) -> None:
+    """AsyncDatabase: the body's COMMIT fails; the rollback hook's failure record is committed."""
+    ctx = dm.context()
+
+    async def record() -> None:
+        await ctx.dal.items.create(name="failure record")
+
+    async def body() -> None:
+        async with ctx:
+            session = await ctx.aget("db")
+            session.add_all([Item(name="same"), Item(name="same")])  # flushed by the COMMIT
+            ctx.on_rollback(record)
+
+    with pytest.raises(IntegrityError):
+        await body()
+    assert await names(db) == ["failure record"]
+    assert ctx.get_hook_errors() == []
+
+
 class TestReadOnly:
     async def test_read_only_install_refuses_writes(self, dm: DataManager, db: AsyncDatabase) -> None:
         """An AsyncDatabase installed read-only refuses ORM and raw writes."""
