@@ -137,6 +137,10 @@ class DataAccessContext(Generic[DalT]):
     # skips it. A private seam: Observer subclasses elsewhere are always called.
     _unobserved_calls = False
     _async_resources = False
+    # Names of resources whose transaction a context middleware ended before the
+    # context ever made them (set by polydatum.sqlalchemy): a session a hook makes
+    # afterwards is a transaction of its own, committed as it closes.
+    _ended: frozenset[str] = frozenset()
     # Async resources being created, by name: a future once a second task waits for one.
     _starting: dict[str, Any] | None = None
     _has_legacy_hooks = False

@@ -699,6 +699,7 @@ class Database(_EngineOwner):
         def session_resource(ctx: DataAccessContext) -> Iterator[Session]:
             session = make(read_only=ro)
             _ask_minimum(session, ctx, name)
+            _born_ended(session, ctx, name)
             try:
                 yield session
             finally:
@@ -830,6 +831,8 @@ def transaction_middleware(name: str) -> Callable[[DataAccessContext], Iterator[
         except BaseException as exc:
             if name in ctx:
                 _rollback_quietly(getattr(ctx, name), name)
+            else:
+                _ended_unmade(ctx, name)
             if isinstance(exc, StaleDataError):
                 raise conflict_from(exc) from exc
             raise
@@ -837,6 +840,8 @@ def transaction_middleware(name: str) -> Callable[[DataAccessContext], Iterator[
             session: Session = getattr(ctx, name)
             _end_transaction(session, name)
             _record_position(ctx, name, session)
+        else:
+            _ended_unmade(ctx, name)
 
     sqlalchemy_transaction.__qualname__ = f"sqlalchemy_transaction[{name}]"
     return sqlalchemy_transaction
@@ -879,6 +884,8 @@ def _threaded_transaction(
         except BaseException as exc:
             if name in ctx:
                 await run_blocking(_rollback_quietly, getattr(ctx, name), name, executor=threads())
+            else:
+                _ended_unmade(ctx, name)
             if isinstance(exc, StaleDataError):
                 raise conflict_from(exc) from exc
             raise
@@ -888,6 +895,8 @@ def _threaded_transaction(
             await run_blocking(_end_transaction, session, name, executor=committer)
             if isinstance(session, Routed) and session.route is not None and session.route.wrote:
                 await run_blocking(_record_position, ctx, name, session, executor=committer)
+        else:
+            _ended_unmade(ctx, name)
 
     sqlalchemy_threaded_transaction.__qualname__ = f"sqlalchemy_threaded_transaction[{name}]"
     # When it is a context's only kind of middleware, the context runs the sync form
@@ -914,6 +923,17 @@ def _end_transaction(session: Session, name: str) -> None:
     session.info[_ENDED] = True
 
 
+def _ended_unmade(ctx: DataAccessContext, name: str) -> None:
+    """The middleware ended ``name``'s transaction before the context made the session (see _close)."""
+    ctx._ended = ctx._ended | {name}
+
+
+def _born_ended(session: Session, ctx: DataAccessContext, name: str) -> None:
+    """A session first made after its middleware finished (by a hook): its work is its own transaction."""
+    if name in ctx._ended:
+        session.info[_ENDED] = True
+
+
 def _worked_after_the_end(session: Session) -> bool:
     """Whether statements ran after the middleware ended the context's transaction.
 
@@ -933,7 +953,12 @@ def _close(session: Session) -> None:
     """
     try:
         if _worked_after_the_end(session):
-            session.commit()
+            # Not the unit of work's commit: retry() may still run the unit again.
+            token = commit_log.set(None)
+            try:
+                session.commit()
+            finally:
+                commit_log.reset(token)
     finally:
         session.close()
 
@@ -1202,18 +1227,24 @@ class AsyncDatabase(_EngineOwner):
         async def async_session_resource(ctx: DataAccessContext) -> AsyncIterator[AsyncSession]:
             session = make(read_only=ro)
             _ask_minimum(session.sync_session, ctx, name)
+            _born_ended(session.sync_session, ctx, name)
             try:
                 yield session
             finally:
                 try:
                     if _worked_after_the_end(session.sync_session):
-                        await session.commit()
+                        token = commit_log.set(None)  # as _close: not the unit of work's commit
+                        try:
+                            await session.commit()
+                        finally:
+                            commit_log.reset(token)
                 finally:
                     await session.close()
 
         def session_resource(ctx: DataAccessContext) -> Iterator[Session]:
             session = make_sync(ro)
             _ask_minimum(session, ctx, name)
+            _born_ended(session, ctx, name)
             try:
                 yield session
             finally:
@@ -1358,10 +1389,14 @@ def async_transaction_middleware(
                     )
                 else:
                     session.sync_session.info[_ENDED] = True
+            else:
+                _ended_unmade(ctx, name)
             if isinstance(exc, StaleDataError):
                 raise conflict_from(exc) from exc
             raise
-        if name in ctx:
+        if name not in ctx:
+            _ended_unmade(ctx, name)
+        else:
             session = await ctx.aget(name)
             if session.sync_session.info.get(_READ_ONLY):
                 await session.rollback()

@@ -151,6 +151,19 @@ class TestTransactions:
             run(dm, body)
         assert names(db) == ["failure record"]
 
+    def test_a_hook_that_makes_the_session_first_commits_its_write(
+        self, dm: DataManager, db: Database
+    ) -> None:
+        """The body failed before any SQL: the session is made by the rollback hook, and its write is kept."""
+
+        def body(ctx: DataAccessContext) -> None:
+            ctx.on_rollback(lambda: ctx.dal.items.create(name="failure record"))
+            raise Boom
+
+        with pytest.raises(Boom):
+            run(dm, body)
+        assert names(db) == ["failure record"]
+
     def test_a_failed_commits_rollback_hook_can_write(self, dm: DataManager, db: Database) -> None:
         """The body's COMMIT fails (a duplicate flushed at commit): the rollback hook's failure record stays.
 

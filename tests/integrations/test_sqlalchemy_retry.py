@@ -235,6 +235,23 @@ class TestRetry:
             retry(dm, work, attempts=3, backoff=0, retry_if=is_fake_transient)
         assert len(calls) == 3
 
+    def test_a_rollback_hooks_write_does_not_stop_retries(self, serializable: DataManager) -> None:
+        """A failed attempt's rollback hook records the failure: kept, and the unit of work runs again."""
+        dm = serializable
+        calls: list[int] = []
+
+        def work(dal: DataAccessLayer) -> None:
+            calls.append(1)
+            ctx = dm.require_active_context()
+            ctx.on_rollback(lambda: dal.items.create(name=f"failed attempt {len(calls)}"))
+            if len(calls) < 3:
+                raise Transient
+
+        retry(dm, work, attempts=3, backoff=0, retry_if=is_fake_transient)
+        assert len(calls) == 3
+        with dm.dal() as dal:
+            assert dal.items.count() == 2  # one failure record per failed attempt
+
     def test_interrupts_are_never_retried(self, serializable: DataManager) -> None:
         """KeyboardInterrupt propagates from the first attempt, even if retry_if would accept it."""
         calls: list[int] = []
