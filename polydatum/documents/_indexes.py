@@ -92,7 +92,16 @@ class _IsoText(TypeDecorator[str]):
 
 
 def _is_text(value: Any) -> bool:
-    return type(value) is str and "\x00" not in value
+    # Text a database can hold: no NUL (PostgreSQL), no lone surrogate (no driver encodes one).
+    if type(value) is not str or "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(value: Any) -> bool:
@@ -112,7 +121,10 @@ def _is_date(value: Any) -> bool:
 
 
 def _is_member(value: Any) -> bool:
-    return type(value) in (str, bool, int, float) and (type(value) is not float or math.isfinite(value))
+    kind = type(value)
+    if kind is str:
+        return _is_text(value)
+    return kind in (bool, int, float) and (kind is not float or math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -146,15 +158,40 @@ def _keep_if(test: Callable[[Any], bool]) -> Callable[[Any], Any]:
     return lambda value: value if test(value) else None
 
 
+def _as_float_index(value: Any) -> Any:
+    """A float index's value as SQL compares it.
+
+    PostgreSQL's jsonb gives a large float back as an int (1e300 as 10**300):
+    that is the float SQL compares, not a missing value (None would send a
+    cursor into the NULL rows and skip the rest of the page).
+    """
+    if _is_number(value):
+        return value
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return None
+
+
 def _tagged(tag: str, *more: str) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, dict) and tag in value and all(k in value for k in more)
 
 
 KINDS: dict[Any, Kind] = {
-    str: Kind("str", "text", String(), "a str without NUL", _is_text, _is_text, _keep_if(_is_text)),
+    str: Kind(
+        "str",
+        "text",
+        String(),
+        "a str without NUL or lone surrogates",
+        _is_text,
+        _is_text,
+        _keep_if(_is_text),
+    ),
     # Any int as a filter value: the filter language answers one past 64 bits without the database.
     int: Kind("int", "int", BigInteger(), "an int", lambda v: type(v) is int, _is_int, _keep_if(_is_number)),
-    float: Kind("float", "float", Float(), "a float or an int", _is_number, _is_number, _keep_if(_is_number)),
+    float: Kind("float", "float", Float(), "a float or an int", _is_number, _is_number, _as_float_index),
     bool: Kind(
         "bool",
         "bool",
@@ -191,7 +228,7 @@ KINDS: dict[Any, Kind] = {
         "list",
         "list",
         None,
-        "one str, number or bool",
+        "one str (without NUL or lone surrogates), number or bool",
         _is_member,
         lambda v: isinstance(v, list),
         _keep_if(lambda v: isinstance(v, list)),

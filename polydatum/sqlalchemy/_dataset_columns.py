@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import decimal
 import json
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -65,6 +66,18 @@ class Bad(Exception):
 # --- what a column accepts ----------------------------------------------------------------------
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _storable_number(value: Any) -> bool:
+    """A number SQLite stores as it is: a 64-bit int, a finite float or Decimal."""
+    if isinstance(value, int):
+        return _INT64[0] <= value <= _INT64[1]
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, decimal.Decimal) or value.is_finite()
+
+
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -100,9 +113,12 @@ def _text_parser(column: Column[Any]) -> Callable[[str], Any] | None:
 
         def parse_int(text: str) -> int:
             try:
-                return int(text)
+                number = int(text)
             except ValueError:
                 _fail(text, "an integer")
+            if not _INT64[0] <= number <= _INT64[1]:
+                _fail(text, "an integer of at most 64 bits (SQLite's INTEGER)")
+            return number
 
         return parse_int
     # Float is a Numeric in SQLAlchemy 2.0, not in 2.1: test both.
@@ -111,17 +127,23 @@ def _text_parser(column: Column[Any]) -> Callable[[str], Any] | None:
 
             def parse_float(text: str) -> float:
                 try:
-                    return float(text)
+                    number = float(text)
                 except ValueError:
                     _fail(text, "a number")
+                if not math.isfinite(number):  # SQLite would store NaN as NULL
+                    _fail(text, "a finite number")
+                return number
 
             return parse_float
 
         def parse_decimal(text: str) -> decimal.Decimal:
             try:
-                return decimal.Decimal(text.strip())
+                number = decimal.Decimal(text.strip())
             except decimal.InvalidOperation:
                 _fail(text, "a decimal number")
+            if not number.is_finite():
+                _fail(text, "a finite decimal number")
+            return number
 
         return parse_decimal
     if isinstance(type_, DateTime):
@@ -240,10 +262,14 @@ def _value_coercer(column: Column[Any]) -> Callable[[Any], Any]:
     elif isinstance(type_, Date) and not isinstance(type_, DateTime):
         refused = (datetime.datetime,)
 
+    numeric = isinstance(type_, (Integer, Float, Numeric)) and not isinstance(type_, Boolean)
+
     def coerce(value: Any) -> Any:
         if isinstance(value, str):
             return parse(value) if parse is not None else value
         if accepted and isinstance(value, accepted) and not isinstance(value, refused):
+            if numeric and not _storable_number(value):
+                _fail(value, "a finite number (an integer of at most 64 bits)")
             return value
         _fail(value, what)
 
@@ -380,9 +406,12 @@ def row_maker(
         type_ = base_type(col.column.type)
         required = not col.nullable and col.default is NO_DEFAULT
         if isinstance(type_, Integer) and not isinstance(type_, Boolean):
+            # Past 64 bits SQLite's bind raises OverflowError: the build says where (see _datasets).
             conv, numeric = f"int({x})", True
         elif isinstance(type_, Float) or (isinstance(type_, Numeric) and not type_.asdecimal):
-            conv, numeric = f"float({x})", True  # to_float, its bind processor, keeps a float as it is
+            # NaN and infinities fail "v - v == 0" (SQLite would store NaN as NULL): the
+            # careful path then says which cell. Inline: a call per cell would slow builds.
+            conv, numeric = f"(v{i} if (v{i} := float({x})) - v{i} == 0 else bad(r))", True
         else:
             numeric = False
             conv = x

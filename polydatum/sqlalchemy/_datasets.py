@@ -411,6 +411,13 @@ def _load(
             raise DatasetError(
                 f"not valid CSV ({exc})", source=cursor.source, line=cursor.current_line()
             ) from None
+        except OverflowError:
+            # An int past 64 bits, met by SQLite's bind: the row the source gave last.
+            raise DatasetError(
+                "holds an integer beyond 64 bits, which SQLite's INTEGER cannot store",
+                source=cursor.source,
+                line=cursor.current_line(),
+            ) from None
         except sqlite3.IntegrityError as exc:
             # SQLite stopped on the row the source gave last.
             problem = f"{exc}; the row does not fit the table's constraints"

@@ -329,6 +329,11 @@ def _enum_column(name: str, label: str, attribute: Any, type_: Enum, nullable: b
     return Column(name, label, attribute, type_, nullable, "enum", expected, accepts, stored)
 
 
+#: The most values an ``in``/``not_in`` filter takes: each is a bound parameter, and
+#: PostgreSQL refuses a statement with more than 65,535 of them.
+MAX_IN_VALUES = 1000
+
+
 def show(value: Any) -> str:
     """A short, safe rendering of a value a client sent."""
     text = repr(value)
@@ -485,6 +490,13 @@ class Schema:
         if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, (Sequence, set, frozenset)):
             raise _refused(
                 key, column, f"the {op} operator takes a list, tuple or set of values, got {show(value)}"
+            )
+        if len(value) > MAX_IN_VALUES:
+            raise _refused(
+                key,
+                column,
+                f"an {op} list holds at most {MAX_IN_VALUES} values, got {len(value)}; "
+                "query in batches, or filter another way",
             )
         values = list(value)
         for item in values:

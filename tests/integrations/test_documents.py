@@ -374,6 +374,57 @@ class TestQueries:
             assert [d.key for d in notes.find({"who.name__startswith": "A"})] == ["a"]
 
 
+class TestHostileFilters:
+    def test_paging_over_huge_floats_skips_nothing(self, world: World) -> None:
+        """A float index over 1e19: PostgreSQL's jsonb gives it back as an int; the cursor keeps it a float.
+
+        (It turned it into None, so page 2 started in the NULL rows and was empty.)
+        """
+        with world.dm.context() as ctx:
+            carts = ctx.docs.collection(world.carts)
+            carts.put("a", cart(total=1e300))
+            carts.put("b", cart(total=2e300))
+            carts.put("c", cart(total=1e22))
+        seen: list[str] = []
+        after = None
+        with world.dm.context() as ctx:
+            carts = ctx.docs.collection(world.carts)
+            while True:
+                page = carts.find({}, order_by="total", limit=1, after=after)
+                seen += [d.key for d in page]
+                after = page.next_cursor
+                if after is None:
+                    break
+        assert seen == ["c", "a", "b"]
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            {"status": "open\udcff"},
+            {"status__in": ["open", "\ud800"]},
+            {"tags__contains": "x\x00"},
+            {"tags__contains": "\ud800"},
+            {"status__in": [f"s{i}" for i in range(1001)]},
+        ],
+        ids=["eq-surrogate", "in-surrogate", "contains-nul", "contains-surrogate", "in-1001"],
+    )
+    def test_text_no_database_takes_is_refused_before_any_sql(
+        self, world: World, bad: dict[str, Any]
+    ) -> None:
+        """A lone surrogate or NUL in a text filter, or an in list over 1,000: InvalidInput, context intact.
+
+        (They reached the driver: UnicodeEncodeError, PostgreSQL's DataError that aborts
+        the transaction, or "number of parameters must be between 0 and 65535".)
+        """
+        with world.dm.context() as ctx:
+            carts = ctx.docs.collection(world.carts)
+            with pytest.raises(InvalidInput):
+                list(carts.find(bad))
+            carts.put("after", cart())  # the transaction is intact
+        with world.dm.context() as ctx:
+            assert ctx.docs.collection(world.carts).get("after") is not None
+
+
 class TestBadDocuments:
     def test_a_document_over_the_size_limit_is_refused(self, world: World) -> None:
         """The limit counts bytes of JSON; the message gives both numbers."""
