@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import decimal
 import json
-import math
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -70,12 +69,12 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def _storable_number(value: Any) -> bool:
-    """A number SQLite stores as it is: a 64-bit int, a finite float or Decimal."""
+    """A number SQLite stores as it is: a 64-bit int, a float or Decimal that is not NaN (infinities are)."""
     if isinstance(value, int):
         return _INT64[0] <= value <= _INT64[1]
     if isinstance(value, float):
-        return math.isfinite(value)
-    return not isinstance(value, decimal.Decimal) or value.is_finite()
+        return value == value
+    return not isinstance(value, decimal.Decimal) or not value.is_nan()
 
 
 def _short(value: object) -> str:
@@ -130,8 +129,8 @@ def _text_parser(column: Column[Any]) -> Callable[[str], Any] | None:
                     number = float(text)
                 except ValueError:
                     _fail(text, "a number")
-                if not math.isfinite(number):  # SQLite would store NaN as NULL
-                    _fail(text, "a finite number")
+                if number != number:  # NaN: SQLite would store it as NULL
+                    _fail(text, "a number (not NaN)")
                 return number
 
             return parse_float
@@ -141,8 +140,8 @@ def _text_parser(column: Column[Any]) -> Callable[[str], Any] | None:
                 number = decimal.Decimal(text.strip())
             except decimal.InvalidOperation:
                 _fail(text, "a decimal number")
-            if not number.is_finite():
-                _fail(text, "a finite decimal number")
+            if number.is_nan():
+                _fail(text, "a decimal number (not NaN)")
             return number
 
         return parse_decimal
@@ -269,7 +268,7 @@ def _value_coercer(column: Column[Any]) -> Callable[[Any], Any]:
             return parse(value) if parse is not None else value
         if accepted and isinstance(value, accepted) and not isinstance(value, refused):
             if numeric and not _storable_number(value):
-                _fail(value, "a finite number (an integer of at most 64 bits)")
+                _fail(value, "a number SQLite stores (not NaN; an integer of at most 64 bits)")
             return value
         _fail(value, what)
 
@@ -409,9 +408,9 @@ def row_maker(
             # Past 64 bits SQLite's bind raises OverflowError: the build says where (see _datasets).
             conv, numeric = f"int({x})", True
         elif isinstance(type_, Float) or (isinstance(type_, Numeric) and not type_.asdecimal):
-            # NaN and infinities fail "v - v == 0" (SQLite would store NaN as NULL): the
-            # careful path then says which cell. Inline: a call per cell would slow builds.
-            conv, numeric = f"(v{i} if (v{i} := float({x})) - v{i} == 0 else bad(r))", True
+            # NaN fails "v == v" (SQLite would store it as NULL): the careful path then
+            # says which cell. Inline: a call per cell would slow builds.
+            conv, numeric = f"(v{i} if (v{i} := float({x})) == v{i} else bad(r))", True
         else:
             numeric = False
             conv = x
