@@ -152,6 +152,14 @@ def as_factory(obj: Any) -> Factory | None:
     return None
 
 
+def unwrapped(func: Any) -> Any:
+    """``func`` under its ``functools.wraps`` decorators (itself when there are none, or a cycle)."""
+    try:
+        return inspect.unwrap(func)
+    except ValueError:  # a cycle of __wrapped__
+        return func
+
+
 def _wrapped_generator_function(obj: Any) -> Factory | None:
     """A generator function under ``functools.wraps`` decorators (tracing, retries), called through them.
 
@@ -160,10 +168,7 @@ def _wrapped_generator_function(obj: Any) -> Factory | None:
     """
     if getattr(obj, "__wrapped__", None) is None or not callable(obj):
         return None
-    try:
-        inner = inspect.unwrap(obj)
-    except ValueError:  # a cycle of __wrapped__
-        return None
+    inner = unwrapped(obj)
     if isgeneratorfunction(inner):
         want: Any = types.GeneratorType
     elif isasyncgenfunction(inner):
@@ -321,5 +326,6 @@ __all__ = [
     "is_async_callable",
     "label",
     "start",
+    "unwrapped",
     "yielded_twice",
 ]

@@ -28,7 +28,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from functools import wraps
-from inspect import isasyncgenfunction, isawaitable, iscoroutinefunction, isgeneratorfunction, unwrap
+from inspect import isasyncgenfunction, isawaitable, iscoroutinefunction, isgeneratorfunction
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from polydatum import _factories
@@ -70,14 +70,6 @@ __all__ = [
     "current_context",
     "get_active_context",
 ]
-
-
-def _unwrapped(func: Any) -> Any:
-    """``func`` under its ``functools.wraps`` decorators (itself when there are none, or a cycle)."""
-    try:
-        return unwrap(func)
-    except ValueError:
-        return func
 
 
 class DataAccessContext(Generic[DalT]):
@@ -907,7 +899,7 @@ class DataAccessContext(Generic[DalT]):
             msg = f"{self!r} was already entered; decorate with a new dm.context() instead"
             raise ContextStateError(msg)
         dm, meta = self.data_manager, self.meta
-        inner = _unwrapped(func)
+        inner = _factories.unwrapped(func)
         if isgeneratorfunction(inner) or isasyncgenfunction(inner):
             # The context would close once the generator object exists, before its
             # body runs; and a context kept open across yields would leak into the caller.

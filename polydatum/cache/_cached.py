@@ -33,6 +33,11 @@ _ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "#": "%23", "{": "%7B", "}": "
 _SPECIAL = frozenset("%:#{}")
 
 
+def escape_key_text(text: str) -> str:
+    """``text`` with the separator and the key marks percent-escaped (unchanged when it has none)."""
+    return text if _SPECIAL.isdisjoint(text) else text.translate(_ESCAPES)
+
+
 def _escaped(named: dict[str, Any]) -> dict[str, Any]:
     for value in named.values():
         if isinstance(value, str) and not _SPECIAL.isdisjoint(value):
@@ -49,9 +54,7 @@ class _EscapingFormatter(string.Formatter):
 
     def format_field(self, value: Any, format_spec: str) -> str:
         text: str = format(value, format_spec)
-        if isinstance(value, (int, float)) or _SPECIAL.isdisjoint(text):
-            return text
-        return text.translate(_ESCAPES)
+        return text if isinstance(value, (int, float)) else escape_key_text(text)
 
 
 _ESCAPING = _EscapingFormatter()

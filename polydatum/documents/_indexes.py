@@ -62,6 +62,7 @@ from polydatum.documents import _codec
 from polydatum.documents._paths import Path
 from polydatum.errors import InvalidInput
 from polydatum.sqlalchemy._filters import Column
+from polydatum.sqlalchemy._filters import _is_text as is_storable_text
 
 _INT64 = (-(2**63), 2**63 - 1)
 DIALECTS = ("postgresql", "sqlite")
@@ -92,16 +93,8 @@ class _IsoText(TypeDecorator[str]):
 
 
 def _is_text(value: Any) -> bool:
-    # Text a database can hold: no NUL (PostgreSQL), no lone surrogate (no driver encodes one).
-    if type(value) is not str or "\x00" in value:
-        return False
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    # Exactly a str (not a str enum), and text a database can hold, as the filter language checks it.
+    return type(value) is str and is_storable_text(value)
 
 
 def _is_int(value: Any) -> bool:

@@ -963,6 +963,19 @@ def _close(session: Session) -> None:
         session.close()
 
 
+async def _aclose(session: AsyncSession) -> None:
+    """:func:`_close` for an AsyncSession."""
+    try:
+        if _worked_after_the_end(session.sync_session):
+            token = commit_log.set(None)
+            try:
+                await session.commit()
+            finally:
+                commit_log.reset(token)
+    finally:
+        await session.close()
+
+
 def _acknowledge(name: str) -> None:
     log = commit_log.get()
     if log is not None:
@@ -978,6 +991,16 @@ def _rollback_quietly(session: Session, name: str) -> None:
         logger.warning("rollback of %r failed", name, exc_info=True, extra={"polydatum_resource": name})
     else:
         session.info[_ENDED] = True
+
+
+async def _arollback_quietly(session: AsyncSession, name: str) -> None:
+    """:func:`_rollback_quietly` for an AsyncSession."""
+    try:
+        await session.rollback()
+    except Exception:
+        logger.warning("rollback of %r failed", name, exc_info=True, extra={"polydatum_resource": name})
+    else:
+        session.sync_session.info[_ENDED] = True
 
 
 # The sync driver that reads what an async one wrote: the sync side of an AsyncDatabase.
@@ -1231,15 +1254,7 @@ class AsyncDatabase(_EngineOwner):
             try:
                 yield session
             finally:
-                try:
-                    if _worked_after_the_end(session.sync_session):
-                        token = commit_log.set(None)  # as _close: not the unit of work's commit
-                        try:
-                            await session.commit()
-                        finally:
-                            commit_log.reset(token)
-                finally:
-                    await session.close()
+                await _aclose(session)
 
         def session_resource(ctx: DataAccessContext) -> Iterator[Session]:
             session = make_sync(ro)
@@ -1380,15 +1395,7 @@ def async_transaction_middleware(
             yield
         except BaseException as exc:
             if name in ctx:
-                session: AsyncSession = await ctx.aget(name)
-                try:
-                    await session.rollback()
-                except Exception:
-                    logger.warning(
-                        "rollback of %r failed", name, exc_info=True, extra={"polydatum_resource": name}
-                    )
-                else:
-                    session.sync_session.info[_ENDED] = True
+                await _arollback_quietly(await ctx.aget(name), name)
             else:
                 _ended_unmade(ctx, name)
             if isinstance(exc, StaleDataError):
@@ -1397,21 +1404,15 @@ def async_transaction_middleware(
         if name not in ctx:
             _ended_unmade(ctx, name)
         else:
-            session = await ctx.aget(name)
+            session: AsyncSession = await ctx.aget(name)
             if session.sync_session.info.get(_READ_ONLY):
                 await session.rollback()
             elif session.in_transaction():
                 try:
                     await session.commit()
                 except BaseException as exc:
-                    try:  # as _end_transaction: the rollback hooks get a usable session
-                        await session.rollback()
-                    except Exception:
-                        logger.warning(
-                            "rollback of %r failed", name, exc_info=True, extra={"polydatum_resource": name}
-                        )
-                    else:
-                        session.sync_session.info[_ENDED] = True
+                    # As _end_transaction: the rollback hooks get a usable session.
+                    await _arollback_quietly(session, name)
                     if isinstance(exc, StaleDataError):
                         raise conflict_from(exc) from exc
                     raise

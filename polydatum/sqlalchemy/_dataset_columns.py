@@ -40,6 +40,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.types import TypeEngine
 
 from polydatum.errors import DatasetError
+from polydatum.sqlalchemy._filters import _INT64
 
 __all__ = [
     "DIALECT",
@@ -63,9 +64,6 @@ class Bad(Exception):
 
 
 # --- what a column accepts ----------------------------------------------------------------------
-
-
-_INT64 = (-(2**63), 2**63 - 1)
 
 
 def _storable_number(value: Any) -> bool:

@@ -14,7 +14,7 @@ from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args, get_origin, overload
 
 from polydatum.cache._base import ttl_ms
-from polydatum.cache._cached import _ESCAPES, _SPECIAL
+from polydatum.cache._cached import escape_key_text
 from polydatum.cache._errors import SerializationError
 from polydatum.cache._serializers import JSONSerializer, Serializer, ascii_json, get_serializer
 from polydatum.cache.models._schema import (
@@ -329,8 +329,7 @@ def _key_text(value: Any) -> str:
 
 def _key_part(value: Any) -> str:
     """One field of a composite key, with the separator and key marks escaped (see ``cached``)."""
-    text = _key_text(value)
-    return text if _SPECIAL.isdisjoint(text) else text.translate(_ESCAPES)
+    return escape_key_text(_key_text(value))
 
 
 class Schema:
