@@ -57,7 +57,7 @@ def seconds_of(value: Any, what: str, *, zero: bool = False) -> float:
     if seconds > MAX_TTL:
         msg = f"{what} is over {MAX_TTL} seconds (100 years), got {value!r}; use None for no expiry"
         raise ValueError(msg)
-    return float(seconds)
+    return seconds  # a float already
 
 
 def ttl_ms(ttl: TTL) -> int | None:
