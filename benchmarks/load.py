@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -637,6 +638,7 @@ def part_twin(
                 f"| {involuntary / n:.1f} |"
             )
         poly, twin = table["polydatum"], table["twin"]
+        print_round_ratios(results, compare)
         print(
             f"\nRatios polydatum/twin: req/s {poly['throughput'] / twin['throughput']:.2f}, "
             f"p50 {poly['p50'] / twin['p50']:.2f}, p95 {poly['p95'] / twin['p95']:.2f}, "
@@ -648,6 +650,42 @@ def part_twin(
             f"polydatum/twin: throughput {poly['throughput'] / twin['throughput']:.2f}, "
             f"p99 {poly['p99'] / twin['p99']:.2f}"
         )
+
+
+def print_round_ratios(results: dict[str, list[tuple[list[Any], float]]], seconds: float) -> None:
+    """Each round's pair (the two apps back to back, a minute apart at most) as ratios, and their median.
+
+    The machine's speed drifts over a run (the database grows, a neighbour
+    wakes up), and a pair of adjacent windows shares that drift where the
+    pooled figures do not: the median of the rounds' ratios is the steadier
+    answer, the spread shows how far one round can be trusted.
+    """
+    rows = []
+    for i, ((poly, poly_cpu), (twin, twin_cpu)) in enumerate(
+        zip(results["polydatum"], results["twin"], strict=True), 1
+    ):
+        if not poly or not twin:
+            continue
+        p, t = summarize(poly), summarize(twin)
+        rows.append(
+            (
+                i,
+                len(poly) / len(twin),
+                p["p99"] / t["p99"],
+                (poly_cpu / len(poly)) / (twin_cpu / len(twin)) if twin_cpu else float("nan"),
+            )
+        )
+    if not rows:
+        return
+    print("\n| round | req/s polydatum/twin | p99 polydatum/twin | CPU per request polydatum/twin |")
+    print("|---|---|---|---|")
+    for i, throughput, p99, cpu in rows:
+        print(f"| {i} | {throughput:.2f} | {p99:.2f} | {cpu:.2f} |")
+    medians = [statistics.median(r[k] for r in rows) for k in (1, 2, 3)]
+    print(
+        f"| median of {len(rows)} | {medians[0]:.2f} | {medians[1]:.2f} | {medians[2]:.2f} |"
+        f" (each round {seconds:.0f} s per app)"
+    )
 
 
 def profile_twin(
@@ -788,6 +826,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --twin: py-spy flame graphs of both apps into docs/ and where polydatum's CPU goes",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="with --twin: interleaved rounds of 10 s per app (default 4; 2 with --quick)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -809,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     clients = args.clients or (10 if args.quick else 50)
     duration = args.duration or (8.0 if args.quick else 60.0)
     compare, rounds = (4.0, 2) if args.quick else (10.0, 4)
+    if args.rounds < 0:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    rounds = args.rounds or rounds
     print(f"# benchmarks/load.py (logs of the servers: {LOGS})")
     ok = True
     with ExitStack() as stack:

@@ -279,12 +279,19 @@ def finish(gen: Any, exc: BaseException | None, kind: str, obj: Any) -> BaseExce
             return raised
         gen.close()
         return yielded_twice(kind, obj)
+    tb = exc.__traceback__
     try:
         gen.throw(exc)
     except StopIteration as stop:
         # A StopIteration raised in the body and let through is not a suppression.
         return exc if stop is exc else None
     except BaseException as raised:
+        if raised is exc:
+            # Let through: its traceback gets back what it had, as contextlib does.
+            # The frames the throw added (this one, which holds ``exc``) would
+            # tie the error to itself, a cycle only the garbage collector frees.
+            exc.__traceback__ = tb
+            return exc
         return _unwrap_pep479(exc, raised)
     gen.close()
     return RuntimeError(f"{label(kind, obj)} yielded again after an exception was thrown into it")
@@ -301,11 +308,15 @@ async def afinish(agen: Any, exc: BaseException | None, kind: str, obj: Any) -> 
             return raised
         await agen.aclose()
         return yielded_twice(kind, obj)
+    tb = exc.__traceback__
     try:
         await agen.athrow(exc)
     except StopAsyncIteration as stop:
         return exc if stop is exc else None
     except BaseException as raised:
+        if raised is exc:
+            exc.__traceback__ = tb  # see finish()
+            return exc
         return _unwrap_pep479(exc, raised)
     await agen.aclose()
     return RuntimeError(f"{label(kind, obj)} yielded again after an exception was thrown into it")

@@ -868,6 +868,10 @@ class DataAccessContext(Generic[DalT]):
             if self._has_legacy_hooks:
                 self._final_hook(exc)
         finally:
+            # The hooks are bound methods of objects that hold this context (a
+            # blob store, a deferral): dropped here, the pair is freed at once
+            # rather than left as a cycle for the garbage collector.
+            self._hooks = None
             token, self._token = self._token, None
             var = self._wiring.stack
             try:

@@ -182,8 +182,17 @@ class Resources:
         return True
 
     def open_blob(self, key: str) -> Any:
-        """A stream of the blob's bytes."""
-        return self.s3.get_object(Bucket=self.bucket, Key=self.blob_prefix + key)["Body"]
+        """A stream of the blob's bytes, or None when no blob is stored under ``key``.
+
+        A fetch that read the attachment's row just before a delete committed
+        finds its blob gone (deleted after that commit).
+        """
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=self.blob_prefix + key)["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     # -- the cached read ------------------------------------------------------------------
 

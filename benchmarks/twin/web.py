@@ -338,7 +338,10 @@ class Twin:
 
         def work(session: Session, pending: list[Any]) -> tuple[Attachment, Any]:
             row: Attachment = self.owned(session, user, "attachment", attachment_id, "notes.open_attachment")
-            return row, self.r.open_blob(row.key)
+            stream = self.r.open_blob(row.key)
+            if stream is None:
+                raise Error(404, "blob not found")  # the example's BlobNotFound
+            return row, stream
 
         return self.unit(work, [])
 
