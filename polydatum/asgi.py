@@ -116,6 +116,7 @@ __all__ = [
     "default_veto",
     "read_chunks",
     "request_context",
+    "request_id",
 ]
 
 Scope = MutableMapping[str, Any]

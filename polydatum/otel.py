@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from polydatum import _telemetry
 from polydatum._commands import path_name
+from polydatum._web import RollbackResponse
 from polydatum.errors import DalMethodError
 from polydatum.meta import Meta
 from polydatum.observer import DalPath, Observer, Proceed
@@ -240,6 +241,20 @@ def default_span_name(meta: Meta) -> str:
         route = values.get("route")
         return f"{method} {route}" if route else str(method)
     return "context"
+
+
+def _outcome_type(exc: BaseException) -> str:
+    """A context's ``error.type``: what ended it.
+
+    A response whose status rolled the context back carries no exception of
+    the app's own (a framework turned it into the response) unless the web
+    layer learnt which one: then that one, else the status code, as
+    OpenTelemetry's HTTP conventions name an error without an exception.
+    """
+    if isinstance(exc, RollbackResponse):
+        cause = exc.__cause__
+        return _type_name(cause) if cause is not None else str(exc.status)
+    return _type_name(exc)
 
 
 def _type_name(exc: BaseException) -> str:
@@ -764,7 +779,7 @@ class Instrumentation(Observer, _telemetry.Listener):
             span.set_attributes(_COMMIT if exc is None else _ROLLBACK)
             span.set_attribute(HOOK_ERRORS, len(ctx.get_hook_errors()))
             if exc is not None:
-                error = _type_name(exc)
+                error = _outcome_type(exc)
                 span.set_attribute(ERROR_TYPE, error)
                 span.set_status(Status(StatusCode.ERROR, error))
         except Exception:

@@ -116,6 +116,7 @@ __all__ = [
     "default_veto",
     "init_app",
     "request_context",
+    "request_id",
 ]
 
 #: The WSGI environ key under which the request's context is stored.
@@ -265,6 +266,7 @@ class _Response:
         "_token",
         "_write",
         "ctx",
+        "error",
         "exited",
         "headers",
         "held",
@@ -293,6 +295,9 @@ class _Response:
         self._write: Callable[[bytes], object] | None = None
         self.lookahead: bool | None = None  # decided at the first chunk
         self.held: bytes | None = None  # the chunk read ahead
+        # The exception a framework turned into this response (Flask's handlers):
+        # the cause of the rollback the status brings, so traces can name it.
+        self.error: BaseException | None = None
         self._token: Token[Exchange | None] | None = current_exchange.set(self)
 
     def start_response(
@@ -430,6 +435,7 @@ class _Response:
                     status = _status_code(self.status)
                     if self.middleware.veto(status, self.headers):
                         exc = RollbackResponse(status, self.headers)
+                        exc.__cause__ = self.error
                 except Exception as err:  # a bad status or a broken veto rolls back, reported
                     exc = err
             try:
@@ -532,12 +538,29 @@ def init_app(
     app.wsgi_app = middleware  # type: ignore[method-assign]
     app.extensions["polydatum"] = data_manager
     app.register_error_handler(ServiceError, _flask_service_error)
+    # Flask turns any other exception into a 500 itself; the signal tells us which.
+    from flask import got_request_exception
+
+    got_request_exception.connect(_flask_exception, app, weak=False)
     return middleware
 
 
 def _flask_service_error(exc: ServiceError) -> tuple[bytes, int, Sequence[tuple[str, str]]]:
+    _handled(exc)
     status = error_status(exc) or 500
     return error_body(status, exc), status, JSON_HEADERS
+
+
+def _flask_exception(sender: Any, exception: BaseException | None = None, **extra: Any) -> None:
+    if exception is not None:
+        _handled(exception)
+
+
+def _handled(exc: BaseException) -> None:
+    """Remember the exception a Flask handler turned into the response (the rollback's cause)."""
+    exchange = current_exchange.get()
+    if isinstance(exchange, _Response):
+        exchange.error = exc
 
 
 # Names of the 2.0 development releases, kept working with a DeprecationWarning.

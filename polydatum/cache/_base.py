@@ -60,6 +60,34 @@ def seconds_of(value: Any, what: str, *, zero: bool = False) -> float:
     return seconds  # a float already
 
 
+def lock_times(timeout: Any, blocking_timeout: Any) -> tuple[float, float | None]:
+    """A lock's ``timeout`` and ``blocking_timeout``, checked alike on every backend.
+
+    A lock always expires: ``timeout`` is finite seconds, at least a
+    millisecond (Redis counts in milliseconds; less would be 0, refused by the
+    server). ``blocking_timeout`` is None (wait forever) or zero or more
+    finite seconds (0: try once).
+
+    Raises:
+        TypeError: either is not a number of seconds (or a timedelta).
+        ValueError: either is out of range (NaN and infinity included).
+    """
+    try:
+        seconds = seconds_of(timeout, "lock timeout")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; locks always expire") from None
+    if seconds < 0.001:
+        msg = f"lock timeout must be at least 0.001 seconds (a millisecond), got {timeout!r}"
+        raise ValueError(msg)
+    # Plain numbers go on as given (error messages show what the caller wrote).
+    if type(timeout) in (int, float):
+        seconds = timeout
+    if blocking_timeout is None:
+        return seconds, None
+    wait = seconds_of(blocking_timeout, "blocking_timeout", zero=True)
+    return seconds, blocking_timeout if type(blocking_timeout) in (int, float) else wait
+
+
 def ttl_ms(ttl: TTL) -> int | None:
     """``ttl`` in whole milliseconds, rounded up (None: no expiry).
 

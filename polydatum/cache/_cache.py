@@ -21,7 +21,7 @@ from polydatum.cache._backends import (
     MemoryBackend,
     When,
 )
-from polydatum.cache._base import MISS, TTL, ttl_ms
+from polydatum.cache._base import MISS, TTL, lock_times, ttl_ms
 from polydatum.cache._claims import AsyncClaims, Claims
 from polydatum.cache._deprecated import aping_alias
 from polydatum.cache._errors import CacheBusy, CacheUnavailable
@@ -300,9 +300,7 @@ class Cache(Claims):
         ``on_unavailable`` says: a lock that silently does nothing is worse.
         :meth:`clear` never drops a lock, held or not.
         """
-        if not timeout > 0:
-            msg = f"lock timeout must be positive seconds, got {timeout!r}; locks always expire"
-            raise ValueError(msg)
+        timeout, blocking_timeout = lock_times(timeout, blocking_timeout)
         return self.backend.lock(self._locks + name, timeout, blocking_timeout)
 
     def ping(self) -> bool:
@@ -544,9 +542,7 @@ class AsyncCache(AsyncClaims):
 
     def lock(self, name: str, timeout: float, *, blocking_timeout: float | None = 10.0) -> Any:
         """See :meth:`Cache.lock`; use it as ``async with cache.lock(...):``."""
-        if not timeout > 0:
-            msg = f"lock timeout must be positive seconds, got {timeout!r}; locks always expire"
-            raise ValueError(msg)
+        timeout, blocking_timeout = lock_times(timeout, blocking_timeout)
         return self.backend.lock(self._locks + name, timeout, blocking_timeout)
 
     async def ping(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from polydatum.cache._base import lock_times
 from polydatum.redis._connections import cluster_url, pool_options, topology_of
 from polydatum.redis._topology import Topology, redacted
 
@@ -58,12 +59,12 @@ class RedisBase:
         raise NotImplementedError
 
     @staticmethod
-    def _check_lock_timeout(timeout: float) -> None:
-        """Refuse a lock that would never expire.
+    def _lock_times(timeout: Any, blocking_timeout: Any) -> tuple[float, float | None]:
+        """Refuse a lock that would never expire, or a wait that is not a number of seconds.
 
         Raises:
-            ValueError: ``timeout`` is not positive.
+            TypeError: either is not a number of seconds.
+            ValueError: ``timeout`` is under a millisecond or not finite;
+                ``blocking_timeout`` is negative or not finite.
         """
-        if not timeout > 0:
-            msg = f"lock timeout must be positive seconds, got {timeout!r}; locks always expire"
-            raise ValueError(msg)
+        return lock_times(timeout, blocking_timeout)

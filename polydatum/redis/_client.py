@@ -178,7 +178,7 @@ class Redis(RedisBase):
 
         Use as ``with redis.lock("report", timeout=30):``; see :class:`RedisLock`.
         """
-        self._check_lock_timeout(timeout)
+        timeout, blocking_timeout = self._lock_times(timeout, blocking_timeout)
         return RedisLock(self._client, name, timeout, blocking_timeout)
 
     def ping(self) -> bool:
@@ -320,7 +320,7 @@ class AsyncRedis(RedisBase):
 
     def lock(self, name: str, timeout: float, *, blocking_timeout: float | None = 10.0) -> AsyncRedisLock:
         """See :meth:`Redis.lock`; use it with ``async with``."""
-        self._check_lock_timeout(timeout)
+        timeout, blocking_timeout = self._lock_times(timeout, blocking_timeout)
         return AsyncRedisLock(self._client, name, timeout, blocking_timeout)
 
     async def ping(self) -> bool:

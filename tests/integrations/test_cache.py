@@ -401,6 +401,36 @@ class TestLock:
         with pytest.raises(ValueError, match="locks always expire"):
             cache.lock("job", timeout=0)
 
+    @pytest.mark.parametrize(
+        ("timeout", "blocking_timeout", "error", "match"),
+        [
+            (math.inf, 1, ValueError, "lock timeout must be positive, finite seconds.*locks always expire"),
+            (math.nan, 1, ValueError, "lock timeout must be positive, finite"),
+            (0.0001, 1, ValueError, r"at least 0\.001 seconds"),
+            (None, 1, TypeError, "lock timeout must be a number of seconds"),
+            ("5", 1, TypeError, "lock timeout must be a number of seconds"),
+            (5, math.nan, ValueError, "blocking_timeout must be zero or more, finite seconds"),
+            (5, -1, ValueError, "blocking_timeout must be zero or more"),
+            (5, math.inf, ValueError, "blocking_timeout must be zero or more, finite"),
+            (5, "1", TypeError, "blocking_timeout must be a number of seconds"),
+        ],
+    )
+    def test_lock_times_are_checked_before_any_command(
+        self, cache: Cache, timeout: Any, blocking_timeout: Any, error: type[Exception], match: str
+    ) -> None:
+        """Every backend refuses the same lock times with the same words (a Redis lock used to fail with
+        OverflowError for inf, a server error for 0.1 ms, and wait forever for a NaN wait)."""
+        with pytest.raises(error, match=match):
+            cache.lock("job", timeout=timeout, blocking_timeout=blocking_timeout)
+
+    def test_lock_times_accept_timedeltas_and_no_wait(self, cache: Cache) -> None:
+        """A timedelta is seconds; blocking_timeout=0 tries once; None waits as long as it takes."""
+        with cache.lock("td", timeout=timedelta(seconds=2), blocking_timeout=0) as lock:
+            assert lock.locked()
+            assert not cache.lock("td", timeout=1, blocking_timeout=0).acquire()
+        with cache.lock("td", timeout=0.001, blocking_timeout=None):
+            pass
+
     def test_clear_leaves_held_locks_held(self, cache: Cache) -> None:
         """clear() of the namespace, of a parent or of a child drops entries, never a held lock."""
         child = cache.namespaced("c")

@@ -314,6 +314,44 @@ def test_wsgi_request_gives_a_context_span_with_dal_children(dm: DataManager, te
     assert "secret-path" not in "".join(s.to_json() for s in telemetry.spans())
 
 
+def test_a_response_status_rollback_names_the_exception_flask_handled_or_the_status(
+    dm: DataManager, telemetry: Telemetry
+) -> None:
+    """error.type of a context a response's status rolled back: the exception a Flask handler turned into
+    that response (a ServiceError through init_app's handler, any other through Flask's 500), else the
+    status code; never polydatum's own RollbackResponse."""
+    flask = pytest.importorskip("flask")
+    from polydatum.werkzeug import init_app, request_context
+
+    app = flask.Flask(__name__)
+    init_app(app, dm)
+
+    @app.get("/users/<int:user_id>")
+    def user(user_id: int) -> Any:
+        return request_context().dal.users.get(user_id if user_id != 7 else -user_id)
+
+    @app.get("/broken")
+    def broken() -> Any:
+        request_context().dal.users.get(1)
+        raise KeyError("a bug")
+
+    @app.get("/teapot")
+    def teapot() -> Any:
+        request_context().dal.users.get(1)
+        return "short and stout", 418
+
+    with instrument(dm, telemetry.tracer_provider, telemetry.meter_provider):
+        client = app.test_client()
+        assert client.get("/users/7").status_code == 404
+        assert client.get("/broken").status_code == 500
+        assert client.get("/teapot").status_code == 418
+        assert client.get("/users/3").status_code == 200
+    spans = [s for s in telemetry.spans() if s.name.startswith("GET")]
+    outcomes = [(s.attributes or {}).get("error.type") for s in spans]
+    assert outcomes == ["polydatum.errors.NotFound", "KeyError", "418", None]
+    assert [s.status.status_code for s in spans] == [StatusCode.ERROR] * 3 + [StatusCode.UNSET]
+
+
 async def test_asgi_request_gives_an_async_context_span_with_dal_children(
     dm: DataManager, telemetry: Telemetry
 ) -> None:

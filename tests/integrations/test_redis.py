@@ -249,6 +249,16 @@ class TestResources:
         assert not lock.locked()
         with pytest.raises(ValueError, match="locks always expire"):
             redis.lock("x", timeout=0)
+        # Refused before any command: redis-py raised OverflowError for inf, the server an
+        # error for 0.1 ms, and a NaN wait waited forever.
+        with pytest.raises(ValueError, match=r"finite seconds.*locks always expire"):
+            redis.lock("x", timeout=float("inf"))
+        with pytest.raises(ValueError, match=r"at least 0\.001 seconds"):
+            redis.lock("x", timeout=0.0001)
+        with pytest.raises(TypeError, match="lock timeout must be a number of seconds"):
+            redis.lock("x", timeout=None)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="blocking_timeout must be zero or more, finite seconds"):
+            redis.lock("x", timeout=1, blocking_timeout=float("nan"))
 
 
 class WatchedQueue(queue.LifoQueue):  # type: ignore[type-arg]

@@ -1112,6 +1112,21 @@ def test_a_bad_request_id_is_replaced_with_a_fresh_one(given: str, meta_fn: Any)
     assert default_meta(Request({"HTTP_X_REQUEST_ID": given}))["request_id"] != given
 
 
+@pytest.mark.parametrize("given", list(BAD_REQUEST_IDS.values()), ids=list(BAD_REQUEST_IDS))
+def test_a_meta_function_checks_its_own_request_id_with_the_same_function(given: str) -> None:
+    """A request id a meta function takes from another header goes through request_id() like the default."""
+    from polydatum.werkzeug import request_id
+
+    meta = meta_of(
+        lambda app, dm: PolydatumWSGIMiddleware(
+            app, dm, meta=lambda req: {"request_id": request_id(req.headers.get("X-Trace"))}
+        ),
+        {"X-Trace": given},
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", meta["request_id"])
+    assert request_id("trace-7") == "trace-7"
+
+
 @pytest.mark.parametrize("given", ["r" * 200, "abc-123", "a b~!{}"])
 def test_a_printable_ascii_request_id_of_up_to_200_characters_is_kept(given: str) -> None:
     """An X-Request-ID of 1 to 200 printable ASCII characters becomes meta.request_id unchanged."""
