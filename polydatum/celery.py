@@ -399,7 +399,8 @@ def default_meta(task: Any) -> dict[str, Any]:
         task), and ``eager`` (True when run by ``apply()`` or eager mode).
 
     Raises:
-        InvalidInput: the message's ``retries`` is not an int of at least 0.
+        InvalidInput: the message's ``retries`` is not an int of at least 0, or one of its task
+            ids is not a str of 1 to 200 printable characters.
 
     .. versionadded:: 2.0
     """
@@ -408,13 +409,44 @@ def default_meta(task: Any) -> dict[str, Any]:
 
 def _meta_from(name: str, request: Any) -> dict[str, Any]:
     return {
-        "task_id": request.id,
+        "task_id": _task_id(name, "id", request.id),
         "task_name": name,
         "retries": _retries(name, request),
-        "parent_id": request.parent_id,
-        "root_id": request.root_id,
+        "parent_id": _task_id(name, "parent_id", request.parent_id),
+        "root_id": _task_id(name, "root_id", request.root_id),
         "eager": bool(request.is_eager),
     }
+
+
+def _task_id(name: str, field: str, value: Any) -> str | None:
+    """A task id of the message (its own, its parent's, its root's), refused unless one could be.
+
+    They go into the meta that tasks read and log, like the headers of
+    ``install(headers=...)``, and a sender other than Celery may put anything
+    there: the same rule (a str of at most 200 printable characters) holds.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        try:
+            check_header("", value)
+        except ValueError:
+            pass
+        else:
+            return value
+        problem = (
+            f"is {len(value)} characters long"
+            if len(value) > MAX_HEADER_LENGTH
+            else "holds an unprintable character (a control character, NUL, an escape)"
+        )
+    else:
+        problem = "is empty" if value == "" else f"is a {type(value).__name__}"
+    msg = (
+        f"task {name} refused before it ran: its message's {field} {problem}, so it is not a task id "
+        f"(a str of 1 to {MAX_HEADER_LENGTH} printable characters); Celery never sends that, so the "
+        "message was forged or built by hand"
+    )
+    raise InvalidInput(msg)
 
 
 def _retries(name: str, request: Any) -> int:

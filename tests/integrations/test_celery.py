@@ -581,6 +581,34 @@ def test_transient_retries_run_out(env: SimpleNamespace) -> None:
     assert not any(note_exists(env, f"{tok}-attempt-{n}") for n in range(3))
 
 
+@pytest.mark.parametrize(
+    ("option", "field", "value", "problem"),
+    [
+        ("parent_id", "parent_id", {"nested": ["x" * 20_000]}, "is a dict"),
+        ("root_id", "root_id", "\x1b]0;pwned\x07" + "r" * 50, "holds an unprintable character"),
+        ("root_id", "root_id", "r" * 20_010, "is 20010 characters long"),
+        ("task_id", "id", "job-\x1b[2J\x1b[31m", "holds an unprintable character"),
+    ],
+    ids=["parent-dict", "root-escape", "root-20k", "id-escape"],
+)
+def test_a_forged_task_id_is_refused_before_the_body_runs(
+    env: SimpleNamespace, option: str, field: str, value: Any, problem: str
+) -> None:
+    """A message's own id, parent id and root id go into the meta tasks log: junk in them (from a sender
+    without polydatum) fails the task before it runs, naming the field, never echoing the value."""
+    tok = token()
+    result = forged(env, "pdtest.record", (tok, "forged"), **{option: value})
+    result.get(timeout=WAIT, propagate=False)
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, InvalidInput)
+    text = str(result.result)
+    assert f"refused before it ran: its message's {field} {problem}" in text
+    assert "so it is not a task id" in text
+    assert not any(echo in text for echo in ("pwned", "\x1b", "x" * 100))
+    drain(env)
+    assert runs(tok) == []
+
+
 @pytest.mark.parametrize("retries", [-20, "0", 1.0, None], ids=["negative", "str", "float", "null"])
 def test_a_forged_retries_count_is_refused(env: SimpleNamespace, retries: Any) -> None:
     """A message whose retries is not a count of at least 0 fails before it runs, so it buys no extra runs."""
@@ -754,6 +782,17 @@ def test_a_meta_function_must_return_a_mapping(eager: SimpleNamespace) -> None:
     with pytest.raises(TypeError, match="meta\\(task\\) must return a mapping, got list"):
         eager.note.apply(("x",), {"bad_meta": True}).get()
     assert eager.seen == []  # the body never ran
+
+
+def test_apply_refuses_a_task_id_that_could_not_be_one_and_keeps_a_plain_one(eager: SimpleNamespace) -> None:
+    """apply(task_id=...) is checked like a message's: a 201-character id fails before the body; a
+    200-character one, and one with non-ASCII letters, reach the meta as they are."""
+    with pytest.raises(InvalidInput, match="its message's id is 201 characters long, so it is not a task id"):
+        eager.note.apply(("x",), task_id="t" * 201).get()
+    assert eager.seen == []
+    eager.note.apply(("x",), task_id="t" * 200).get()
+    eager.note.apply(("y",), task_id="tâche-7").get()
+    assert [m["meta"]["task_id"] for m in eager.seen] == ["t" * 200, "tâche-7"]
 
 
 @pytest.mark.parametrize(
