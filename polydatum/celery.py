@@ -73,6 +73,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from uuid import UUID
 
 try:
     from celery import Celery, Task, signature
@@ -424,9 +425,16 @@ def _task_id(name: str, field: str, value: Any) -> str | None:
     They go into the meta that tasks read and log, like the headers of
     ``install(headers=...)``, and a sender other than Celery may put anything
     there: the same rule (a str of at most 200 printable characters) holds.
+    A ``uuid.UUID`` or an int (``apply_async(task_id=uuid4())``) becomes its str.
     """
     if value is None:
         return None
+    if isinstance(value, UUID) or (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and -_MAX_HEADER_INT - 1 <= value <= _MAX_HEADER_INT
+    ):
+        return str(value)  # apply_async(task_id=uuid4()) or an int: Celery takes them as they are
     if isinstance(value, str) and value:
         try:
             check_header("", value)
@@ -443,8 +451,8 @@ def _task_id(name: str, field: str, value: Any) -> str | None:
         problem = "is empty" if value == "" else f"is a {type(value).__name__}"
     msg = (
         f"task {name} refused before it ran: its message's {field} {problem}, so it is not a task id "
-        f"(a str of 1 to {MAX_HEADER_LENGTH} printable characters); Celery never sends that, so the "
-        "message was forged or built by hand"
+        f"(a str of 1 to {MAX_HEADER_LENGTH} printable characters, a UUID or an int): the message was "
+        "forged or built by hand"
     )
     raise InvalidInput(msg)
 

@@ -515,7 +515,11 @@ class DataAccessContext(Generic[DalT]):
         final = self._close(exc)
         if final is None or final is exc:
             return False
-        raise final
+        try:
+            raise final
+        finally:
+            # The traceback holds this frame: without the name, no cycle through it.
+            del final, exc
 
     def _exit_plain(self, exc: BaseException | None) -> None:
         """Exit when only sync resources need closing: no middleware, hooks or legacy hooks.
@@ -594,7 +598,10 @@ class DataAccessContext(Generic[DalT]):
         final = await self._aclose(exc)
         if final is None or final is exc:
             return False
-        raise final
+        try:
+            raise final
+        finally:
+            del final, exc  # see __exit__
 
     def _begin_close(self) -> None:
         if self._state != OPEN:
@@ -630,7 +637,10 @@ class DataAccessContext(Generic[DalT]):
             if self._created:
                 self._teardown_resources(exc)
             self._finish(exc)
-        return self._escaping(exc)
+        try:
+            return self._escaping(exc)
+        finally:
+            exc = raised = None  # a replacement's traceback holds this frame: no cycle through them
 
     async def _aclose(self, exc: BaseException | None) -> BaseException | None:
         self._begin_close()
@@ -663,7 +673,10 @@ class DataAccessContext(Generic[DalT]):
             if self._created:
                 await self._ateardown_resources(exc)
             self._finish(exc)
-        return self._escaping(exc)
+        try:
+            return self._escaping(exc)
+        finally:
+            exc = raised = None  # a replacement's traceback holds this frame: no cycle through them
 
     async def _aclose_in_thread(self, exc: BaseException | None) -> BaseException | None:
         """:meth:`_aclose` when the middleware started are blocking ones (see :meth:`_asetup_middleware`).
@@ -691,7 +704,10 @@ class DataAccessContext(Generic[DalT]):
             if self._created:
                 await self._ateardown_resources(exc)
             self._finish(exc)
-        return self._escaping(exc)
+        try:
+            return self._escaping(exc)
+        finally:
+            exc = None  # a replacement's traceback holds this frame: no cycle through the name
 
     def _close_steps(self, exc: BaseException | None, loop: Any) -> BaseException | None:
         """The middleware's exits, then the hooks (in a worker thread); returns the exception in flight."""

@@ -421,6 +421,8 @@ class _Response:
     def _exit(self, exc: BaseException | None) -> BaseException | None:
         """Close the app's iterable, exit the context; return what escapes it."""
         self.exited = True
+        # Taken, not kept: the error's frames lead back to the frame holding this exchange.
+        error, self.error = self.error, None
         try:
             close = getattr(self.iterable, "close", None)
             if close is not None:
@@ -435,7 +437,7 @@ class _Response:
                     status = _status_code(self.status)
                     if self.middleware.veto(status, self.headers):
                         exc = RollbackResponse(status, self.headers)
-                        exc.__cause__ = self.error
+                        exc.__cause__ = error
                 except Exception as err:  # a bad status or a broken veto rolls back, reported
                     exc = err
             try:

@@ -49,6 +49,8 @@ def seconds_of(value: Any, what: str, *, zero: bool = False) -> float:
         seconds = float(seconds)  # a Decimal, a Fraction, a numpy number
     except OverflowError:  # an int beyond any float
         seconds = math.inf
+    except ValueError:  # Decimal("sNaN")
+        seconds = math.nan
     low_ok = seconds >= 0 if zero else seconds > 0  # both refuse NaN
     if not low_ok or seconds == math.inf:
         kind = "zero or more" if zero else "positive"
@@ -72,20 +74,40 @@ def lock_times(timeout: Any, blocking_timeout: Any) -> tuple[float, float | None
         TypeError: either is not a number of seconds (or a timedelta).
         ValueError: either is out of range (NaN and infinity included).
     """
-    try:
-        seconds = seconds_of(timeout, "lock timeout")
-    except ValueError as exc:
-        raise ValueError(f"{exc}; locks always expire") from None
-    if seconds < 0.001:
-        msg = f"lock timeout must be at least 0.001 seconds (a millisecond), got {timeout!r}"
-        raise ValueError(msg)
-    # Plain numbers go on as given (error messages show what the caller wrote).
-    if type(timeout) in (int, float):
-        seconds = timeout
+    seconds = lock_seconds(timeout, "lock timeout")
     if blocking_timeout is None:
         return seconds, None
-    wait = seconds_of(blocking_timeout, "blocking_timeout", zero=True)
+    try:
+        wait = seconds_of(blocking_timeout, "blocking_timeout", zero=True)
+    except ValueError:
+        msg = (
+            f"blocking_timeout must be zero or more, finite seconds of at most {MAX_TTL} (100 years), "
+            f"got {blocking_timeout!r}; None waits as long as it takes"
+        )
+        raise ValueError(msg) from None
+    # Plain numbers go on as given (error messages show what the caller wrote).
     return seconds, blocking_timeout if type(blocking_timeout) in (int, float) else wait
+
+
+def lock_seconds(value: Any, what: str) -> float:
+    """Seconds a lock is held for (its ``timeout``, or what ``extend()`` adds): finite, at least 1 ms.
+
+    Raises:
+        TypeError: not a number of seconds (or a timedelta).
+        ValueError: under a millisecond, over 100 years, or not finite.
+    """
+    try:
+        seconds = seconds_of(value, what)
+    except ValueError:
+        msg = (
+            f"{what} must be finite seconds from 0.001 (a millisecond) to {MAX_TTL} (100 years), "
+            f"got {value!r}; locks always expire"
+        )
+        raise ValueError(msg) from None
+    if seconds < 0.001:
+        msg = f"{what} must be at least 0.001 seconds (a millisecond), got {value!r}"
+        raise ValueError(msg)
+    return value if type(value) in (int, float) else seconds
 
 
 def ttl_ms(ttl: TTL) -> int | None:

@@ -10,6 +10,7 @@ from redis.exceptions import LockError as _RedisLockError
 from redis.exceptions import LockNotOwnedError
 
 from polydatum.cache import AsyncLockBase, LockBase
+from polydatum.cache._base import lock_seconds
 from polydatum.redis._connections import UNAVAILABLE, unavailable
 
 if TYPE_CHECKING:
@@ -71,7 +72,14 @@ class RedisLock(LockBase):
             self.lock.release()
 
     def extend(self, seconds: float) -> None:
-        """Give the held lock ``seconds`` more before it expires."""
+        """Give the held lock ``seconds`` more before it expires.
+
+        Raises:
+            TypeError: ``seconds`` is not a number of seconds.
+            ValueError: ``seconds`` is under a millisecond (a negative one would
+                shorten the lock) or not finite.
+        """
+        seconds = lock_seconds(seconds, "extend() seconds")
         self._check_held("extending")
         with translated(self, "extending"):
             self.lock.extend(seconds)

@@ -110,6 +110,29 @@ def test_an_error_let_through_middleware_and_resources_does_not_keep_the_context
     assert gone_ctx() is None
 
 
+@pytest.mark.usefixtures("no_gc")
+def test_an_error_a_middleware_raises_instead_does_not_keep_the_context() -> None:
+    def replacing(ctx: DataAccessContext) -> Iterator[None]:
+        try:
+            yield
+        except Boom:
+            raise KeyError("replaced") from None
+
+    dm = DataManager()
+    dm.register_context_middleware(replacing)
+    dm.register_resources(session=session)
+    ctx = dm.context()
+    try:
+        with ctx:
+            assert ctx.session is not None
+            raise Boom
+    except KeyError:
+        pass
+    gone = weakref.ref(ctx)
+    del ctx
+    assert gone() is None
+
+
 def test_an_error_let_through_keeps_the_traceback_it_had() -> None:
     # As contextlib does: the frames of the throw into the middleware and the
     # resource are polydatum's plumbing, not the error's story.
@@ -142,11 +165,20 @@ def test_an_error_a_middleware_raises_instead_keeps_its_own_traceback() -> None:
     assert isinstance(raised.value.__cause__, Boom)
 
 
+async def areplacing(ctx: DataAccessContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except Boom:
+        raise KeyError("replaced") from None
+
+
 @pytest.mark.usefixtures("no_gc")
-@pytest.mark.parametrize("fail", [False, True], ids=["committed", "rolled-back"])
-def test_async_context_is_freed_at_once(fail: bool) -> None:
+@pytest.mark.parametrize("fail", [False, True, "replaced"], ids=["committed", "rolled-back", "replaced"])
+def test_async_context_is_freed_at_once(fail: bool | str) -> None:
     dm = DataManager()
     dm.register_context_middleware(atransaction)
+    if fail == "replaced":
+        dm.register_context_middleware(areplacing)
     dm.register_resources(asession=asession)
     refs: list[Any] = []
 
@@ -158,7 +190,7 @@ def test_async_context_is_freed_at_once(fail: bool) -> None:
                 Store(ctx)
                 if fail:
                     raise Boom
-        except Boom:
+        except (Boom, KeyError):
             pass
         refs.append(weakref.ref(ctx))
 

@@ -404,8 +404,16 @@ class TestLock:
     @pytest.mark.parametrize(
         ("timeout", "blocking_timeout", "error", "match"),
         [
-            (math.inf, 1, ValueError, "lock timeout must be positive, finite seconds.*locks always expire"),
-            (math.nan, 1, ValueError, "lock timeout must be positive, finite"),
+            (
+                math.inf,
+                1,
+                ValueError,
+                r"lock timeout must be finite seconds from 0\.001.*locks always expire",
+            ),
+            (math.nan, 1, ValueError, r"lock timeout must be finite seconds from 0\.001"),
+            (10**10, 1, ValueError, r"to 3153600000 \(100 years\), got 10000000000; locks always expire"),
+            (Decimal("sNaN"), 1, ValueError, r"lock timeout must be finite seconds"),
+            (5, 10**10, ValueError, "None waits as long as it takes"),
             (0.0001, 1, ValueError, r"at least 0\.001 seconds"),
             (None, 1, TypeError, "lock timeout must be a number of seconds"),
             ("5", 1, TypeError, "lock timeout must be a number of seconds"),

@@ -792,7 +792,10 @@ def test_apply_refuses_a_task_id_that_could_not_be_one_and_keeps_a_plain_one(eag
     assert eager.seen == []
     eager.note.apply(("x",), task_id="t" * 200).get()
     eager.note.apply(("y",), task_id="tâche-7").get()
-    assert [m["meta"]["task_id"] for m in eager.seen] == ["t" * 200, "tâche-7"]
+    ident = uuid.uuid4()
+    eager.note.apply(("z",), task_id=ident).get()  # Celery takes a UUID or an int as they are
+    eager.note.apply(("w",), task_id=12345).get()
+    assert [m["meta"]["task_id"] for m in eager.seen] == ["t" * 200, "tâche-7", str(ident), "12345"]
 
 
 @pytest.mark.parametrize(

@@ -246,12 +246,22 @@ class TestResources:
             assert lock.locked()
             lock.extend(5)
             assert redis.client().pttl(f"{namespace}:lock") > 1000
+            # What extend() adds is checked like a timeout: a negative one would shorten the lock.
+            for bad, error in (
+                (-25, ValueError),
+                (0.0001, ValueError),
+                (float("inf"), ValueError),
+                (None, TypeError),
+            ):
+                with pytest.raises(error, match="extend\\(\\) seconds must"):
+                    lock.extend(bad)  # type: ignore[arg-type]
+            assert redis.client().pttl(f"{namespace}:lock") > 5000
         assert not lock.locked()
         with pytest.raises(ValueError, match="locks always expire"):
             redis.lock("x", timeout=0)
         # Refused before any command: redis-py raised OverflowError for inf, the server an
         # error for 0.1 ms, and a NaN wait waited forever.
-        with pytest.raises(ValueError, match=r"finite seconds.*locks always expire"):
+        with pytest.raises(ValueError, match=r"finite seconds from 0\.001.*locks always expire"):
             redis.lock("x", timeout=float("inf"))
         with pytest.raises(ValueError, match=r"at least 0\.001 seconds"):
             redis.lock("x", timeout=0.0001)

@@ -502,6 +502,36 @@ def test_a_commit_time_conflict_replaces_the_buffered_response(env: Env) -> None
         assert dal.items.require(item.id).qty == 3
 
 
+def test_a_flask_error_response_frees_its_context_without_the_collector() -> None:
+    """A ServiceError Flask's handler turns into a 404 leaves no cycle: the request's context is freed when
+    the response is (the exception is kept for the trace only until the context has ended)."""
+    import gc
+    import weakref
+
+    flask = pytest.importorskip("flask")
+    dm = DataManager()
+    app = flask.Flask(__name__)
+    init_app(app, dm)
+    seen: list[Any] = []
+
+    @app.get("/missing")
+    def missing() -> Any:
+        seen.append(weakref.ref(request_context()))
+        raise NotFound("no such thing")
+
+    client = app.test_client()
+    gc.collect()
+    gc.disable()
+    try:
+        response = client.get("/missing")
+        assert response.status_code == 404
+        response.close()
+        del response
+        assert seen[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_flask_app_through_init_app(env: Env) -> None:
     """Under ``init_app()`` Flask views get meta and the DAL; successes commit, errors map and roll back."""
     flask = pytest.importorskip("flask")
