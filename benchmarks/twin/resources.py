@@ -176,7 +176,7 @@ class Resources:
         try:
             self.s3.head_object(Bucket=self.bucket, Key=self.blob_prefix + key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return False
             raise
         return True
@@ -190,7 +190,7 @@ class Resources:
         try:
             return self.s3.get_object(Bucket=self.bucket, Key=self.blob_prefix + key)["Body"]
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return None
             raise
 
@@ -268,3 +268,8 @@ class Resources:
     def _discard_blobs(self, payload: Any) -> None:
         for key in payload.get("discard", ()):
             self.s3.delete_object(Bucket=self.bucket, Key=self.blob_prefix + key)
+
+
+def _missing(exc: ClientError) -> bool:
+    """Whether S3 answered that no object is stored under the key (HEAD says 404, GET NoSuchKey)."""
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from polydatum.cache._base import lock_times
 from polydatum.redis._connections import cluster_url, pool_options, topology_of
 from polydatum.redis._topology import Topology, redacted
 
@@ -57,14 +56,3 @@ class RedisBase:
     def client(self) -> Any:  # pragma: no cover - both subclasses define it
         """A client on the shared pool."""
         raise NotImplementedError
-
-    @staticmethod
-    def _lock_times(timeout: Any, blocking_timeout: Any) -> tuple[float, float | None]:
-        """Refuse a lock that would never expire, or a wait that is not a number of seconds.
-
-        Raises:
-            TypeError: either is not a number of seconds.
-            ValueError: ``timeout`` is under a millisecond or not finite;
-                ``blocking_timeout`` is negative or not finite.
-        """
-        return lock_times(timeout, blocking_timeout)

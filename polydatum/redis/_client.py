@@ -18,6 +18,7 @@ from redis.exceptions import RedisClusterException
 from redis.sentinel import SentinelConnectionPool
 
 from polydatum.cache import AsyncCache, Cache, Serializer
+from polydatum.cache._base import lock_times
 from polydatum.cache._deprecated import aping_alias
 from polydatum.redis._backend import AsyncRedisBackend, RedisBackend
 from polydatum.redis._base import RedisBase
@@ -178,7 +179,7 @@ class Redis(RedisBase):
 
         Use as ``with redis.lock("report", timeout=30):``; see :class:`RedisLock`.
         """
-        timeout, blocking_timeout = self._lock_times(timeout, blocking_timeout)
+        timeout, blocking_timeout = lock_times(timeout, blocking_timeout)
         return RedisLock(self._client, name, timeout, blocking_timeout)
 
     def ping(self) -> bool:
@@ -320,7 +321,7 @@ class AsyncRedis(RedisBase):
 
     def lock(self, name: str, timeout: float, *, blocking_timeout: float | None = 10.0) -> AsyncRedisLock:
         """See :meth:`Redis.lock`; use it with ``async with``."""
-        timeout, blocking_timeout = self._lock_times(timeout, blocking_timeout)
+        timeout, blocking_timeout = lock_times(timeout, blocking_timeout)
         return AsyncRedisLock(self._client, name, timeout, blocking_timeout)
 
     async def ping(self) -> bool:

@@ -67,6 +67,14 @@ class Store:
         pass
 
 
+def replacing(ctx: DataAccessContext) -> Iterator[None]:
+    """A middleware that raises another error in place of the body's."""
+    try:
+        yield
+    except Boom as exc:
+        raise KeyError("replaced") from exc
+
+
 def make_dm() -> DataManager:
     dm = DataManager()
     dm.register_context_middleware(transaction)
@@ -112,12 +120,6 @@ def test_an_error_let_through_middleware_and_resources_does_not_keep_the_context
 
 @pytest.mark.usefixtures("no_gc")
 def test_an_error_a_middleware_raises_instead_does_not_keep_the_context() -> None:
-    def replacing(ctx: DataAccessContext) -> Iterator[None]:
-        try:
-            yield
-        except Boom:
-            raise KeyError("replaced") from None
-
     dm = DataManager()
     dm.register_context_middleware(replacing)
     dm.register_resources(session=session)
@@ -150,12 +152,6 @@ def test_an_error_let_through_keeps_the_traceback_it_had() -> None:
 
 
 def test_an_error_a_middleware_raises_instead_keeps_its_own_traceback() -> None:
-    def replacing(ctx: DataAccessContext) -> Iterator[None]:
-        try:
-            yield
-        except Boom as exc:
-            raise KeyError("replaced") from exc
-
     dm = DataManager()
     dm.register_context_middleware(replacing)
     with pytest.raises(KeyError) as raised, dm.context():
